@@ -1,0 +1,144 @@
+"""The attention function registered with transformers as ``"accel"``: policy.plan -> backend.run.
+
+Each patched attention module carries a ``LayerState`` (``module._accel``) with its policies, backend choice
+and counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .kernels import BackendUnavailable, get_backend
+from .policies import AttentionContext
+from .spec import PolicySpec
+
+IMPL_NAME = "accel"
+
+
+@dataclass
+class LayerState:
+    layer_idx: int
+    spec: PolicySpec
+    backend: str  # requested: auto | reference | triton | flash
+    sliding_window: int | None
+    calls: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    backends_used: dict[str, int] = field(default_factory=dict)
+    density_sum: float = 0.0
+    density_n: int = 0
+    fallbacks: list[str] = field(default_factory=list)  # auto: why a faster backend was skipped
+    past_len: int = 0  # tokens in the cache before this call (set by the pre-forward hook; a compacted cache holds fewer)
+
+    def as_dict(self) -> dict:
+        return {
+            "layer": self.layer_idx,
+            "prefill_policy": self.spec.prefill.name,
+            "decode_policy": self.spec.decode.name,
+            "sliding_window": self.sliding_window,
+            "calls": dict(self.calls),
+            "backends": dict(self.backends_used),
+            "density": self.density_sum / self.density_n if self.density_n else None,
+            "auto_notes": sorted(set(self.fallbacks)),
+        }
+
+
+_AUTO_ORDER = ("flash", "triton", "reference")
+
+
+def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
+    """Pick the backend. Explicit choices raise when they cannot run; ``auto`` takes the first that can (flash,
+    then triton, then reference) and records why the faster ones were skipped."""
+    names = _AUTO_ORDER if state.backend == "auto" else (state.backend,)
+    for name in names:
+        backend = get_backend(name)
+        ok, reason = backend.available()
+        if ok and name in ("flash", "triton") and q.device.type != "cuda" and state.backend == "auto":
+            ok, reason = False, "tensors are on the CPU"
+        if ok:
+            reason = backend.supports(layout, q)
+            if reason is None and kv_start is not None and name != "reference" and name == "flash":
+                reason = "left-padded batches"
+            ok = reason is None
+        if ok:
+            return backend
+        if state.backend != "auto":
+            raise BackendUnavailable(
+                f"backend {name!r} cannot run layer {state.layer_idx}: {reason}. Use backend='auto' to pick one "
+                "that can, or backend='reference'."
+            )
+        state.fallbacks.append(f"{name}: {reason}")
+    raise BackendUnavailable(f"no backend can run {type(layout).__name__} on layer {state.layer_idx}")
+
+
+def _left_padding(mask: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+    """Per-row index of the first real key for a left-padded 2D mask; None when nothing is padded."""
+    if mask.dim() != 2:
+        raise ValueError(
+            f"accel received a {mask.dim()}D attention mask; only 2D padding masks (or none) are supported. "
+            "Pass attention_mask as [batch, seq] with 1 for tokens and 0 for left padding."
+        )
+    mask = mask[:, -kv_len:].bool()
+    if mask.shape[1] != kv_len:
+        raise ValueError(f"attention mask covers {mask.shape[1]} keys but the cache holds {kv_len}")
+    start = (~mask).sum(-1)
+    expected = torch.arange(kv_len, device=mask.device)[None, :] >= start[:, None]
+    if not torch.equal(expected, mask):
+        raise ValueError(
+            "accel supports left padding only (and the default dynamic cache): got a mask with padding on the "
+            "right or holes. Use tokenizer.padding_side='left' and do not pass cache_implementation='static'."
+        )
+    return start.to(torch.int32) if bool(start.any()) else None
+
+
+def accel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                    softcap=None, **kwargs):
+    state: LayerState | None = getattr(module, "_accel", None)
+    if state is None:
+        raise RuntimeError(
+            "attn_implementation='accel' is set on a model that accel.patch did not prepare; call accel.patch(model) "
+            "or model.set_attn_implementation('sdpa')"
+        )
+    if module.training and dropout > 0:
+        raise RuntimeError("accel is an inference accelerator: call model.eval() (attention dropout is not supported)")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    phase = "prefill" if q_len > 1 else "decode"
+    policy = state.spec.prefill if phase == "prefill" else state.spec.decode
+    kv_start = None if attention_mask is None else _left_padding(attention_mask, kv_len)
+    if kv_start is not None and policy.cache_limit(state.sliding_window) is not None:
+        raise ValueError(
+            f"policy {policy.name!r} does not support left-padded batches (its sink tokens would be padding); "
+            "run prompts one at a time or with equal lengths"
+        )
+    window = sliding_window if sliding_window is not None else state.sliding_window
+    ctx = AttentionContext(layer_idx=state.layer_idx, phase=phase, sliding_window=window)
+    layout = policy.plan(query, key, ctx)
+    backend = _resolve(state, layout, query, kv_start)
+    out = backend.run(layout, query, key, value, scale=scaling, softcap=softcap, kv_start=kv_start)
+
+    state.calls[phase] += 1
+    state.backends_used[backend.name] = state.backends_used.get(backend.name, 0) + 1
+    total = max(kv_len, state.past_len + q_len)
+    if hasattr(layout, "density"):
+        # density against the full causal context (a compacted cache holds fewer keys than were seen)
+        state.density_sum += layout.density(q_len, total)
+        state.density_n += 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def accel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+               **kwargs):
+    """No O(n²) mask: None for unpadded batches (causality and windows live in the layout), else the 2D padding
+    mask, from which the attention function derives per-row start offsets."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def register() -> None:
+    AttentionInterface.register(IMPL_NAME, accel_attention)
+    AttentionMaskInterface.register(IMPL_NAME, accel_mask)

@@ -1,0 +1,76 @@
+"""Layouts: what a policy decides, as plain data. A backend turns a layout into attention output.
+
+Index-space convention shared by every layout and kernel: keys are indexed 0..Sk-1 as they sit in the KV tensor
+after the cache update, and query i of Sq sits at key index ``Sk - Sq + i``. Causality, windows and sinks are all
+expressed in this space, which stays exact for compacted caches (sliding-window and sink+window layers keep the
+recent tokens contiguous, so distances between recent keys and new queries are unchanged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DenseLayout:
+    """Every causal key; ``window`` restricts to the last ``window`` keys (sliding-window layers, e.g. Gemma)."""
+
+    window: int | None = None
+
+    def density(self, q_len: int, kv_len: int) -> float:
+        return _mask_density(q_len, kv_len, sink=0, window=self.window)
+
+
+@dataclass(frozen=True)
+class StreamingLayout:
+    """Attention sink plus local window (StreamingLLM / A-shape): key j is kept for query position p when
+    ``j < sink`` or ``p - j < window`` (and ``j <= p``)."""
+
+    sink: int
+    window: int
+
+    def density(self, q_len: int, kv_len: int) -> float:
+        return _mask_density(q_len, kv_len, sink=self.sink, window=self.window)
+
+
+@dataclass
+class BlockLayout:
+    """Block-sparse layout: per (batch, head, query block), ``counts`` valid entries of ``indices`` (int32 key-block
+    ids). Same format as FlashAttention-4 and FlexAttention block masks. Causality inside diagonal blocks is applied
+    by the kernel."""
+
+    counts: torch.Tensor  # [B, H, n_q_blocks] int32
+    indices: torch.Tensor  # [B, H, n_q_blocks, max_blocks] int32
+    block_q: int = 128
+    block_k: int = 128
+
+
+@dataclass
+class VerticalSlashLayout:
+    """MInference vertical-slash: per (batch, head) kept key columns and kept diagonals (offset = query pos - key)."""
+
+    columns: torch.Tensor  # [B, H, n_cols] int64 key indices
+    offsets: torch.Tensor  # [B, H, n_diag] int64 diagonal offsets (0 = main diagonal)
+
+
+@dataclass
+class PageSelection:
+    """Decode: per (batch, KV head) selected KV pages of ``page_size`` tokens."""
+
+    pages: torch.Tensor  # [B, H_kv, n_pages] int32
+    counts: torch.Tensor  # [B, H_kv] int32
+    page_size: int = 16
+
+
+def _mask_density(q_len: int, kv_len: int, sink: int, window: int | None) -> float:
+    """Share of causally visible (query, key) pairs that a sink+window mask keeps (host arithmetic, no sync)."""
+    if window is None:
+        return 1.0
+    pos = np.arange(kv_len - q_len, kv_len, dtype=np.int64)
+    causal = pos + 1
+    recent = np.minimum(causal, window)
+    sinks = np.clip(pos - window + 1, 0, sink)  # sink keys older than the window
+    return float((recent + sinks).sum() / causal.sum())

@@ -1,0 +1,202 @@
+"""patch / unpatch: validate everything first, then swap the attention implementation and attach per-layer
+state; on any failure the model is left exactly as it was."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from . import attention
+from .attention import IMPL_NAME, LayerState
+from .cache import SinkWindowLayer
+from .kernels import BACKEND_NAMES, BackendUnavailable, get_backend
+from .patches import find_adapter
+from .spec import PolicySpec, parse_policy
+
+_ATTR = "_accel_patch"
+
+
+class _PatchRecord:
+    def __init__(self, original_impl: str | None, spec: PolicySpec, backend: str):
+        self.original_impl = original_impl
+        self.spec = spec
+        self.backend = backend
+        self.handles: list = []
+        self.modules: list[nn.Module] = []
+
+
+def _check_backend(backend: str, model: nn.Module) -> None:
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if backend == "auto":
+        return
+    ok, reason = get_backend(backend).available()
+    if not ok:
+        raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")
+    param = next(model.parameters(), None)
+    if backend == "triton" and param is not None and param.device.type != "cuda":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailable(
+                f"backend 'triton' needs the model on a CUDA device (it is on {param.device}); move it with "
+                "model.to('cuda'), or set TRITON_INTERPRET=1 to run the kernels slowly on the CPU"
+            )
+    if backend == "flash" and param is not None and param.device.type != "cuda":
+        raise BackendUnavailable(f"backend 'flash' needs a CUDA device; the model is on {param.device}")
+
+
+def _position_guard(model: nn.Module):
+    limit = getattr(model.config, "max_position_embeddings", None)
+
+    def hook(mod, args, kwargs):
+        if limit is None:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            return None
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        total = past + ids.shape[1]
+        if total > limit:
+            raise ValueError(
+                f"context of {total} tokens exceeds the model's position limit ({limit}, "
+                "config.max_position_embeddings); shorten the prompt, or raise the limit if the model's RoPE "
+                "scaling supports longer contexts"
+            )
+        return None
+
+    return hook
+
+
+def _cache_hook(state: LayerState, limit: tuple[int, int] | None):
+    """Before each attention call: note the cache length, and swap in a bounded layer for streaming layers."""
+
+    def hook(mod, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            state.past_len = 0
+            return None
+        layers = getattr(cache, "layers", None)
+        if layers is None or state.layer_idx >= len(layers):
+            state.past_len = cache.get_seq_length(state.layer_idx) if hasattr(cache, "get_seq_length") else 0
+            return None
+        layer = layers[state.layer_idx]
+        if limit is not None and type(layer) is DynamicLayer:
+            layer = layers[state.layer_idx] = SinkWindowLayer.from_layer(layer, *limit)
+        elif limit is not None and not isinstance(layer, SinkWindowLayer) and not getattr(layer, "is_sliding", False):
+            raise TypeError(
+                f"policy {state.spec.decode.name!r} bounds the KV cache and needs the default dynamic cache, got "
+                f"{type(cache).__name__} with {type(layer).__name__} layers; drop cache_implementation / "
+                "past_key_values=StaticCache(...) from generate"
+            )
+        state.past_len = layer.get_seq_length()
+        return None
+
+    return hook
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def patch(
+    model: nn.Module,
+    policy: str | Mapping[str, Any] = "dense",
+    backend: str = "auto",
+    **options: Any,
+) -> nn.Module:
+    """Replace the attention of a loaded transformers causal LM with ``policy`` (in place; returns the model).
+
+    ``policy``: a name (``"streaming"``), a composition (``"xattention+quest"``, ``{"prefill": .., "decode": ..}``),
+    a preset from configs/ or a YAML path. ``options`` override the policy's defaults (``window=2048``).
+    ``backend``: ``auto`` (fastest that can run, recorded in ``accel.stats``), ``triton``, ``flash`` or
+    ``reference``. Patching a patched model switches policy; nothing changes if validation fails."""
+    spec = parse_policy(policy, **options)
+    adapter = find_adapter(model)
+    adapter.check(model)
+    _check_backend(backend, model)
+    modules = adapter.attention_modules(model)
+
+    if is_patched(model):
+        unpatch(model)
+    attention.register()
+    record = _PatchRecord(model.config._attn_implementation, spec, backend)
+    try:
+        for mod in modules:
+            window = adapter.layer_window(mod)
+            state = LayerState(layer_idx=mod.layer_idx, spec=spec, backend=backend, sliding_window=window)
+            mod._accel = state
+            record.modules.append(mod)
+            limit = spec.decode.cache_limit(window)
+            record.handles.append(mod.register_forward_pre_hook(_cache_hook(state, limit), with_kwargs=True))
+        record.handles.append(model.register_forward_pre_hook(_position_guard(model), with_kwargs=True))
+        model.set_attn_implementation(IMPL_NAME)
+        setattr(model, _ATTR, record)
+    except Exception:
+        _undo(model, record)
+        raise
+    return model
+
+
+def _undo(model: nn.Module, record: _PatchRecord) -> None:
+    for h in record.handles:
+        h.remove()
+    for mod in record.modules:
+        if hasattr(mod, "_accel"):
+            del mod._accel
+    if model.config._attn_implementation == IMPL_NAME:
+        model.set_attn_implementation(record.original_impl)
+    if hasattr(model, _ATTR):
+        delattr(model, _ATTR)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original attention exactly. Returns the model; a no-op on an unpatched model."""
+    record = getattr(model, _ATTR, None)
+    if record is not None:
+        _undo(model, record)
+    return model
+
+
+def stats(model: nn.Module) -> dict[str, Any]:
+    """Per-layer policy, backend(s) used, call counts and density (share of causal pairs computed)."""
+    record = getattr(model, _ATTR, None)
+    if record is None:
+        raise ValueError("model is not patched; call accel.patch(model, ...) first")
+    layers = [mod._accel.as_dict() for mod in record.modules]
+    dens = [l["density"] for l in layers if l["density"] is not None]
+    used: dict[str, int] = {}
+    for l in layers:
+        for k, v in l["backends"].items():
+            used[k] = used.get(k, 0) + v
+    return {
+        "policy": record.spec.describe(),
+        "backend_requested": record.backend,
+        "backends_used": used,
+        "mean_density": sum(dens) / len(dens) if dens else None,
+        "layers": layers,
+    }
+
+
+def reset_stats(model: nn.Module) -> None:
+    record = getattr(model, _ATTR, None)
+    if record is None:
+        raise ValueError("model is not patched")
+    for mod in record.modules:
+        s = mod._accel
+        s.calls = {"prefill": 0, "decode": 0}
+        s.backends_used, s.density_sum, s.density_n, s.fallbacks = {}, 0.0, 0, []
+
+
+def new_cache(model: nn.Module) -> DynamicCache:
+    """A cache prepared for the patched model (streaming layers are bounded on first use)."""
+    return DynamicCache(config=model.config)
+
+
+del torch

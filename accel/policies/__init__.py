@@ -1,0 +1,67 @@
+"""Policy registry. Names are fixed for the whole project; those whose implementation has not landed yet are
+listed with their phase and paper and raise a clear error when asked for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import AttentionContext, Policy
+from .dense import DensePolicy
+from .streaming import StreamingPolicy
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    name: str
+    phases: tuple[str, ...]
+    description: str
+    paper: str
+    cls: type[Policy] | None  # None: not implemented yet
+
+
+_PLANNED = [
+    ("vertical_slash", ("prefill",), "per-head vertical columns + slash diagonals from the last queries",
+     "MInference 1.0 (arXiv 2407.02490)"),
+    ("xattention", ("prefill",), "antidiagonal block scoring, keep blocks up to a cumulative threshold",
+     "XAttention (arXiv 2503.16428)"),
+    ("flexprefill", ("prefill",), "per-head query-aware or vertical-slash pattern by JS divergence, budget gamma",
+     "FlexPrefill (arXiv 2502.20766)"),
+    ("proxy", ("prefill",), "pooled proxy heads rank key blocks for their head group",
+     "ProxyAttn (arXiv 2509.24745)"),
+    ("duo", ("prefill", "decode"), "retrieval heads full KV, streaming heads sink + recent",
+     "DuoAttention (arXiv 2410.10819)"),
+    ("quest", ("decode",), "query-aware KV page selection from per-page key min/max", "Quest (arXiv 2406.10774)"),
+    ("lserve", ("prefill", "decode"), "streaming heads + hierarchical page selection reused across steps",
+     "LServe (arXiv 2502.14866)"),
+    ("tidal", ("decode",), "selection layers choose token positions reused by the other layers",
+     "TidalDecode (arXiv 2410.05076)"),
+]
+
+REGISTRY: dict[str, PolicyInfo] = {
+    cls.name: PolicyInfo(cls.name, cls.phases, cls.description, cls.paper, cls)
+    for cls in (DensePolicy, StreamingPolicy)
+}
+for _name, _phases, _desc, _paper in _PLANNED:
+    REGISTRY.setdefault(_name, PolicyInfo(_name, _phases, _desc, _paper, None))
+
+
+class PolicyNotImplemented(NotImplementedError):
+    pass
+
+
+def policy_class(name: str) -> type[Policy]:
+    """The config class of a policy; clear errors for unknown and not-yet-implemented names."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(REGISTRY)}")
+    info = REGISTRY[name]
+    if info.cls is None:
+        ready = ", ".join(n for n, i in REGISTRY.items() if i.cls is not None)
+        raise PolicyNotImplemented(
+            f"policy {name!r} ({info.paper}) is not implemented yet in this version of accel; "
+            f"implemented policies: {ready}"
+        )
+    return info.cls
+
+
+__all__ = ["AttentionContext", "Policy", "PolicyInfo", "REGISTRY", "policy_class", "PolicyNotImplemented",
+           "DensePolicy", "StreamingPolicy"]

@@ -1,0 +1,68 @@
+"""Policy base: a dataclass config whose ``plan`` returns a layout. A policy never computes attention itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class AttentionContext:
+    """What a policy may look at besides q and k: where the call sits and what the model already fixed."""
+
+    layer_idx: int
+    phase: str  # "prefill" | "decode"
+    sliding_window: int | None  # the model's own window for this layer (Gemma, Mistral, Qwen sliding layers)
+
+
+@dataclass
+class Policy:
+    """Base class. Subclasses are dataclasses: their fields are the user-facing options, validated in
+    ``validate``; ``plan`` returns a layout from accel.layouts."""
+
+    name: ClassVar[str] = ""
+    phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
+    description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the option and its valid range."""
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext):
+        raise NotImplementedError
+
+    def cache_limit(self, sliding_window: int | None) -> tuple[int, int] | None:
+        """(sink, recent) tokens a decode cache must keep for this policy, or None to keep everything."""
+        return None
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "Policy":
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            valid = ", ".join(cls.option_names()) or "(none)"
+            raise ValueError(f"policy {cls.name!r} has no option {', '.join(map(repr, unknown))}; valid options: {valid}")
+        policy = cls(**options)
+        for f in dataclasses.fields(cls):
+            value = getattr(policy, f.name)
+            expected = f.type if isinstance(f.type, type) else None
+            if f.type in ("int", int) and not (isinstance(value, int) and not isinstance(value, bool)):
+                raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be an integer, got {value!r}")
+            if f.type in ("float", float) and not isinstance(value, (int, float)):
+                raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be a number, got {value!r}")
+            del expected
+        policy.validate()
+        return policy
+
+
+def require_positive(policy: Policy, *names: str) -> None:
+    for n in names:
+        v = getattr(policy, n)
+        if v <= 0:
+            raise ValueError(f"option {n!r} of policy {policy.name!r} must be > 0, got {v}")
