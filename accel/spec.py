@@ -38,7 +38,10 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     else:
         res = resources.files("accel.configs").joinpath(f"{name_or_path}.yaml")
         if not res.is_file():
-            raise ValueError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
+            raise ValueError(
+                f"unknown policy {name_or_path!r}; available policies: {', '.join(REGISTRY)}; "
+                f"presets: {', '.join(preset_names())} (or a path to a .yaml preset)"
+            )
         text = res.read_text()
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict) or not ({"policy", "prefill", "decode"} & set(data)):

@@ -1,0 +1,187 @@
+"""Public API and bad input: every error names the fix and leaves the model exactly as it was."""
+
+import pytest
+import torch
+import transformers
+
+import accel
+from accel.spec import parse_policy
+from conftest import tiny_model
+from test_families import ids
+
+ALL_NAMES = ["dense", "streaming", "vertical_slash", "xattention", "flexprefill", "proxy", "duo", "quest", "lserve",
+             "tidal"]
+
+
+def test_available_policies_lists_the_fixed_names():
+    pols = accel.available_policies()
+    assert list(pols) == ALL_NAMES
+    assert pols["dense"]["implemented"] and pols["streaming"]["implemented"]
+    assert pols["quest"]["phase"] == "decode" and pols["xattention"]["phase"] == "prefill"
+    assert pols["streaming"]["phase"] == "both"
+    assert all(p["description"] for p in pols.values())
+
+
+def test_parse_single_and_composed():
+    spec = parse_policy("streaming", window=64)
+    assert spec.prefill is spec.decode and spec.prefill.window == 64 and spec.prefill.sink == 128
+    spec = parse_policy({"prefill": "dense", "decode": "streaming"}, sink=8)
+    assert spec.prefill.name == "dense" and spec.decode.name == "streaming" and spec.decode.sink == 8
+    spec = parse_policy("dense+streaming")
+    assert spec.describe() == "dense+streaming"
+    spec = parse_policy({"prefill": {"name": "streaming", "window": 32}, "decode": "dense"})
+    assert spec.prefill.window == 32 and spec.decode.name == "dense"
+
+
+def test_presets():
+    assert "streaming_4k" in accel.preset_names()
+    spec = parse_policy("streaming_4k")
+    assert (spec.prefill.sink, spec.prefill.window) == (128, 4096)
+    assert parse_policy("streaming_4k", window=100).prefill.window == 100  # keyword overrides preset
+
+
+def test_preset_from_path(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("prefill: dense\ndecode: streaming\noptions: {window: 77}\n")
+    spec = parse_policy(str(p))
+    assert spec.decode.window == 77 and spec.prefill.name == "dense"
+
+
+@pytest.mark.parametrize(
+    "policy, options, exc, match",
+    [
+        ("nope", {}, ValueError, "unknown policy 'nope'; available policies: dense, streaming"),
+        ("xattention", {}, NotImplementedError, "not implemented yet"),
+        ("dense+quest", {}, NotImplementedError, "'quest'.*not implemented yet"),
+        ("streaming", {"windw": 3}, ValueError, "unknown option.*'windw'.*window"),
+        ("streaming", {"window": 0}, ValueError, "'window'.*must be > 0"),
+        ("streaming", {"window": 2.5}, ValueError, "'window'.*integer"),
+        ("streaming", {"sink": -1}, ValueError, "'sink'.*>= 0"),
+        ("a+b+c", {}, ValueError, "PREFILL\\+DECODE"),
+        ({"prefil": "dense"}, {}, ValueError, "'prefill' and/or 'decode'"),
+        ("missing.yaml", {}, FileNotFoundError, "does not exist"),
+        (3, {}, TypeError, "policy must be"),
+    ],
+)
+def test_bad_policy_input(policy, options, exc, match):
+    with pytest.raises(exc, match=match):
+        parse_policy(policy, **options)
+
+
+def _snapshot(model):
+    return (model.config._attn_implementation, accel.is_patched(model),
+            [hasattr(m, "_accel") for m in model.modules()],
+            len(model._forward_pre_hooks), sum(len(m._forward_pre_hooks) for m in model.modules()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(policy="nope"), ValueError, "unknown policy"),
+        (dict(policy="streaming", windw=3), ValueError, "unknown option"),
+        (dict(policy="dense", backend="cuda"), ValueError, "unknown backend 'cuda'; choose one of auto"),
+        (dict(policy="dense", backend="flash"), accel.BackendUnavailable, "pip install|CUDA"),
+    ],
+)
+@pytest.mark.parametrize("already", [False, True])
+def test_failed_patch_leaves_model_as_it_was(kwargs, exc, match, already):
+    model = tiny_model("llama")
+    if already:
+        accel.patch(model, "streaming", sink=2, window=8, backend="reference")
+    before = _snapshot(model)
+    with torch.no_grad():
+        logits = model(ids()).logits
+    with pytest.raises(exc, match=match):
+        accel.patch(model, **kwargs)
+    assert _snapshot(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(ids()).logits, logits)
+
+
+def test_unsupported_model_class():
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with pytest.raises(accel.UnsupportedModel, match="model_type='gpt2'.*supported model types: llama"):
+        accel.patch(model)
+    assert not accel.is_patched(model)
+
+
+def test_non_causal_model_refused():
+    model = tiny_model("gemma3")
+    model.config.use_bidirectional_attention = True
+    with pytest.raises(accel.UnsupportedModel, match="bidirectional"):
+        accel.patch(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_context_beyond_position_limit():
+    model = tiny_model("llama")
+    accel.patch(model, backend="reference")
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the model's position limit \\({limit}"):
+        with torch.no_grad():
+            model(ids(length=limit + 1))
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = tiny_model("llama")
+    with pytest.raises(accel.BackendUnavailable, match="CUDA device.*TRITON_INTERPRET=1"):
+        accel.patch(model, backend="triton")
+    assert not accel.is_patched(model)
+
+
+def test_auto_backend_on_cpu_records_choice():
+    model = tiny_model("llama")
+    accel.patch(model)  # auto
+    with torch.no_grad():
+        model(ids())
+    st = accel.stats(model)
+    assert st["backend_requested"] == "auto" and set(st["backends_used"]) == {"reference"}
+    notes = st["layers"][0]["auto_notes"]
+    assert any(n.startswith("triton:") for n in notes) and any(n.startswith("flash:") for n in notes)
+
+
+def test_unpatched_accel_impl_raises_clearly():
+    model = tiny_model("llama")
+    accel.patch(model, backend="reference")
+    for m in model.modules():
+        if hasattr(m, "_accel"):
+            del m._accel
+    with pytest.raises(RuntimeError, match="accel.patch"):
+        with torch.no_grad():
+            model(ids())
+
+
+def test_stats_on_unpatched_model():
+    with pytest.raises(ValueError, match="not patched"):
+        accel.stats(tiny_model("llama"))
+
+
+def test_right_padding_refused():
+    model = tiny_model("llama")
+    accel.patch(model, backend="reference")
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, -5:] = 0
+    with pytest.raises(ValueError, match="padding_side='left'"):
+        with torch.no_grad():
+            model(ids(batch=2, length=20), attention_mask=mask)
+
+
+def test_streaming_with_left_padding_refused():
+    model = tiny_model("llama")
+    accel.patch(model, "streaming", sink=2, window=8, backend="reference")
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        with torch.no_grad():
+            model(ids(batch=2, length=20), attention_mask=mask)
+
+
+def test_streaming_refuses_static_cache():
+    model = tiny_model("llama")
+    accel.patch(model, "streaming", sink=2, window=8, backend="reference")
+    cache = transformers.StaticCache(config=model.config, max_cache_len=64)
+    with pytest.raises(TypeError, match="default dynamic cache"):
+        with torch.no_grad():
+            model(ids(length=10), past_key_values=cache, use_cache=True)
