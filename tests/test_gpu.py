@@ -1,0 +1,48 @@
+"""GPU checks of the patched models (skipped without CUDA): Triton backend against unpatched SDPA in bf16."""
+
+import pytest
+import torch
+
+import accel
+from conftest import FAMILIES, tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _ids(length, batch=1):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, 128, (batch, length), generator=g).cuda()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_dense_matches_unpatched_bf16(family):
+    model = tiny_model(family).cuda().to(torch.bfloat16)
+    x = _ids(700)
+    with torch.no_grad():
+        ref = model(x).logits.float()
+        accel.patch(model, "dense", backend="triton")
+        out = model(x).logits.float()
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 2e-2, rel
+    assert set(accel.stats(model)["backends_used"]) == {"triton"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_triton_streaming_matches_reference(family):
+    model = tiny_model(family).cuda()
+    x = _ids(300)
+    with torch.no_grad():
+        accel.patch(model, "streaming", sink=16, window=64, backend="reference")
+        ref = model.generate(x, max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        accel.patch(model, "streaming", sink=16, window=64, backend="triton")
+        out = model.generate(x, max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=2e-3, rtol=2e-3)
+
+
+def test_auto_picks_a_gpu_backend():
+    model = tiny_model("llama").cuda()
+    accel.patch(model, "streaming", sink=4, window=32)
+    with torch.no_grad():
+        model(_ids(100))
+    used = accel.stats(model)["backends_used"]
+    assert "reference" not in used and used
