@@ -1,0 +1,247 @@
+"""Triton block-sparse attention forward for ``BlockLayout`` (reference twin: kernels/reference_sparse.py).
+
+One program per (query tile, batch * query head). It reads the row's ``counts`` entry and loops over that many
+key-block indices; each key block is processed in ``block_k // BLOCK_N`` sub-tiles with an online softmax in the
+log2 domain (log2(e) folded into the scale). The causal mask is computed only for tiles that cross the row tile's
+diagonal (or the end of the keys). GQA reads KV head ``h // (Hq // Hkv)``; K/V are never repeated. Query i of Sq sits
+at key position ``Sk - Sq + i``. Optional outputs: the log-sum-exp (float32, natural log; -inf for rows that see no
+key, whose output is 0) so partial results can be merged, and Gemma-style logit soft-capping.
+
+Query tiles are launched longest-row-first (last query blocks first) so that causal work balances across SMs, and
+query heads that share a KV head are adjacent in the grid so their K/V tiles are reused from L2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from accel.layouts import BlockLayout
+
+from ..reference_sparse import SUPPORTED_BLOCK_SIZES, validate_block_layout
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, qpos, K_base, V_base, start_n, Sk, qk_scale, softcap,
+          stride_kn, stride_kd, stride_vn, stride_vd,
+          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, EVEN_N: tl.constexpr,
+          SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kT_ptrs = K_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if EVEN_N:
+        kT = tl.load(kT_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        kT = tl.load(kT_ptrs, mask=offs_n[None, :] < Sk, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < Sk, other=0.0)
+    if UPCAST:  # the interpreter's dot mishandles bfloat16 (stored as uint16): compute it in float32
+        kT = kT.to(tl.float32)
+    qk = tl.dot(q, kT, input_precision=PREC)
+    if SOFTCAP:
+        # softcap * tanh(x / softcap), tanh through the sigmoid (portable across backends and the interpreter)
+        x = qk * (qk_scale / softcap)
+        s = (softcap * 1.4426950408889634) * (2.0 * tl.sigmoid(2.0 * x) - 1.0)
+    else:
+        s = qk * (qk_scale * 1.4426950408889634)
+    if MASK:
+        s = tl.where(qpos[:, None] >= offs_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        pv = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), input_precision=PREC)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, O, LSE, CNT, IDX,
+    qk_scale, softcap,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_ik,
+    H, Sq, Sk, GROUP, LAYOUT_GROUP, N_M_TILES,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LAYOUT_BK: tl.constexpr,
+    M_PER_BLOCK: tl.constexpr, N_PER_BLOCK: tl.constexpr, EVEN_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = N_M_TILES - 1 - tl.program_id(0)  # longest rows first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    lh = h // LAYOUT_GROUP
+    row = pid_m // M_PER_BLOCK
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qpos = offs_m + (Sk - Sq)
+    first_qpos = start_m + (Sk - Sq)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    K_base = K + b * stride_kb + kvh * stride_kh
+    V_base = V + b * stride_vb + kvh * stride_vh
+    cnt = tl.load(CNT + b * stride_cb + lh * stride_ch + row * stride_cm)
+    idx_row = IDX + b * stride_ib + lh * stride_ih + row * stride_im
+    for j in range(0, cnt):
+        kb = tl.load(idx_row + j * stride_ik)
+        for sub in tl.static_range(N_PER_BLOCK):
+            start_n = kb * LAYOUT_BK + sub * BLOCK_N
+            if start_n + BLOCK_N - 1 > first_qpos:  # crosses the diagonal (or the end of the keys)
+                acc, l_i, m_i = _tile(acc, l_i, m_i, q, qpos, K_base, V_base, start_n, Sk, qk_scale, softcap,
+                                      stride_kn, stride_kd, stride_vn, stride_vd,
+                                      BLOCK_N, BLOCK_D, True, EVEN_N, SOFTCAP, PREC, UPCAST)
+            else:
+                acc, l_i, m_i = _tile(acc, l_i, m_i, q, qpos, K_base, V_base, start_n, Sk, qk_scale, softcap,
+                                      stride_kn, stride_kd, stride_vn, stride_vd,
+                                      BLOCK_N, BLOCK_D, False, True, SOFTCAP, PREC, UPCAST)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Sq)
+    if RETURN_LSE:
+        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=offs_m < Sq)
+
+
+def _default_config(q: torch.Tensor, block_q: int, block_k: int) -> dict:
+    """Tile sizes and launch parameters. On the GPU: BLOCK_M 128 / BLOCK_N 64 with 8 warps and 3 stages for
+    head_dim 128 (H100); smaller tiles for head_dim 256 and float32. Under the interpreter: the largest tiles."""
+    D = q.shape[-1]
+    if not q.is_cuda:
+        return dict(BLOCK_M=min(block_q, 128), BLOCK_N=min(block_k, 128), num_warps=4, num_stages=1)
+    if q.dtype == torch.float32:
+        bm, bn, warps, stages = 64, 32, 4, 2
+    elif D <= 64:
+        bm, bn, warps, stages = 128, 64, 4, 3
+    elif D <= 128:
+        bm, bn, warps, stages = 128, 64, 8, 3
+    else:
+        bm, bn, warps, stages = 64, 64, 8, 2
+    return dict(BLOCK_M=min(bm, block_q), BLOCK_N=min(bn, block_k), num_warps=warps, num_stages=stages)
+
+
+def check_inputs(q, k, v, layout) -> None:
+    """Shape/dtype/device checks done before every launch (cheap, no device sync). Raises ValueError."""
+    if not isinstance(layout, BlockLayout):
+        raise ValueError(f"expected a BlockLayout, got {type(layout).__name__}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [batch, heads, seq, head_dim]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
+    if Sq > Sk:
+        raise ValueError(f"block-sparse kernel needs Sq <= Sk (queries are the last Sq keys), got Sq={Sq} Sk={Sk}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported by the Triton block-sparse kernel; "
+                         f"supported: {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not q.is_cuda and not os_interpret():
+        raise ValueError("the Triton block-sparse kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    for name, bs in (("block_q", layout.block_q), ("block_k", layout.block_k)):
+        if bs not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"BlockLayout.{name}={bs} is not supported; use one of {SUPPORTED_BLOCK_SIZES}")
+    c, i = layout.counts, layout.indices
+    if c.dim() != 3 or i.dim() != 4 or tuple(i.shape[:3]) != tuple(c.shape):
+        raise ValueError(f"BlockLayout counts [B, H, n_q_blocks] / indices [B, H, n_q_blocks, max_blocks] expected, "
+                         f"got {tuple(c.shape)} / {tuple(i.shape)}")
+    if c.dtype != torch.int32 or i.dtype != torch.int32:
+        raise ValueError(f"BlockLayout counts and indices must be int32, got {c.dtype} / {i.dtype}")
+    if c.device != q.device or i.device != q.device:
+        raise ValueError(f"BlockLayout is on {c.device} but q is on {q.device}")
+    if c.shape[0] not in (B, 1) or c.shape[1] == 0 or Hq % c.shape[1]:
+        raise ValueError(f"layout batch/heads {tuple(c.shape[:2])} must be ({B} or 1, a divisor of {Hq})")
+    nq = -(-Sq // layout.block_q)
+    if c.shape[2] != nq:
+        raise ValueError(f"layout has {c.shape[2]} query blocks but Sq={Sq} with block_q={layout.block_q} needs {nq}")
+
+
+def os_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, softcap=None, return_lse=False,
+                           check=False, config: dict | None = None):
+    """Block-sparse causal attention. q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D] (any strides, last dim need not be
+    contiguous); layout with block sizes in SUPPORTED_BLOCK_SIZES. Returns out [B, Hq, Sq, D] in q's dtype, and with
+    ``return_lse`` also lse [B, Hq, Sq] float32 (natural log). ``check=True`` validates the layout's contents first
+    (device sync). ``config`` overrides tiles/launch (BLOCK_M, BLOCK_N, num_warps, num_stages) for tuning."""
+    check_inputs(q, k, v, layout)
+    if check:
+        validate_block_layout(layout, q, k)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else float(scale)
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
+    out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq if return_lse else 1, dtype=torch.float32, device=q.device)
+    if Sq == 0 or B == 0 or Hq == 0:
+        return (out, lse[..., :Sq]) if return_lse else out
+    cfg = _default_config(q, layout.block_q, layout.block_k)
+    if config:
+        cfg.update(config)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if layout.block_q % bm or layout.block_k % bn:
+        raise ValueError(f"tile {bm}x{bn} must divide the layout blocks {layout.block_q}x{layout.block_k}")
+    counts = layout.counts.expand(B, -1, -1)
+    indices = layout.indices.expand(B, -1, -1, -1)
+    if indices.shape[-1] == 0:  # no block anywhere: keep a valid pointer
+        indices = torch.zeros(*indices.shape[:3], 1, dtype=torch.int32, device=q.device)
+    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    n_m_tiles = triton.cdiv(Sq, bm)
+    grid = (n_m_tiles, B * Hq)
+    _block_sparse_fwd[grid](
+        q, k, v, out, lse, counts, indices,
+        scale, float(softcap) if softcap is not None else 1.0,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        *counts.stride(), *indices.stride(),
+        Hq, Sq, Sk, Hq // Hkv, Hq // counts.shape[1], n_m_tiles,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, LAYOUT_BK=layout.block_k,
+        M_PER_BLOCK=layout.block_q // bm, N_PER_BLOCK=layout.block_k // bn, EVEN_N=Sk % bn == 0,
+        SOFTCAP=softcap is not None, RETURN_LSE=return_lse,
+        PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["block_sparse_attention", "check_inputs", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
