@@ -269,8 +269,8 @@ def split_full_partial(layout: BlockLayout, q_len: int, kv_len: int):
 def vertical_slash_mask(layout: VerticalSlashLayout, q_len: int, kv_len: int, *, q_start: int = 0,
                         q_end: int | None = None) -> torch.Tensor:
     """Bool [B, H, q_end - q_start, Sk]: key j is visible to the query at position p when j is a kept column or
-    ``p - j`` a kept offset, and ``j <= p``. Column entries outside [0, Sk) and offsets outside [0, Sk) are padding
-    and ignored."""
+    ``p - j`` a kept offset, and ``j <= p``. Negative entries are padding (rows of different lengths); entries >= Sk
+    are ignored too (``validate_vertical_slash_layout`` rejects them). Repeated entries count once."""
     q_end = q_len if q_end is None else q_end
     cols, offs = layout.columns, layout.offsets
     dev = cols.device
@@ -308,6 +308,35 @@ def vertical_slash_attention(q, k, v, layout: VerticalSlashLayout, *, scale=None
         out[:, :, s:e] = o.to(q.dtype)
         lse[:, :, s:e] = l
     return (out, lse) if return_lse else out
+
+
+def validate_vertical_slash_layout(layout: VerticalSlashLayout, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Checked mode for VerticalSlashLayout: integer tensors [B or 1, H_L, n] on q's device with H_L dividing Hq,
+    entries in [0, Sk) or negative (padding). Raises ValueError naming the problem (device sync)."""
+    if not isinstance(layout, VerticalSlashLayout):
+        raise ValueError(f"expected a VerticalSlashLayout, got {type(layout).__name__}")
+    B, Hq = q.shape[:2]
+    Sk = k.shape[2]
+    shapes = []
+    for name in ("columns", "offsets"):
+        t = getattr(layout, name)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"VerticalSlashLayout.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"VerticalSlashLayout.{name} must be int32 or int64, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"VerticalSlashLayout.{name} is on {t.device} but q is on {q.device}")
+        if t.dim() != 3:
+            raise ValueError(f"VerticalSlashLayout.{name} must be [batch, heads, n], got shape {tuple(t.shape)}")
+        if t.shape[0] not in (B, 1) or t.shape[1] == 0 or Hq % t.shape[1]:
+            raise ValueError(f"VerticalSlashLayout.{name} batch/heads {tuple(t.shape[:2])} must be ({B} or 1, a "
+                             f"divisor of {Hq})")
+        if t.numel() and int(t.max()) >= Sk:
+            raise ValueError(f"VerticalSlashLayout.{name} has entry {int(t.max())} out of range [0, {Sk}) "
+                             "(negative entries are padding)")
+        shapes.append(tuple(t.shape[:2]))
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"VerticalSlashLayout columns and offsets differ in batch/heads: {shapes[0]} vs {shapes[1]}")
 
 
 def merge_attention(outs, lses):
