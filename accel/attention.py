@@ -12,6 +12,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .kernels import BackendUnavailable, get_backend
+from .layouts import BlockLayout
 from .policies import AttentionContext
 from .spec import PolicySpec
 
@@ -26,8 +27,8 @@ class LayerState:
     sliding_window: int | None
     calls: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     backends_used: dict[str, int] = field(default_factory=dict)
-    density_sum: float = 0.0
-    density_n: int = 0
+    collect: bool = False  # opt-in stats that need a device sync (block-sparse density)
+    density: dict[str, list[float]] = field(default_factory=lambda: {"prefill": [0.0, 0], "decode": [0.0, 0]})
     fallbacks: list[str] = field(default_factory=list)  # auto: why a faster backend was skipped
     past_len: int = 0  # tokens in the cache before this call (set by the pre-forward hook; a compacted cache holds fewer)
 
@@ -39,9 +40,26 @@ class LayerState:
             "sliding_window": self.sliding_window,
             "calls": dict(self.calls),
             "backends": dict(self.backends_used),
-            "density": self.density_sum / self.density_n if self.density_n else None,
+            "prefill_density": _mean(self.density["prefill"]),
+            "decode_density": _mean(self.density["decode"]),
+            "density": _mean([sum(v[0] for v in self.density.values()), sum(v[1] for v in self.density.values())]),
             "auto_notes": sorted(set(self.fallbacks)),
         }
+
+
+def _mean(acc: list[float]) -> float | None:
+    return acc[0] / acc[1] if acc[1] else None
+
+
+def _density(layout, q_len: int, total: int, collect: bool) -> float | None:
+    """Share of causal (query, key) pairs the layout computes; host arithmetic where possible."""
+    if hasattr(layout, "density"):
+        return layout.density(q_len, total)
+    if collect and isinstance(layout, BlockLayout):
+        from .kernels.reference_sparse import block_layout_density
+
+        return block_layout_density(layout, q_len, total)
+    return None
 
 
 _AUTO_ORDER = ("flash", "triton", "reference")
@@ -120,10 +138,12 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
     state.calls[phase] += 1
     state.backends_used[backend.name] = state.backends_used.get(backend.name, 0) + 1
     total = max(kv_len, state.past_len + q_len)
-    if hasattr(layout, "density"):
-        # density against the full causal context (a compacted cache holds fewer keys than were seen)
-        state.density_sum += layout.density(q_len, total)
-        state.density_n += 1
+    # density against the full causal context (a compacted cache holds fewer keys than were seen)
+    d = _density(layout, q_len, total, state.collect)
+    if d is not None:
+        acc = state.density[phase]
+        acc[0] += d
+        acc[1] += 1
     return out.transpose(1, 2).contiguous(), None
 
 

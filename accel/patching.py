@@ -109,6 +109,8 @@ def patch(
     model: nn.Module,
     policy: str | Mapping[str, Any] = "dense",
     backend: str = "auto",
+    *,
+    collect_stats: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Replace the attention of a loaded transformers causal LM with ``policy`` (in place; returns the model).
@@ -116,7 +118,8 @@ def patch(
     ``policy``: a name (``"streaming"``), a composition (``"xattention+quest"``, ``{"prefill": .., "decode": ..}``),
     a preset from configs/ or a YAML path. ``options`` override the policy's defaults (``window=2048``).
     ``backend``: ``auto`` (fastest that can run, recorded in ``accel.stats``), ``triton``, ``flash`` or
-    ``reference``. Patching a patched model switches policy; nothing changes if validation fails."""
+    ``reference``. ``collect_stats`` adds statistics that cost a device sync (block-sparse density).
+    Patching a patched model switches policy; nothing changes if validation fails."""
     spec = parse_policy(policy, **options)
     adapter = find_adapter(model)
     adapter.check(model)
@@ -130,7 +133,8 @@ def patch(
     try:
         for mod in modules:
             window = adapter.layer_window(mod)
-            state = LayerState(layer_idx=mod.layer_idx, spec=spec, backend=backend, sliding_window=window)
+            state = LayerState(layer_idx=mod.layer_idx, spec=spec, backend=backend, sliding_window=window,
+                               collect=collect_stats)
             mod._accel = state
             record.modules.append(mod)
             limit = spec.decode.cache_limit(window)
@@ -170,10 +174,10 @@ def stats(model: nn.Module) -> dict[str, Any]:
     if record is None:
         raise ValueError("model is not patched; call accel.patch(model, ...) first")
     layers = [mod._accel.as_dict() for mod in record.modules]
-    dens = [l["density"] for l in layers if l["density"] is not None]
+    dens = [layer["density"] for layer in layers if layer["density"] is not None]
     used: dict[str, int] = {}
-    for l in layers:
-        for k, v in l["backends"].items():
+    for layer in layers:
+        for k, v in layer["backends"].items():
             used[k] = used.get(k, 0) + v
     return {
         "policy": record.spec.describe(),
@@ -191,7 +195,8 @@ def reset_stats(model: nn.Module) -> None:
     for mod in record.modules:
         s = mod._accel
         s.calls = {"prefill": 0, "decode": 0}
-        s.backends_used, s.density_sum, s.density_n, s.fallbacks = {}, 0.0, 0, []
+        s.backends_used, s.fallbacks = {}, []
+        s.density = {"prefill": [0.0, 0], "decode": [0.0, 0]}
 
 
 def new_cache(model: nn.Module) -> DynamicCache:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .base import AttentionContext, Policy
 from .dense import DensePolicy
 from .streaming import StreamingPolicy
+from .xattention import XAttentionPolicy
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,6 @@ class PolicyInfo:
 _PLANNED = [
     ("vertical_slash", ("prefill",), "per-head vertical columns + slash diagonals from the last queries",
      "MInference 1.0 (arXiv 2407.02490)"),
-    ("xattention", ("prefill",), "antidiagonal block scoring, keep blocks up to a cumulative threshold",
-     "XAttention (arXiv 2503.16428)"),
     ("flexprefill", ("prefill",), "per-head query-aware or vertical-slash pattern by JS divergence, budget gamma",
      "FlexPrefill (arXiv 2502.20766)"),
     ("proxy", ("prefill",), "pooled proxy heads rank key blocks for their head group",
@@ -37,12 +36,12 @@ _PLANNED = [
      "TidalDecode (arXiv 2410.05076)"),
 ]
 
-REGISTRY: dict[str, PolicyInfo] = {
-    cls.name: PolicyInfo(cls.name, cls.phases, cls.description, cls.paper, cls)
-    for cls in (DensePolicy, StreamingPolicy)
-}
-for _name, _phases, _desc, _paper in _PLANNED:
-    REGISTRY.setdefault(_name, PolicyInfo(_name, _phases, _desc, _paper, None))
+NAMES = ("dense", "streaming", "vertical_slash", "xattention", "flexprefill", "proxy", "duo", "quest", "lserve",
+         "tidal")
+_IMPLEMENTED = {cls.name: cls for cls in (DensePolicy, StreamingPolicy, XAttentionPolicy)}
+_INFO = {n: PolicyInfo(n, c.phases, c.description, c.paper, c) for n, c in _IMPLEMENTED.items()}
+_INFO.update({n: PolicyInfo(n, p, d, pp, None) for n, p, d, pp in _PLANNED})
+REGISTRY: dict[str, PolicyInfo] = {n: _INFO[n] for n in NAMES}
 
 
 class PolicyNotImplemented(NotImplementedError):
@@ -64,4 +63,4 @@ def policy_class(name: str) -> type[Policy]:
 
 
 __all__ = ["AttentionContext", "Policy", "PolicyInfo", "REGISTRY", "policy_class", "PolicyNotImplemented",
-           "DensePolicy", "StreamingPolicy"]
+           "DensePolicy", "StreamingPolicy", "XAttentionPolicy"]

@@ -1,0 +1,63 @@
+"""The shared step of block-scoring prefill policies: score key blocks, keep the best.
+
+A subclass implements ``score`` (block scores [B, H, n_q_blocks, n_k_blocks], non-negative, already restricted to
+causal blocks); this base keeps, per query-block row, the fewest blocks whose scores reach ``threshold`` of the row
+total, always adds the first (sink) and diagonal blocks, and builds the BlockLayout on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
+from accel.layouts import DenseLayout
+
+from .base import Policy
+
+SUPPORTED_BLOCKS = (64, 128)
+
+
+def keep_by_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Bool mask of the fewest highest-scoring entries per row whose sum reaches ``threshold`` of the row sum."""
+    if threshold >= 1.0:
+        return scores > 0 if threshold == 1.0 else torch.ones_like(scores, dtype=torch.bool)
+    vals, order = torch.sort(scores, dim=-1, descending=True)
+    csum = vals.cumsum(-1)
+    total = csum[..., -1:]
+    keep_sorted = (csum - vals) < threshold * total  # keep up to and including the block that crosses
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+@dataclass
+class BlockSelectPolicy(Policy):
+    phases = ("prefill",)
+
+    block_size: int = 128
+    threshold: float = 0.9
+
+    def validate(self) -> None:
+        if self.block_size not in SUPPORTED_BLOCKS:
+            raise ValueError(f"option 'block_size' of policy {self.name!r} must be one of {SUPPORTED_BLOCKS}, "
+                             f"got {self.block_size}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"option 'threshold' of policy {self.name!r} must be in (0, 1], got {self.threshold}")
+
+    def score(self, q: torch.Tensor, k: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plan(self, q, k, ctx):
+        q_len, kv_len = q.shape[2], k.shape[2]
+        if ctx.sliding_window is not None:
+            return DenseLayout(window=ctx.sliding_window)  # the model's sliding layers keep their window
+        if q_len < self.block_size:
+            # shorter than one block: nothing to skip; recorded as density 1.0 in stats
+            return DenseLayout()
+        bs = self.block_size
+        causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
+        if self.threshold >= 1.0:
+            selected = causal.expand(q.shape[0], q.shape[1], *causal.shape)
+        else:
+            scores = self.score(q, k, causal)
+            selected = keep_by_threshold(scores.masked_fill(~causal, 0), self.threshold)
+        return build_block_layout(selected, q_len, kv_len, bs, bs)

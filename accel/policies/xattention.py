@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import require_positive
+from .block_select import BlockSelectPolicy
+
+
+def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, stride: int,
+                              chunk_rows: int = 1024) -> torch.Tensor:
+    """XAttention's estimate: inside each stride×stride cell, the sum of the antidiagonal of QKᵀ — computed as one
+    matmul of stride-interleaved queries (reversed) and keys — softmaxed over causal keys, summed per block.
+
+    Returns [B, Hq, n_q_blocks, n_k_blocks] where each query-block row sums to the number of its strided rows.
+    Memory O(chunk_rows × Sk/stride) per head; GQA keys are shared, never repeated."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    pq, pk = (-Sq) % block, (-Sk) % block
+    # pad at the end: query block m covers queries m*block.. exactly as in the BlockLayout
+    qp = F.pad(q, (0, 0, 0, pq)) if pq else q
+    kp = F.pad(k, (0, 0, 0, pk)) if pk else k
+    Lq, Lk = qp.shape[2] // stride, kp.shape[2] // stride
+    # row r of the strided query gathers queries r*stride + (stride-1-i), key col c gathers keys c*stride + i
+    qs = qp.reshape(B, Hq, Lq, stride, D).flip(3).reshape(B, Hkv, g, Lq, stride * D)
+    ks = kp.reshape(B, Hkv, Lk, stride * D)
+    off = Sk - Sq  # key position of query 0
+    rows_per_block = block // stride
+    nq, nk = Lq // rows_per_block, Lk // rows_per_block
+    out = torch.empty(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
+    scale = 1.0 / math.sqrt(D) / stride
+    col_pos = torch.arange(Lk, device=q.device) * stride  # first key of each strided column
+    chunk_rows = max(rows_per_block, chunk_rows // rows_per_block * rows_per_block)
+    for r0 in range(0, Lq, chunk_rows):
+        r1 = min(Lq, r0 + chunk_rows)
+        logits = torch.matmul(qs[:, :, :, r0:r1].float(), ks[:, :, None].float().transpose(-1, -2)) * scale
+        rows = torch.arange(r0, r1, device=q.device)
+        row_pos = off + rows * stride + stride - 1  # last query of the row
+        visible = (col_pos[None, :] <= row_pos[:, None]) & (col_pos[None, :] < Sk)
+        visible &= (rows * stride < Sq)[:, None]  # padded query rows see nothing
+        logits = logits.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        probs = probs.reshape(B, Hq, (r1 - r0) // rows_per_block, rows_per_block, nk, rows_per_block)
+        out[:, :, r0 // rows_per_block: r1 // rows_per_block] = probs.sum((3, 5))
+    return out
+
+
+@dataclass
+class XAttentionPolicy(BlockSelectPolicy):
+    """XAttention (Xu et al. 2025, arXiv 2503.16428): antidiagonal sums inside strided sub-blocks score each
+    block; keep the fewest blocks whose softmaxed scores reach the threshold."""
+
+    name = "xattention"
+    description = "antidiagonal block scoring, keep blocks up to a cumulative threshold"
+    paper = "XAttention (arXiv 2503.16428)"
+
+    stride: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        require_positive(self, "stride")
+        if self.block_size % self.stride:
+            raise ValueError(f"option 'stride' ({self.stride}) must divide block_size ({self.block_size})")
+
+    def score(self, q, k, causal):
+        return antidiagonal_block_scores(q, k, self.block_size, self.stride)
