@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from accel.kernels import reference_sparse as rs  # noqa: E402
 from accel.kernels.triton.block_sparse import block_sparse_attention  # noqa: E402
-from accel.layouts import BlockLayout  # noqa: E402
+from accel.kernels.triton.vertical_slash import plan_vertical_slash, vertical_slash_attention  # noqa: E402
+from accel.layouts import BlockLayout, VerticalSlashLayout  # noqa: E402
 
 TRITON_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages): the default first
     None,
@@ -152,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--baselines", default="triton,flex,fa4,sdpa,fa4_dense")
     ap.add_argument("--tune", action="store_true", default=True, help="time the Triton tile configs at 10%% share")
     ap.add_argument("--no-tune", dest="tune", action="store_false")
+    ap.add_argument("--vs", type=int, nargs=2, default=[1000, 6096], metavar=("VERTICAL", "SLASH"),
+                    help="vertical-slash section: columns and diagonals per head (MInference defaults); 0 0 skips")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--out", default="results/bench_block_sparse")
     args = ap.parse_args(argv)
@@ -261,9 +264,56 @@ def main(argv=None):
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
             del layout
+        if args.vs[0] or args.vs[1]:
+            results.setdefault("vertical_slash", []).append(bench_vertical_slash(args, q, k, v, device))
+            print(json.dumps(results["vertical_slash"][-1]), flush=True)
         del q, k, v
     results["meta"]["wall_s"] = time.time() - t_start
     write(results, args.out)
+
+
+def random_vertical_slash(heads, S, n_cols, n_diag, device, seed=0):
+    """Random MInference-like layout: sink column 0 and local diagonals 0..63 always; other columns uniform, other
+    diagonals skewed towards the main diagonal (offset = S * u**6), as in real heads (uniform ones would touch
+    almost every tile at 128K)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    cols = torch.randint(0, S, (1, heads, n_cols), device=device, generator=g)
+    u = torch.rand(1, heads, n_diag, device=device, generator=g)
+    offs = (u**6 * S).long().clamp(max=S - 1)
+    cols[..., 0] = 0
+    n_local = min(64, n_diag)
+    offs[..., :n_local] = torch.arange(n_local, device=device)
+    return VerticalSlashLayout(cols, offs)
+
+
+def bench_vertical_slash(args, q, k, v, device) -> dict:
+    """Vertical-slash kernel (plan + attention) vs the equivalent block layout (tiles holding any kept pair) through
+    the block-sparse kernel, which computes a superset of the pairs."""
+    S = q.shape[2]
+    res = {"context": S, "vertical": args.vs[0], "slash": args.vs[1]}
+    try:
+        layout = random_vertical_slash(args.heads, S, args.vs[0], args.vs[1], device)
+        res["plan_ms"] = bench(lambda: plan_vertical_slash(layout, S, S), rep=50)
+        plan = plan_vertical_slash(layout, S, S)
+        res["kernel_ms"] = bench(lambda: vertical_slash_attention(q, k, v, layout, plan=plan))
+        res["mean_slash_tiles"] = float(plan.counts.float().mean())
+        res["mean_gathered_columns"] = float(plan.col_counts.float().mean())
+        n_tiles = -(-S // plan.block_m)
+        res["slash_tile_share"] = res["mean_slash_tiles"] / ((n_tiles + 1) / 2)  # of the causal tiles
+        nk = -(-S // plan.block_n)
+        tiles = rs.layout_to_block_mask(BlockLayout(plan.counts, plan.indices, plan.block_m, plan.block_n), nk)
+        col_tile = (plan.col_indices.long() // plan.block_n).clamp(max=nk - 1)
+        valid = torch.arange(plan.col_indices.shape[-1], device=device) < plan.col_counts[..., None]
+        tiles = torch.cat([tiles, torch.zeros_like(tiles[..., :1])], -1)
+        tiles.scatter_(-1, torch.where(valid, col_tile, nk), True)
+        tiles = tiles[..., :nk]
+        del plan
+        equiv = rs.block_mask_to_layout(tiles, 64, 64)
+        res["equivalent_block_share"] = rs.block_layout_density(equiv, S, S)
+        res["equivalent_block_ms"] = bench(lambda: block_sparse_attention(q, k, v, equiv))
+    except Exception as e:  # noqa: BLE001
+        res["error"] = _err(e)
+    return res
 
 
 def _fmt(x, nd=2):
@@ -308,6 +358,17 @@ def write(results, out):
         lines += ["", "Triton tile configs at 10% (default config in the main table):", ""]
         lines += [f"- {t['context'] // 1024}K {json.dumps(t['config'])}: {_fmt(t.get('ms')) if 'ms' in t else t['error']}"
                   for t in results["tuning"]]
+    if results.get("vertical_slash"):
+        lines += ["", "Vertical-slash (random columns/diagonals per head, 64x64 tiles), ms:", "",
+                  "| context | vertical | slash | plan | kernel | equivalent block layout (share) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in results["vertical_slash"]:
+            if "error" in r:
+                lines.append(f"| {r['context'] // 1024}K | {r['vertical']} | {r['slash']} | error: {r['error']} | | |")
+                continue
+            lines.append(f"| {r['context'] // 1024}K | {r['vertical']} | {r['slash']} | {_fmt(r.get('plan_ms'))} | "
+                         f"{_fmt(r.get('kernel_ms'))} | {_fmt(r.get('equivalent_block_ms'))} "
+                         f"({100 * r.get('equivalent_block_share', 0):.1f}%) |")
     if results["layout_build_ms"]:
         lines += ["", "Layout build on the GPU (bool block mask -> BlockLayout, ms): " + ", ".join(
             f"{int(s) // 1024}K {_fmt(v)}" for s, v in results["layout_build_ms"].items())]
