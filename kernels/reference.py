@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from accel.layouts import BlockLayout, DenseLayout, StreamingLayout
+from accel.layouts import BlockLayout, DenseLayout, StreamingLayout, VerticalSlashLayout
 
 
 def visible_mask(
@@ -100,16 +100,19 @@ class ReferenceBackend:
         return True, ""
 
     def supports(self, layout, q: torch.Tensor) -> str | None:
-        if isinstance(layout, (DenseLayout, StreamingLayout, BlockLayout)):
+        if isinstance(layout, (DenseLayout, StreamingLayout, BlockLayout, VerticalSlashLayout)):
             return None
         return f"layout {type(layout).__name__} is not supported by the reference backend yet"
 
     def run(self, layout, q, k, v, *, scale, softcap=None, kv_start=None):
-        if isinstance(layout, BlockLayout):
-            from .reference_sparse import block_sparse_attention
+        if isinstance(layout, (BlockLayout, VerticalSlashLayout)):
+            from . import reference_sparse
 
             if kv_start is not None:
-                raise ValueError("block-sparse prefill policies do not support left-padded batches yet")
-            return block_sparse_attention(q, k, v, layout, scale=scale, softcap=softcap)
+                raise ValueError("sparse prefill policies do not support left-padded batches yet; run prompts one "
+                                 "at a time or with equal lengths")
+            fn = (reference_sparse.block_sparse_attention if isinstance(layout, BlockLayout)
+                  else reference_sparse.vertical_slash_attention)
+            return fn(q, k, v, layout, scale=scale, softcap=softcap)
         sink = layout.sink if isinstance(layout, StreamingLayout) else 0
         return attention(q, k, v, scale=scale, sink=sink, window=layout.window, softcap=softcap, kv_start=kv_start)
