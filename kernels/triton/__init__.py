@@ -1,0 +1,51 @@
+"""Triton backend: our own kernels (one file per kernel). ``flash_fwd`` covers dense, causal and sink+window
+layouts with soft-capping, left padding and GQA; it runs on CUDA GPUs, or on the CPU under ``TRITON_INTERPRET=1``.
+
+Nothing heavy is imported here: triton and the kernel module load on first use."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from accel.layouts import DenseLayout, StreamingLayout
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+class TritonBackend:
+    """``flash_fwd`` for DenseLayout (optionally windowed) and StreamingLayout (sink + window)."""
+
+    name = "triton"
+
+    def available(self) -> tuple[bool, str]:
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install triton)"
+        import torch
+
+        if torch.cuda.is_available():
+            return True, ""
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "TRITON_INTERPRET=1: Triton kernels run (slowly) on the CPU"
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
+
+    def supports(self, layout, q) -> str | None:
+        if not isinstance(layout, (DenseLayout, StreamingLayout)):
+            return f"layout {type(layout).__name__} is not supported by the triton backend yet"
+        import torch
+
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {q.dtype} (the triton kernel takes float16, bfloat16 or float32)"
+        if q.shape[-1] not in HEAD_DIMS:
+            return f"head_dim {q.shape[-1]} (the triton kernel takes a power of two from 16 to 256)"
+        return None
+
+    def run(self, layout, q, k, v, *, scale, softcap=None, kv_start=None):
+        from .flash_fwd import flash_attention
+
+        sink = layout.sink if isinstance(layout, StreamingLayout) else 0
+        return flash_attention(q, k, v, scale=scale, causal=True, sink=sink, window=layout.window,
+                               softcap=softcap, kv_start=kv_start)
+
+
+__all__ = ["TritonBackend"]
