@@ -1,0 +1,343 @@
+"""Benchmark: XAttention's antidiagonal estimation (Triton) as a share of the sparse attention it feeds.
+
+Llama-3.1-8B attention shape by default (32 query heads, 8 KV heads, head_dim 128, bf16, causal, batch 1), block 128,
+stride 8, threshold 0.9, at 32K and 128K. Per context it times (medians of ``triton.testing.do_bench``, ms):
+
+- ``accel.kernels.triton.antidiag_score.antidiagonal_scores`` (default tiles, and with ``--tune`` a few other tile
+  configs; the achieved TFLOP/s counts both passes' tensor-core work over the causal strided triangle);
+- the selection XAttentionPolicy does on those scores (``keep_by_threshold`` over causal blocks at the threshold,
+  then ``build_block_layout`` with the always-kept sink and diagonal blocks);
+- ``accel.kernels.triton.block_sparse.block_sparse_attention`` on that layout (the sparse attention it feeds);
+- dense causal SDPA (flash backend) of the same shape, and the torch reference estimation up to ``--reference-max``.
+
+Random q/k give near-uniform scores (XAttention then keeps almost everything), so the inputs are synthesised with
+structure, per KV head (its query heads share it):
+  z[t]  a slowly varying shared component: random Gaussian anchor vectors every `span` tokens, linearly interpolated
+        along the sequence and rescaled to norm sqrt(D); span = 256, 1K, 4K, 16K tokens cycling over the KV heads
+        (very local to fairly global heads);
+  q = amp*z + N(0,1) + a*u,  k = amp*z + N(0,1), plus b*u on 16 'sink' keys (positions 0..3 and 12 random ones),
+        u a random unit vector per KV head, a*b = sink_boost*sqrt(D) so sink logits gain about `sink_boost`;
+  v ~ N(0,1). Defaults amp 1.0, sink_boost 8. Queries then attend to nearby keys (q.k grows as z[t] ~ z[s]) and to
+  the sinks. The kept density this yields and the attention recall (dense softmax mass inside the kept blocks, over
+  sampled queries) are reported with the timings.
+
+Before timing, the kernel is checked against the torch reference (4K; max abs error and whether the selection is
+identical). Every section runs in try/except and records an error string instead of stopping. Writes ``<out>.json``
+and ``<out>.md`` (command, device, versions, date).
+
+    PYTHONPATH=. python scripts/bench_estimation.py --out results/bench_estimation
+
+GPU time: about 1-2 minutes on an H100 with the defaults (most of it dense 128K SDPA and tile-config compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from accel.kernels import reference_sparse as rs  # noqa: E402
+from accel.kernels.triton.antidiag_score import antidiagonal_scores  # noqa: E402
+from accel.kernels.triton.block_sparse import block_sparse_attention  # noqa: E402
+from accel.policies.block_select import keep_by_threshold  # noqa: E402
+from accel.policies.xattention import antidiagonal_block_scores  # noqa: E402
+
+TUNE_CONFIGS = [  # (BLOCK_R, BLOCK_C: strided rows x columns per tile, num_warps, num_stages); default excluded
+    dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=2),
+    dict(BLOCK_R=128, BLOCK_C=64, num_warps=8, num_stages=4),
+    dict(BLOCK_R=128, BLOCK_C=64, num_warps=4, num_stages=3),
+    dict(BLOCK_R=64, BLOCK_C=128, num_warps=4, num_stages=3),
+    dict(BLOCK_R=64, BLOCK_C=64, num_warps=4, num_stages=3),
+    dict(BLOCK_R=64, BLOCK_C=128, num_warps=8, num_stages=3),
+]
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def bench(fn, rep=100, warmup=25) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def structured_qkv(S, heads, kv_heads, D, device, seed=0, amp=1.0, sink_boost=8.0, n_sinks=16,
+                   dtype=torch.bfloat16):
+    """q [1, heads, S, D], k, v [1, kv_heads, S, D] with locality and sinks (see the module docstring)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    group = heads // kv_heads
+    z = torch.empty(kv_heads, S, D, device=device)
+    for h in range(kv_heads):
+        span = 256 * 4 ** (h % 4)
+        anchors = torch.randn(1, D, max(2, S // span + 1), device=device, generator=g)
+        z[h] = F.interpolate(anchors, size=S, mode="linear", align_corners=True)[0].T
+    z = z / z.norm(dim=-1, keepdim=True) * math.sqrt(D)
+    u = torch.randn(kv_heads, D, device=device, generator=g)
+    u = u / u.norm(dim=-1, keepdim=True)
+    boost = math.sqrt(sink_boost * math.sqrt(D))
+    sinks = torch.cat([torch.arange(4, device=device),
+                       torch.randint(4, S, (max(0, n_sinks - 4),), device=device, generator=g)])
+    k = amp * z + torch.randn(kv_heads, S, D, device=device, generator=g)
+    k[:, sinks] += boost * u[:, None]
+    k = k[None].to(dtype)
+    q = torch.randn(heads, S, D, device=device, generator=g)
+    q += (amp * z + boost * u[:, None]).repeat_interleave(group, 0)
+    q = q[None].to(dtype)
+    del z
+    v = torch.randn(1, kv_heads, S, D, device=device, generator=g).to(dtype)
+    return q, k, v
+
+
+def select(scores, S, block, threshold):
+    """XAttentionPolicy's selection: threshold over causal blocks, then sink + diagonal blocks, as a BlockLayout."""
+    causal, _ = rs.causal_block_mask(S, S, block, block, device=scores.device)
+    keep = keep_by_threshold(scores.masked_fill(~causal, 0), threshold)
+    return rs.build_block_layout(keep, S, S, block, block)
+
+
+def sampled_recall(q, k, layout, S, block, n=32) -> float:
+    """Share of the dense softmax mass inside the kept blocks, mean over n queries spread over the sequence."""
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    qi = torch.linspace(S // 8, S - 1, n, device=q.device).long()
+    qs = q[0][:, qi].float().reshape(Hkv, -1, D)  # query heads of a KV head together: K is not repeated
+    logits = (qs @ k[0].float().transpose(-1, -2) / math.sqrt(D)).reshape(H, n, S)
+    logits = logits.masked_fill(torch.arange(S, device=q.device)[None, None] > qi[None, :, None], float("-inf"))
+    p = logits.softmax(-1)
+    del logits
+    nk = -(-S // block)
+    kept = rs.layout_to_block_mask(layout, nk)[0][:, qi // block]  # [H, n, nk]
+    mass = F.pad(p, (0, nk * block - S)).reshape(H, n, nk, block).sum(-1)
+    return float((mass * kept).sum(-1).mean())
+
+
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def correctness(args, device) -> dict:
+    S = 4096
+    q, k, _ = structured_qkv(S, args.heads, args.kv_heads, args.dim, device, seed=1, amp=args.amp,
+                             sink_boost=args.sink_boost)
+    got = antidiagonal_scores(q, k, block=args.block, stride=args.stride)
+    want = antidiagonal_block_scores(q, k, args.block, args.stride)
+    causal, _ = rs.causal_block_mask(S, S, args.block, args.block, device=device)
+    same = torch.equal(keep_by_threshold(got.masked_fill(~causal, 0), args.threshold),
+                       keep_by_threshold(want.masked_fill(~causal, 0), args.threshold))
+    return {"context": S, "max_abs_err": float((got - want).abs().max()), "same_selection": bool(same)}
+
+
+def run_context(args, S, device) -> dict:
+    row = {"context": S}
+    torch.cuda.empty_cache()
+    q, k, v = structured_qkv(S, args.heads, args.kv_heads, args.dim, device, seed=S, amp=args.amp,
+                             sink_boost=args.sink_boost)
+    L = S // args.stride
+    # tensor-core work of both passes over the causal strided triangle
+    est_flops = 2 * 2.0 * args.heads * (L * (L + 1) / 2) * args.stride * args.dim
+    row["estimation_tflop"] = est_flops / 1e12
+    try:
+        row["estimation_ms"] = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride))
+        row["estimation_tflops"] = est_flops / (row["estimation_ms"] * 1e-3) / 1e12
+    except Exception as e:  # noqa: BLE001
+        row["estimation_error"] = _err(e)
+    if args.tune:
+        row["tuning"] = []
+        for cfg in TUNE_CONFIGS:
+            try:
+                ms = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride, config=cfg))
+                row["tuning"].append({"config": cfg, "ms": ms})
+            except Exception as e:  # noqa: BLE001
+                row["tuning"].append({"config": cfg, "error": _err(e)})
+        timed = [t["ms"] for t in row["tuning"] if "ms" in t] + ([row["estimation_ms"]] if "estimation_ms" in row
+                                                                  else [])
+        if timed:
+            row["estimation_best_ms"] = min(timed)
+    layout = None
+    try:
+        scores = antidiagonal_scores(q, k, block=args.block, stride=args.stride)
+        row["selection_ms"] = bench(lambda: select(scores, S, args.block, args.threshold), rep=50)
+        layout = select(scores, S, args.block, args.threshold)
+        row["kept_density"] = rs.block_layout_density(layout, S, S)
+        nk = -(-S // args.block)
+        causal, _ = rs.causal_block_mask(S, S, args.block, args.block, device=device)
+        per_head = (rs.layout_to_block_mask(layout, nk)[0] & causal).sum((-1, -2)).float() / causal.sum()
+        row["kept_density_per_kv_head"] = [round(float(x), 4) for x in
+                                           per_head.reshape(args.kv_heads, -1).mean(-1)]
+        del scores
+    except Exception as e:  # noqa: BLE001
+        row["selection_error"] = _err(e)
+    if layout is not None:
+        try:
+            row["recall"] = sampled_recall(q, k, layout, S, args.block)
+        except Exception as e:  # noqa: BLE001
+            row["recall_error"] = _err(e)
+        try:
+            row["sparse_attention_ms"] = bench(lambda: block_sparse_attention(q, k, v, layout))
+        except Exception as e:  # noqa: BLE001
+            row["sparse_attention_error"] = _err(e)
+    try:
+        row["sdpa_flash_ms"] = bench(lambda: sdpa_flash(q, k, v))
+    except Exception as e:  # noqa: BLE001 - flash without enable_gqa support: repeat K/V for the baseline only
+        try:
+            g = args.heads // args.kv_heads
+            kr, vr = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+            row["sdpa_flash_ms"] = bench(lambda: sdpa_flash(q, kr, vr))
+            row["sdpa_flash_note"] = f"K/V repeated ({_err(e)})"
+            del kr, vr
+        except Exception as e2:  # noqa: BLE001
+            row["sdpa_flash_error"] = _err(e2)
+    if S <= args.reference_max:
+        try:
+            row["reference_estimation_ms"] = bench(lambda: antidiagonal_block_scores(q, k, args.block, args.stride),
+                                                   rep=50, warmup=5)
+            ref = antidiagonal_block_scores(q, k, args.block, args.stride)
+            row["max_abs_err_vs_reference"] = float((ref - antidiagonal_scores(q, k, block=args.block,
+                                                                             stride=args.stride)).abs().max())
+            del ref
+        except Exception as e:  # noqa: BLE001
+            row["reference_estimation_error"] = _err(e)
+    if "sparse_attention_ms" in row:
+        sp = row["sparse_attention_ms"]
+        for key in ("estimation_ms", "estimation_best_ms"):
+            if key in row:
+                row[key.replace("_ms", "_share_of_sparse")] = row[key] / sp
+        if "estimation_ms" in row and "selection_ms" in row:
+            row["plan_share_of_sparse"] = (row["estimation_ms"] + row["selection_ms"]) / sp
+        if "sdpa_flash_ms" in row and "estimation_ms" in row:
+            row["prefill_speedup_vs_sdpa"] = row["sdpa_flash_ms"] / (row["estimation_ms"] + row.get("selection_ms", 0)
+                                                                    + sp)
+    if "sdpa_flash_ms" in row and "estimation_ms" in row:
+        row["estimation_share_of_dense"] = row["estimation_ms"] / row["sdpa_flash_ms"]
+    del q, k, v, layout
+    return row
+
+
+def _fmt(x, nd=2):
+    return "—" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def _pct(x):
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def write(results, out):
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    m = results["meta"]
+    lines = [
+        "# XAttention antidiagonal estimation (Triton) vs the sparse attention it feeds",
+        "",
+        f"- command: `{m['command']}`",
+        f"- device: {m['device']}; date: {m['date']}; wall: {m.get('wall_s', 0):.0f} s",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+        f"- shape: {json.dumps(m['shape'])}; medians of triton.testing.do_bench, ms",
+        f"- inputs: {m['inputs']}",
+        "",
+    ]
+    c = results.get("correctness", {})
+    if c:
+        lines += [f"Correctness vs torch reference ({c.get('context')}, bf16): " + (
+            c["error"] if "error" in c else
+            f"max abs error {c['max_abs_err']:.2e}, same selection at the threshold: {c['same_selection']}"), ""]
+    lines += ["| context | kept density | recall | estimation | best tiles | est. TFLOP/s | selection + layout | "
+              "sparse attention | est. / sparse | (est. + sel.) / sparse | dense SDPA flash | est. / dense | "
+              "prefill speedup | torch ref. est. |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["rows"]:
+        lines.append("| " + " | ".join([
+            f"{r['context'] // 1024}K", _pct(r.get("kept_density")), _fmt(r.get("recall"), 3),
+            _fmt(r.get("estimation_ms")), _fmt(r.get("estimation_best_ms")), _fmt(r.get("estimation_tflops"), 0),
+            _fmt(r.get("selection_ms")), _fmt(r.get("sparse_attention_ms")),
+            _pct(r.get("estimation_share_of_sparse")), _pct(r.get("plan_share_of_sparse")),
+            _fmt(r.get("sdpa_flash_ms")), _pct(r.get("estimation_share_of_dense")),
+            _fmt(r.get("prefill_speedup_vs_sdpa")), _fmt(r.get("reference_estimation_ms"))]) + " |")
+    for r in results["rows"]:
+        if r.get("kept_density_per_kv_head"):
+            lines.append(f"\n{r['context'] // 1024}K kept density per KV head (local span 256, 1K, 4K, 16K cycling): "
+                         + ", ".join(_pct(x) for x in r["kept_density_per_kv_head"]))
+        if "max_abs_err_vs_reference" in r:
+            lines.append(f"\n{r['context'] // 1024}K max abs error vs torch reference: "
+                         f"{r['max_abs_err_vs_reference']:.2e}")
+        if r.get("tuning"):
+            lines += ["", f"{r['context'] // 1024}K tile configs (default in the main table):", ""]
+            lines += [f"- {json.dumps(t['config'])}: {_fmt(t.get('ms')) if 'ms' in t else t['error']}"
+                      for t in r["tuning"]]
+    errors = [f"- {r['context']}: {k} = {v}" for r in results["rows"] for k, v in r.items() if k.endswith("_error")]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--amp", type=float, default=1.0, help="amplitude of the shared slowly varying component")
+    ap.add_argument("--sink-boost", type=float, default=8.0, help="logit gain of the sink keys")
+    ap.add_argument("--reference-max", type=int, default=32768, help="time the torch reference up to this context")
+    ap.add_argument("--tune", action="store_true", default=True, help="time other tile configs")
+    ap.add_argument("--no-tune", dest="tune", action="store_false")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--out", default="results/bench_estimation")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_estimation needs a CUDA GPU")
+    device = torch.device("cuda")
+    t_start = time.time()
+
+    import triton
+
+    results = {"meta": {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                     "python": platform.python_version()},
+        "shape": {"batch": 1, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.dim,
+                  "dtype": "bfloat16", "block": args.block, "stride": args.stride, "threshold": args.threshold,
+                  "causal": True},
+        "inputs": (f"structured: per KV head a shared slowly varying component (anchors every 256/1K/4K/16K tokens, "
+                   f"amp {args.amp}) in q and k, 16 sink keys (logit gain ~{args.sink_boost}), N(0,1) noise; "
+                   f"v ~ N(0,1)"),
+    }, "rows": []}
+    if not args.skip_check:
+        try:
+            results["correctness"] = correctness(args, device)
+        except Exception as e:  # noqa: BLE001
+            results["correctness"] = {"error": _err(e)}
+        print("correctness:", json.dumps(results["correctness"]), flush=True)
+    for S in args.contexts:
+        try:
+            row = run_context(args, S, device)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory generating inputs
+            row = {"context": S, "error": _err(e)}
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    results["meta"]["wall_s"] = time.time() - t_start
+    write(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
