@@ -67,4 +67,9 @@ class XAttentionPolicy(BlockSelectPolicy):
             raise ValueError(f"option 'stride' ({self.stride}) must divide block_size ({self.block_size})")
 
     def score(self, q, k, causal):
+        if q.is_cuda:
+            # fused Triton twin: O(output) memory instead of O(Sq/stride x Sk/stride) per chunk
+            from accel.kernels.triton.antidiag_score import antidiagonal_scores
+
+            return antidiagonal_scores(q, k, block=self.block_size, stride=self.stride)
         return antidiagonal_block_scores(q, k, self.block_size, self.stride)
