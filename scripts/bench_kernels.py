@@ -46,6 +46,7 @@ SWEEP = {  # head_dim: candidate (BLOCK_M, BLOCK_N, num_warps, num_stages[, edge
     64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3)],
     256: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
 }
+STREAM_SWEEP = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 8, 3, 2)]
 
 
 def visible_pairs(sq, sk, sink=0, window=None):
@@ -156,24 +157,25 @@ def inputs(sq, sk, seed=0, d=D):
     return q, k, v
 
 
-def sweep(ctx, d, log):
+def sweep(ctx, d, log, configs=None, sink=0, window=None):
     q, k, v = inputs(ctx, ctx, seed=1, d=d)
-    flops = 4 * HQ * d * visible_pairs(ctx, ctx)
-    ref = ref_rows(q, k, v, 256)
+    flops = 4 * HQ * d * visible_pairs(ctx, ctx, sink, window)
+    ref = ref_rows(q, k, v, 256, sink=sink, window=window)
     results = []
-    for cfg in SWEEP[d]:
+    kw = dict(sink=sink, window=window)
+    for cfg in configs or SWEEP[d]:
         try:
             out = torch.full_like(q, float("nan"))
-            ff.flash_attention(q, k, v, out=out, _config_override=cfg)
+            ff.flash_attention(q, k, v, out=out, _config_override=cfg, **kw)
             err = rel_err(out[:, :, -256:], ref)
             if not err < 2e-2 or torch.isnan(out).any():
                 raise RuntimeError(f"wrong result: rel err {err:.2e}")
-            ms = time_ms(lambda: ff.flash_attention(q, k, v, _config_override=cfg))
-            results.append({"head_dim": d, "ctx": ctx, "config": list(cfg), "ms": ms, "tflops": flops / ms / 1e9,
-                            "rel_err": err})
-            log(f"sweep D={d} {ctx} cfg={cfg}: {ms:.2f} ms  {flops / ms / 1e9:.0f} TFLOP/s  err {err:.1e}")
+            ms = time_ms(lambda: ff.flash_attention(q, k, v, _config_override=cfg, **kw))
+            results.append({"head_dim": d, "ctx": ctx, "window": window, "config": list(cfg), "ms": ms,
+                            "tflops": flops / ms / 1e9, "rel_err": err})
+            log(f"sweep D={d} {ctx} window={window} cfg={cfg}: {ms:.2f} ms  {flops / ms / 1e9:.0f} TFLOP/s  err {err:.1e}")
         except Exception as e:
-            results.append({"head_dim": d, "ctx": ctx, "config": list(cfg),
+            results.append({"head_dim": d, "ctx": ctx, "window": window, "config": list(cfg),
                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
             log(f"sweep D={d} {ctx} cfg={cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
     ok = [r for r in results if "ms" in r]
@@ -260,7 +262,8 @@ def markdown(meta, rows, sweep_rows):
         f"- device: {meta['device']}; date: {meta['date']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- shape: batch 1, {HQ} query heads, {HKV} KV heads, head_dim {D}, bf16; causal (query i at key Sk-Sq+i)",
-        f"- triton tile config (BLOCK_M, BLOCK_N, num_warps, num_stages): {meta['config']}",
+        f"- triton tiles (BLOCK_M, BLOCK_N, num_warps, num_stages): dense {meta['config']}, "
+        f"streaming {meta['config_streaming']}",
         "- cells: median ms of triton.testing.do_bench (TFLOP/s over the kept causal pairs, 4·H·D per pair); "
         "speedup = SDPA-flash ms / ours (streaming rows: dense causal SDPA-flash at the same context / ours). "
         "Every output checked against an fp32 reference (last 256 queries).",
@@ -277,13 +280,14 @@ def markdown(meta, rows, sweep_rows):
     if notes:
         lines += ["", "SDPA GQA handling: " + "; ".join(notes)]
     if sweep_rows:
-        lines += ["", "Tile sweep (causal dense, same heads; head_dim 128 at the sweep context, others at half):", "",
-                  "| head_dim | context | BLOCK_M | BLOCK_N | warps | stages | edge stages | ms | TFLOP/s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "Tile sweep (causal, same heads; head_dim 128 at the sweep context, others at half):", "",
+                  "| head_dim | context | window | BLOCK_M | BLOCK_N | warps | stages | edge stages | ms | TFLOP/s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for s in sweep_rows:
             c = list(s["config"]) + [1]
             t = f"{s['ms']:.2f} | {s['tflops']:.0f}" if "ms" in s else f"error | {s['error'][:60]}"
-            lines.append(f"| {s['head_dim']} | {s['ctx']} | {c[0]} | {c[1]} | {c[2]} | {c[3]} | {c[4]} | {t} |")
+            w = "—" if s.get("window") is None else f"128+{s['window']}"
+            lines.append(f"| {s['head_dim']} | {s['ctx']} | {w} | {c[0]} | {c[1]} | {c[2]} | {c[3]} | {c[4]} | {t} |")
     return "\n".join(lines) + "\n"
 
 
@@ -292,8 +296,11 @@ def main():
     ap.add_argument("--out", default="results", help="output directory")
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--stream-contexts", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--sweep", action="store_true", help="time tile configs at --sweep-ctx first and use the best")
+    ap.add_argument("--sweep", action="store_true", help="time tile configs at --sweep-ctx first")
     ap.add_argument("--sweep-ctx", type=int, default=32768)
+    ap.add_argument("--stream-sweep", action="store_true", help="time tile configs on sink 128 + window 4096")
+    ap.add_argument("--use-sweep-best", action="store_true", help="time the table with the sweeps' best tiles "
+                    "instead of the kernel's default table")
     ap.add_argument("--sweep-dims", type=int, nargs="*", default=[64, 256], help="other head dims to sweep at half ctx")
     ap.add_argument("--name", default="bench_kernels_dense")
     args = ap.parse_args()
@@ -316,22 +323,28 @@ def main():
         "versions": versions(),
     }
     log(json.dumps(meta))
-    cfg, sweep_rows = None, []
+    sweep_rows, best = [], {}
     if args.sweep:
-        sweep_rows, cfg = sweep(args.sweep_ctx, D, log)
-        meta["sweep_best"] = {D: cfg}
+        sweep_rows, best["dense"] = sweep(args.sweep_ctx, D, log)
         for d in args.sweep_dims:
-            rows_d, best_d = sweep(args.sweep_ctx // 2, d, log)
+            rows_d, best[f"dense_d{d}"] = sweep(args.sweep_ctx // 2, d, log)
             sweep_rows += rows_d
-            meta["sweep_best"][d] = best_d
+    if args.stream_sweep:
+        rows_s, best["streaming"] = sweep(args.sweep_ctx, D, log, configs=STREAM_SWEEP, sink=128, window=4096)
+        sweep_rows += rows_s
+    meta["sweep_best"] = best
+    cfg = best.get("dense") if args.use_sweep_best else None
+    scfg = best.get("streaming", cfg) if args.use_sweep_best else None
     meta["config"] = list(cfg) if cfg else list(ff._config(D, 4096, torch.bfloat16))
+    meta["config_streaming"] = list(scfg) if scfg else list(ff._config(D, 4096, torch.bfloat16, windowed=True))
     rows = []
     cases = [(f"causal {c // 1024}K", c, c, 0, None) for c in args.contexts]
     cases += [(f"streaming 128+4096 {c // 1024}K", c, c, 128, 4096) for c in args.stream_contexts]
     cases += [(f"decode {c // 1024}K", 1, c, 0, None) for c in (32768, 131072)]
     for name, sq, sk, sink, window in cases:
         try:
-            rows.append(bench_case(name, sq, sk, sink=sink, window=window, cfg=cfg if sq > 64 else None, log=log))
+            c = (scfg if window else cfg) if sq > 64 else None
+            rows.append(bench_case(name, sq, sk, sink=sink, window=window, cfg=c, log=log))
         except Exception as e:
             log(f"{name}: FAILED {traceback.format_exc()}")
             rows.append({"case": name, "sq": sq, "sk": sk, "error": f"{type(e).__name__}: {e}"})

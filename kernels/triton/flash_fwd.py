@@ -218,27 +218,32 @@ def _interpreting() -> bool:
     return type(_flash_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, edge_stages]) per head_dim for Sq > 64, 16 < Sq <= 64 and Sq <= 16 (decode), tuned
-# on an H100 (kernels/triton/NOTES.md). Register/shared-memory use checked with an ahead-of-time sm_90 build.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, edge_stages]) per head_dim for Sq > 64, 16 < Sq <= 64 and Sq <= 16 (decode),
+# from a sweep on an H100 (kernels/triton/NOTES.md); register and shared-memory use checked with an ahead-of-time
+# sm_90 build (no spills except where noted).
 _CONFIGS = {
     16: ((128, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3)),
     32: ((128, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3)),
     64: ((128, 64, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3)),
-    128: ((128, 64, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3)),
-    256: ((128, 32, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)),
+    128: ((128, 128, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3)),  # 128x128: 224 KB shared memory, at the limit
+    256: ((128, 64, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)),
 }
+# sink+window masks add a masked loop: 128x128 tiles spill there, 128x64 do not
+_CONFIGS_WINDOW = {128: (128, 64, 8, 3)}
 # float32 (tf32x3 products): 4-byte tiles, smaller blocks to stay within shared memory and registers
 _CONFIGS_F32 = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 2)}
 _INTERPRET_CONFIG = (32, 32, 4, 1)
 
 
-def _config(head_dim: int, q_len: int, dtype: torch.dtype):
+def _config(head_dim: int, q_len: int, dtype: torch.dtype, windowed: bool = False):
     if _interpreting():
         return _INTERPRET_CONFIG
     if dtype == torch.float32:
         cfg = _CONFIGS_F32[head_dim]
         return (16,) + cfg[1:] if q_len <= 16 else cfg
     long_cfg, mid_cfg, short_cfg = _CONFIGS[head_dim]
+    if windowed:
+        long_cfg = _CONFIGS_WINDOW.get(head_dim, long_cfg)
     return long_cfg if q_len > 64 else mid_cfg if q_len > 16 else short_cfg
 
 
@@ -333,7 +338,7 @@ def flash_attention(q, k, v, *, scale=None, causal=True, sink=0, window=None, so
         window = None  # every query position is < Sk: the window covers every key, no band bookkeeping
     if kv_start is not None:
         kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
-    cfg = tuple(_config_override or _config(D, Sq, q.dtype))
+    cfg = tuple(_config_override or _config(D, Sq, q.dtype, windowed=window is not None))
     BLOCK_M, BLOCK_N, num_warps, num_stages = cfg[:4]
     edge_stages = cfg[4] if len(cfg) > 4 else 1  # masked edge loops run 1-3 blocks: no software pipelining
     if softcap is not None:
