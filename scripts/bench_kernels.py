@@ -173,7 +173,8 @@ def sweep(ctx, d, log, configs=None, sink=0, window=None):
             ms = time_ms(lambda: ff.flash_attention(q, k, v, _config_override=cfg, **kw))
             results.append({"head_dim": d, "ctx": ctx, "window": window, "config": list(cfg), "ms": ms,
                             "tflops": flops / ms / 1e9, "rel_err": err})
-            log(f"sweep D={d} {ctx} window={window} cfg={cfg}: {ms:.2f} ms  {flops / ms / 1e9:.0f} TFLOP/s  err {err:.1e}")
+            log(f"sweep D={d} {ctx} window={window} cfg={cfg}: {ms:.2f} ms  {flops / ms / 1e9:.0f} TFLOP/s  "
+                f"err {err:.1e}")
         except Exception as e:
             results.append({"head_dim": d, "ctx": ctx, "window": window, "config": list(cfg),
                             "error": f"{type(e).__name__}: {str(e)[:300]}"})

@@ -218,7 +218,8 @@ def _interpreting() -> bool:
     return type(_flash_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, edge_stages]) per head_dim for Sq > 64, 16 < Sq <= 64 and Sq <= 16 (decode),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, edge_stages]) per head_dim for Sq > 64, 16 < Sq <= 64 and
+# Sq <= 16 (decode),
 # from a sweep on an H100 (kernels/triton/NOTES.md); register and shared-memory use checked with an ahead-of-time
 # sm_90 build (no spills except where noted).
 _CONFIGS = {
