@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from accel.layouts import BlockLayout, DenseLayout, StreamingLayout, VerticalSlashLayout
 
@@ -91,6 +92,44 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+def sliced_attention(q, k, v, *, scale=None, sink=0, window=None, kv_start=None, chunk=1024):
+    """Same function as ``attention`` (causal, no soft-capping) through torch SDPA, visiting per query chunk only
+    the keys it can see (sinks + the window band), so the reference backend is usable on CPU at long context.
+    Tested against ``attention``."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    if kv_start is None and (window is None or window >= Sk) and (Sq == Sk or Sq == 1):
+        # plain causal: no mask to build (top-left and bottom-right causal agree when Sq == Sk)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=Sq > 1, scale=scale, enable_gqa=Hq != Hkv)
+    out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=q.dtype, device=q.device)
+    off = Sk - Sq
+    pad_start = None if kv_start is None else kv_start.to(q.device).long()[:, None, None, None]
+    for s in range(0, Sq, chunk):
+        e = min(Sq, s + chunk)
+        hi = off + e  # keys >= hi are in every query's future
+        lo = 0 if window is None else max(0, off + s - window + 1)
+        n_sink = min(sink, lo) if window is not None else 0
+        if kv_start is not None and window is not None and sink > 0:
+            lo, n_sink = 0, 0  # sinks move with the padding: take the whole causal range
+        idx = torch.cat([torch.arange(n_sink, device=q.device), torch.arange(lo, hi, device=q.device)])
+        ks, vs = k.index_select(2, idx), v.index_select(2, idx)
+        qpos = torch.arange(off + s, off + e, device=q.device)[:, None]
+        keep = idx[None, :] <= qpos
+        if window is not None:
+            start = 0 if pad_start is None else pad_start
+            keep = keep & ((qpos - idx[None, :] < window) | (idx[None, :] - start < sink))
+        if pad_start is not None:
+            keep = keep & (idx[None, :] >= pad_start)
+        o = F.scaled_dot_product_attention(q[:, :, s:e], ks, vs, attn_mask=keep, scale=scale,
+                                           enable_gqa=Hq != Hkv)
+        out[:, :, s:e] = torch.nan_to_num(o, nan=0.0)  # rows that see no key
+        if pad_start is not None or window is not None:
+            empty = ~keep.expand(B, 1, e - s, idx.numel()).any(-1, keepdim=True)
+            out[:, :, s:e] = out[:, :, s:e].masked_fill(empty, 0.0)
+    return out
+
+
 class ReferenceBackend:
     """Plain torch. Supports every mask layout; sparse layouts arrive with the sparse kernels issue."""
 
@@ -115,4 +154,6 @@ class ReferenceBackend:
                   else reference_sparse.vertical_slash_attention)
             return fn(q, k, v, layout, scale=scale, softcap=softcap)
         sink = layout.sink if isinstance(layout, StreamingLayout) else 0
+        if softcap is None and q.dtype in (torch.float32, torch.float64):
+            return sliced_attention(q, k, v, scale=scale, sink=sink, window=layout.window, kv_start=kv_start)
         return attention(q, k, v, scale=scale, sink=sink, window=layout.window, softcap=softcap, kv_start=kv_start)
