@@ -63,12 +63,18 @@ def _density(layout, q_len: int, total: int, collect: bool) -> float | None:
 
 
 _AUTO_ORDER = ("flash", "triton", "reference")
+# One-token queries: torch SDPA (the reference backend's path for dense/streaming layouts) reads the KV cache at
+# ~3.9 TB/s, while FA4 and our prefill kernel leave most SMs idle (results/bench_kernels_dense.md, decode rows).
+_AUTO_ORDER_DECODE = ("reference", "flash", "triton")
 
 
 def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
     """Pick the backend. Explicit choices raise when they cannot run; ``auto`` takes the first that can (flash,
     then triton, then reference) and records why the faster ones were skipped."""
-    names = _AUTO_ORDER if state.backend == "auto" else (state.backend,)
+    if state.backend != "auto":
+        names = (state.backend,)
+    else:
+        names = _AUTO_ORDER_DECODE if q.shape[2] == 1 else _AUTO_ORDER
     for name in names:
         backend = get_backend(name)
         ok, reason = backend.available()

@@ -154,6 +154,6 @@ class ReferenceBackend:
                   else reference_sparse.vertical_slash_attention)
             return fn(q, k, v, layout, scale=scale, softcap=softcap)
         sink = layout.sink if isinstance(layout, StreamingLayout) else 0
-        if softcap is None and q.dtype in (torch.float32, torch.float64):
+        if softcap is None:
             return sliced_attention(q, k, v, scale=scale, sink=sink, window=layout.window, kv_start=kv_start)
         return attention(q, k, v, scale=scale, sink=sink, window=layout.window, softcap=softcap, kv_start=kv_start)

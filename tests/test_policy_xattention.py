@@ -95,3 +95,16 @@ def test_short_prompt_runs_dense_and_says_so():
 def test_bad_options(opts, match):
     with pytest.raises(ValueError, match=match):
         accel.parse_policy("xattention", **opts)
+
+
+def test_triton_backend_matches_reference_backend():
+    """The policy's layout run through the Triton block-sparse kernel (interpreter) equals the reference."""
+    model = tiny_model("qwen3")
+    x = ids(length=260)
+    with torch.no_grad():
+        accel.patch(model, "xattention", threshold=0.6, block_size=64, backend="reference")
+        ref = model(x).logits
+        accel.patch(model, "xattention", threshold=0.6, block_size=64, backend="triton")
+        out = model(x).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert set(accel.stats(model)["backends_used"]) == {"triton"}

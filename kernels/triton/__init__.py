@@ -8,13 +8,14 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from accel.layouts import DenseLayout, StreamingLayout
+from accel.layouts import BlockLayout, DenseLayout, StreamingLayout, VerticalSlashLayout
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 class TritonBackend:
-    """``flash_fwd`` for DenseLayout (optionally windowed) and StreamingLayout (sink + window)."""
+    """``flash_fwd`` for DenseLayout (optionally windowed) and StreamingLayout (sink + window); ``block_sparse``
+    for BlockLayout; ``vertical_slash`` for VerticalSlashLayout."""
 
     name = "triton"
 
@@ -30,7 +31,7 @@ class TritonBackend:
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
 
     def supports(self, layout, q) -> str | None:
-        if not isinstance(layout, (DenseLayout, StreamingLayout)):
+        if not isinstance(layout, (DenseLayout, StreamingLayout, BlockLayout, VerticalSlashLayout)):
             return f"layout {type(layout).__name__} is not supported by the triton backend yet"
         import torch
 
@@ -41,6 +42,17 @@ class TritonBackend:
         return None
 
     def run(self, layout, q, k, v, *, scale, softcap=None, kv_start=None):
+        if isinstance(layout, (BlockLayout, VerticalSlashLayout)):
+            if kv_start is not None:
+                raise ValueError("sparse prefill policies do not support left-padded batches yet; run prompts one "
+                                 "at a time or with equal lengths")
+            if isinstance(layout, BlockLayout):
+                from .block_sparse import block_sparse_attention
+
+                return block_sparse_attention(q, k, v, layout, scale=scale, softcap=softcap)
+            from .vertical_slash import vertical_slash_attention
+
+            return vertical_slash_attention(q, k, v, layout, scale=scale, softcap=softcap)
         from .flash_fwd import flash_attention
 
         sink = layout.sink if isinstance(layout, StreamingLayout) else 0
