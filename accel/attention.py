@@ -29,7 +29,7 @@ class LayerState:
     backends_used: dict[str, int] = field(default_factory=dict)
     collect: bool = False  # opt-in stats that need a device sync (block-sparse density)
     density: dict[str, list[float]] = field(default_factory=lambda: {"prefill": [0.0, 0], "decode": [0.0, 0]})
-    fallbacks: list[str] = field(default_factory=list)  # auto: why a faster backend was skipped
+    fallbacks: set[str] = field(default_factory=set)  # auto: why a faster backend was skipped
     past_len: int = 0  # tokens in the cache before this call (set by the pre-forward hook; a compacted cache holds fewer)
 
     def as_dict(self) -> dict:
@@ -43,7 +43,7 @@ class LayerState:
             "prefill_density": _mean(self.density["prefill"]),
             "decode_density": _mean(self.density["decode"]),
             "density": _mean([sum(v[0] for v in self.density.values()), sum(v[1] for v in self.density.values())]),
-            "auto_notes": sorted(set(self.fallbacks)),
+            "auto_notes": sorted(self.fallbacks),
         }
 
 
@@ -69,8 +69,8 @@ _AUTO_ORDER_DECODE = ("reference", "flash", "triton")
 
 
 def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
-    """Pick the backend. Explicit choices raise when they cannot run; ``auto`` takes the first that can (flash,
-    then triton, then reference) and records why the faster ones were skipped."""
+    """Pick the backend. Explicit choices raise when they cannot run; ``auto`` takes the first that can (prefill:
+    flash, triton, reference; one-token decode: reference's SDPA first) and records why the others were skipped."""
     if state.backend != "auto":
         names = (state.backend,)
     else:
@@ -82,7 +82,7 @@ def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
             ok, reason = False, "tensors are on the CPU"
         if ok:
             reason = backend.supports(layout, q)
-            if reason is None and kv_start is not None and name != "reference" and name == "flash":
+            if reason is None and kv_start is not None and name == "flash":
                 reason = "left-padded batches"
             ok = reason is None
         if ok:
@@ -92,7 +92,7 @@ def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
                 f"backend {name!r} cannot run layer {state.layer_idx}: {reason}. Use backend='auto' to pick one "
                 "that can, or backend='reference'."
             )
-        state.fallbacks.append(f"{name}: {reason}")
+        state.fallbacks.add(f"{name}: {reason}")
     raise BackendUnavailable(f"no backend can run {type(layout).__name__} on layer {state.layer_idx}")
 
 

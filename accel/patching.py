@@ -195,7 +195,7 @@ def reset_stats(model: nn.Module) -> None:
     for mod in record.modules:
         s = mod._accel
         s.calls = {"prefill": 0, "decode": 0}
-        s.backends_used, s.fallbacks = {}, []
+        s.backends_used, s.fallbacks = {}, set()
         s.density = {"prefill": [0.0, 0], "decode": [0.0, 0]}
 
 
