@@ -22,6 +22,7 @@ import triton.language as tl
 from accel.layouts import BlockLayout
 
 from ..reference_sparse import SUPPORTED_BLOCK_SIZES, validate_block_layout
+from .online_softmax import softmax_step
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,25 +47,8 @@ def _tile(acc, l_i, m_i, q, qpos, K_base, V_base, start_n, Sk, qk_scale, softcap
     if UPCAST:  # the interpreter's dot mishandles bfloat16 (stored as uint16): compute it in float32
         kT = kT.to(tl.float32)
     qk = tl.dot(q, kT, input_precision=PREC)
-    if SOFTCAP:
-        # softcap * tanh(x / softcap), tanh through the sigmoid (portable across backends and the interpreter)
-        x = qk * (qk_scale / softcap)
-        s = (softcap * 1.4426950408889634) * (2.0 * tl.sigmoid(2.0 * x) - 1.0)
-    else:
-        s = qk * (qk_scale * 1.4426950408889634)
-    if MASK:
-        s = tl.where(qpos[:, None] >= offs_n[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        pv = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), input_precision=PREC)
-    else:
-        pv = tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    acc = acc * alpha[:, None] + pv
-    return acc, l_i, m_new
+    keep = qpos[:, None] >= offs_n[None, :]
+    return softmax_step(acc, l_i, m_i, qk, v, keep, qk_scale, softcap, MASK, SOFTCAP, PREC, UPCAST)
 
 
 @triton.jit

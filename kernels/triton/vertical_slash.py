@@ -31,6 +31,7 @@ import triton.language as tl
 from accel.layouts import VerticalSlashLayout
 
 from ..reference_sparse import block_mask_to_layout, validate_vertical_slash_layout
+from .online_softmax import softmax_step
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -107,28 +108,6 @@ def plan_vertical_slash(layout: VerticalSlashLayout, q_len: int, kv_len: int, bl
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, qk, v, keep, qk_scale, softcap, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-                  UPCAST: tl.constexpr):
-    if SOFTCAP:
-        x = qk * (qk_scale / softcap)
-        s = (softcap * 1.4426950408889634) * (2.0 * tl.sigmoid(2.0 * x) - 1.0)
-    else:
-        s = qk * (qk_scale * 1.4426950408889634)
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        pv = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), input_precision=PREC)
-    else:
-        pv = tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    acc = acc * alpha[:, None] + pv
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _vertical_slash_fwd(
     Q, K, V, O, LSE, CNT, IDX, CCNT, CIDX, DTAB, CTAB,
     qk_scale, softcap,
@@ -187,7 +166,7 @@ def _vertical_slash_fwd(
         on_diag = tl.load(dtab + tl.minimum(tl.maximum(dist, 0), Sk - 1), mask=causal, other=0) != 0
         on_col = tl.load(ctab + offs_n, mask=in_k, other=0) != 0
         keep = causal & (on_diag | on_col[None, :])
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, keep, qk_scale, softcap, SOFTCAP, PREC, UPCAST)
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, qk, v, keep, qk_scale, softcap, True, SOFTCAP, PREC, UPCAST)
 
     # (b) kept columns outside those tiles, gathered BLOCK_N at a time
     ccnt = tl.load(CCNT + b * stride_ccb + lh * stride_cch + pid_m * stride_ccm)
@@ -201,7 +180,7 @@ def _vertical_slash_fwd(
             kT = kT.to(tl.float32)
         qk = tl.dot(q, kT, input_precision=PREC)
         keep = valid[None, :] & (qpos[:, None] >= cols[None, :])
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, keep, qk_scale, softcap, SOFTCAP, PREC, UPCAST)
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, qk, v, keep, qk_scale, softcap, True, SOFTCAP, PREC, UPCAST)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
