@@ -51,7 +51,7 @@ def test_preset_from_path(tmp_path):
     "policy, options, exc, match",
     [
         ("nope", {}, ValueError, "unknown policy 'nope'; available policies: dense, streaming"),
-        ("flexprefill", {}, NotImplementedError, "not implemented yet"),
+        ("duo", {}, NotImplementedError, "not implemented yet"),
         ("dense+quest", {}, NotImplementedError, "'quest'.*not implemented yet"),
         ("streaming", {"windw": 3}, ValueError, "unknown option.*'windw'.*window"),
         ("streaming", {"window": 0}, ValueError, "'window'.*must be > 0"),

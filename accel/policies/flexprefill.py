@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
+from accel.layouts import DenseLayout
+
+from .base import Policy
+from .block_select import SUPPORTED_BLOCKS, keep_by_threshold
+from .vertical_slash import block_means, block_sums, diagonal_sums, last_query_attention
+
+
+def top_n_mask(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the ``n`` (per leading index, broadcast over the last dim) highest entries of each row."""
+    order = scores.argsort(dim=-1, descending=True)
+    rank_keep = torch.arange(scores.shape[-1], device=scores.device) < n[..., None]
+    return torch.zeros_like(rank_keep).scatter(-1, order, rank_keep)
+
+
+def tokens_to_cover(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Fewest top entries of each row of ``x`` (a distribution) whose sum reaches ``gamma`` of the row sum."""
+    vals = x.sort(dim=-1, descending=True).values
+    csum = vals.cumsum(-1)
+    return ((csum - vals) < gamma * csum[..., -1:]).sum(-1)
+
+
+def slash_block_mask(sel: torch.Tensor, q_len: int, kv_len: int, block: int) -> torch.Tensor:
+    """Blocks [.., n_q_blocks, n_k_blocks] that contain a (query, key) pair whose offset ``pos - key`` lies in a
+    selected offset block (``sel`` bool [.., n_offset_blocks], offset block d = offsets d*block .. d*block+block-1)."""
+    nq, nk = -(-q_len // block), -(-kv_len // block)
+    off = kv_len - q_len
+    dev = sel.device
+    m = torch.arange(nq, device=dev)[:, None]
+    n = torch.arange(nk, device=dev)[None, :]
+    first = off + m * block
+    last = off + torch.clamp((m + 1) * block, max=q_len) - 1
+    hi = last - n * block  # largest offset of the pair
+    lo = (first - (n + 1) * block + 1).clamp_min(0)  # smallest (>= 0)
+    nd = sel.shape[-1]
+    cs = torch.nn.functional.pad(sel.long().cumsum(-1), (1, 0))  # cs[x] = selected offset blocks below x
+    ohi = (hi // block).clamp(-1, nd - 1)
+    olo = (lo // block).clamp(0, nd)
+    idx_hi = (ohi + 1).expand(nq, nk).reshape(-1)
+    idx_lo = olo.expand(nq, nk).reshape(-1)
+    count = cs[..., idx_hi] - cs[..., idx_lo]
+    return (count > 0).reshape(*sel.shape[:-1], nq, nk) & (hi >= 0)
+
+
+@dataclass
+class FlexPrefillPolicy(Policy):
+    """FlexPrefill (Lai et al. 2025, arXiv 2502.20766), per head:
+
+    1. the last query block's exact attention gives the head's true key-block distribution; the mean-pooled last
+       queries against mean-pooled key blocks give the cheap estimate. Square-root Jensen-Shannon divergence < tau:
+       the pooled estimate is trusted and the head is *query-aware*: every query block scores every key block with
+       pooled q/k, and the fewest blocks whose softmaxed scores reach ``gamma`` of the whole map are kept (plus
+       vertical/slash blocks at the minimum budget, as in the paper's code);
+    2. otherwise the head is *vertical-slash*: the last queries' column and diagonal mass pick key-block columns and
+       diagonal-offset blocks, as many as the token-level mass needs to reach ``gamma`` (at least ``min_budget``
+       tokens' worth of blocks).
+
+    Both branches produce a ``BlockLayout``: a kept column becomes a column of key blocks, a kept diagonal band the
+    blocks it crosses (the paper's own kernel works on blocks the same way). First and diagonal blocks are always kept.
+    ``gamma=1`` keeps every causal block (dense). Sequences shorter than one block (or than the minimum budget, which
+    would keep everything) run dense and are recorded as density 1.0."""
+
+    name = "flexprefill"
+    phases = ("prefill",)
+    description = "per-head query-aware or vertical-slash blocks by JS divergence, cumulative budget gamma"
+    paper = "FlexPrefill (arXiv 2502.20766)"
+
+    block_size: int = 128
+    gamma: float = 0.9
+    tau: float = 0.1
+    min_budget: int = 1024
+
+    def validate(self) -> None:
+        if self.block_size not in SUPPORTED_BLOCKS:
+            raise ValueError(f"option 'block_size' of policy 'flexprefill' must be one of {SUPPORTED_BLOCKS}, "
+                             f"got {self.block_size}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"option 'gamma' of policy 'flexprefill' must be in (0, 1], got {self.gamma}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"option 'tau' of policy 'flexprefill' must be in [0, 1], got {self.tau}")
+        if self.min_budget <= 0:
+            raise ValueError(f"option 'min_budget' of policy 'flexprefill' must be > 0, got {self.min_budget}")
+
+    def plan(self, q, k, ctx):
+        q_len, kv_len = q.shape[2], k.shape[2]
+        bs = self.block_size
+        if ctx.sliding_window is not None:
+            return DenseLayout(window=ctx.sliding_window)
+        if q_len < bs or kv_len <= self.min_budget:
+            return DenseLayout()  # nothing to skip; recorded as density 1.0
+        causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
+        if self.gamma >= 1.0:
+            return build_block_layout(causal.expand(q.shape[0], q.shape[1], *causal.shape), q_len, kv_len, bs, bs)
+        return build_block_layout(self.select(q, k, causal), q_len, kv_len, bs, bs)
+
+    def select(self, q, k, causal):
+        B, Hq, Sq, D = q.shape
+        Sk, g = k.shape[2], Hq // k.shape[1]
+        bs, nk = self.block_size, causal.shape[1]
+        scale = D**-0.5
+        attn = last_query_attention(q, k, bs, scale)  # [B, H, n, Sk]
+        vertical, slash = attn.mean(-2), diagonal_sums(attn) / attn.shape[-2]
+        min_blocks = min(nk, math.ceil(self.min_budget / bs))
+        n_vert = (tokens_to_cover(vertical, self.gamma) / bs).ceil().long().clamp(min_blocks, nk)
+        n_slash = (tokens_to_cover(slash, self.gamma) / bs).ceil().long().clamp(min_blocks, nk)
+        v_blk, s_blk = block_sums(vertical, bs), block_sums(slash, bs)
+
+        # pattern choice: pooled estimate of the last block vs its true block distribution
+        k_pool = block_means(k, bs).repeat_interleave(g, dim=1)  # [B, H, nk, D] (pooled keys are tiny)
+        q_last = q[:, :, -min(bs, Sq):].float().mean(-2, keepdim=True)
+        est = torch.softmax(torch.matmul(q_last, k_pool.transpose(-1, -2))[..., 0, :] * scale, dim=-1)
+        mid = (est + v_blk) / 2
+        js = 0.5 * (torch.special.xlogy(est, est) - torch.special.xlogy(est, mid)).sum(-1) \
+            + 0.5 * (torch.special.xlogy(v_blk, v_blk) - torch.special.xlogy(v_blk, mid)).sum(-1)
+        query_aware = js.clamp_min(0).sqrt() < self.tau  # [B, H]
+        n_vert = torch.where(query_aware, min_blocks, n_vert)
+        n_slash = torch.where(query_aware, min_blocks, n_slash)
+
+        v_blk[..., 0] = float("inf")  # the sink column block and the local diagonal band always count
+        s_blk[..., 0] = float("inf")
+        cols = top_n_mask(v_blk, n_vert)
+        diags = top_n_mask(s_blk, n_slash)
+        selected = cols[:, :, None, :] | slash_block_mask(diags, Sq, Sk, bs)
+        if bool(query_aware.any()):
+            q_pool = block_means(q, bs)  # [B, H, nq, D]
+            logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * scale
+            probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+            qa = keep_by_threshold(probs.flatten(-2), self.gamma).reshape(probs.shape)
+            selected = selected | (qa & query_aware[..., None, None])
+        return selected & causal
