@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .base import AttentionContext, Policy
 from .dense import DensePolicy
 from .flexprefill import FlexPrefillPolicy
+from .proxy import ProxyPolicy
 from .streaming import StreamingPolicy
 from .xattention import XAttentionPolicy
 
@@ -24,8 +25,6 @@ class PolicyInfo:
 _PLANNED = [
     ("vertical_slash", ("prefill",), "per-head vertical columns + slash diagonals from the last queries",
      "MInference 1.0 (arXiv 2407.02490)"),
-    ("proxy", ("prefill",), "pooled proxy heads rank key blocks for their head group",
-     "ProxyAttn (arXiv 2509.24745)"),
     ("duo", ("prefill", "decode"), "retrieval heads full KV, streaming heads sink + recent",
      "DuoAttention (arXiv 2410.10819)"),
     ("quest", ("decode",), "query-aware KV page selection from per-page key min/max", "Quest (arXiv 2406.10774)"),
@@ -38,7 +37,7 @@ _PLANNED = [
 NAMES = ("dense", "streaming", "vertical_slash", "xattention", "flexprefill", "proxy", "duo", "quest", "lserve",
          "tidal")
 _IMPLEMENTED = {cls.name: cls for cls in (DensePolicy, StreamingPolicy, XAttentionPolicy)}
-_IMPLEMENTED.update({cls.name: cls for cls in (FlexPrefillPolicy,)})  # sparse prefill (issue 5)
+_IMPLEMENTED.update({cls.name: cls for cls in (FlexPrefillPolicy, ProxyPolicy)})  # sparse prefill (issue 5)
 _INFO = {n: PolicyInfo(n, c.phases, c.description, c.paper, c) for n, c in _IMPLEMENTED.items()}
 _INFO.update({n: PolicyInfo(n, p, d, pp, None) for n, p, d, pp in _PLANNED})
 REGISTRY: dict[str, PolicyInfo] = {n: _INFO[n] for n in NAMES}

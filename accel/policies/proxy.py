@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
+from accel.layouts import DenseLayout
+
+from .base import Policy, require_positive
+from .block_select import SUPPORTED_BLOCKS
+from .flexprefill import tokens_to_cover, top_n_mask
+from .vertical_slash import block_means
+
+
+def proxy_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, heads_per_proxy: int, stride: int,
+                       chunk_rows: int = 512) -> torch.Tensor:
+    """Token-level scores of pooled proxy heads, summed per block: [B, n_proxies, n_q_blocks, n_k_blocks].
+
+    Proxy p averages query heads ``p*heads_per_proxy ..`` (and the KV heads they read); queries are sampled every
+    ``stride`` rows (the last of each ``stride`` rows), each softmaxed over its causal keys at token resolution."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    P = Hq // heads_per_proxy
+    kv_of = torch.arange(Hq, device=q.device) // (Hq // Hkv)
+    qp = q.float().reshape(B, P, heads_per_proxy, Sq, D).mean(2)
+    kp = k.float()[:, kv_of].reshape(B, P, heads_per_proxy, Sk, D).mean(2)
+    rows = torch.arange(stride - 1, Sq + stride - 1, stride, device=q.device).clamp_max(Sq - 1)
+    nq, nk = -(-Sq // block), -(-Sk // block)
+    out = torch.zeros(B, P, nq, nk, dtype=torch.float32, device=q.device)
+    key_block = torch.arange(Sk, device=q.device) // block
+    for r0 in range(0, rows.numel(), chunk_rows):
+        r = rows[r0: r0 + chunk_rows]
+        logits = torch.matmul(qp[:, :, r], kp.transpose(-1, -2)) * D**-0.5  # [B, P, R, Sk]
+        pos = (Sk - Sq + r)[:, None]
+        logits = logits.masked_fill(torch.arange(Sk, device=q.device)[None, :] > pos, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        per_block = torch.zeros(B, P, r.numel(), nk, device=q.device).index_add_(-1, key_block, probs)
+        out.index_add_(2, r // block, per_block)
+    return out
+
+
+@dataclass
+class ProxyPolicy(Policy):
+    """ProxyAttn (Wang et al. 2025, arXiv 2509.24745): attention heads attend to largely the same tokens but differ
+    in how sparse they are. So heads are pooled (not tokens): each proxy head averages ``heads_per_proxy`` query
+    heads (default 0 = one proxy per GQA group, where pooling queries is exact pooling of logits) and scores keys at
+    token resolution for queries sampled every ``query_stride`` rows; those scores summed per block rank the key
+    blocks of every head in the group. Each head then keeps as many top-ranked blocks as its own *block-aware
+    budget* says: the fewest blocks whose mass reaches ``gamma`` in the head's cheap block-level estimate
+    (mean-pooled query block against mean-pooled key blocks), per query block; first and diagonal blocks always.
+
+    Our reading of the paper (its code could not be consulted here): grouping, query sampling and the budget rule
+    follow the paper's description; the exact group sizes and sampling of the authors' code may differ.
+    ``gamma=1`` keeps every causal block (dense)."""
+
+    name = "proxy"
+    phases = ("prefill",)
+    description = "pooled proxy heads rank key blocks for their head group; per-head block-aware budget"
+    paper = "ProxyAttn (arXiv 2509.24745)"
+
+    block_size: int = 128
+    gamma: float = 0.9
+    heads_per_proxy: int = 0
+    query_stride: int = 8
+
+    def validate(self) -> None:
+        if self.block_size not in SUPPORTED_BLOCKS:
+            raise ValueError(f"option 'block_size' of policy 'proxy' must be one of {SUPPORTED_BLOCKS}, "
+                             f"got {self.block_size}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"option 'gamma' of policy 'proxy' must be in (0, 1], got {self.gamma}")
+        require_positive(self, "query_stride")
+        if self.heads_per_proxy < 0:
+            raise ValueError(f"option 'heads_per_proxy' of policy 'proxy' must be >= 0 (0: one proxy per GQA "
+                             f"group), got {self.heads_per_proxy}")
+        if self.block_size % self.query_stride:
+            raise ValueError(f"option 'query_stride' ({self.query_stride}) must divide block_size ({self.block_size})")
+
+    def plan(self, q, k, ctx):
+        q_len, kv_len = q.shape[2], k.shape[2]
+        bs = self.block_size
+        if ctx.sliding_window is not None:
+            return DenseLayout(window=ctx.sliding_window)
+        if q_len < bs:
+            return DenseLayout()  # nothing to skip; recorded as density 1.0
+        causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
+        if self.gamma >= 1.0:
+            return build_block_layout(causal.expand(q.shape[0], q.shape[1], *causal.shape), q_len, kv_len, bs, bs)
+        return build_block_layout(self.select(q, k, causal), q_len, kv_len, bs, bs)
+
+    def select(self, q, k, causal):
+        Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+        per = self.heads_per_proxy or Hq // Hkv
+        if Hq % per:
+            raise ValueError(f"option 'heads_per_proxy' ({per}) of policy 'proxy' must divide the model's "
+                             f"{Hq} query heads")
+        ranking = proxy_block_scores(q, k, self.block_size, per, self.query_stride)
+        ranking = ranking.masked_fill(~causal, -1.0).repeat_interleave(per, dim=1)  # [B, Hq, nq, nk]
+        # block-aware budget of each head: its own pooled block distribution, per query block
+        q_pool = block_means(q, self.block_size)
+        k_pool = block_means(k, self.block_size).repeat_interleave(Hq // Hkv, dim=1)
+        logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * D**-0.5
+        own = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        budget = tokens_to_cover(own, self.gamma)  # blocks per (head, query block)
+        return top_n_mask(ranking, budget) & causal
