@@ -5,14 +5,16 @@ and counters."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .kernels import BackendUnavailable, get_backend
-from .layouts import BlockLayout
+from .layouts import BlockLayout, PageSelection
 from .policies import AttentionContext
 from .spec import PolicySpec
 
@@ -31,6 +33,17 @@ class LayerState:
     density: dict[str, list[float]] = field(default_factory=lambda: {"prefill": [0.0, 0], "decode": [0.0, 0]})
     fallbacks: set[str] = field(default_factory=set)  # auto: why a faster backend was skipped
     past_len: int = 0  # tokens in the cache before this call (set by the pre-forward hook; a compacted cache holds fewer)
+    # this call's cache and cache layer (set by the pre-forward hook, weakly held: a finished generate frees them)
+    _cache_ref: Any = None
+    _layer_ref: Any = None
+
+    def set_cache(self, cache, layer) -> None:
+        self._cache_ref = None if cache is None else weakref.ref(cache)
+        self._layer_ref = None if layer is None else weakref.ref(layer)
+
+    def cache_and_layer(self):
+        return (None if self._cache_ref is None else self._cache_ref(),
+                None if self._layer_ref is None else self._layer_ref())
 
     def as_dict(self) -> dict:
         return {
@@ -74,7 +87,8 @@ def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
     if state.backend != "auto":
         names = (state.backend,)
     else:
-        names = _AUTO_ORDER_DECODE if q.shape[2] == 1 else _AUTO_ORDER
+        # page selections go to our decode kernel first (SDPA cannot gather pages)
+        names = _AUTO_ORDER_DECODE if q.shape[2] == 1 and not isinstance(layout, PageSelection) else _AUTO_ORDER
     for name in names:
         backend = get_backend(name)
         ok, reason = backend.available()
@@ -136,7 +150,9 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
             "run prompts one at a time or with equal lengths"
         )
     window = sliding_window if sliding_window is not None else state.sliding_window
-    ctx = AttentionContext(layer_idx=state.layer_idx, phase=phase, sliding_window=window)
+    cache, cache_layer = state.cache_and_layer()
+    ctx = AttentionContext(layer_idx=state.layer_idx, phase=phase, sliding_window=window, cache_layer=cache_layer,
+                           cache=cache, kv_start=kv_start)
     layout = policy.plan(query, key, ctx)
     backend = _resolve(state, layout, query, kv_start)
     out = backend.run(layout, query, key, value, scale=scaling, softcap=softcap, kv_start=kv_start)

@@ -77,3 +77,146 @@ def cache_bytes(cache: Cache | None) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+class PagedKVLayer(DynamicLayer):
+    """Full KV plus per-page key bounds for query-aware page selection (Quest and its relatives).
+
+    Keys and values live in capacity buffers that grow geometrically, so appending a token writes one row instead
+    of copying the whole cache (``keys``/``values`` are views of the filled part). ``kmin``/``kmax``
+    ([B, H, n_pages, D], the keys' dtype) hold the elementwise min/max of each page of ``page_size`` keys; an append
+    recomputes only the last partial page and the new pages. ``plan_cache`` lets a policy keep a plan across decode
+    steps (LServe's reuse); batch edits (beam reorder, select, repeat) clear it."""
+
+    is_sliding = False
+    is_croppable = True
+    GROW = 256  # capacity granularity in tokens
+
+    def __init__(self, page_size: int = 16):
+        super().__init__()
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size = page_size
+        self.length = 0
+        self._k = self._v = self._kmin = self._kmax = None
+        self.kmin = self.kmax = None
+        self.plan_cache: dict = {}
+
+    @classmethod
+    def from_layer(cls, layer: DynamicLayer, page_size: int = 16) -> "PagedKVLayer":
+        """Take over a plain DynamicLayer, possibly already filled (a prompt cache built before patching)."""
+        new = cls(page_size)
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
+            new.update(layer.keys, layer.values)
+        return new
+
+    # ---------------------------------------------------------------------------------------------- storage
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        self._k = key_states.new_empty(B, H, 0, D)
+        self._v = value_states.new_empty(B, H, 0, value_states.shape[-1])
+        self._kmin = key_states.new_empty(B, H, 0, D)
+        self._kmax = key_states.new_empty(B, H, 0, D)
+        self.is_initialized = True
+        self._views()
+
+    def _views(self) -> None:
+        n, P = self.length, self.page_size
+        self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+        self.kmin, self.kmax = self._kmin[..., : -(-n // P), :], self._kmax[..., : -(-n // P), :]
+
+    def _reserve(self, n: int) -> None:
+        cap = self._k.shape[-2]
+        if n <= cap:
+            return
+        new_cap = -(-max(n, cap + cap // 4) // self.GROW) * self.GROW
+        self._k = _grow(self._k, new_cap, self.length)
+        self._v = _grow(self._v, new_cap, self.length)
+        pages = -(-new_cap // self.page_size)
+        used = -(-self.length // self.page_size)
+        self._kmin = _grow(self._kmin, pages, used)
+        self._kmax = _grow(self._kmax, pages, used)
+
+    def _refresh(self, first_page: int) -> None:
+        """Recompute the bounds of pages ``first_page ..`` (the pages the last write touched)."""
+        P, n = self.page_size, self.length
+        lo = first_page * P
+        if lo >= n:
+            return
+        seg = self._k[..., lo:n, :]
+        full, tail = divmod(n - lo, P)
+        if full:
+            block = seg[..., : full * P, :].unflatten(-2, (full, P))
+            self._kmin[..., first_page : first_page + full, :] = block.amin(-2)
+            self._kmax[..., first_page : first_page + full, :] = block.amax(-2)
+        if tail:
+            rest = seg[..., full * P :, :]
+            self._kmin[..., first_page + full, :] = rest.amin(-2)
+            self._kmax[..., first_page + full, :] = rest.amax(-2)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old, n = self.length, key_states.shape[-2]
+        self._reserve(old + n)
+        self._k[..., old : old + n, :] = key_states
+        self._v[..., old : old + n, :] = value_states
+        self.length = old + n
+        self._refresh(old // self.page_size)
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def storage_bytes(self) -> int:
+        """Bytes allocated (capacity included), key/value buffers plus page bounds."""
+        ts = (self._k, self._v, self._kmin, self._kmax)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    # ----------------------------------------------------------------------------------- generate's hooks
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self._k = self._v = self._kmin = self._kmax = self.kmin = self.kmax = None
+        self.length = 0
+        self.is_initialized = False
+        self.plan_cache.clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.length = max(0, self.length + tokens_to_remove)
+        self._refresh(self.length // self.page_size)
+        self._views()
+        self.plan_cache.clear()
+
+    def _batch(self, fn) -> None:
+        if self.is_initialized:
+            self._k, self._v, self._kmin, self._kmax = (fn(t) for t in (self._k, self._v, self._kmin, self._kmax))
+            self._views()
+        self.plan_cache.clear()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self):
+        raise NotImplementedError("PagedKVLayer does not support offloading; use the default cache without accel")
+
+    def prefetch(self):
+        return None
+
+
+def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
+    new = t.new_empty(*t.shape[:-2], cap, t.shape[-1])
+    if used:
+        new[..., :used, :] = t[..., :used, :]
+    return new

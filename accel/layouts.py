@@ -60,9 +60,13 @@ class VerticalSlashLayout:
 class PageSelection:
     """Decode: per (batch, KV head) selected KV pages of ``page_size`` tokens."""
 
-    pages: torch.Tensor  # [B, H_kv, n_pages] int32
-    counts: torch.Tensor  # [B, H_kv] int32
+    pages: torch.Tensor  # [B, H_kv, n_pages] int32, ascending page ids (page p = keys p*page_size ..)
+    counts: torch.Tensor  # [B, H_kv] int32, valid entries of ``pages``
     page_size: int = 16
+    tokens: int | None = None  # host-side: keys each head attends to (for density without a device sync)
+
+    def density(self, q_len: int, kv_len: int) -> float | None:
+        return None if self.tokens is None else min(1.0, self.tokens / max(kv_len, 1))
 
 
 def _mask_density(q_len: int, kv_len: int, sink: int, window: int | None) -> float:

@@ -74,11 +74,14 @@ def _position_guard(model: nn.Module):
     return hook
 
 
-def _cache_hook(state: LayerState, limit: tuple[int, int] | None):
-    """Before each attention call: note the cache length, and swap in a bounded layer for streaming layers."""
+def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[type, dict] | None = None):
+    """Before each attention call: note the cache length, and swap in a bounded layer for streaming layers.
+    ``kind`` (from the decode policy's ``cache_kind``): the cache layer class the policy needs (e.g. PagedKVLayer
+    for Quest), installed in place of the default DynamicLayer; the layer is handed to the policy's plan."""
 
     def hook(mod, args, kwargs):
         cache = kwargs.get("past_key_values")
+        state.set_cache(cache, None)
         if cache is None:
             state.past_len = 0
             return None
@@ -95,6 +98,15 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None):
                 f"{type(cache).__name__} with {type(layer).__name__} layers; drop cache_implementation / "
                 "past_key_values=StaticCache(...) from generate"
             )
+        if kind is not None:  # decode policies with their own cache layer (accel.cache)
+            if type(layer) is DynamicLayer:
+                layer = layers[state.layer_idx] = kind[0].from_layer(layer, **kind[1])
+            elif not isinstance(layer, kind[0]) and not getattr(layer, "is_sliding", False):
+                raise TypeError(
+                    f"policy {state.spec.decode.name!r} needs its own cache layer ({kind[0].__name__}) and the default "
+                    f"dynamic cache, got {type(cache).__name__} with {type(layer).__name__} layers; drop "
+                    "cache_implementation / past_key_values=StaticCache(...) from generate")
+        state.set_cache(cache, layer)
         state.past_len = layer.get_seq_length()
         return None
 
@@ -138,7 +150,8 @@ def patch(
             mod._accel = state
             record.modules.append(mod)
             limit = spec.decode.cache_limit(window)
-            record.handles.append(mod.register_forward_pre_hook(_cache_hook(state, limit), with_kwargs=True))
+            kind = spec.decode.cache_kind(window, mod.layer_idx)
+            record.handles.append(mod.register_forward_pre_hook(_cache_hook(state, limit, kind), with_kwargs=True))
         record.handles.append(model.register_forward_pre_hook(_position_guard(model), with_kwargs=True))
         model.set_attn_implementation(IMPL_NAME)
         setattr(model, _ATTR, record)

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from accel.layouts import BlockLayout, DenseLayout, StreamingLayout, VerticalSlashLayout
+from accel.layouts import BlockLayout, DenseLayout, PageSelection, StreamingLayout, VerticalSlashLayout
 
 
 def visible_mask(
@@ -141,9 +141,16 @@ class ReferenceBackend:
     def supports(self, layout, q: torch.Tensor) -> str | None:
         if isinstance(layout, (DenseLayout, StreamingLayout, BlockLayout, VerticalSlashLayout)):
             return None
+        if isinstance(layout, PageSelection):
+            return None if q.shape[2] == 1 else "page selections take one query per row (decode)"
         return f"layout {type(layout).__name__} is not supported by the reference backend yet"
 
     def run(self, layout, q, k, v, *, scale, softcap=None, kv_start=None):
+        if isinstance(layout, PageSelection):  # decode over selected KV pages (kernels/reference_decode.py)
+            from .reference_decode import paged_decode_attention
+
+            return paged_decode_attention(q, k, v, layout.pages, layout.counts, layout.page_size, scale=scale,
+                                          softcap=softcap, kv_start=kv_start)
         if isinstance(layout, (BlockLayout, VerticalSlashLayout)):
             from . import reference_sparse
 

@@ -9,6 +9,7 @@ from .base import AttentionContext, Policy
 from .dense import DensePolicy
 from .flexprefill import FlexPrefillPolicy
 from .proxy import ProxyPolicy
+from .quest import QuestPolicy
 from .streaming import StreamingPolicy
 from .xattention import XAttentionPolicy
 
@@ -27,7 +28,6 @@ _PLANNED = [
      "MInference 1.0 (arXiv 2407.02490)"),
     ("duo", ("prefill", "decode"), "retrieval heads full KV, streaming heads sink + recent",
      "DuoAttention (arXiv 2410.10819)"),
-    ("quest", ("decode",), "query-aware KV page selection from per-page key min/max", "Quest (arXiv 2406.10774)"),
     ("lserve", ("prefill", "decode"), "streaming heads + hierarchical page selection reused across steps",
      "LServe (arXiv 2502.14866)"),
     ("tidal", ("decode",), "selection layers choose token positions reused by the other layers",
@@ -38,6 +38,7 @@ NAMES = ("dense", "streaming", "vertical_slash", "xattention", "flexprefill", "p
          "tidal")
 _IMPLEMENTED = {cls.name: cls for cls in (DensePolicy, StreamingPolicy, XAttentionPolicy)}
 _IMPLEMENTED.update({cls.name: cls for cls in (FlexPrefillPolicy, ProxyPolicy)})  # sparse prefill (issue 5)
+_IMPLEMENTED.update({cls.name: cls for cls in (QuestPolicy,)})  # sparse decode (issue 6)
 _INFO = {n: PolicyInfo(n, c.phases, c.description, c.paper, c) for n, c in _IMPLEMENTED.items()}
 _INFO.update({n: PolicyInfo(n, p, d, pp, None) for n, p, d, pp in _PLANNED})
 REGISTRY: dict[str, PolicyInfo] = {n: _INFO[n] for n in NAMES}

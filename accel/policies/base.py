@@ -16,6 +16,9 @@ class AttentionContext:
     layer_idx: int
     phase: str  # "prefill" | "decode"
     sliding_window: int | None  # the model's own window for this layer (Gemma, Mistral, Qwen sliding layers)
+    cache_layer: Any = None  # decode policies: this layer's cache layer (e.g. PagedKVLayer with page bounds), or None
+    cache: Any = None  # the whole transformers Cache of this forward (cross-layer sharing, TidalDecode), or None
+    kv_start: Any = None  # [B] int32 first real key per row for left-padded batches, else None
 
 
 @dataclass
@@ -36,6 +39,11 @@ class Policy:
 
     def cache_limit(self, sliding_window: int | None) -> tuple[int, int] | None:
         """(sink, recent) tokens a decode cache must keep for this policy, or None to keep everything."""
+        return None
+
+    def cache_kind(self, sliding_window: int | None, layer_idx: int) -> tuple[type, dict[str, Any]] | None:
+        """(cache layer class, keyword arguments of its ``from_layer``) that this decode policy needs for the
+        layer, installed in place of the default DynamicLayer by accel.patching; None keeps the default."""
         return None
 
     @classmethod

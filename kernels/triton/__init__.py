@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from accel.layouts import BlockLayout, DenseLayout, StreamingLayout, VerticalSlashLayout
+from accel.layouts import BlockLayout, DenseLayout, PageSelection, StreamingLayout, VerticalSlashLayout
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -31,7 +31,14 @@ class TritonBackend:
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
 
     def supports(self, layout, q) -> str | None:
-        if not isinstance(layout, (DenseLayout, StreamingLayout, BlockLayout, VerticalSlashLayout)):
+        if isinstance(layout, PageSelection):  # decode_attention.py: split-KV over selected pages
+            from .decode_attention import PAGE_SIZES
+
+            if q.shape[2] != 1:
+                return "page selections take one query per row (decode)"
+            if layout.page_size not in PAGE_SIZES:
+                return f"page size {layout.page_size} (the decode kernel takes {', '.join(map(str, PAGE_SIZES))})"
+        elif not isinstance(layout, (DenseLayout, StreamingLayout, BlockLayout, VerticalSlashLayout)):
             return f"layout {type(layout).__name__} is not supported by the triton backend yet"
         import torch
 
@@ -42,6 +49,11 @@ class TritonBackend:
         return None
 
     def run(self, layout, q, k, v, *, scale, softcap=None, kv_start=None):
+        if isinstance(layout, PageSelection):
+            from .decode_attention import paged_decode_attention
+
+            return paged_decode_attention(q, k, v, layout.pages, layout.counts, layout.page_size, scale=scale,
+                                          softcap=softcap, kv_start=kv_start)
         if isinstance(layout, (BlockLayout, VerticalSlashLayout)):
             if kv_start is not None:
                 raise ValueError("sparse prefill policies do not support left-padded batches yet; run prompts one "

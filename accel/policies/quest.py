@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from accel.cache import PagedKVLayer
+from accel.layouts import DenseLayout, PageSelection
+
+from .base import Policy
+
+PAGE_SIZES = (8, 16, 32, 64, 128)  # what the decode kernels take
+
+
+def quest_scores(q, layer: PagedKVLayer, group_reduce: str, kv_start=None) -> torch.Tensor:
+    """Criticality of every page (float32 [B, Hkv, n_pages]), Triton on CUDA, torch elsewhere."""
+    if q.device.type == "cuda":
+        from accel.kernels.triton.decode_score import quest_scores as fn
+    else:
+        from accel.kernels.reference_decode import quest_scores as fn
+    return fn(q, layer.kmin, layer.kmax, group_reduce=group_reduce, page_size=layer.page_size, kv_start=kv_start)
+
+
+def select_pages(scores, k, kv_len, page_size, keep_first):
+    if scores.device.type == "cuda":
+        from accel.kernels.triton.decode_topk import select_pages as fn
+    else:
+        from accel.kernels.reference_decode import select_pages as fn
+    return fn(scores, k, kv_len=kv_len, page_size=page_size, keep_first=keep_first)
+
+
+@dataclass
+class QuestPolicy(Policy):
+    """Quest (Tang et al. 2024, arXiv 2406.10774): query-aware KV page selection for decode.
+
+    The cache keeps each page's elementwise key min/max (PagedKVLayer, updated incrementally). Per decode step a
+    page's criticality is ``sum_d max(q_d * max_d, q_d * min_d)``, an upper bound of q.k over the page; the top
+    ``budget // page_size`` pages (the newest, partial page always among them) are attended to. The first
+    ``dense_layers`` layers stay dense, as in the paper. Quest's code is multi-head only; with GQA one selection
+    per KV head serves its query group, scored by the ``max`` (default) or ``sum`` of the group's criticalities,
+    so each selected page is read once per group. A budget at or above the context attends to everything (the
+    layout is dense and ``accel.stats`` records decode density 1.0)."""
+
+    name = "quest"
+    phases = ("decode",)
+    description = "query-aware KV page selection from per-page key min/max within a token budget"
+    paper = "Quest (arXiv 2406.10774)"
+
+    page_size: int = 16
+    budget: int = 4096
+    dense_layers: int = 2
+    group_reduce: str = "max"
+    keep_first_page: bool = False
+
+    def validate(self) -> None:
+        if self.page_size not in PAGE_SIZES:
+            raise ValueError(f"option 'page_size' of policy {self.name!r} must be one of {PAGE_SIZES} (the sizes the "
+                             f"decode kernels take), got {self.page_size}")
+        if self.budget < self.page_size * (2 if self.keep_first_page else 1):
+            raise ValueError(f"option 'budget' of policy {self.name!r} must cover at least the newest page "
+                             f"({self.page_size} tokens{', plus the first page' if self.keep_first_page else ''}), "
+                             f"got {self.budget}")
+        if self.dense_layers < 0:
+            raise ValueError(f"option 'dense_layers' of policy {self.name!r} must be >= 0, got {self.dense_layers}")
+        if self.group_reduce not in ("max", "sum"):
+            raise ValueError(f"option 'group_reduce' of policy {self.name!r} must be 'max' or 'sum', "
+                             f"got {self.group_reduce!r}")
+        if not isinstance(self.keep_first_page, bool):
+            raise ValueError(f"option 'keep_first_page' of policy {self.name!r} must be True or False")
+
+    def _selects(self, sliding_window, layer_idx) -> bool:
+        return sliding_window is None and layer_idx >= self.dense_layers
+
+    def cache_kind(self, sliding_window, layer_idx):
+        if not self._selects(sliding_window, layer_idx):
+            return None
+        return PagedKVLayer, {"page_size": self.page_size}
+
+    def score(self, q: torch.Tensor, layer: PagedKVLayer, kv_start=None) -> torch.Tensor:
+        return quest_scores(q, layer, self.group_reduce, kv_start)
+
+    def plan(self, q, k, ctx):
+        if ctx.sliding_window is not None:
+            return DenseLayout(window=ctx.sliding_window)
+        kv_len = k.shape[2]
+        n_pages = -(-kv_len // self.page_size)
+        n_keep = self.budget // self.page_size
+        if ctx.layer_idx < self.dense_layers or q.shape[2] != 1 or n_keep >= n_pages:
+            return DenseLayout()  # budget covers the context: exact (recorded as density 1.0)
+        layer = ctx.cache_layer
+        if not isinstance(layer, PagedKVLayer) or layer.get_seq_length() != kv_len:
+            raise RuntimeError(
+                f"policy {self.name!r} needs the page-bounds cache layer on layer {ctx.layer_idx} (installed by "
+                f"accel.patch for generate and for caches passed as past_key_values); got {type(layer).__name__}. "
+                "Do not pass a StaticCache / cache_implementation to generate with this policy.")
+        if layer.page_size != self.page_size:
+            raise RuntimeError(f"cache layer pages hold {layer.page_size} tokens but policy {self.name!r} uses "
+                               f"page_size={self.page_size}; start a new cache after re-patching")
+        kv_start = getattr(ctx, "kv_start", None)
+        scores = self.score(q, layer, kv_start)
+        pages, counts = select_pages(scores, n_keep, kv_len, self.page_size, self.keep_first_page)
+        return PageSelection(pages=pages, counts=counts, page_size=self.page_size,
+                             tokens=min(n_keep * self.page_size, kv_len))

@@ -1,0 +1,124 @@
+"""Reference twins of the decode kernels (plain torch, runs anywhere): per-page key bounds, Quest page scoring,
+top-k page selection within a token budget, and attention over selected pages.
+
+Conventions (accel.layouts): keys 0..Sk-1; page ``p`` covers keys ``p*page .. min((p+1)*page, Sk) - 1``; the one
+decode query sits at key index ``Sk - 1``. GQA: query head ``h`` reads KV head ``h // group``; one selection per KV
+head serves its whole query group (the kernel loads each selected page once per group). ``kv_start`` ([B] int,
+left padding): keys before it are masked, pages entirely before it are never selected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+GROUP_REDUCES = ("max", "sum")
+
+
+def page_bounds(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-page elementwise min and max of the keys: [B, H, Sk, D] -> two [B, H, ceil(Sk/page), D]."""
+    B, H, S, D = keys.shape
+    n_pages = -(-S // page_size)
+    pad = n_pages * page_size - S
+    if pad:
+        lo = torch.cat([keys, keys.new_full((B, H, pad, D), float("inf"))], dim=-2)
+        hi = torch.cat([keys, keys.new_full((B, H, pad, D), float("-inf"))], dim=-2)
+    else:
+        lo = hi = keys
+    return (lo.unflatten(-2, (n_pages, page_size)).amin(-2), hi.unflatten(-2, (n_pages, page_size)).amax(-2))
+
+
+def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group_reduce: str = "max",
+                 page_size: int = 16, kv_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Quest criticality per (batch, KV head, page): for each query head ``sum_d max(q_d * max_d, q_d * min_d)``
+    (an upper bound of q.k over the page), reduced over the query heads of the KV group by ``max`` or ``sum``.
+
+    q: [B, Hq, 1, D] (or [B, Hq, D]); kmin/kmax: [B, Hkv, P, D]. Returns float32 [B, Hkv, P]; pages entirely in
+    the left padding get -inf."""
+    if q.dim() == 4:
+        q = q[:, :, -1]
+    B, Hq, D = q.shape
+    Hkv, P = kmin.shape[1], kmin.shape[2]
+    g = Hq // Hkv
+    qf = q.float().reshape(B, Hkv, g, D)
+    # max(q*M, q*m) = relu(q)*M + min(q, 0)*m: two matmuls
+    s = torch.matmul(qf.clamp_min(0), kmax.float().transpose(-1, -2)) + torch.matmul(
+        qf.clamp_max(0), kmin.float().transpose(-1, -2))  # [B, Hkv, g, P]
+    s = s.amax(2) if group_reduce == "max" else s.sum(2)
+    if kv_start is not None:
+        page_end = (torch.arange(P, device=q.device) + 1) * page_size
+        s = s.masked_fill(page_end[None, None, :] <= kv_start.to(q.device).long()[:, None, None], float("-inf"))
+    return s
+
+
+def select_pages(scores: torch.Tensor, k: int, *, kv_len: int, page_size: int, keep_first: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` pages per (batch, KV head), always including the last (newest, possibly partial) page and, with
+    ``keep_first``, page 0. Returns ``pages`` int32 [B, Hkv, k'] in ascending page order and ``counts`` int32
+    [B, Hkv] (``k' = min(k, n_pages)``). Ties go to the lower page index."""
+    B, H, P = scores.shape
+    k = min(k, P)
+    s = scores.float().clone()
+    s[..., (kv_len - 1) // page_size] = float("inf")
+    if keep_first:
+        s[..., 0] = float("inf")
+    # stable descending order: equal scores keep ascending page order
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
+    pages = order.sort(-1).values.to(torch.int32)
+    counts = torch.full((B, H), k, dtype=torch.int32, device=scores.device)
+    return pages.contiguous(), counts
+
+
+def paged_decode_attention(q, k, v, pages, counts, page_size: int, *, scale=None, softcap=None, kv_start=None,
+                           return_lse: bool = False):
+    """Attention of the newest query over the selected pages. q: [B, Hq, 1, D]; k, v: [B, Hkv, Sk, D];
+    pages [B, Hkv, n] int32 (the first ``counts`` entries valid). ``pages=None`` means every key (dense decode).
+    Keys past Sk and before ``kv_start`` are masked. Returns out [B, Hq, 1, Dv] in q's dtype (and float32 lse)."""
+    B, Hq, Sq, D = q.shape
+    if Sq != 1:
+        raise ValueError(f"paged decode attention takes one query per row, got {Sq}")
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    if pages is None:
+        idx = torch.arange(Sk, device=q.device).expand(B, Hkv, Sk)
+        valid = torch.ones(B, Hkv, Sk, dtype=torch.bool, device=q.device)
+    else:
+        n = pages.shape[-1]
+        slot_ok = torch.arange(n, device=q.device)[None, None, :] < counts[..., None]
+        idx = (pages.long()[..., None] * page_size + torch.arange(page_size, device=q.device)).flatten(-2)
+        valid = slot_ok[..., None].expand(B, Hkv, n, page_size).flatten(-2) & (idx < Sk)
+        idx = idx.clamp_max(Sk - 1)
+    if kv_start is not None:
+        valid = valid & (idx >= kv_start.to(q.device).long()[:, None, None])
+    ks = torch.gather(k.float(), 2, idx[..., None].expand(-1, -1, -1, D))
+    vs = torch.gather(v.float(), 2, idx[..., None].expand(-1, -1, -1, v.shape[-1]))
+    qf = q.float().reshape(B, Hkv, g, D)
+    s = torch.matmul(qf, ks.transpose(-1, -2)) * scale  # [B, Hkv, g, N]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    o = torch.matmul(p, vs) / l.clamp_min(1e-30)
+    o = torch.where(l > 0, o, torch.zeros_like(o))
+    out = o.reshape(B, Hq, 1, -1).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = torch.where(l[..., 0] > 0, m[..., 0] + torch.log(l[..., 0]), -math.inf).reshape(B, Hq, 1)
+    return out, lse
+
+
+def gather_selected(pages, counts, page_size: int, kv_len: int) -> torch.Tensor:
+    """Bool [B, Hkv, kv_len]: which keys a page selection covers (for tests and recall measurement)."""
+    B, H, n = pages.shape
+    spill = kv_len + page_size  # slots past the count write here, then get cut off
+    keep = torch.zeros(B, H, spill + 1, dtype=torch.bool, device=pages.device)
+    slot_ok = torch.arange(n, device=pages.device)[None, None, :] < counts[..., None]
+    idx = (pages.long()[..., None] * page_size + torch.arange(page_size, device=pages.device)).flatten(-2)
+    idx = torch.where(slot_ok[..., None].expand(B, H, n, page_size).flatten(-2), idx.clamp_max(spill), spill)
+    keep.scatter_(2, idx, True)
+    return keep[..., :kv_len]

@@ -1,0 +1,206 @@
+"""Split-KV (flash-decoding) attention of one new query over selected KV pages, or over the whole cache.
+
+Same function as ``kernels.reference_decode.paged_decode_attention``. Grid (B * Hkv, n_splits): each program takes
+one KV head and one contiguous share of its selected pages, with the G query heads of that KV group packed into
+the M rows of its matmuls (padded to 16), so each selected K/V page is read once per group and K/V are never
+repeated. Token ``t`` of a program's share maps to key ``pages[t // PAGE] * PAGE + t % PAGE`` (``PAGED=False``:
+key ``t``). Each program writes a normalised partial output and its log-sum-exp; a second kernel merges the splits
+(out = sum_s exp(lse_s - lse) o_s). Softmax in base 2, soft-capping through exp2-based tanh, left padding by
+``kv_start``. Rows that see no key give 0 output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+PAGE_SIZES = (8, 16, 32, 64, 128)
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 / (1.0 + tl.exp2(x * (-2.0 * 1.4426950408889634))) - 1.0
+
+
+@triton.jit
+def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, OP, LP,
+                  sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, sps,
+                  Hkv, G, Sk, NS, TOK_PER_SPLIT, qk_scale, cap_in, cap_out,
+                  PAGE: tl.constexpr, PAGED: tl.constexpr, HAS_KV_START: tl.constexpr, SOFTCAP: tl.constexpr,
+                  DOT_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // Hkv
+    h = pid % Hkv
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_ok = offs_g < G
+    q = tl.load(Q + b * sqb + (h * G + offs_g)[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    if PAGED:
+        total = tl.load(COUNTS + pid) * PAGE
+    else:
+        total = Sk
+    lo = split * TOK_PER_SPLIT
+    hi = tl.minimum(lo + TOK_PER_SPLIT, total)
+    start = 0
+    if HAS_KV_START:
+        start = tl.load(KV_START + b)
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    for t0 in range(lo, hi, BLOCK_N):
+        t = t0 + offs_n
+        ok = t < hi
+        if PAGED:
+            page = tl.load(PAGES + b * spb + h * sph + (t // PAGE) * sps, mask=ok, other=0)
+            tok = page * PAGE + t % PAGE
+        else:
+            tok = t
+        ok = ok & (tok < Sk)
+        if HAS_KV_START:
+            ok = ok & (tok >= start)
+        tok = tok.to(tl.int64)
+        kt = tl.load(k_base + tok[None, :] * skn + offs_d[:, None] * skd, mask=ok[None, :], other=0.0)
+        vv = tl.load(v_base + tok[:, None] * svn + offs_dv[None, :] * svd, mask=ok[:, None], other=0.0)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+            vv = vv.to(tl.float32)
+        if IEEE:
+            qk = tl.dot(q, kt, input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        if SOFTCAP:
+            s = _tanh(qk * cap_in) * cap_out
+        else:
+            s = qk * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = tl.dot(p, vv, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    row = (b * Hkv + h) * G + offs_g  # = b * Hq + query head
+    tl.store(OP + (row[:, None] * NS + split) * BLOCK_DV + offs_dv[None, :], o, mask=g_ok[:, None])
+    tl.store(LP + row * NS + split, lse, mask=g_ok)
+
+
+@triton.jit
+def _combine_kernel(OP, LP, OUT, LSE, soutb, southq, soutd, Hq, NS, RETURN_LSE: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, DV):
+    row = tl.program_id(0)  # b * Hq + hq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < NS
+    lse = tl.load(LP + row * NS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    o = tl.load(OP + (row * NS + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
+    b = row // Hq
+    hq = row % Hq
+    tl.store(OUT + b * soutb + hq * southq + offs_dv * soutd, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
+    if RETURN_LSE:
+        tl.store(LSE + row, tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf")))
+
+
+def _interpreting() -> bool:
+    return type(_split_kernel).__name__ == "InterpretedFunction"
+
+
+def _sm_count(device) -> int:
+    try:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    except Exception:  # noqa: BLE001 - CPU / interpreter
+        return 8
+
+
+def paged_decode_attention(q, k, v, pages=None, counts=None, page_size: int = 16, *, scale=None, softcap=None,
+                           kv_start=None, return_lse: bool = False, n_splits: int | None = None,
+                           block_n: int | None = None):
+    """q [B, Hq, 1, D]; k, v [B, Hkv, Sk, D] (any strides: cache views work); ``pages`` int32 [B, Hkv, n] with
+    ``counts`` int32 [B, Hkv] (None: every key). Returns out [B, Hq, 1, Dv] in q's dtype (and lse float32
+    [B, Hq, 1])."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    if Sq != 1:
+        raise ValueError(f"paged_decode_attention takes one query per row, got {Sq}")
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    for name, d in (("head_dim", D), ("value head_dim", Dv)):
+        if d < 16 or d > 256 or d & (d - 1):
+            raise ValueError(f"paged_decode_attention: {name} {d} must be a power of two from 16 to 256")
+    if pages is not None and page_size not in PAGE_SIZES:
+        raise ValueError(f"paged_decode_attention: page size {page_size} is not supported; use one of {PAGE_SIZES}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"paged_decode_attention: q, k, v must share float16/bfloat16/float32, got {q.dtype}, "
+                        f"{k.dtype}, {v.dtype}")
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else float(scale)
+    out = torch.empty(B, Hq, 1, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=q.device) if return_lse else out
+    if B * Hq == 0:
+        return (out, lse) if return_lse else out
+    interp = _interpreting()
+    block_n = block_n or (32 if interp else 64)
+    if pages is not None:
+        block_n = max(block_n, page_size)
+        width = pages.shape[-1] * page_size  # static bound on the tokens of one row (no host sync on counts)
+        counts = counts.to(torch.int32).contiguous()
+    else:
+        width = Sk
+    n_blocks = max(1, triton.cdiv(width, block_n))
+    if n_splits is None:
+        n_splits = 4 if interp else max(1, triton.cdiv(2 * _sm_count(q.device), B * Hkv))
+    n_splits = max(1, min(n_splits, n_blocks))
+    tok_per_split = triton.cdiv(n_blocks, n_splits) * block_n
+    n_splits = triton.cdiv(width, tok_per_split)
+    part_o = torch.empty(B * Hq * n_splits * Dv, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(B * Hq * n_splits, dtype=torch.float32, device=q.device)
+    if kv_start is not None:
+        kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
+    if softcap is not None:
+        cap_in, cap_out, qk_scale = scale / softcap, softcap * LOG2E, 0.0
+    else:
+        cap_in, cap_out, qk_scale = 0.0, 0.0, scale * LOG2E
+    f32 = q.dtype == torch.float32
+    dummy = part_l
+    _split_kernel[(B * Hkv, n_splits)](
+        q, k, v, pages if pages is not None else dummy, counts if counts is not None else dummy,
+        kv_start if kv_start is not None else dummy, part_o, part_l,
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
+        *(pages.stride() if pages is not None else (0, 0, 0)),
+        Hkv, G, Sk, n_splits, tok_per_split, qk_scale, cap_in, cap_out,
+        PAGE=page_size if pages is not None else 1, PAGED=pages is not None, HAS_KV_START=kv_start is not None,
+        SOFTCAP=softcap is not None, DOT_F32=interp and not f32, IEEE=f32 and not interp,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv,
+    )
+    _combine_kernel[(B * Hq,)](part_o, part_l, out, lse, out.stride(0), out.stride(1), out.stride(3), Hq, n_splits,
+                               RETURN_LSE=bool(return_lse), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+                               BLOCK_DV=Dv, DV=Dv)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["paged_decode_attention", "PAGE_SIZES"]
+del math

@@ -1,0 +1,74 @@
+"""Top-k page selection in Triton, one program per (batch, KV head): the whole score row sits in registers.
+
+Same function as ``kernels.reference_decode.select_pages``: the ``k`` highest-scoring pages, with the newest page
+(and optionally page 0) forced in, written in ascending page order; ties go to the lower page index. Instead of a
+sort, the k-th largest score is found exactly by bisection over an order-preserving int32 image of the float32
+scores (33 counting passes over the row, all in registers), then a prefix sum compacts the selected page ids.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_PAGES = 65536  # one row per program; beyond this the selection runs through torch.topk
+
+
+@triton.jit
+def _select_kernel(SCORES, PAGES, COUNTS, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, KEEP_FIRST: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
+    offs = tl.arange(0, BLOCK_P)
+    ok = offs < P
+    s = tl.load(SCORES + b * ssb + h * ssh + offs * ssp, mask=ok, other=0.0)
+    force = offs == LAST
+    if KEEP_FIRST:
+        force = force | (offs == 0)
+    s = tl.where(force, float("inf"), s)
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # monotone in the float value
+    key = tl.where(ok, key, -2147483649)  # below every real score
+    lo = tl.min(tl.where(ok, key, 2147483647), axis=0)
+    hi = tl.max(key, axis=0)
+    # largest t with count(key >= t) >= K: the K-th largest key
+    for _ in range(33):
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((key >= mid).to(tl.int32), axis=0)
+        take = c >= K
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    gt = key > lo
+    need = K - tl.sum(gt.to(tl.int32), axis=0)
+    tie = (key == lo).to(tl.int32)
+    tie_rank = tl.cumsum(tie, axis=0) - tie
+    sel = gt | ((tie > 0) & (tie_rank < need))
+    sel_i = sel.to(tl.int32)
+    pos = tl.cumsum(sel_i, axis=0) - sel_i
+    tl.store(PAGES + b * spb + h * sph + pos * sps, offs, mask=sel)
+    tl.store(COUNTS + pid, tl.sum(sel_i, axis=0))
+
+
+def select_pages(scores: torch.Tensor, k: int, *, kv_len: int, page_size: int, keep_first: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv])."""
+    B, H, P = scores.shape
+    k = min(int(k), P)
+    if k < 1:
+        raise ValueError(f"select_pages: k must be >= 1, got {k}")
+    if P > MAX_PAGES:
+        from ..reference_decode import select_pages as ref
+
+        return ref(scores, k, kv_len=kv_len, page_size=page_size, keep_first=keep_first)
+    scores = scores.float()
+    pages = torch.empty(B, H, k, dtype=torch.int32, device=scores.device)
+    counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
+    _select_kernel[(B * H,)](scores, pages, counts, *scores.stride(), *pages.stride(), H, P, k,
+                             (kv_len - 1) // page_size, KEEP_FIRST=bool(keep_first),
+                             BLOCK_P=max(16, triton.next_power_of_2(P)))
+    return pages, counts
+
+
+__all__ = ["select_pages", "MAX_PAGES"]
