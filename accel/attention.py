@@ -14,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .kernels import BackendUnavailable, get_backend
-from .layouts import BlockLayout, PageSelection
+from .layouts import BlockLayout, PageSelection, VerticalSlashLayout
 from .policies import AttentionContext
 from .spec import PolicySpec
 
@@ -33,6 +33,7 @@ class LayerState:
     density: dict[str, list[float]] = field(default_factory=lambda: {"prefill": [0.0, 0], "decode": [0.0, 0]})
     fallbacks: set[str] = field(default_factory=set)  # auto: why a faster backend was skipped
     past_len: int = 0  # tokens in the cache before this call (set by the pre-forward hook; a compacted cache holds fewer)
+    recall: list[float] = field(default_factory=lambda: [0.0, 0])  # opt-in: prefill attention recall (accel.recall)
     # this call's cache and cache layer (set by the pre-forward hook, weakly held: a finished generate frees them)
     _cache_ref: Any = None
     _layer_ref: Any = None
@@ -57,6 +58,7 @@ class LayerState:
             "decode_density": _mean(self.density["decode"]),
             "density": _mean([sum(v[0] for v in self.density.values()), sum(v[1] for v in self.density.values())]),
             "auto_notes": sorted(self.fallbacks),
+            "prefill_recall": _mean(self.recall),
         }
 
 
@@ -72,7 +74,21 @@ def _density(layout, q_len: int, total: int, collect: bool) -> float | None:
         from .kernels.reference_sparse import block_layout_density
 
         return block_layout_density(layout, q_len, total)
+    if collect and isinstance(layout, VerticalSlashLayout):
+        from .recall import vertical_slash_density
+
+        return vertical_slash_density(layout, q_len, total)
     return None
+
+
+def _recall(state: LayerState, layout, q, k, scale, softcap) -> None:
+    """Opt-in (collect_stats): share of dense softmax mass the layout keeps on 64 sampled query rows."""
+    from .recall import layout_recall
+
+    r = layout_recall(layout, q, k, scale=scale, softcap=softcap, rows=64, seed=state.layer_idx)
+    if r is not None:
+        state.recall[0] += r
+        state.recall[1] += 1
 
 
 _AUTO_ORDER = ("flash", "triton", "reference")
@@ -166,6 +182,8 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
         acc = state.density[phase]
         acc[0] += d
         acc[1] += 1
+    if state.collect and phase == "prefill" and kv_start is None:
+        _recall(state, layout, query, key, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -135,6 +135,9 @@ def patch(
     spec = parse_policy(policy, **options)
     adapter = find_adapter(model)
     adapter.check(model)
+    for pol in (spec.prefill, spec.decode):
+        if hasattr(pol, "check_model"):  # e.g. a per-model head map (vertical_slash)
+            pol.check_model(model)
     _check_backend(backend, model)
     modules = adapter.attention_modules(model)
 
@@ -188,6 +191,7 @@ def stats(model: nn.Module) -> dict[str, Any]:
         raise ValueError("model is not patched; call accel.patch(model, ...) first")
     layers = [mod._accel.as_dict() for mod in record.modules]
     dens = [layer["density"] for layer in layers if layer["density"] is not None]
+    recalls = [layer["prefill_recall"] for layer in layers if layer["prefill_recall"] is not None]
     used: dict[str, int] = {}
     for layer in layers:
         for k, v in layer["backends"].items():
@@ -197,6 +201,7 @@ def stats(model: nn.Module) -> dict[str, Any]:
         "backend_requested": record.backend,
         "backends_used": used,
         "mean_density": sum(dens) / len(dens) if dens else None,
+        "mean_recall": sum(recalls) / len(recalls) if recalls else None,  # collect_stats=True only
         "layers": layers,
     }
 
@@ -210,6 +215,7 @@ def reset_stats(model: nn.Module) -> None:
         s.calls = {"prefill": 0, "decode": 0}
         s.backends_used, s.fallbacks = {}, set()
         s.density = {"prefill": [0.0, 0], "decode": [0.0, 0]}
+        s.recall = [0.0, 0]
 
 
 def new_cache(model: nn.Module) -> DynamicCache:

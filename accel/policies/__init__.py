@@ -11,6 +11,7 @@ from .flexprefill import FlexPrefillPolicy
 from .proxy import ProxyPolicy
 from .quest import QuestPolicy
 from .streaming import StreamingPolicy
+from .vertical_slash import VerticalSlashPolicy
 from .xattention import XAttentionPolicy
 
 
@@ -24,8 +25,6 @@ class PolicyInfo:
 
 
 _PLANNED = [
-    ("vertical_slash", ("prefill",), "per-head vertical columns + slash diagonals from the last queries",
-     "MInference 1.0 (arXiv 2407.02490)"),
     ("duo", ("prefill", "decode"), "retrieval heads full KV, streaming heads sink + recent",
      "DuoAttention (arXiv 2410.10819)"),
     ("lserve", ("prefill", "decode"), "streaming heads + hierarchical page selection reused across steps",
@@ -37,7 +36,7 @@ _PLANNED = [
 NAMES = ("dense", "streaming", "vertical_slash", "xattention", "flexprefill", "proxy", "duo", "quest", "lserve",
          "tidal")
 _IMPLEMENTED = {cls.name: cls for cls in (DensePolicy, StreamingPolicy, XAttentionPolicy)}
-_IMPLEMENTED.update({cls.name: cls for cls in (FlexPrefillPolicy, ProxyPolicy)})  # sparse prefill (issue 5)
+_IMPLEMENTED.update({cls.name: cls for cls in (FlexPrefillPolicy, ProxyPolicy, VerticalSlashPolicy)})  # issue 5
 _IMPLEMENTED.update({cls.name: cls for cls in (QuestPolicy,)})  # sparse decode (issue 6)
 _INFO = {n: PolicyInfo(n, c.phases, c.description, c.paper, c) for n, c in _IMPLEMENTED.items()}
 _INFO.update({n: PolicyInfo(n, p, d, pp, None) for n, p, d, pp in _PLANNED})

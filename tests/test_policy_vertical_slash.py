@@ -1,0 +1,153 @@
+"""vertical_slash (MInference): estimation picks the heavy column, head patterns, head maps (and their mismatch
+errors), and 'keep everything' (budgets >= length) reproducing dense output on every family."""
+
+import json
+
+import pytest
+import torch
+
+import accel
+from accel.kernels.reference_sparse import vertical_slash_mask
+from accel.layouts import DenseLayout, VerticalSlashLayout
+from accel.policies import AttentionContext
+from accel.policies.vertical_slash import VerticalSlashPolicy
+from conftest import tiny_model
+from test_families import ids
+
+CTX = AttentionContext(layer_idx=0, phase="prefill", sliding_window=None)
+
+
+def _qk(S=600, D=16, heads=2):
+    torch.manual_seed(0)
+    common = torch.randn(heads, 1, D)
+    q = torch.randn(1, heads, S, D) * 0.3 + common
+    k = torch.randn(1, heads, S, D) * 0.3
+    k[:, :, min(333, S - 1)] = common[:, 0] * 2
+    return q, k
+
+
+def test_estimation_keeps_heavy_column_sinks_and_local_diagonals():
+    q, k = _qk()
+    layout = VerticalSlashPolicy.from_options(vertical_size=40, slash_size=120, last_q=16).plan(q, k, CTX)
+    assert isinstance(layout, VerticalSlashLayout)
+    cols, offs = layout.columns[0], layout.offsets[0]
+    for h in range(2):
+        assert 333 in cols[h].tolist() and set(range(30)) <= set(cols[h].tolist())
+        assert set(range(100)) <= set(offs[h].tolist())
+        assert (cols[h] >= 0).sum() == 40 and (offs[h] >= 0).sum() == 120
+
+
+def _write_map(tmp_path, rows, model="tiny"):
+    p = tmp_path / f"map{len(list(tmp_path.iterdir()))}.json"
+    p.write_text(json.dumps({"model": model, "patterns": rows}))
+    return str(p)
+
+
+def test_head_map_patterns(tmp_path):
+    q, k = _qk()
+    path = _write_map(tmp_path, [["a_shape", "block_sparse"]])
+    pol = VerticalSlashPolicy.from_options(head_map=path, a_shape_sink=8, a_shape_window=50, block_count=2,
+                                           vertical_size=40, slash_size=120, last_q=16)
+    layout = pol.plan(q, k, CTX)
+    mask = vertical_slash_mask(layout, 600, 600)[0]
+    pos = torch.arange(600)[:, None]
+    key = torch.arange(600)[None, :]
+    a_shape = ((key < 8) | (pos - key < 50)) & (key <= pos)
+    assert torch.equal(mask[0], a_shape)
+    # block-sparse head: two 64-blocks as columns (block 0 and the heavy column's block) + 64 local diagonals
+    assert set(layout.columns[0, 1][layout.columns[0, 1] >= 0].tolist()) == set(range(64)) | set(range(320, 384))
+    assert torch.equal(layout.offsets[0, 1][layout.offsets[0, 1] >= 0], torch.arange(64))
+
+
+def test_budgets_cover_length_is_dense(family):
+    model = tiny_model(family)
+    x = ids(length=200)
+    with torch.no_grad():
+        dense = model(x).logits
+        accel.patch(model, "vertical_slash", backend="reference")  # slash 6096 >= 200: keeps everything
+        out = model(x).logits
+        assert all(layer["prefill_density"] in (None, 1.0) or layer["sliding_window"]
+                   for layer in accel.stats(model)["layers"])
+        # forced through the vertical-slash kernel path: every diagonal kept == dense
+        accel.patch(model, "vertical_slash", vertical_size=1, slash_size=200, last_q=16, backend="reference")
+        pol = accel.stats  # noqa: F841
+        out2 = model(x).logits
+    torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out2, dense, atol=2e-5, rtol=1e-4)
+
+
+def test_all_offsets_layout_is_built_and_dense_equivalent():
+    q, k = _qk(S=300)
+    pol = VerticalSlashPolicy.from_options(vertical_size=1, slash_size=300, last_q=16, head_map="")
+    layout = pol.build(q, k, ["vertical_slash"] * 2, 1, 300)
+    m = vertical_slash_mask(layout, 300, 300)
+    assert torch.equal(m[0, 0], torch.tril(torch.ones(300, 300, dtype=torch.bool)))
+
+
+def test_sparse_run_generates_with_stats():
+    model = tiny_model("llama")
+    x = ids(length=400)
+    accel.patch(model, "vertical_slash", vertical_size=32, slash_size=64, last_q=16, backend="reference",
+                collect_stats=True)
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 403
+    st = accel.stats(model)
+    assert all(layer["prefill_density"] < 0.6 for layer in st["layers"])
+    assert 0.0 < st["mean_recall"] <= 1.0
+
+
+def test_short_and_sliding_run_dense():
+    pol = VerticalSlashPolicy.from_options(slash_size=10, vertical_size=10)
+    assert pol.plan(torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16), CTX) == DenseLayout()
+    sliding = AttentionContext(layer_idx=0, phase="prefill", sliding_window=24)
+    assert pol.plan(torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16), sliding) == DenseLayout(window=24)
+
+
+def test_head_map_for_another_model_raises_and_leaves_model_unpatched(tmp_path):
+    model = tiny_model("llama")  # 2 layers x 4 heads
+    wrong_heads = _write_map(tmp_path, [["a_shape"] * 3, ["a_shape"] * 3], model="other")
+    with pytest.raises(ValueError, match="made for other.*2 layers x 4 heads"):
+        accel.patch(model, "vertical_slash", head_map=wrong_heads)
+    assert not accel.is_patched(model)
+    wrong_layers = _write_map(tmp_path, [["a_shape"] * 4] * 5)
+    with pytest.raises(ValueError, match="5 layers"):
+        accel.patch(model, "vertical_slash", head_map=wrong_layers)
+    good = _write_map(tmp_path, [["a_shape"] * 4, ["vertical_slash", "block_sparse", "a_shape", "a_shape"]])
+    accel.patch(model, "vertical_slash", head_map=good, a_shape_window=64, slash_size=64, backend="reference")
+    with torch.no_grad():
+        assert torch.isfinite(model(ids(length=300)).logits).all()
+
+
+def test_shipped_head_maps_fit_demo_shapes():
+    for name, layers, heads in (("vertical_slash_smollm2", 30, 9), ("vertical_slash_gemma3", 18, 4)):
+        pol = VerticalSlashPolicy.from_options(head_map=name)
+        rows = [pol.head_patterns(i, heads) for i in range(layers)]
+        assert len(rows) == layers and all(len(r) == heads for r in rows)
+
+
+@pytest.mark.parametrize("opts, match", [({"vertical_size": 0}, "vertical_size"), ({"slash_size": -1}, "slash_size"),
+                                         ({"last_q": 0}, "last_q"), ({"a_shape_sink": -1}, "a_shape_sink"),
+                                         ({"head_map": "nope"}, "unknown head map"),
+                                         ({"head_map": "/no/such.json"}, "does not exist")])
+def test_bad_options(opts, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        accel.parse_policy("vertical_slash", **opts)
+
+
+def test_bad_pattern_in_map(tmp_path):
+    path = _write_map(tmp_path, [["diagonal"]])
+    with pytest.raises(ValueError, match="unknown pattern"):
+        accel.parse_policy("vertical_slash", head_map=path)
+
+
+def test_triton_backend_matches_reference_backend():
+    model = tiny_model("llama")
+    x = ids(length=260)
+    kw = dict(vertical_size=32, slash_size=64, last_q=16)
+    with torch.no_grad():
+        accel.patch(model, "vertical_slash", backend="reference", **kw)
+        ref = model(x).logits
+        accel.patch(model, "vertical_slash", backend="triton", **kw)
+        out = model(x).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
