@@ -173,7 +173,7 @@ def _vocabulary(k: int) -> list[str]:
 
 def _cwe(seed: int, n: int, depth: float | None, length: int):
     # Frequencies scale with the requested length (RULER lowers them for short contexts too).
-    freq_cw = max(4, min(30, length // 250))
+    freq_cw = max(3, min(30, length // 250))
     freq_ucw = 3 if freq_cw >= 15 else 1
     rng = random.Random(f"accel-cwe-{seed}")
     vocab = _vocabulary(10 + n)
