@@ -1,0 +1,111 @@
+"""Decode kernels (Triton, run on the CPU by the interpreter) against their torch twins: page bounds, Quest
+scoring, top-k selection, split-KV attention over selected pages; full selections equal dense decode."""
+
+import pytest
+import torch
+
+from accel.kernels import reference_decode as R
+from accel.kernels.reference import attention
+from accel.kernels.triton.decode_attention import paged_decode_attention
+from accel.kernels.triton.decode_score import quest_scores
+from accel.kernels.triton.decode_topk import select_pages
+
+
+def _qkv(B, hkv, group, S, D=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, hkv * group, 1, D, generator=g).to(dtype)
+    k = torch.randn(B, hkv, S, D, generator=g).to(dtype)
+    v = torch.randn(B, hkv, S, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def test_page_bounds_partial_page():
+    k = torch.randn(2, 3, 37, 16)
+    mn, mx = R.page_bounds(k, 16)
+    assert mn.shape == (2, 3, 3, 16)
+    torch.testing.assert_close(mx[:, :, 2], k[:, :, 32:].amax(-2))
+    torch.testing.assert_close(mn[:, :, 1], k[:, :, 16:32].amin(-2))
+
+
+@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_quest_scores_match_reference(group, reduce):
+    q, k, _ = _qkv(2, 2, group, 101)
+    mn, mx = R.page_bounds(k, 16)
+    start = torch.tensor([0, 40])
+    got = quest_scores(q, mn, mx, group_reduce=reduce, kv_start=start)
+    ref = R.quest_scores(q, mn, mx, group_reduce=reduce, kv_start=start)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert torch.isinf(got[1, :, :2]).all()  # pages entirely in the padding are never chosen
+
+
+def test_quest_score_bounds_every_key():
+    """The criticality is an upper bound of q.k for every key of the page (per query head)."""
+    q, k, _ = _qkv(1, 1, 1, 64)
+    mn, mx = R.page_bounds(k, 16)
+    s = R.quest_scores(q, mn, mx)
+    qk = (q[0, 0, 0] @ k[0, 0].T).view(4, 16).amax(-1)
+    assert (s[0, 0] >= qk - 1e-5).all()
+
+
+@pytest.mark.parametrize("k_pages", [1, 3, 7, 40])
+@pytest.mark.parametrize("keep_first", [False, True])
+def test_select_pages_matches_reference(k_pages, keep_first):
+    g = torch.Generator().manual_seed(k_pages)
+    s = torch.randn(2, 3, 33, generator=g)
+    s[0, 0, 5:9] = 0.25  # ties
+    s[1, 2, :4] = float("-inf")
+    kv_len = 33 * 16 - 5
+    got = select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first)
+    ref = R.select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    if k_pages >= 2 or not keep_first:
+        assert (got[0] == 32).any(-1).all()  # the newest page is always kept
+
+
+@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_matches_reference(group, dtype):
+    q, k, v = _qkv(2, 2, group, 133, dtype=dtype, seed=group)
+    mn, mx = R.page_bounds(k, 16)
+    pages, counts = R.select_pages(R.quest_scores(q, mn, mx), 4, kv_len=133, page_size=16)
+    counts[0, 1] = 2  # fewer valid entries than the row's width
+    start = torch.tensor([0, 19])
+    for kw in ({}, {"softcap": 3.0}, {"kv_start": start}):
+        got, lse = paged_decode_attention(q, k, v, pages, counts, 16, scale=0.2, return_lse=True, **kw)
+        ref, rlse = R.paged_decode_attention(q, k, v, pages, counts, 16, scale=0.2, return_lse=True, **kw)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("S", [1, 17, 150])
+def test_full_selection_is_dense_decode(S, splits):
+    q, k, v = _qkv(1, 2, 4, S)
+    n = -(-S // 16)
+    pages = torch.arange(n, dtype=torch.int32).expand(1, 2, n).contiguous()
+    counts = torch.full((1, 2), n, dtype=torch.int32)
+    dense = attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(paged_decode_attention(q, k, v, pages, counts, 16, scale=0.3, n_splits=splits), dense,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(paged_decode_attention(q, k, v, scale=0.3, n_splits=splits), dense, atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(R.paged_decode_attention(q, k, v, pages, counts, 16, scale=0.3), dense, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_strided_cache_views():
+    """K/V as views of a larger capacity buffer (what PagedKVLayer hands out)."""
+    q, k, v = _qkv(1, 2, 2, 64)
+    kb, vb = torch.zeros(1, 2, 100, 32), torch.zeros(1, 2, 100, 32)
+    kb[:, :, :64], vb[:, :, :64] = k, v
+    got = paged_decode_attention(q, kb[:, :, :64], vb[:, :, :64])
+    torch.testing.assert_close(got, attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_page_size():
+    q, k, v = _qkv(1, 1, 1, 32)
+    pages = torch.zeros(1, 1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="page size 12"):
+        paged_decode_attention(q, k, v, pages, torch.ones(1, 1, dtype=torch.int32), 12)
