@@ -1,0 +1,137 @@
+"""Offline per-head pattern search for the vertical_slash policy (MInference 1.0, arXiv 2407.02490, section 3.2).
+
+For every head of every global (non-sliding) layer, on one calibration prompt, build each candidate pattern at the
+same per-query key budget (A-shape: sink + window; vertical-slash: columns + diagonals from the last 64 queries,
+MInference's 1000:6096 ratio; block-sparse: top 64-token key blocks) and keep the pattern with the highest attention
+recall (share of dense softmax mass kept, on sampled query rows). Writes a head map JSON for
+``accel.patch(model, "vertical_slash", head_map=...)``.
+
+    python scripts/search_patterns.py smollm2 --length 3072 --budget 512 --out configs/vertical_slash_smollm2.json
+
+MODEL is a demo name (smollm2, gemma3), a .gguf file, a folder or a hub id (accel.models.load_model). CPU is fine
+at a few thousand tokens (the calibration prompt is a needle-in-a-haystack prompt from accel.needle)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from accel.models import load_model  # noqa: E402
+from accel.needle import build_needle_prompt  # noqa: E402
+from accel.patches import find_adapter  # noqa: E402
+from accel.policies.vertical_slash import PATTERNS, VerticalSlashPolicy  # noqa: E402
+from accel.recall import capture_qk, layout_recall  # noqa: E402
+
+
+def candidate_policies(budget: int) -> dict[str, tuple[VerticalSlashPolicy, int, int]]:
+    """Pattern -> (policy carrying its sizes, vertical_size, slash_size), all at ``budget`` keys per query row."""
+    vertical = max(32, budget * 1000 // 7096)
+    sink = max(16, budget // 8)
+    return {
+        "vertical_slash": (VerticalSlashPolicy(), vertical, budget - vertical),
+        "a_shape": (VerticalSlashPolicy(a_shape_sink=sink, a_shape_window=budget - sink), 0, 0),
+        "block_sparse": (VerticalSlashPolicy(block_count=max(1, budget // 64)), 0, 0),
+    }
+
+
+def module_params(model) -> dict[int, tuple[float | None, float | None]]:
+    out = {}
+    for mod in find_adapter(model).attention_modules(model):
+        out[mod.layer_idx] = (getattr(mod, "scaling", None), getattr(mod, "attn_logit_softcapping", None))
+    return out
+
+
+def search(model, tok, length: int, budget: int, rows: int, seed: int, depth: float) -> dict:
+    prompt = build_needle_prompt(tok, length, depth=depth, seed=seed)
+    ids = torch.tensor([prompt.input_ids])
+    captured = capture_qk(model, ids)
+    params = module_params(model)
+    cands = candidate_policies(budget)
+    L = ids.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    # rows from the second half of the prompt (where sparsity matters), plus the last one (the question)
+    row_idx = torch.cat([torch.randperm(L - L // 2, generator=g)[: rows - 1] + L // 2, torch.tensor([L - 1])])
+    row_idx = row_idx.unique().sort().values
+    patterns, recalls = [], []
+    n_layers = max(captured) + 1
+    for layer in range(n_layers):
+        cap = captured[layer]
+        if cap["sliding_window"] is not None:
+            patterns.append(None)  # the model's own sliding layers keep their window
+            recalls.append(None)
+            continue
+        q, k = cap["q"], cap["k"]
+        scale, softcap = params.get(layer, (None, None))
+        per_pattern = {}
+        for name, (pol, vs, ss) in cands.items():
+            layout = pol.build(q, k, [name] * q.shape[1], vs, ss)
+            per_pattern[name] = layout_recall(layout, q, k, scale=scale, softcap=softcap, rows=row_idx,
+                                              per_head=True)
+        table = torch.stack([per_pattern[n] for n in PATTERNS])  # [3, H]
+        best = table.argmax(0)
+        patterns.append([PATTERNS[int(i)] for i in best])
+        recalls.append({n: [round(float(x), 4) for x in per_pattern[n]] for n in PATTERNS})
+        print(f"layer {layer:2d}: " + " ".join(f"{p[:2]}" for p in patterns[-1])
+              + "  best recall " + " ".join(f"{float(table[int(b), h]):.3f}" for h, b in enumerate(best)),
+              flush=True)
+    return {"prompt_tokens": L, "rows": int(row_idx.numel()), "patterns": patterns, "recall": recalls}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="demo name (smollm2, gemma3), .gguf file, folder or hub id")
+    ap.add_argument("--length", type=int, default=3072, help="calibration prompt length in tokens (default 3072)")
+    ap.add_argument("--budget", type=int, default=512, help="keys per query row every pattern gets (default 512)")
+    ap.add_argument("--rows", type=int, default=64, help="sampled query rows for recall (default 64)")
+    ap.add_argument("--depth", type=float, default=0.5, help="needle depth of the calibration prompt")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="output JSON (default configs/vertical_slash_<model>.json)")
+    args = ap.parse_args(argv)
+    if args.budget <= 0 or args.length <= 0 or args.rows <= 0:
+        ap.error("--length, --budget and --rows must be > 0")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.time()
+    model, tok = load_model(args.model, device="cpu", dtype="float32")
+    res = search(model, tok, args.length, args.budget, args.rows, args.seed, args.depth)
+    cfg = getattr(model.config, "text_config", None) or model.config
+    name = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "_")
+    counts = {p: sum(row.count(p) for row in res["patterns"] if row) for p in PATTERNS}
+    out = {
+        "model": name,
+        "model_class": type(model).__name__,
+        "num_layers": cfg.num_hidden_layers,
+        "num_heads": cfg.num_attention_heads,
+        "patterns": res["patterns"],
+        "pattern_counts": counts,
+        "search": {
+            "command": "python scripts/search_patterns.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "calibration": f"needle prompt, {res['prompt_tokens']} tokens, depth {args.depth}, seed {args.seed}",
+            "budget_keys_per_row": args.budget,
+            "candidates": {n: {"vertical_size": v, "slash_size": s, "a_shape_sink": p.a_shape_sink,
+                               "a_shape_window": p.a_shape_window, "block_count": p.block_count}
+                           for n, (p, v, s) in candidate_policies(args.budget).items()},
+            "sampled_rows": res["rows"],
+            "recall_per_head": res["recall"],
+            "device": f"cpu ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "seconds": round(time.time() - t0, 1),
+        },
+    }
+    path = Path(args.out or Path(__file__).resolve().parents[1] / "configs" / f"vertical_slash_{name}.json")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"patterns: {counts}; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
