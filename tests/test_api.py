@@ -51,8 +51,8 @@ def test_preset_from_path(tmp_path):
     "policy, options, exc, match",
     [
         ("nope", {}, ValueError, "unknown policy 'nope'; available policies: dense, streaming"),
-        ("duo", {}, NotImplementedError, "not implemented yet"),
-        ("dense+quest", {}, NotImplementedError, "'quest'.*not implemented yet"),
+        ("lserve", {}, NotImplementedError, "not implemented yet"),
+        ("dense+tidal", {}, NotImplementedError, "'tidal'.*not implemented yet"),
         ("streaming", {"windw": 3}, ValueError, "unknown option.*'windw'.*window"),
         ("streaming", {"window": 0}, ValueError, "'window'.*must be > 0"),
         ("streaming", {"window": 2.5}, ValueError, "'window'.*integer"),
