@@ -14,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .kernels import BackendUnavailable, get_backend
-from .layouts import BlockLayout, PageSelection, VerticalSlashLayout
+from .layouts import BlockLayout, HeadSplitLayout, PageSelection, VerticalSlashLayout
 from .policies import AttentionContext
 from .spec import PolicySpec
 
@@ -126,6 +126,23 @@ def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
     raise BackendUnavailable(f"no backend can run {type(layout).__name__} on layer {state.layer_idx}")
 
 
+def _run_head_split(state: LayerState, layout, q, k, v, scale, softcap, kv_start):
+    """Each part of a HeadSplitLayout on its own backend; outputs scattered back to their query heads."""
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    backend = None
+    for part in layout.parts:
+        qq = q.index_select(1, part.q_heads)
+        if part.k is not None:
+            kk, vv = part.k, part.v
+        elif part.kv_heads is not None:
+            kk, vv = k.index_select(1, part.kv_heads), v.index_select(1, part.kv_heads)
+        else:
+            kk, vv = k, v
+        backend = _resolve(state, part.layout, qq, kv_start)
+        out[:, part.q_heads] = backend.run(part.layout, qq, kk, vv, scale=scale, softcap=softcap, kv_start=kv_start)
+    return out, backend
+
+
 def _left_padding(mask: torch.Tensor, kv_len: int) -> torch.Tensor | None:
     """Per-row index of the first real key for a left-padded 2D mask; None when nothing is padded."""
     if mask.dim() != 2:
@@ -170,8 +187,11 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
     ctx = AttentionContext(layer_idx=state.layer_idx, phase=phase, sliding_window=window, cache_layer=cache_layer,
                            cache=cache, kv_start=kv_start)
     layout = policy.plan(query, key, ctx)
-    backend = _resolve(state, layout, query, kv_start)
-    out = backend.run(layout, query, key, value, scale=scaling, softcap=softcap, kv_start=kv_start)
+    if isinstance(layout, HeadSplitLayout):  # heads under different layouts / K/V stores (DuoAttention)
+        out, backend = _run_head_split(state, layout, query, key, value, scaling, softcap, kv_start)
+    else:
+        backend = _resolve(state, layout, query, kv_start)
+        out = backend.run(layout, query, key, value, scale=scaling, softcap=softcap, kv_start=kv_start)
 
     state.calls[phase] += 1
     state.backends_used[backend.name] = state.backends_used.get(backend.name, 0) + 1

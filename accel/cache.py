@@ -73,7 +73,8 @@ def cache_bytes(cache: Cache | None) -> int:
         return 0
     total = 0
     for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        extra = layer.extra_tensors() if hasattr(layer, "extra_tensors") else ()  # accel layers: bounds, stores
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None), *extra):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
@@ -170,6 +171,9 @@ class PagedKVLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def extra_tensors(self) -> tuple:
+        return (self.kmin, self.kmax)
+
     def storage_bytes(self) -> int:
         """Bytes allocated (capacity included), key/value buffers plus page bounds."""
         ts = (self._k, self._v, self._kmin, self._kmax)
@@ -220,3 +224,106 @@ def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     if used:
         new[..., :used, :] = t[..., :used, :]
     return new
+
+
+class DuoSplitLayer(DynamicLayer):
+    """DuoAttention cache layer: retrieval KV heads keep every token, streaming KV heads keep only ``sink`` +
+    ``recent - 1`` tokens (constant memory; the next query makes ``recent``).
+
+    ``keys``/``values`` hold the retrieval heads [B, H_r, L, D]. The first fill (prefill on an empty layer) returns
+    every head's K/V so any prefill policy can run; later calls return the retrieval heads only and leave the
+    streaming heads' visible K/V of this call in ``stream_kv`` (compacted past + the new tokens, index space of
+    accel.layouts) for the policy's plan."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, stream_heads, sink: int, recent: int):
+        super().__init__()
+        mask = torch.as_tensor(stream_heads, dtype=torch.bool)
+        self.stream_idx = mask.nonzero()[:, 0]
+        self.retrieval_idx = (~mask).nonzero()[:, 0]
+        self.sink, self.recent = sink, recent
+        self.cumulative_length = 0
+        self.skeys = self.svalues = None
+        self.stream_kv = None
+        self.full_call = False
+
+    @classmethod
+    def from_layer(cls, layer: DynamicLayer, stream_heads, sink: int, recent: int) -> "DuoSplitLayer":
+        new = cls(stream_heads, sink, recent)
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
+            new.update(layer.keys, layer.values)
+        return new
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        dev = key_states.device
+        self.stream_idx, self.retrieval_idx = self.stream_idx.to(dev), self.retrieval_idx.to(dev)
+        B, _, _, D = key_states.shape
+        self.keys = key_states.new_empty(B, self.retrieval_idx.numel(), 0, D)
+        self.values = value_states.new_empty(B, self.retrieval_idx.numel(), 0, value_states.shape[-1])
+        self.skeys = key_states.new_empty(B, self.stream_idx.numel(), 0, D)
+        self.svalues = value_states.new_empty(B, self.stream_idx.numel(), 0, value_states.shape[-1])
+
+    def _compact(self, x):
+        keep = self.recent - 1
+        if x.shape[-2] <= self.sink + keep:
+            return x
+        recent = x[..., x.shape[-2] - keep:, :] if keep > 0 else x[..., :0, :]
+        return torch.cat([x[..., : self.sink, :], recent], dim=-2).clone()
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.full_call = self.cumulative_length == 0
+        self.cumulative_length += key_states.shape[-2]
+        kr, vr = key_states.index_select(1, self.retrieval_idx), value_states.index_select(1, self.retrieval_idx)
+        ks, vs = key_states.index_select(1, self.stream_idx), value_states.index_select(1, self.stream_idx)
+        self.keys = torch.cat([self.keys, kr], dim=-2)
+        self.values = torch.cat([self.values, vr], dim=-2)
+        full_sk, full_sv = torch.cat([self.skeys, ks], dim=-2), torch.cat([self.svalues, vs], dim=-2)
+        self.stream_kv = (full_sk, full_sv)
+        self.skeys, self.svalues = self._compact(full_sk), self._compact(full_sv)
+        if self.full_call:
+            return key_states, value_states
+        return self.keys, self.values
+
+    def extra_tensors(self) -> tuple:
+        return (self.skeys, self.svalues)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.skeys = self.svalues = self.stream_kv = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("a DuoAttention cache layer has dropped old tokens of its streaming heads and cannot be "
+                           "cropped; assisted or speculative decoding needs another decode policy")
+
+    def _batch(self, fn) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.skeys, self.svalues = (
+                fn(t) for t in (self.keys, self.values, self.skeys, self.svalues))
+        self.stream_kv = None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self):
+        raise NotImplementedError("DuoSplitLayer does not support offloading")
+
+    def prefetch(self):
+        return None

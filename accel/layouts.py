@@ -78,3 +78,34 @@ def _mask_density(q_len: int, kv_len: int, sink: int, window: int | None) -> flo
     recent = np.minimum(causal, window)
     sinks = np.clip(pos - window + 1, 0, sink)  # sink keys older than the window
     return float((recent + sinks).sum() / causal.sum())
+
+
+@dataclass
+class HeadPart:
+    """One group of query heads inside a HeadSplitLayout: ``layout`` over its own K/V (``k``/``v`` given, e.g. a
+    compacted streaming store) or over the KV heads ``kv_heads`` of the tensors the attention call received
+    (``None``: all of them)."""
+
+    q_heads: torch.Tensor  # [n] int64 query head ids
+    layout: object
+    kv_heads: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+@dataclass
+class HeadSplitLayout:
+    """Heads of one layer under different layouts (DuoAttention: retrieval heads dense over the full KV, streaming
+    heads sink + recent over their constant-size store). accel.attention runs each part on its own backend."""
+
+    parts: list
+
+    def density(self, q_len: int, kv_len: int) -> float | None:
+        tot = n = 0.0
+        for part in self.parts:
+            d = part.layout.density(q_len, kv_len) if hasattr(part.layout, "density") else None
+            if d is None:
+                return None
+            tot += d * part.q_heads.numel()
+            n += part.q_heads.numel()
+        return tot / n if n else None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .base import AttentionContext, Policy
 from .dense import DensePolicy
+from .duo import DuoPolicy
 from .flexprefill import FlexPrefillPolicy
 from .proxy import ProxyPolicy
 from .quest import QuestPolicy
@@ -25,8 +26,6 @@ class PolicyInfo:
 
 
 _PLANNED = [
-    ("duo", ("prefill", "decode"), "retrieval heads full KV, streaming heads sink + recent",
-     "DuoAttention (arXiv 2410.10819)"),
     ("lserve", ("prefill", "decode"), "streaming heads + hierarchical page selection reused across steps",
      "LServe (arXiv 2502.14866)"),
     ("tidal", ("decode",), "selection layers choose token positions reused by the other layers",
@@ -37,7 +36,7 @@ NAMES = ("dense", "streaming", "vertical_slash", "xattention", "flexprefill", "p
          "tidal")
 _IMPLEMENTED = {cls.name: cls for cls in (DensePolicy, StreamingPolicy, XAttentionPolicy)}
 _IMPLEMENTED.update({cls.name: cls for cls in (FlexPrefillPolicy, ProxyPolicy, VerticalSlashPolicy)})  # issue 5
-_IMPLEMENTED.update({cls.name: cls for cls in (QuestPolicy,)})  # sparse decode (issue 6)
+_IMPLEMENTED.update({cls.name: cls for cls in (QuestPolicy, DuoPolicy)})  # sparse decode (issue 6)
 _INFO = {n: PolicyInfo(n, c.phases, c.description, c.paper, c) for n, c in _IMPLEMENTED.items()}
 _INFO.update({n: PolicyInfo(n, p, d, pp, None) for n, p, d, pp in _PLANNED})
 REGISTRY: dict[str, PolicyInfo] = {n: _INFO[n] for n in NAMES}

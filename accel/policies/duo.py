@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from accel.cache import DuoSplitLayer
+from accel.layouts import DenseLayout, HeadPart, HeadSplitLayout, StreamingLayout
+
+from .base import Policy
+
+SIGNATURE_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                  "vocab_size")
+
+
+def model_signature(config) -> dict:
+    """What a head map must match: the shape of the model it was calibrated on."""
+    cfg = getattr(config, "text_config", None) or config
+    return {k: getattr(cfg, k, None) for k in SIGNATURE_KEYS}
+
+
+def _shipped() -> list:
+    return sorted(p for p in resources.files("accel.configs").iterdir()
+                  if p.name.startswith("duo_") and p.name.endswith(".json"))
+
+
+def load_head_map(name: str, config=None) -> tuple[str, dict]:
+    """(source, data) of a DuoAttention head map: a .json path, a shipped name (``smollm2`` or ``duo_smollm2``),
+    or ``""`` to pick the shipped map whose model signature matches ``config``."""
+    if name.endswith(".json"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"DuoAttention head map {name!r} does not exist; make one with "
+                                    "scripts/calibrate_duo.py MODEL --out FILE")
+        with open(name) as f:
+            return name, json.load(f)
+    if name:
+        stem = name if name.startswith("duo_") else f"duo_{name}"
+        res = resources.files("accel.configs").joinpath(f"{stem}.json")
+        if not res.is_file():
+            shipped = ", ".join(p.name[4:-5] for p in _shipped()) or "(none)"
+            raise ValueError(f"unknown DuoAttention head map {name!r}; shipped: {shipped} (or a .json path from "
+                             "scripts/calibrate_duo.py)")
+        return str(res), json.loads(res.read_text())
+    sig = model_signature(config) if config is not None else None
+    for res in _shipped():
+        data = json.loads(res.read_text())
+        if data.get("model") == sig:
+            return str(res), data
+    raise ValueError(f"no shipped DuoAttention head map fits this model ({sig}); calibrate one with "
+                     "`python scripts/calibrate_duo.py MODEL --out configs/duo_NAME.json` and pass duo_map=PATH")
+
+
+def streaming_assignment(gates: list[list[float]], ratio: float, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Bool [Hkv] per layer: the ``ratio`` share of KV heads (over ``layers``) with the lowest gates stream."""
+    cand = [(gates[i][h], i, h) for i in layers for h in range(len(gates[i]))]
+    n_stream = int(round(ratio * len(cand)))
+    out = {i: torch.zeros(len(gates[i]), dtype=torch.bool) for i in range(len(gates))}
+    for _, i, h in sorted(cand)[:n_stream]:
+        out[i][h] = True
+    return out
+
+
+@dataclass
+class DuoPolicy(Policy):
+    """DuoAttention (Xiao et al. 2024, arXiv 2410.10819): retrieval heads keep the full KV cache, streaming heads
+    only an attention sink and the recent tokens, in prefill and decode.
+
+    Which KV heads stream comes from a head map: per-head gate values from scripts/calibrate_duo.py (the gate
+    optimisation of the paper on synthetic passkey data, weights frozen); the ``ratio`` share of heads with the
+    lowest gates stream. The streaming heads' cache (DuoSplitLayer) holds ``sink + recent - 1`` tokens, so their
+    KV memory is constant. Sliding-window layers keep the model's own window. ``ratio=0`` is dense."""
+
+    name = "duo"
+    phases = ("prefill", "decode")
+    description = "retrieval heads full KV, streaming heads sink + recent (constant memory)"
+    paper = "DuoAttention (arXiv 2410.10819)"
+
+    duo_map: str = ""
+    ratio: float = 0.5
+    sink: int = 64
+    recent: int = 256
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"option 'ratio' of policy 'duo' must be in [0, 1], got {self.ratio}")
+        if self.sink < 0 or self.recent < 1:
+            raise ValueError(f"options 'sink' >= 0 and 'recent' >= 1 of policy 'duo', got {self.sink}, {self.recent}")
+        if self.duo_map:
+            load_head_map(self.duo_map)
+
+    def check_model(self, model) -> None:
+        """Load the head map for ``model`` (error if it was made for another model) and assign streaming heads."""
+        cfg = model.config
+        src, data = load_head_map(self.duo_map, cfg)
+        sig = model_signature(cfg)
+        if data.get("model") != sig:
+            raise ValueError(f"DuoAttention head map {src} was made for another model ({data.get('model')}); this "
+                             f"model is {sig}. Calibrate one with scripts/calibrate_duo.py")
+        gates = data["gates"]
+        types = getattr(getattr(cfg, "text_config", None) or cfg, "layer_types", None)
+        layers = [i for i in range(len(gates)) if not types or types[i] == "full_attention"]
+        self._stream = streaming_assignment(gates, self.ratio, layers)
+        self._source = src
+
+    def _stream_heads(self, layer_idx: int) -> torch.Tensor:
+        stream = getattr(self, "_stream", None)
+        if stream is None:
+            raise RuntimeError("policy 'duo' has no head map loaded; use it through accel.patch(model, 'duo')")
+        return stream[layer_idx]
+
+    def cache_kind(self, sliding_window, layer_idx):
+        if sliding_window is not None:
+            return None
+        stream = self._stream_heads(layer_idx)
+        if not bool(stream.any()):
+            return None
+        return DuoSplitLayer, {"stream_heads": stream, "sink": self.sink, "recent": self.recent}
+
+    def plan(self, q, k, ctx):
+        if ctx.sliding_window is not None:
+            return DenseLayout(window=ctx.sliding_window)
+        stream = self._stream_heads(ctx.layer_idx)
+        if not bool(stream.any()):
+            return DenseLayout()
+        if ctx.kv_start is not None:
+            raise ValueError("policy 'duo' does not support left-padded batches (streaming heads' sink tokens would "
+                             "be padding); run prompts one at a time or with equal lengths")
+        hkv = stream.numel()
+        group = q.shape[1] // hkv
+        dev = q.device
+        s_idx, r_idx = stream.nonzero()[:, 0].to(dev), (~stream).nonzero()[:, 0].to(dev)
+        ar = torch.arange(group, device=dev)
+        q_s, q_r = (s_idx[:, None] * group + ar).flatten(), (r_idx[:, None] * group + ar).flatten()
+        window = StreamingLayout(sink=self.sink, window=self.recent)
+        layer = ctx.cache_layer
+        if isinstance(layer, DuoSplitLayer) and not layer.full_call:
+            sk, sv = layer.stream_kv  # compacted past + this call's tokens (accel.layouts index space)
+            parts = [HeadPart(q_r, DenseLayout()), HeadPart(q_s, window, k=sk, v=sv)]
+        else:  # every head's K/V is here (first fill, or no cache)
+            parts = [HeadPart(q_r, DenseLayout(), kv_heads=r_idx), HeadPart(q_s, window, kv_heads=s_idx)]
+        return HeadSplitLayout([p for p in parts if p.q_heads.numel()])

@@ -1,0 +1,115 @@
+"""duo: per-head split cache (retrieval heads full, streaming heads sink + recent, constant memory), exact against
+a full recompute under the same per-head masks, ratio 0 / covering windows are dense, head-map checks."""
+
+import json
+
+import pytest
+import torch
+
+import accel
+from accel.cache import DuoSplitLayer
+from accel.policies.duo import model_signature, streaming_assignment
+from conftest import tiny_model
+from test_families import _global_layers_model, ids
+
+
+def _head_map(model, path, seed=0):
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    gates = torch.rand(cfg.num_hidden_layers, cfg.num_key_value_heads, generator=g).tolist()
+    path.write_text(json.dumps({"model": model_signature(cfg), "gates": gates}))
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_covering_window_is_dense(family, backend, tmp_path):
+    model = _global_layers_model(family)
+    x = ids(length=40)
+    with torch.no_grad():
+        ref = model.generate(x, max_new_tokens=12, do_sample=False)
+        accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), sink=4, recent=512,
+                    backend=backend)
+        out = model.generate(x, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
+def test_decode_on_split_cache_equals_full_recompute(family, tmp_path):
+    """Generating on the split cache gives the logits of a cache-free forward under the same per-head masks."""
+    model = tiny_model(family)
+    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12,
+                backend="reference")
+    x = ids(length=48)
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        recomputed = model(out.sequences[:, :-1], use_cache=False).logits[:, -8:]
+    torch.testing.assert_close(torch.stack(out.logits, 1), recomputed, atol=5e-5, rtol=1e-4)
+    split = [layer for layer in out.past_key_values.layers if isinstance(layer, DuoSplitLayer)]
+    assert split
+    for layer in split:
+        assert layer.skeys.shape[-2] == 4 + 12 - 1
+
+
+def test_streaming_heads_memory_is_constant(tmp_path):
+    model = tiny_model("llama")
+    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=1.0, sink=4, recent=12,
+                backend="reference")
+    sizes = []
+    with torch.no_grad():
+        for length in (40, 160):
+            out = model.generate(ids(length=length), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+            sizes.append(accel.cache_bytes(out.past_key_values))
+    assert sizes[0] == sizes[1]
+    accel.patch(model, "duo", duo_map=str(tmp_path / "m.json"), ratio=0.5, sink=4, recent=12, backend="reference")
+    with torch.no_grad():
+        out = model.generate(ids(length=160), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    dense = 2 * 2 * 2 * 162 * 16 * 4  # layers * (k, v) * kv heads * tokens * head_dim * fp32
+    assert accel.cache_bytes(out.past_key_values) < 0.6 * dense
+
+
+def test_generate_modes(tmp_path):
+    model = tiny_model("llama")
+    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), sink=4, recent=12, backend="reference")
+    with torch.no_grad():
+        for kw in (dict(do_sample=True, top_k=10), dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
+            out = model.generate(ids(batch=2, length=40), max_new_tokens=4, **kw)
+            assert out.shape[1] == 44
+
+
+def test_ratio_zero_is_dense(tmp_path):
+    model = tiny_model("llama")
+    x = ids(length=40)
+    with torch.no_grad():
+        ref = model.generate(x, max_new_tokens=8, do_sample=False)
+        accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.0, sink=2, recent=4)
+        assert torch.equal(model.generate(x, max_new_tokens=8, do_sample=False), ref)
+
+
+def test_assignment_takes_lowest_gates():
+    gates = [[0.9, 0.1], [0.5, 0.2], [0.05, 0.95]]
+    st = streaming_assignment(gates, 0.5, [0, 1, 2])
+    assert [st[i].tolist() for i in range(3)] == [[False, True], [False, True], [True, False]]
+
+
+def test_head_map_for_another_model_is_refused(tmp_path):
+    llama, qwen = tiny_model("llama"), tiny_model("qwen3")
+    path = _head_map(llama, tmp_path / "m.json")
+    with pytest.raises(ValueError, match="another model"):
+        accel.patch(qwen, "duo", duo_map=path)
+    assert not accel.is_patched(qwen)
+    with pytest.raises(ValueError, match="no shipped DuoAttention head map"):
+        accel.patch(qwen, "duo")
+    with pytest.raises(FileNotFoundError, match="calibrate_duo"):
+        accel.parse_policy("duo", duo_map=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="ratio"):
+        accel.parse_policy("duo", ratio=1.5)
+
+
+def test_padded_batch_refused(tmp_path):
+    model = tiny_model("llama")
+    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=2, recent=8)
+    x = ids(batch=2, length=30)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="left-padded"):
+        model.generate(x, attention_mask=mask, max_new_tokens=2)
