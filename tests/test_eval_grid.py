@@ -1,0 +1,113 @@
+"""accel-eval on a tiny random Llama: tables, plots, resume, corrupt cells recomputed, bad input."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from accel.eval import cli, grid
+from test_eval_synth import tiny_tokenizer
+
+BASE = ["--policy", "dense", "--policy", "streaming:sink=4,window=64", "--lengths", "300,500", "--tasks",
+        "niah_single,vt", "--samples", "2", "--depths", "0,1", "--max-new-tokens", "3", "--backend", "reference",
+        "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-eval-llama")
+    tok = tiny_tokenizer(chat=True)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                   max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _run(capsys, argv):
+    code = cli.main(argv)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_grid_writes_tables_plots_and_resumes(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "ev"
+    code, stdout, err = _run(capsys, ["--model", str(tiny_dir), "--out", str(out), *BASE])
+    assert code == 0, err
+    res = json.loads((out / "eval.json").read_text())
+    assert res["meta"]["cells_computed"] == 8 and res["meta"]["command"].startswith("accel-eval --model")
+    assert len(res["cells"]) == 8 and all(0 <= c["score"] <= 1 for c in res["cells"])
+    md = (out / "eval.md").read_text()
+    assert "| streaming:sink=4,window=64 | 500 |" in md and "| policy | length | niah_single | vt | mean |" in md
+    assert (out / "needle_heatmap_niah_single.png").stat().st_size > 1000
+    assert (out / "accuracy_vs_length.png").stat().st_size > 1000
+    assert "| dense | 300 |" in stdout
+    cells = sorted((out / "cells").glob("*.json"))
+    assert len(cells) == 8
+
+    # corrupt one cell, half-write another, edit a third: all three are recomputed, the rest reused
+    cells[0].write_text("{not json")
+    cells[1].write_text(cells[1].read_text()[:50])
+    body = json.loads(cells[2].read_text())
+    body["payload"]["score"] = 1.0
+    cells[2].write_text(json.dumps(body))
+    before = {p.name: p.read_text() for p in cells[3:]}
+    code, _, err = _run(capsys, ["--model", str(tiny_dir), "--out", str(out), *BASE])
+    assert code == 0, err
+    res = json.loads((out / "eval.json").read_text())
+    assert res["meta"]["cells_reused"] == 5 and res["meta"]["cells_computed"] == 3
+    assert sorted(res["meta"]["cells_recomputed"]) == sorted(p.name for p in cells[:3])
+    assert {p.name: p.read_text() for p in cells[3:]} == before
+    for p in cells[:3]:
+        json.loads(p.read_text())  # whole again
+
+    # other settings (more samples): nothing is mixed in
+    code, _, err = _run(capsys, ["--model", str(tiny_dir), "--out", str(out), *BASE[:-1], "--samples", "1"])
+    assert code == 0, err
+    assert json.loads((out / "eval.json").read_text())["meta"]["cells_computed"] == 8
+
+
+def test_cell_file_checks(tmp_path):
+    key = {"a": 1}
+    p = tmp_path / "c.json"
+    grid.write_cell(p, key, {"score": 0.5})
+    assert grid.read_cell(p, key) == {"score": 0.5}
+    with pytest.raises(grid.CellError, match="other settings"):
+        grid.read_cell(p, {"a": 2})
+    p.write_text(p.read_text()[:-5])
+    with pytest.raises(grid.CellError, match="corrupt or half-written"):
+        grid.read_cell(p, key)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--tasks", "needle_nope"], "offline tasks: niah_single"),
+    (["--lengths", "1020"], "exceeds the model's context of 1024"),
+    (["--lengths", "20"], "too small"),
+    (["--policy", "streaming:windw=3"], "unknown option"),
+    (["--tasks", "longbench:hotpotqa"], "--longbench-dir"),
+    (["--depths", "2"], "--depths"),
+])
+def test_bad_input_one_line_exit_2(capsys, tiny_dir, tmp_path, argv, match):
+    args = ["--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--samples", "1", "--device", "cpu", "--quiet"]
+    code, out, err = _run(capsys, args + argv)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and match in err and err.startswith("accel-eval: error:")
+
+
+def test_longbench_task_in_grid(capsys, tiny_dir, tmp_path):
+    rows = [{"input": "Which city?", "context": "The fair was held in Paris. " * 80, "answers": ["Paris"],
+             "all_classes": None, "length": 500, "_id": str(i)} for i in range(2)]
+    (tmp_path / "hotpotqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "lb"
+    code, stdout, err = _run(capsys, ["--model", str(tiny_dir), "--out", str(out), "--tasks", "longbench:hotpotqa",
+                                      "--longbench-dir", str(tmp_path), "--lengths", "200", "--samples", "2",
+                                      "--max-new-tokens", "3", "--policy", "dense", "--device", "cpu", "--quiet",
+                                      "--no-plots"])
+    assert code == 0, err
+    cell = json.loads((out / "eval.json").read_text())["cells"][0]
+    assert cell["task"] == "longbench:hotpotqa" and cell["n"] == 2
