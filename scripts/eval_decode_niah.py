@@ -1,0 +1,138 @@
+"""Accuracy of the decode policies on a real model (CPU): needle retrieval at several depths and lengths versus
+dense, and token agreement with dense generation for a long prompt.
+
+    python scripts/eval_decode_niah.py --out results            # SmolLM2-135M, ~10-15 min on 2 CPU cores
+    python scripts/eval_decode_niah.py --lengths 2000 --depths 0.5 --quick
+
+Writes results/decode_niah.json and results/decode_niah.md (command, device, versions, date included). Policies:
+dense, quest at its defaults (budget 4096: the whole context at these lengths, so dense by construction) and at
+small budgets that make it sparse, duo at its defaults with the shipped head map (ratio 0.5, sink 64, recent 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+POLICIES = {
+    "dense": ("dense", {}),
+    "quest": ("quest", {}),
+    "quest b1024": ("quest", {"budget": 1024}),
+    "quest b512": ("quest", {"budget": 512}),
+    "duo": ("duo", {}),
+}
+
+
+def _generate(model, ids, n):
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)[0,
+                                                                                                           ids.shape[1]:]
+
+
+def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_tokens, log=print):
+    import accel
+    from accel.needle import build_needle_prompt, needle_found
+
+    cells, agree = [], {}
+    prompts = [(n, d, build_needle_prompt(tok, n, depth=d, seed=i)) for i, (n, d) in
+               enumerate((n, d) for n in lengths for d in depths)]
+    long_prompt = build_needle_prompt(tok, agree_len, depth=0.3, seed=99)
+    long_ids = torch.tensor([long_prompt.input_ids])
+    dense_long = None
+    for label in policies:
+        name, opts = POLICIES[label]
+        accel.patch(model, name, backend="reference", **opts)
+        for n, d, p in prompts:
+            t0 = time.time()
+            out = _generate(model, torch.tensor([p.input_ids]), new_tokens)
+            text = tok.decode(out, skip_special_tokens=True)
+            st = accel.stats(model)
+            dec = [layer["decode_density"] for layer in st["layers"] if layer["decode_density"] is not None]
+            cells.append({"policy": label, "length": p.num_tokens, "target_length": n, "depth": d,
+                          "found": needle_found(text, p.answer), "answer": p.answer, "output": text,
+                          "decode_density": sum(dec) / len(dec) if dec else None,
+                          "seconds": round(time.time() - t0, 1)})
+            accel.reset_stats(model)
+            log(f"{label:12s} {p.num_tokens:5d} tok depth {d:.2f}: {'FOUND' if cells[-1]['found'] else 'miss '} "
+                f"{text!r}")
+        out = _generate(model, long_ids, agree_tokens)
+        if label == "dense":
+            dense_long = out
+        same = (out == dense_long[: out.numel()]).float()
+        first = int((same == 0).nonzero()[0, 0]) if bool((same == 0).any()) else out.numel()
+        agree[label] = {"agreement": float(same.mean()), "first_divergence": first,
+                        "text": tok.decode(out, skip_special_tokens=True)}
+        log(f"{label:12s} agreement with dense over {agree_tokens} tokens: {agree[label]['agreement']:.2f} "
+            f"(first divergence at {first})")
+        accel.unpatch(model)
+    return cells, agree, long_prompt.num_tokens
+
+
+def markdown(res) -> str:
+    lines = [f"# Decode policies: needle retrieval and agreement with dense ({res['model']})", "",
+             f"Command: `{res['command']}`  ", f"Device: {res['device']}; {res['versions']}; {res['date']}", "",
+             "| policy | needles found | mean decode density | agreement with dense (long prompt) | first divergence |",
+             "| --- | --- | --- | --- | --- |"]
+    for label in res["policies"]:
+        cs = [c for c in res["cells"] if c["policy"] == label]
+        dens = [c["decode_density"] for c in cs if c["decode_density"] is not None]
+        a = res["agreement"][label]
+        lines.append(f"| {label} | {sum(c['found'] for c in cs)}/{len(cs)} | "
+                     f"{sum(dens) / len(dens):.3f} | {a['agreement']:.2f} | {a['first_divergence']} |")
+    lines += ["", "| policy | length | depth | found | output |", "| --- | --- | --- | --- | --- |"]
+    for c in res["cells"]:
+        lines.append(f"| {c['policy']} | {c['length']} | {c['depth']} | {'yes' if c['found'] else 'no'} | "
+                     f"{c['output'].strip()!r} |")
+    lines += ["", f"Agreement prompt: {res['agree_prompt_tokens']} tokens, {res['agree_tokens']} greedy tokens."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {', '.join(POLICIES)}")
+    ap.add_argument("--lengths", default="2000,4000")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--agree-length", type=int, default=3000)
+    ap.add_argument("--agree-tokens", type=int, default=32)
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    from accel.models import load_model
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    model, tok = load_model(args.model, dtype="float32", quiet=True)
+    policies = [p.strip() for p in args.policies.split(",")]
+    if policies[0] != "dense":
+        policies.insert(0, "dense")
+    t0 = time.time()
+    cells, agree, n_agree = run(model, tok, policies, [int(x) for x in args.lengths.split(",")],
+                                [float(x) for x in args.depths.split(",")], args.new_tokens, args.agree_length,
+                                args.agree_tokens)
+    import transformers
+
+    res = {"model": args.model, "policies": policies, "cells": cells, "agreement": agree,
+           "agree_prompt_tokens": n_agree, "agree_tokens": args.agree_tokens,
+           "command": " ".join(["python", "scripts/eval_decode_niah.py", *(argv if argv is not None
+                                                                            else sys.argv[1:])]),
+           "device": f"cpu ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
+           "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, python "
+                       f"{platform.python_version()}", "seconds": round(time.time() - t0, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode_niah.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(args.out, "decode_niah.md"), "w") as f:
+        f.write(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
