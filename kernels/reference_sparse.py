@@ -51,6 +51,16 @@ def _attend_masked(q, k, v, keep, scale, softcap):
     return o.reshape(B, Hq, C, -1), lse.reshape(B, Hq, C)
 
 
+def _sdpa_masked(q, k, v, keep, scale, hi):
+    """``_attend_masked``'s output (no lse, no soft-capping) through torch SDPA over the keys before ``hi`` (the
+    chunk's causal range), in float32; rows that see no key give 0. ~4x faster on CPU than the explicit math."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k[:, :, :hi].float(), v[:, :, :hi].float(), attn_mask=keep[..., :hi], scale=scale,
+        enable_gqa=Hq != Hkv)
+    return torch.nan_to_num(o, nan=0.0).to(q.dtype)
+
+
 def _layout_heads(n_layout_heads: int, hq: int) -> torch.Tensor:
     """Layout head index of every query head (h // (Hq // H_L))."""
     return torch.arange(hq) // (hq // n_layout_heads)
@@ -92,6 +102,9 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, softcap=
         keep = rows.repeat_interleave(bq, dim=2)[:, :, : e - s]
         keep = keep.repeat_interleave(bk, dim=3)[..., :Sk]
         keep = keep & visible_mask(Sq, Sk, q_start=s, q_end=e, device=q.device)
+        if softcap is None and not return_lse:  # same math through SDPA (CPU-usable at long context)
+            out[:, :, s:e] = _sdpa_masked(q[:, :, s:e], k, v, keep, scale, Sk - Sq + e)
+            continue
         o, l = _attend_masked(q[:, :, s:e], k, v, keep, scale, softcap)
         out[:, :, s:e] = o.to(q.dtype)
         lse[:, :, s:e] = l
@@ -304,6 +317,9 @@ def vertical_slash_attention(q, k, v, layout: VerticalSlashLayout, *, scale=None
     for s in range(0, Sq, chunk):
         e = min(Sq, s + chunk)
         keep = vertical_slash_mask(layout, Sq, Sk, q_start=s, q_end=e).to(q.device)[:, heads]
+        if softcap is None and not return_lse:  # same math through SDPA (CPU-usable at long context)
+            out[:, :, s:e] = _sdpa_masked(q[:, :, s:e], k, v, keep, scale, Sk - Sq + e)
+            continue
         o, l = _attend_masked(q[:, :, s:e], k, v, keep, scale, softcap)
         out[:, :, s:e] = o.to(q.dtype)
         lse[:, :, s:e] = l

@@ -146,3 +146,21 @@ def test_triton_backend_matches_reference_backend():
         accel.patch(model, "flexprefill", gamma=0.6, block_size=64, min_budget=64, backend="triton")
         out = model(x).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_reference_sdpa_path_equals_explicit_math():
+    """The reference sparse kernels' SDPA path (no lse requested) equals their explicit-math path (lse requested)."""
+    from accel.kernels.reference_sparse import (block_sparse_attention, random_block_layout,
+                                                vertical_slash_attention)
+    from accel.layouts import VerticalSlashLayout
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 150, 16), torch.randn(1, 2, 230, 16), torch.randn(1, 2, 230, 16)
+    layout = random_block_layout(1, 4, 150, 230, 32, 32, keep=0.3)
+    fast = block_sparse_attention(q, k, v, layout, chunk=64)
+    exact, _ = block_sparse_attention(q, k, v, layout, chunk=64, return_lse=True)
+    torch.testing.assert_close(fast, exact, atol=1e-5, rtol=1e-5)
+    vs = VerticalSlashLayout(columns=torch.tensor([[[0, 5, 77, -1]]]), offsets=torch.tensor([[[0, 1, 40]]]))
+    fast = vertical_slash_attention(q, k, v, vs, chunk=64)
+    exact, _ = vertical_slash_attention(q, k, v, vs, chunk=64, return_lse=True)
+    torch.testing.assert_close(fast, exact, atol=1e-5, rtol=1e-5)
