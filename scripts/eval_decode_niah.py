@@ -30,10 +30,24 @@ POLICIES = {
 }
 
 
-def _generate(model, ids, n):
+def _generate(model, ids, n, min_new=0):
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)[0,
-                                                                                                           ids.shape[1]:]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=min_new,
+                             do_sample=False)
+    return out[0, ids.shape[1]:]
+
+
+def _continuation_prompt(tok, n_tokens: int) -> list[int]:
+    """Plain filler text of about ``n_tokens`` tokens for the model to continue (no question, so no early EOS)."""
+    from accel.needle import filler_sentences
+
+    ids: list[int] = []
+    for sent in filler_sentences(seed=99):
+        more = tok(" " + sent, add_special_tokens=False)["input_ids"]
+        if len(ids) + len(more) > n_tokens:
+            break
+        ids += more
+    return ids
 
 
 def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_tokens, log=print):
@@ -43,8 +57,7 @@ def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_toke
     cells, agree = [], {}
     prompts = [(n, d, build_needle_prompt(tok, n, depth=d, seed=i)) for i, (n, d) in
                enumerate((n, d) for n in lengths for d in depths)]
-    long_prompt = build_needle_prompt(tok, agree_len, depth=0.3, seed=99)
-    long_ids = torch.tensor([long_prompt.input_ids])
+    long_ids = torch.tensor([_continuation_prompt(tok, agree_len)])
     dense_long = None
     for label in policies:
         name, opts = POLICIES[label]
@@ -62,7 +75,7 @@ def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_toke
             accel.reset_stats(model)
             log(f"{label:12s} {p.num_tokens:5d} tok depth {d:.2f}: {'FOUND' if cells[-1]['found'] else 'miss '} "
                 f"{text!r}")
-        out = _generate(model, long_ids, agree_tokens)
+        out = _generate(model, long_ids, agree_tokens, min_new=agree_tokens)
         if label == "dense":
             dense_long = out
         same = (out == dense_long[: out.numel()]).float()
@@ -72,7 +85,7 @@ def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_toke
         log(f"{label:12s} agreement with dense over {agree_tokens} tokens: {agree[label]['agreement']:.2f} "
             f"(first divergence at {first})")
         accel.unpatch(model)
-    return cells, agree, long_prompt.num_tokens
+    return cells, agree, long_ids.shape[1]
 
 
 def markdown(res) -> str:
@@ -90,7 +103,8 @@ def markdown(res) -> str:
     for c in res["cells"]:
         lines.append(f"| {c['policy']} | {c['length']} | {c['depth']} | {'yes' if c['found'] else 'no'} | "
                      f"{c['output'].strip()!r} |")
-    lines += ["", f"Agreement prompt: {res['agree_prompt_tokens']} tokens, {res['agree_tokens']} greedy tokens."]
+    lines += ["", f"Agreement prompt: {res['agree_prompt_tokens']} tokens of filler text to continue, "
+                  f"{res['agree_tokens']} greedy tokens."]
     return "\n".join(lines) + "\n"
 
 

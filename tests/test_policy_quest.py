@@ -112,3 +112,24 @@ def test_default_is_paper_setting():
 def test_bad_options(opts, match):
     with pytest.raises(ValueError, match=match):
         accel.parse_policy("quest", **opts)
+
+
+@pytest.mark.real_model
+def test_real_model_needle_with_small_budget():
+    """SmolLM2-135M finds a needle in ~2K tokens while quest attends to 512 of them per decode step."""
+    from accel import models
+    from accel.needle import build_needle_prompt, needle_found
+
+    try:
+        path = models.fetch_demo_model("smollm2")
+    except models.DownloadError as exc:
+        pytest.skip(f"demo model could not be downloaded: {exc}".splitlines()[0])
+    model, tok = models.load_model(str(path), dtype="float32", quiet=True)
+    p = build_needle_prompt(tok, 2000, depth=0.5, seed=0)
+    accel.patch(model, "quest", budget=512)
+    ids = torch.tensor([p.input_ids])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert needle_found(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), p.answer)
+    dec = [layer["decode_density"] for layer in accel.stats(model)["layers"][2:]]
+    assert max(dec) < 0.3
