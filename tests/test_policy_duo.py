@@ -113,3 +113,24 @@ def test_padded_batch_refused(tmp_path):
     mask[1, :5] = 0
     with torch.no_grad(), pytest.raises(ValueError, match="left-padded"):
         model.generate(x, attention_mask=mask, max_new_tokens=2)
+
+
+@pytest.mark.real_model
+def test_shipped_head_map_on_the_demo_model():
+    """configs/duo_smollm2.json fits SmolLM2-135M (picked by its signature); streaming heads halve the KV bytes."""
+    from accel import models
+    from accel.needle import build_needle_prompt
+
+    try:
+        path = models.fetch_demo_model("smollm2")
+    except models.DownloadError as exc:
+        pytest.skip(f"demo model could not be downloaded: {exc}".splitlines()[0])
+    model, tok = models.load_model(str(path), dtype="float32", quiet=True)
+    ids = torch.tensor([build_needle_prompt(tok, 1500, depth=0.9, seed=0).input_ids])
+    sizes = {}
+    for policy in ("dense", "duo"):
+        accel.patch(model, policy)
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        sizes[policy] = accel.cache_bytes(out.past_key_values)
+    assert sizes["duo"] < 0.7 * sizes["dense"]
