@@ -205,7 +205,7 @@ def run_grid(model, tokenizer, cfg: GridConfig, out_dir: Path, quiet: bool = Fal
         for c, key in todo:
             samples = sample_cache[(c.task, c.length)]
             if current != c.policy.label:
-                accel.patch(model, policy=c.policy.policy, backend=cfg.backend, **c.policy.options)
+                accel.patch(model, policy=c.policy.policy, backend=cfg.backend, collect_stats=True, **c.policy.options)
                 current = c.policy.label
             accel.reset_stats(model)
             bar.set_postfix_str(f"{c.policy.label} | {c.task} | {c.length}")
