@@ -48,10 +48,13 @@ class ProxyPolicy(Policy):
     token resolution for queries sampled every ``query_stride`` rows; those scores summed per block rank the key
     blocks of every head in the group. Each head then keeps as many top-ranked blocks as its own *block-aware
     budget* says: the fewest blocks whose mass reaches ``gamma`` in the head's cheap block-level estimate
-    (mean-pooled query block against mean-pooled key blocks), per query block; first and diagonal blocks always.
+    (mean-pooled query block against mean-pooled key blocks), per query block, and never fewer than the proxy's own
+    token-level scores need to reach ``gamma``; first and diagonal blocks always.
 
     Our reading of the paper (its code could not be consulted here): grouping, query sampling and the budget rule
-    follow the paper's description; the exact group sizes and sampling of the authors' code may differ.
+    follow the paper's description; the exact group sizes and sampling of the authors' code may differ. The floor
+    at the proxy's own budget is ours: on SmolLM2-135M at 2K tokens the pooled per-head budget alone kept 0.89 of
+    the attention mass (density 0.45), with the floor 0.94 (density 0.57).
     ``gamma=1`` keeps every causal block (dense)."""
 
     name = "proxy"
@@ -96,11 +99,12 @@ class ProxyPolicy(Policy):
             raise ValueError(f"option 'heads_per_proxy' ({per}) of policy 'proxy' must divide the model's "
                              f"{Hq} query heads")
         ranking = proxy_block_scores(q, k, self.block_size, per, self.query_stride)
+        proxy_budget = tokens_to_cover(ranking.masked_fill(~causal, 0.0), self.gamma).repeat_interleave(per, dim=1)
         ranking = ranking.masked_fill(~causal, -1.0).repeat_interleave(per, dim=1)  # [B, Hq, nq, nk]
         # block-aware budget of each head: its own pooled block distribution, per query block
         q_pool = block_means(q, self.block_size)
         k_pool = block_means(k, self.block_size).repeat_interleave(Hq // Hkv, dim=1)
         logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * D**-0.5
         own = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-        budget = tokens_to_cover(own, self.gamma)  # blocks per (head, query block)
+        budget = torch.maximum(tokens_to_cover(own, self.gamma), proxy_budget)  # blocks per (head, query block)
         return top_n_mask(ranking, budget) & causal
