@@ -133,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results", help="output folder (default results/)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an existing <out>/prefill_niah.json that this run does not redo")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t_start = time.time()
@@ -161,9 +163,18 @@ def main(argv=None) -> int:
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
             "seconds": round(time.time() - t_start, 1)}
-    summary = summarize(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    old_path = out / "prefill_niah.json"
+    if args.merge and old_path.is_file():
+        old = json.loads(old_path.read_text())
+        redone = {(r["model"], r["policy"], r["length"], r["depth"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["model"], r["policy"], r["length"], r["depth"]) not in redone] + rows
+        meta["command"] = old["meta"]["command"] + "` then `" + meta["command"]
+        meta["seconds"] = round(old["meta"]["seconds"] + meta["seconds"], 1)
+        order = {k: i for i, k in enumerate(dict.fromkeys((r["model"], r["length"], r["depth"]) for r in rows))}
+        rows.sort(key=lambda r: order[(r["model"], r["length"], r["depth"])])
+    summary = summarize(rows)
     (out / "prefill_niah.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     (out / "prefill_niah.md").write_text(markdown(summary, rows, meta))
     print(markdown(summary, rows, meta))
