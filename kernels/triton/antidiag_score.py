@@ -25,14 +25,12 @@ and ``c < ceil(Sk/stride)``; rows with ``r*stride >= Sq`` see nothing. Queries/k
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
+
 MAX_ROWS_PER_BLOCK = 128  # block // stride: one block's strided rows must fit a tile
 _LOG2E = 1.4426950408889634
 
@@ -125,10 +123,6 @@ def _antidiag_score_fwd(
             acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
 
 
-def os_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _default_config(q: torch.Tensor) -> dict:
     """Tiles (strided rows x strided columns) and launch parameters. On the GPU (H100, bf16, head_dim 128):
     128 x 64 with 8 warps and 3 stages of q/k tiles in flight; smaller for head_dim 256 and float32. Under the
@@ -163,7 +157,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> N
         raise ValueError(f"q and k must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on one device, got {q.device}, {k.device}")
-    if not q.is_cuda and not os_interpret():
+    if not q.is_cuda and not interpreting():
         raise ValueError("the Triton antidiagonal-score kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
                          "tensors; accel.policies.xattention.antidiagonal_block_scores is the torch version)")
     for name, val in (("block", block), ("stride", stride)):

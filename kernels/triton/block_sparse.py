@@ -13,7 +13,6 @@ query heads that share a KV head are adjacent in the grid so their K/V tiles are
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -22,10 +21,9 @@ import triton.language as tl
 from accel.layouts import BlockLayout
 
 from ..reference_sparse import SUPPORTED_BLOCK_SIZES, validate_block_layout
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_qkv, interpreting
 from .online_softmax import softmax_step
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
@@ -136,29 +134,9 @@ def check_inputs(q, k, v, layout) -> None:
     """Shape/dtype/device checks done before every launch (cheap, no device sync). Raises ValueError."""
     if not isinstance(layout, BlockLayout):
         raise ValueError(f"expected a BlockLayout, got {type(layout).__name__}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be [batch, heads, seq, head_dim]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_qkv(q, k, v, "block-sparse")
     B, Hq, Sq, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
     Hkv, Sk = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
-    if Sq > Sk:
-        raise ValueError(f"block-sparse kernel needs Sq <= Sk (queries are the last Sq keys), got Sq={Sq} Sk={Sk}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported by the Triton block-sparse kernel; "
-                         f"supported: {SUPPORTED_HEAD_DIMS}")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not q.is_cuda and not os_interpret():
-        raise ValueError("the Triton block-sparse kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     for name, bs in (("block_q", layout.block_q), ("block_k", layout.block_k)):
         if bs not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"BlockLayout.{name}={bs} is not supported; use one of {SUPPORTED_BLOCK_SIZES}")
@@ -175,10 +153,6 @@ def check_inputs(q, k, v, layout) -> None:
     nq = -(-Sq // layout.block_q)
     if c.shape[2] != nq:
         raise ValueError(f"layout has {c.shape[2]} query blocks but Sq={Sq} with block_q={layout.block_q} needs {nq}")
-
-
-def os_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, softcap=None, return_lse=False,

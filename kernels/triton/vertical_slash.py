@@ -21,7 +21,6 @@ share a layout (``plan=``). GQA reads KV head ``h // (Hq // Hkv)``; K/V are neve
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +30,9 @@ import triton.language as tl
 from accel.layouts import VerticalSlashLayout
 
 from ..reference_sparse import block_mask_to_layout, validate_vertical_slash_layout
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_qkv
 from .online_softmax import softmax_step
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass
@@ -194,25 +192,9 @@ def _vertical_slash_fwd(
 def _check(q, k, v, layout):
     if not isinstance(layout, VerticalSlashLayout):
         raise ValueError(f"expected a VerticalSlashLayout, got {type(layout).__name__}")
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q [B, Hq, Sq, D] and k, v [B, Hkv, Sk, D] expected, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    check_qkv(q, k, v, "vertical-slash")
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
-    if Sq > Sk:
-        raise ValueError(f"vertical-slash kernel needs Sq <= Sk (queries are the last Sq keys), got Sq={Sq} Sk={Sk}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported by the Triton vertical-slash kernel; "
-                         f"supported: {SUPPORTED_HEAD_DIMS}")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("the Triton vertical-slash kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     for t in (layout.columns, layout.offsets):
         if t.dim() != 3 or t.shape[0] not in (B, 1) or t.shape[1] == 0 or Hq % t.shape[1]:
             raise ValueError(f"VerticalSlashLayout tensors must be [B or 1, H_L, n] with H_L dividing {Hq}, got "

@@ -1,0 +1,40 @@
+"""Input checks shared by the sparse attention kernels: cheap (no device sync), before any launch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) -> None:
+    """q [B, Hq, Sq, D], k and v [B, Hkv, Sk, D] with Hq % Hkv == 0, Sq <= Sk, a supported head_dim and dtype, one
+    device, CUDA (or the interpreter). Raises ValueError naming the limit."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q [B, Hq, Sq, D] and k, v [B, Hkv, Sk, D] expected, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
+    if Sq > Sk:
+        raise ValueError(f"{kernel} kernel needs Sq <= Sk (queries are the last Sq keys), got Sq={Sq} Sk={Sk}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported by the Triton {kernel} kernel; "
+                         f"supported: {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not q.is_cuda and not interpreting():
+        raise ValueError(f"the Triton {kernel} kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
