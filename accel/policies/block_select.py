@@ -18,6 +18,18 @@ from .base import Policy
 SUPPORTED_BLOCKS = (64, 128)
 
 
+def check_block_size(policy: Policy) -> None:
+    if policy.block_size not in SUPPORTED_BLOCKS:
+        raise ValueError(f"option 'block_size' of policy {policy.name!r} must be one of {SUPPORTED_BLOCKS}, "
+                         f"got {policy.block_size}")
+
+
+def check_fraction(policy: Policy, option: str) -> None:
+    value = getattr(policy, option)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"option {option!r} of policy {policy.name!r} must be in (0, 1], got {value}")
+
+
 def keep_by_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Bool mask of the fewest highest-scoring entries per row whose sum reaches ``threshold`` of the row sum."""
     if threshold >= 1.0:
@@ -37,11 +49,8 @@ class BlockSelectPolicy(Policy):
     threshold: float = 0.9
 
     def validate(self) -> None:
-        if self.block_size not in SUPPORTED_BLOCKS:
-            raise ValueError(f"option 'block_size' of policy {self.name!r} must be one of {SUPPORTED_BLOCKS}, "
-                             f"got {self.block_size}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"option 'threshold' of policy {self.name!r} must be in (0, 1], got {self.threshold}")
+        check_block_size(self)
+        check_fraction(self, "threshold")
 
     def score(self, q: torch.Tensor, k: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -9,7 +9,7 @@ from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
 from accel.layouts import DenseLayout
 
 from .base import Policy
-from .block_select import SUPPORTED_BLOCKS, keep_by_threshold
+from .block_select import check_block_size, check_fraction, keep_by_threshold
 from .vertical_slash import block_means, block_sums, diagonal_sums, last_query_attention
 
 
@@ -78,11 +78,8 @@ class FlexPrefillPolicy(Policy):
     min_budget: int = 1024
 
     def validate(self) -> None:
-        if self.block_size not in SUPPORTED_BLOCKS:
-            raise ValueError(f"option 'block_size' of policy 'flexprefill' must be one of {SUPPORTED_BLOCKS}, "
-                             f"got {self.block_size}")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"option 'gamma' of policy 'flexprefill' must be in (0, 1], got {self.gamma}")
+        check_block_size(self)
+        check_fraction(self, "gamma")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"option 'tau' of policy 'flexprefill' must be in [0, 1], got {self.tau}")
         if self.min_budget <= 0:

@@ -8,7 +8,7 @@ from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
 from accel.layouts import DenseLayout
 
 from .base import Policy, require_positive
-from .block_select import SUPPORTED_BLOCKS
+from .block_select import check_block_size, check_fraction
 from .flexprefill import tokens_to_cover, top_n_mask
 from .vertical_slash import block_means
 
@@ -68,11 +68,8 @@ class ProxyPolicy(Policy):
     query_stride: int = 8
 
     def validate(self) -> None:
-        if self.block_size not in SUPPORTED_BLOCKS:
-            raise ValueError(f"option 'block_size' of policy 'proxy' must be one of {SUPPORTED_BLOCKS}, "
-                             f"got {self.block_size}")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"option 'gamma' of policy 'proxy' must be in (0, 1], got {self.gamma}")
+        check_block_size(self)
+        check_fraction(self, "gamma")
         require_positive(self, "query_stride")
         if self.heads_per_proxy < 0:
             raise ValueError(f"option 'heads_per_proxy' of policy 'proxy' must be >= 0 (0: one proxy per GQA "
