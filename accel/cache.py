@@ -80,7 +80,21 @@ def cache_bytes(cache: Cache | None) -> int:
     return total
 
 
-class PagedKVLayer(DynamicLayer):
+class _BatchOps:
+    """Batch reshuffles (beam search, num_return_sequences, batch selection) for layers whose storage is several
+    tensors: each layer implements ``_batch(fn)``, applying ``fn`` to every per-batch tensor it holds."""
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
+class PagedKVLayer(_BatchOps, DynamicLayer):
     """Full KV plus per-page key bounds for query-aware page selection (Quest and its relatives).
 
     Keys and values live in capacity buffers that grow geometrically, so appending a token writes one row instead
@@ -203,15 +217,6 @@ class PagedKVLayer(DynamicLayer):
             self._views()
         self.plan_cache.clear()
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._batch(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
     def offload(self):
         raise NotImplementedError("PagedKVLayer does not support offloading; use the default cache without accel")
 
@@ -226,7 +231,7 @@ def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     return new
 
 
-class DuoSplitLayer(DynamicLayer):
+class DuoSplitLayer(_BatchOps, DynamicLayer):
     """DuoAttention cache layer: retrieval KV heads keep every token, streaming KV heads keep only ``sink`` +
     ``recent - 1`` tokens (constant memory; the next query makes ``recent``).
 
@@ -312,15 +317,6 @@ class DuoSplitLayer(DynamicLayer):
             self.keys, self.values, self.skeys, self.svalues = (
                 fn(t) for t in (self.keys, self.values, self.skeys, self.svalues))
         self.stream_kv = None
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._batch(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def offload(self):
         raise NotImplementedError("DuoSplitLayer does not support offloading")

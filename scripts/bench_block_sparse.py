@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from accel.kernels import reference_sparse as rs  # noqa: E402
+from bench_utils import bench  # noqa: E402
+from bench_utils import err as _err  # noqa: E402
 from accel.kernels.triton.block_sparse import block_sparse_attention  # noqa: E402
 from accel.kernels.triton.vertical_slash import plan_vertical_slash, vertical_slash_attention  # noqa: E402
 from accel.layouts import BlockLayout, VerticalSlashLayout  # noqa: E402
@@ -37,16 +39,6 @@ TRITON_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages): the default fir
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
 ]
-
-
-def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-
-
-def bench(fn, rep=100, warmup=25) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
 def pad_indices(idx: torch.Tensor, n: int) -> torch.Tensor:

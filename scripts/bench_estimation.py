@@ -47,10 +47,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from accel.kernels import reference_sparse as rs  # noqa: E402
+from bench_utils import bench  # noqa: E402
+from bench_utils import err as _err  # noqa: E402
 from accel.kernels.triton.antidiag_score import antidiagonal_scores  # noqa: E402
 from accel.kernels.triton.block_sparse import block_sparse_attention  # noqa: E402
 from accel.policies.block_select import keep_by_threshold  # noqa: E402
 from accel.policies.xattention import antidiagonal_block_scores  # noqa: E402
+from accel.recall import layout_recall  # noqa: E402
 
 TUNE_CONFIGS = [  # (BLOCK_R, BLOCK_C: strided rows x columns per tile, num_warps, num_stages); default excluded
     dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=2),
@@ -60,16 +63,6 @@ TUNE_CONFIGS = [  # (BLOCK_R, BLOCK_C: strided rows x columns per tile, num_warp
     dict(BLOCK_R=64, BLOCK_C=64, num_warps=4, num_stages=3),
     dict(BLOCK_R=64, BLOCK_C=128, num_warps=8, num_stages=3),
 ]
-
-
-def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-
-
-def bench(fn, rep=100, warmup=25) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
 def structured_qkv(S, heads, kv_heads, D, device, seed=0, amp=1.0, sink_boost=8.0, n_sinks=16,
@@ -104,21 +97,6 @@ def select(scores, S, block, threshold):
     causal, _ = rs.causal_block_mask(S, S, block, block, device=scores.device)
     keep = keep_by_threshold(scores.masked_fill(~causal, 0), threshold)
     return rs.build_block_layout(keep, S, S, block, block)
-
-
-def sampled_recall(q, k, layout, S, block, n=32) -> float:
-    """Share of the dense softmax mass inside the kept blocks, mean over n queries spread over the sequence."""
-    H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
-    qi = torch.linspace(S // 8, S - 1, n, device=q.device).long()
-    qs = q[0][:, qi].float().reshape(Hkv, -1, D)  # query heads of a KV head together: K is not repeated
-    logits = (qs @ k[0].float().transpose(-1, -2) / math.sqrt(D)).reshape(H, n, S)
-    logits = logits.masked_fill(torch.arange(S, device=q.device)[None, None] > qi[None, :, None], float("-inf"))
-    p = logits.softmax(-1)
-    del logits
-    nk = -(-S // block)
-    kept = rs.layout_to_block_mask(layout, nk)[0][:, qi // block]  # [H, n, nk]
-    mass = F.pad(p, (0, nk * block - S)).reshape(H, n, nk, block).sum(-1)
-    return float((mass * kept).sum(-1).mean())
 
 
 def sdpa_flash(q, k, v):
@@ -182,7 +160,7 @@ def run_context(args, S, device) -> dict:
         row["selection_error"] = _err(e)
     if layout is not None:
         try:
-            row["recall"] = sampled_recall(q, k, layout, S, args.block)
+            row["recall"] = layout_recall(layout, q, k, rows=32)
         except Exception as e:  # noqa: BLE001
             row["recall_error"] = _err(e)
         try:
