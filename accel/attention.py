@@ -13,6 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .autopick import Fastest
 from .kernels import BackendUnavailable, get_backend
 from .layouts import BlockLayout, HeadSplitLayout, PageSelection, VerticalSlashLayout
 from .policies import AttentionContext
@@ -99,12 +100,16 @@ _AUTO_ORDER_DECODE = ("reference", "flash", "triton")
 
 def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
     """Pick the backend. Explicit choices raise when they cannot run; ``auto`` takes the first that can (prefill:
-    flash, triton, reference; one-token decode: reference's SDPA first) and records why the others were skipped."""
+    flash, triton, reference; one-token decode: reference's SDPA first) and records why the others were skipped.
+    Block-sparse layouts on the GPU are the exception: when both FA4 and our Triton kernel can run them, the faster
+    one, measured on the first call of each shape bucket, runs (accel.autopick)."""
     if state.backend != "auto":
         names = (state.backend,)
     else:
         # page selections go to our decode kernel first (SDPA cannot gather pages)
         names = _AUTO_ORDER_DECODE if q.shape[2] == 1 and not isinstance(layout, PageSelection) else _AUTO_ORDER
+    measured = state.backend == "auto" and isinstance(layout, BlockLayout) and q.device.type == "cuda"
+    capable = []  # auto on block-sparse layouts: every capable GPU backend, raced by accel.autopick
     for name in names:
         backend = get_backend(name)
         ok, reason = backend.available()
@@ -115,6 +120,11 @@ def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
             if reason is None and kv_start is not None and name == "flash":
                 reason = "left-padded batches"
             ok = reason is None
+        if ok and measured and name in ("flash", "triton"):
+            capable.append(backend)
+            continue
+        if capable:
+            break
         if ok:
             return backend
         if state.backend != "auto":
@@ -123,6 +133,10 @@ def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
                 "that can, or backend='reference'."
             )
         state.fallbacks.add(f"{name}: {reason}")
+    if len(capable) == 1:
+        return capable[0]
+    if capable:
+        return Fastest(capable, state.fallbacks)
     raise BackendUnavailable(f"no backend can run {type(layout).__name__} on layer {state.layer_idx}")
 
 

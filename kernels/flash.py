@@ -1,5 +1,6 @@
 """FlashAttention backend: FlashAttention-4 (``flash_attn.cute``, CuTe DSL, Hopper and newer) when installed,
-else FlashAttention-2 (``flash_attn``). Dense (optionally windowed) layouts and sink-free streaming layouts.
+else FlashAttention-2 (``flash_attn``). Dense (optionally windowed) layouts, sink-free streaming layouts, and with FA4
+``BlockLayout`` through its block-sparse forward (128x128 blocks; the layout is converted on the GPU).
 
 FA takes tensors as [batch, seq, heads, dim]; the transposes stay inside this backend. Both FA2 (>= 2.1) and FA4
 align the causal mask to the bottom-right corner when there are fewer queries than keys, which is the convention of
@@ -10,7 +11,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from accel.layouts import DenseLayout, StreamingLayout
+from accel.layouts import BlockLayout, DenseLayout, StreamingLayout
+
+# Block sizes of FA4's block-sparse forward that we use: its Hopper tile is 128 query rows x 128 keys, and a layout
+# block must map onto whole tiles.
+FA4_BLOCKS = ((128, 128),)
 
 INSTALL_HINT = ("pip install 'accel[flash]' (flash-attn-4, Hopper or newer), or flash-attn 2 (Ampere or newer), "
                 "and run on a CUDA GPU")
@@ -72,6 +77,12 @@ class FlashBackend:
         if isinstance(layout, StreamingLayout):
             if layout.sink:
                 return "streaming layouts with sink tokens (FlashAttention has a window, not sinks)"
+        elif isinstance(layout, BlockLayout):
+            if self._resolve() or self.version != "fa4":
+                return "block-sparse layouts need flash-attn-4 (FA2 has no block-sparse forward)"
+            if (layout.block_q, layout.block_k) not in FA4_BLOCKS:
+                return (f"block size {layout.block_q}x{layout.block_k} (FA4's block-sparse forward takes "
+                        f"{' or '.join(f'{a}x{b}' for a, b in FA4_BLOCKS)})")
         elif not isinstance(layout, DenseLayout):
             return f"layout {type(layout).__name__} is not supported by the flash backend"
         if q.dtype not in (torch.float16, torch.bfloat16):
@@ -92,10 +103,16 @@ class FlashBackend:
         reason = self._resolve()
         if reason:
             raise RuntimeError(f"the flash backend is unavailable: {reason}")
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] views
+        if isinstance(layout, BlockLayout):
+            out = self._fn(qt, kt, vt, softmax_scale=scale, causal=True,
+                           softcap=0.0 if softcap is None else float(softcap),
+                           block_sparse_tensors=fa4_block_sparse(layout, q.shape[0], q.shape[1], q.shape[2],
+                                                                 k.shape[2]))
+            return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
         window = layout.window
         if window is not None and window >= k.shape[2]:
             window = None
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] views
         if self.version == "fa4":
             out = self._fn(qt, kt, vt, softmax_scale=scale, causal=True,
                            window_size=(None, None) if window is None else (window - 1, 0),
@@ -109,4 +126,30 @@ class FlashBackend:
         return out.transpose(1, 2)
 
 
-__all__ = ["FlashBackend"]
+def fa4_block_sparse(layout: BlockLayout, batch: int, heads: int, q_len: int, kv_len: int):
+    """Our BlockLayout as FA4's ``BlockSparseTensorsTorch``, on the GPU: blocks crossing the causal diagonal (or the
+    end of the keys) go to the "mask" lists, the rest to the "full" lists (no mask applied); FA4 wants one entry per
+    query head and index tensors as wide as the number of key blocks."""
+    import torch
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    from .reference_sparse import _layout_heads, split_full_partial
+
+    mc, mi, fc, fi = split_full_partial(layout, q_len, kv_len)
+    if mc.shape[1] != heads:  # layouts may be shared by the query heads of a group (or all heads)
+        sel = _layout_heads(mc.shape[1], heads).to(mc.device)
+        mc, mi, fc, fi = (t.index_select(1, sel) for t in (mc, mi, fc, fi))
+    if mc.shape[0] != batch:
+        mc, mi, fc, fi = (t.expand(batch, *t.shape[1:]) for t in (mc, mi, fc, fi))
+    nk = -(-kv_len // layout.block_k)
+
+    def width(idx):
+        if idx.shape[-1] >= nk:
+            return idx[..., :nk].contiguous()
+        return torch.nn.functional.pad(idx, (0, nk - idx.shape[-1])).contiguous()
+
+    return BlockSparseTensorsTorch(mc.contiguous(), width(mi), fc.contiguous(), width(fi),
+                                   block_size=(layout.block_q, layout.block_k))
+
+
+__all__ = ["FlashBackend", "fa4_block_sparse"]

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from accel.kernels import reference_sparse as rs  # noqa: E402
 from bench_utils import bench  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
+from accel.kernels.flash import FlashBackend  # noqa: E402
 from accel.kernels.triton.block_sparse import block_sparse_attention  # noqa: E402
 from accel.kernels.triton.vertical_slash import plan_vertical_slash, vertical_slash_attention  # noqa: E402
 from accel.layouts import BlockLayout, VerticalSlashLayout  # noqa: E402
@@ -122,6 +123,7 @@ def correctness(args, device) -> dict:
         ("triton", lambda: block_sparse_attention(q, k, v, layout, check=True)),
         ("flex", lambda: make_flex(S, S, layout)(q, k, v)),
         ("fa4", lambda: (lambda p, r: r(*p(q, k, v)).transpose(1, 2))(*make_fa4(S, S, layout))),
+        ("fa4_via_accel", lambda: FlashBackend().run(layout, q, k, v, scale=args.dim**-0.5)),
     ]:
         try:
             res[name] = {"max_abs_err": err(fn())}
