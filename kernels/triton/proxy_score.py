@@ -1,0 +1,265 @@
+"""ProxyAttn's proxy-head token-level scores summed per block, in Triton (reference twin:
+``accel.policies.proxy.proxy_block_scores``).
+
+Proxy p averages the query heads ``p*per .. p*per+per-1`` (``per`` = heads_per_proxy) and the KV heads they read.
+Query rows are sampled every ``stride`` rows: sampled row i is query ``min(i*stride + stride-1, Sq-1)`` (the last of
+each ``stride`` rows; the last one clamped to the final query). Each sampled row is softmaxed over its causal keys
+at token resolution and the probabilities are summed per (query block, key block): float32
+[B, P, ceil(Sq/block), ceil(Sk/block)]; each query-block row sums to its number of sampled rows.
+
+One program per (tile of BLOCK_R sampled rows, batch * proxy); the tile covers whole query blocks (BLOCK_R is a
+multiple of block/stride), so every output cell is written by one program, with no atomics. Two loops over the
+causally visible key tiles, both tensor-core GEMMs of the pooled query tile against a K tile:
+  1. online row max and sum of exp2 (log2 domain: log2(e)/sqrt(D) is folded into the pooled queries);
+  2. the same logits again, normalised, reduced in registers into the (query block, key block) cells of the tile
+     (reshape-sums), one store per key block.
+Each loop runs the unmasked bulk (keys visible to every row of the tile) without bounds checks or masks, then the
+1-2 key groups that cross the tile's causal edge with the mask. Keys past the last row's position are never read.
+
+Pooling: queries are averaged on the fly (the tile is loaded once per program, ``per`` head loads, fp32 sum, then
+rounded to the input dtype for the dots). Keys: when ``per`` divides the GQA group size every head of a proxy reads
+one KV head, so the kernel reads K directly (the default, one proxy per GQA group: no pooling at all); otherwise a
+cheap prepass averages the KV heads of each proxy (weighted by how many of its query heads read each) into
+[B, P, Sk, D]. Memory: the output (plus that prepass when used), never O(rows x Sk).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
+
+MAX_ROWS_PER_BLOCK = 128  # block // stride: one query block's sampled rows must fit a tile
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _logits(qp, K_base, start, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd,
+            MASKED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    """Scaled logits (log2 domain) of the pooled query tile against keys start .. start+BLOCK_C-1; with MASKED,
+    keys after each row's position (and past Sk) are -inf."""
+    offs_c = start + offs_c0
+    ptrs = K_base + offs_c[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    if MASKED:
+        kT = tl.load(ptrs, mask=offs_c[None, :] < Sk, other=0.0)
+    else:
+        kT = tl.load(ptrs)
+    if DOT_F32:
+        kT = kT.to(tl.float32)
+    else:
+        kT = kT.to(qp.dtype)
+    s = tl.dot(qp, kT, input_precision=PREC)
+    if MASKED:
+        s = tl.where(offs_c[None, :] <= pos[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _proxy_score_fwd(
+    Q, K, OUT,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_ob, stride_oh, stride_om, stride_on,
+    P, PER, KV_DIV, Sq, Sk, L, OFF, NQ, NK, N_R_TILES,
+    STRIDE: tl.constexpr, RPB: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    KW: tl.constexpr = BLOCK_C if BLOCK_C > BLOCK else BLOCK  # keys per key group (whole key blocks)
+    KBT: tl.constexpr = KW // BLOCK  # key blocks per group
+    SUBS: tl.constexpr = KW // BLOCK_C  # tiles per group
+    NQB: tl.constexpr = BLOCK_R // RPB  # query blocks per row tile
+
+    pid_r = N_R_TILES - 1 - tl.program_id(0)  # longest rows first
+    pid_bp = tl.program_id(1)
+    b = (pid_bp // P).to(tl.int64)
+    p = (pid_bp % P).to(tl.int64)
+    K_base = K + b * stride_kb + (p // KV_DIV) * stride_kh
+
+    r0 = pid_r * BLOCK_R
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c0 = tl.arange(0, BLOCK_C)
+    row_valid = offs_r < L
+    qrow = tl.minimum(offs_r * STRIDE + STRIDE - 1, Sq - 1)
+    pos = OFF + qrow  # key position of each sampled row: keys 0..pos are visible
+
+    # pooled query tile (fp32 sum over the proxy's heads), scaled into the log2 domain, rounded for the dots
+    qacc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    q_ptrs = Q + b * stride_qb + qrow[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    for hh in range(PER):
+        qacc += tl.load(q_ptrs + (p * PER + hh) * stride_qh, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    qacc = qacc * (qk_scale / PER)
+    if DOT_F32:
+        qp = qacc
+    else:
+        qp = qacc.to(Q.dtype.element_ty)
+
+    r_last = tl.minimum(r0 + BLOCK_R, L) - 1
+    n_keys = OFF + tl.minimum(r_last * STRIDE + STRIDE - 1, Sq - 1) + 1  # keys the tile's last row sees
+    n_full = OFF + tl.minimum(r0 * STRIDE + STRIDE - 1, Sq - 1) + 1  # keys every row of the tile sees
+    g_full = n_full // KW  # key groups without any masking
+    g_all = tl.cdiv(n_keys, KW)
+
+    # pass 1: row max and sum of exp2
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for t in tl.range(0, g_full * SUBS):
+        s = _logits(qp, K_base, t * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, False, DOT_F32, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    for t in tl.range(g_full * SUBS, g_all * SUBS, num_stages=1):
+        s = _logits(qp, K_base, t * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, True, DOT_F32, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # key 0 is visible to every row: m stays finite after tile 0
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+
+    # pass 2: normalised probabilities, summed per (query block, key block)
+    inv_l = tl.where(row_valid, 1.0 / l_i, 0.0)
+    offs_qb = r0 // RPB + tl.arange(0, NQB)
+    out_base = OUT + b * stride_ob + p * stride_oh
+    q_ok = offs_qb[:, None] < NQ
+    for g in tl.range(0, g_full):
+        cells = tl.zeros([NQB, KBT], dtype=tl.float32)
+        for sub in tl.static_range(SUBS):
+            s = _logits(qp, K_base, g * KW + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, False,
+                        DOT_F32, PREC)
+            pr = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
+            pr = tl.sum(tl.reshape(pr, [NQB, RPB, BLOCK_C]), 1)
+            cells += tl.sum(tl.reshape(pr, [NQB, KBT, BLOCK_C // KBT]), 2)
+        offs_kb = g * KBT + tl.arange(0, KBT)
+        tl.store(out_base + offs_qb[:, None] * stride_om + offs_kb[None, :] * stride_on, cells,
+                 mask=q_ok & (offs_kb[None, :] < NK))
+    for g in tl.range(g_full, g_all, num_stages=1):
+        cells = tl.zeros([NQB, KBT], dtype=tl.float32)
+        for sub in tl.static_range(SUBS):
+            s = _logits(qp, K_base, g * KW + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, True,
+                        DOT_F32, PREC)
+            pr = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
+            pr = tl.sum(tl.reshape(pr, [NQB, RPB, BLOCK_C]), 1)
+            cells += tl.sum(tl.reshape(pr, [NQB, KBT, BLOCK_C // KBT]), 2)
+        offs_kb = g * KBT + tl.arange(0, KBT)
+        tl.store(out_base + offs_qb[:, None] * stride_om + offs_kb[None, :] * stride_on, cells,
+                 mask=q_ok & (offs_kb[None, :] < NK))
+
+
+def _default_config(q: torch.Tensor) -> dict:
+    """Tiles (sampled rows x keys) and launch parameters. On the GPU (bf16/fp16): 128 x 128 with 8 warps and 3
+    stages of K tiles in flight for head_dim <= 128 (the flash kernel's best dense tile), 64 x 64 for head_dim 256,
+    smaller for float32. Under the interpreter: small tiles."""
+    D = q.shape[-1]
+    if not q.is_cuda:
+        return dict(BLOCK_R=16, BLOCK_C=16, num_warps=4, num_stages=1)
+    if q.dtype == torch.float32:
+        return dict(BLOCK_R=64, BLOCK_C=32, num_warps=4, num_stages=2)
+    if D <= 128:
+        return dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=3)
+    return dict(BLOCK_R=64, BLOCK_C=64, num_warps=8, num_stages=2)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, block: int, heads_per_proxy: int, stride: int) -> None:
+    """Shape/dtype/device/option checks done before every launch (no device sync). Raises ValueError."""
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+        raise ValueError("q and k must be tensors [batch, heads, seq, head_dim]; got "
+                         f"{tuple(getattr(q, 'shape', ()))}, {tuple(getattr(k, 'shape', ()))}")
+    B, Hq, Sq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
+    if Sq > Sk:
+        raise ValueError(f"proxy scores need Sq <= Sk (queries are the last Sq keys), got Sq={Sq} Sk={Sk}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported by the Triton proxy-score kernel; "
+                         f"supported: {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device}, {k.device}")
+    if not q.is_cuda and not interpreting():
+        raise ValueError("the Triton proxy-score kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors; "
+                         "accel.policies.proxy.proxy_block_scores is the torch version)")
+    for name, val in (("block", block), ("heads_per_proxy", heads_per_proxy), ("stride", stride)):
+        if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if Hq % heads_per_proxy:
+        raise ValueError(f"heads_per_proxy ({heads_per_proxy}) must divide the {Hq} query heads")
+    if block % stride:
+        raise ValueError(f"stride ({stride}) must divide block ({block})")
+    rpb = block // stride
+    if block & (block - 1) or rpb & (rpb - 1) or rpb > MAX_ROWS_PER_BLOCK:
+        raise ValueError(f"block ({block}) and block // stride ({rpb}) must be powers of two, block // stride <= "
+                         f"{MAX_ROWS_PER_BLOCK} (sampled rows per query block)")
+
+
+def pooled_keys(k: torch.Tensor, n_q_heads: int, heads_per_proxy: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, P, Sk, D] in ``dtype``: per proxy, the mean over its query heads of the KV head each reads (the prepass
+    for proxies whose heads read several KV heads). One proxy at a time: no [B, Hq, Sk, D] intermediate."""
+    B, Hkv, Sk, D = k.shape
+    group, per = n_q_heads // Hkv, heads_per_proxy
+    P = n_q_heads // per
+    out = torch.empty(B, P, Sk, D, dtype=dtype, device=k.device)
+    for p in range(P):
+        kv = torch.arange(p * per, (p + 1) * per) // group
+        heads, counts = torch.unique(kv, return_counts=True)
+        acc = torch.zeros(B, Sk, D, dtype=torch.float32, device=k.device)
+        for h, c in zip(heads.tolist(), counts.tolist()):
+            acc += k[:, h].float() * (c / per)
+        out[:, p] = acc.to(dtype)
+    return out
+
+
+def proxy_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, heads_per_proxy: int | None = None,
+                 stride: int = 8, config: dict | None = None) -> torch.Tensor:
+    """ProxyAttn block scores. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sq <= Sk, any strides); ``heads_per_proxy``
+    (default: the GQA group size, one proxy per KV head) query heads per proxy. Returns float32
+    [B, Hq // heads_per_proxy, ceil(Sq/block), ceil(Sk/block)], equal to
+    ``proxy_block_scores(q, k, block, heads_per_proxy, stride)`` (up to the rounding of the pooled queries to the
+    input dtype for the tensor-core dots). ``config`` overrides the tiles / launch (BLOCK_R sampled rows, BLOCK_C
+    keys per tile, powers of two; num_warps, num_stages) for tuning."""
+    if heads_per_proxy is None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) \
+            and q.dim() == 4 and k.dim() == 4 and k.shape[1] and q.shape[1] % k.shape[1] == 0:
+        heads_per_proxy = q.shape[1] // k.shape[1]
+    check_inputs(q, k, block, heads_per_proxy if heads_per_proxy is not None else 1, stride)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    per = heads_per_proxy
+    P = Hq // per
+    group = Hq // Hkv
+    nq, nk = -(-Sq // block), -(-Sk // block)
+    out = torch.zeros(B, P, nq, nk, dtype=torch.float32, device=q.device)
+    if B == 0 or P == 0 or Sq == 0:
+        return out
+    rpb = block // stride
+    cfg = _default_config(q)
+    if config:
+        cfg.update(config)
+    br, bc = max(cfg["BLOCK_R"], rpb, 16), max(cfg["BLOCK_C"], 16)
+    for name, t in (("BLOCK_R", br), ("BLOCK_C", bc)):
+        if t & (t - 1):
+            raise ValueError(f"config {name}={t} must be a power of two")
+    dot_f32 = not q.is_cuda or q.dtype == torch.float32  # the interpreter's bf16 dot is wrong: fp32 there
+    if group % per == 0:
+        k_src, kv_div = k, group // per  # every head of a proxy reads KV head p // kv_div: no pooling
+    else:
+        k_src, kv_div = pooled_keys(k, Hq, per, torch.float32 if dot_f32 else q.dtype), 1
+    L = -(-Sq // stride)  # sampled rows
+    n_r_tiles = triton.cdiv(L, br)
+    grid = (n_r_tiles, B * P)
+    _proxy_score_fwd[grid](
+        q, k_src, out,
+        _LOG2E / (D**0.5),
+        *q.stride(), *k_src.stride(), *out.stride(),
+        P, per, kv_div, Sq, Sk, L, Sk - Sq, nq, nk, n_r_tiles,
+        STRIDE=stride, RPB=rpb, BLOCK=block, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=D,
+        DOT_F32=dot_f32, PREC="ieee" if dot_f32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+__all__ = ["proxy_scores", "pooled_keys", "check_inputs"]
