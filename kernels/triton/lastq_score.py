@@ -1,0 +1,296 @@
+"""MInference's last-query estimate in Triton: the exact causal softmax attention of the last ``n_last`` queries over
+every key, reduced on the fly to per-head column sums (vertical) and per-diagonal-offset sums (slash), float32
+[B, Hq, Sk] each. Torch twin: ``accel.kernels.reference_estimation.lastq_scores_reference``.
+
+Query i of the n sits at key position ``p_i = Sk - n + i`` (accel.layouts convention); key j is visible iff
+``j <= p_i``; the diagonal offset of (i, j) is ``o = p_i - j`` (0 = main diagonal, 0..Sk-1).
+
+Work split. Rows are (query head of a GQA group, query) pairs: a tile holds ``HPT`` query heads of one KV head times
+``N_PAD`` (n rounded up to a power of two) queries, so one K tile load feeds every head in the tile (GQA: K is never
+repeated; the row tiles of one KV head are adjacent in launch order, so they read each K tile from L2). Keys are
+split into ``CHUNK``-key chunks, one program per (row tile, chunk, batch * KV head), enough programs to fill the GPU
+at any length. Two launches:
+
+  1. per chunk: row max and sum of exp2 (log2 domain, log2(e) folded into the scale) -> [B, Hq, N_PAD, n_chunks];
+  2. per chunk: the chunk statistics of the row are combined (a [rows, n_chunks] load, no extra launch), the logits
+     recomputed and normalised, and reduced into
+     - vertical: a sum over the queries of each head (reshape [HPT, N_PAD, BLOCK_N] -> sum) stored straight to the
+       tile's key columns (each column belongs to one program: plain stores);
+     - slash: inside a [N_PAD, BLOCK_N] tile the offset is ``o = obase + t`` with ``t = i + BLOCK_N - 1 - jj`` in
+       [0, 2*BLOCK_N) (n <= BLOCK_N + 1), so one ``tl.gather`` along the key axis skews each row by its index and a
+       sum over queries gives the tile's 2*BLOCK_N diagonal partial sums. The upper half overlaps the previous
+       (lower-key) tile's lower half, so the program carries the lower half to the next tile and writes each offset
+       once with a plain store; only the two halves at a chunk boundary are shared with the neighbouring chunk's
+       program and go through ``atomic_add`` (exactly two addends onto 0: the result does not depend on their order,
+       so the output is deterministic).
+
+Why not per-element atomics for the diagonals: n * Sk atomic adds per head (268M at 32 heads x 64 queries x 128K),
+with n same-address adds per tile: far slower than the gather (an in-register / shared-memory shuffle of the tile).
+Memory: the outputs and [B, Hq, N_PAD, n_chunks] statistics; nothing of size n x Sk. More than ``MAX_ROWS`` queries
+are handled by several launches over row chunks that add into the outputs (the row softmaxes are independent).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
+
+MAX_ROWS = 128  # queries per launch (more are processed in several launches that accumulate)
+MAX_CHUNKS = 256  # key chunks per row (the combine step loads them all at once)
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _logits(q, K_base, offs_n, offs_d, stride_kn, stride_kd, end, pos0, row_pos, j0, qk_scale,
+            BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scaled log2-domain logits [ROWS, BLOCK_N] of the key tile at j0, -inf where invisible (j > p_i or j >= end)."""
+    kT = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=offs_n[None, :] < end, other=0.0)
+    if UPCAST:  # the interpreter's dot mishandles bfloat16 (stored as uint16): compute it in float32
+        kT = kT.to(tl.float32)
+    s = tl.dot(q, kT, input_precision=PREC) * qk_scale
+    if (j0 + BLOCK_N > end) | (j0 + BLOCK_N - 1 > pos0):  # tile crosses the causal edge or the chunk end
+        s = tl.where((offs_n[None, :] <= row_pos[:, None]) & (offs_n[None, :] < end), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _load_q(Q, b, kvh, ht, stride_qb, stride_qh, stride_qm, stride_qd, GROUP, NR,
+            HPT: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    rows = tl.arange(0, HPT * N_PAD)
+    i = rows % N_PAD
+    hg = ht * HPT + rows // N_PAD  # head within the group
+    row_valid = (i < NR) & (hg < GROUP)
+    head = kvh * GROUP + hg
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_valid[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q, i, head, row_valid
+
+
+@triton.jit
+def _lastq_stats(
+    Q, K, M_OUT, L_OUT,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    Hq, Hkv, GROUP, NR, POS0, KV_END, CHUNK, NCH,
+    HPT: tl.constexpr, N_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    ht = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bk = tl.program_id(2)
+    b = (pid_bk // Hkv).to(tl.int64)
+    kvh = (pid_bk % Hkv).to(tl.int64)
+    q, i, head, row_valid = _load_q(Q, b, kvh, ht, stride_qb, stride_qh, stride_qm, stride_qd, GROUP, NR,
+                                    HPT, N_PAD, BLOCK_D, UPCAST)
+    row_pos = POS0 + i
+    K_base = K + b * stride_kb + kvh * stride_kh
+    offs_d = tl.arange(0, BLOCK_D)
+    start = c * CHUNK
+    end = tl.minimum(start + CHUNK, KV_END)
+    m_i = tl.full([HPT * N_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([HPT * N_PAD], dtype=tl.float32)
+    for j0 in tl.range(start, end, BLOCK_N):
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        s = _logits(q, K_base, offs_n, offs_d, stride_kn, stride_kd, end, POS0, row_pos, j0, qk_scale,
+                    BLOCK_N, PREC, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    off = ((b * Hq + head) * N_PAD + i) * NCH + c
+    tl.store(M_OUT + off, m_i, mask=row_valid)
+    tl.store(L_OUT + off, l_i, mask=row_valid)
+
+
+@triton.jit
+def _lastq_reduce(
+    Q, K, M_IN, L_IN, VERT, SLASH,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    Hq, Hkv, GROUP, NR, POS0, KV_END, CHUNK, NCH, Sk,
+    HPT: tl.constexpr, N_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NCH_PAD: tl.constexpr,
+    ACCUM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    ht = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bk = tl.program_id(2)
+    b = (pid_bk // Hkv).to(tl.int64)
+    kvh = (pid_bk % Hkv).to(tl.int64)
+    start = c * CHUNK
+    end = tl.minimum(start + CHUNK, KV_END)
+    if start < end:
+        q, i, head, row_valid = _load_q(Q, b, kvh, ht, stride_qb, stride_qh, stride_qm, stride_qd, GROUP, NR,
+                                        HPT, N_PAD, BLOCK_D, UPCAST)
+        row_pos = POS0 + i
+        # combine the per-chunk statistics of each row
+        offs_c = tl.arange(0, NCH_PAD)
+        st = ((b * Hq + head) * N_PAD + i)[:, None] * NCH + offs_c[None, :]
+        st_mask = row_valid[:, None] & (offs_c[None, :] < NCH)
+        mp = tl.load(M_IN + st, mask=st_mask, other=float("-inf"))
+        lp = tl.load(L_IN + st, mask=st_mask, other=0.0)
+        m_row = tl.max(mp, 1)
+        m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
+        l_row = tl.sum(lp * tl.math.exp2(mp - m_safe[:, None]), 1)
+        inv_l = tl.where(row_valid & (l_row > 0.0), 1.0 / tl.where(l_row > 0.0, l_row, 1.0), 0.0)
+
+        K_base = K + b * stride_kb + kvh * stride_kh
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_b = tl.arange(0, BLOCK_N)
+        hg = ht * HPT + tl.arange(0, HPT)  # heads of the tile, within the group
+        head_valid = hg < GROUP
+        out_rows = ((b * Hq + kvh * GROUP + hg) * Sk)[:, None]  # [HPT, 1] row offsets of VERT / SLASH
+        tt = tl.arange(0, 2 * BLOCK_N)
+        carry = tl.zeros([HPT, BLOCK_N], dtype=tl.float32)
+        obase = POS0 - start - (BLOCK_N - 1)
+        for j0 in tl.range(start, end, BLOCK_N):
+            offs_n = j0 + offs_b
+            s = _logits(q, K_base, offs_n, offs_d, stride_kn, stride_kd, end, POS0, row_pos, j0, qk_scale,
+                        BLOCK_N, PREC, UPCAST)
+            p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]
+            # vertical: column sums per head
+            v = tl.sum(tl.reshape(p, [HPT, N_PAD, BLOCK_N]), 1)
+            v_ptr = VERT + out_rows + offs_n[None, :]
+            v_mask = head_valid[:, None] & (offs_n[None, :] < end)
+            if ACCUM:
+                v += tl.load(v_ptr, mask=v_mask, other=0.0)
+            tl.store(v_ptr, v, mask=v_mask)
+            # slash: skew rows, sum over queries -> 2*BLOCK_N diagonal partial sums per head
+            # gather index that skews row i by its index: t = i + BLOCK_N - 1 - jj, t in [0, 2*BLOCK_N)
+            g_idx = i[:, None] + (BLOCK_N - 1) - tt[None, :]
+            g_ok = (g_idx >= 0) & (g_idx < BLOCK_N)
+            g = tl.where(g_ok, tl.gather(p, tl.minimum(tl.maximum(g_idx, 0), BLOCK_N - 1), 1), 0.0)
+            d = tl.sum(tl.reshape(g, [HPT, N_PAD, 2 * BLOCK_N]), 1)
+            lo_half, hi_half = tl.split(tl.permute(tl.reshape(d, [HPT, 2, BLOCK_N]), (0, 2, 1)))
+            obase = POS0 - j0 - (BLOCK_N - 1)
+            o = obase + BLOCK_N + offs_b  # offsets of the upper half (= the previous tile's lower half)
+            s_ptr = SLASH + out_rows + o[None, :]
+            s_mask = head_valid[:, None] & (o[None, :] >= 0) & (o[None, :] < Sk)
+            val = carry + hi_half
+            if j0 == start:  # shared with the previous chunk's last tile
+                tl.atomic_add(s_ptr, val, mask=s_mask, sem="relaxed")
+            else:
+                if ACCUM:
+                    val += tl.load(s_ptr, mask=s_mask, other=0.0)
+                tl.store(s_ptr, val, mask=s_mask)
+            carry = lo_half
+        o = obase + offs_b  # last tile's lower half: shared with the next chunk's first tile
+        tl.atomic_add(SLASH + out_rows + o[None, :], carry,
+                      mask=head_valid[:, None] & (o[None, :] >= 0) & (o[None, :] < Sk), sem="relaxed")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _default_config(q: torch.Tensor) -> dict:
+    """Rows per tile (BLOCK_M: query heads x padded queries), keys per tile (BLOCK_N), keys per program (CHUNK: 0 =
+    pick so the grid has about PROGRAMS programs) and launch parameters. GPU (H100, bf16, head_dim 128): 128 rows
+    (2 heads of 64 queries) x 64 keys. Interpreter: small tiles."""
+    D = q.shape[-1]
+    if not q.is_cuda:
+        return dict(BLOCK_M=16, BLOCK_N=16, CHUNK=0, PROGRAMS=4, num_warps=4, num_stages=1)
+    if q.dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, CHUNK=0, PROGRAMS=528, num_warps=4, num_stages=2)
+    if D <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=2)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, n_last: int) -> None:
+    """Shape/dtype/device/option checks done before every launch (no device sync). Raises ValueError."""
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+        raise ValueError("q and k must be tensors [batch, heads, seq, head_dim]; got "
+                         f"{tuple(getattr(q, 'shape', ()))}, {tuple(getattr(k, 'shape', ()))}")
+    B, Hq, Sq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
+    if Sq > Sk:
+        raise ValueError(f"last-query scores need Sq <= Sk (queries are the last Sq keys), got Sq={Sq} Sk={Sk}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported by the Triton last-query score kernel; "
+                         f"supported: {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device}, {k.device}")
+    if not q.is_cuda and not interpreting():
+        raise ValueError("the Triton last-query score kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                         "tensors; accel.kernels.reference_estimation.lastq_scores_reference is the torch version)")
+    if not isinstance(n_last, int) or isinstance(n_last, bool) or n_last <= 0:
+        raise ValueError(f"n_last must be a positive int, got {n_last!r}")
+
+
+def lastq_scores(q: torch.Tensor, k: torch.Tensor, n_last: int = 64, *, scale: float | None = None,
+                 config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last-query attention mass of MInference. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sq <= Sk, any strides); the
+    last ``n = min(n_last, Sq)`` queries' causal softmax (scale ``scale``, default 1/sqrt(D)) over the keys, summed:
+    returns float32 ``(vertical, slash)``, each [B, Hq, Sk]: ``vertical[j]`` the mass on key j summed over the n
+    queries, ``slash[o]`` the mass on diagonal offset o (query position - key) summed over the n queries. Each head's
+    vertical and slash each sum to n. Equal to ``lastq_scores_reference(q, k, n_last, scale)``.
+
+    ``config`` overrides tiles / launch (BLOCK_M rows = query heads x padded queries per tile, BLOCK_N keys per tile,
+    powers of two; CHUNK keys per program, rounded up to a multiple of BLOCK_N, or 0 to aim at PROGRAMS programs;
+    num_warps, num_stages) for tuning."""
+    check_inputs(q, k, n_last)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    vert = torch.zeros(B, Hq, Sk, dtype=torch.float32, device=q.device)
+    slash = torch.zeros(B, Hq, Sk, dtype=torch.float32, device=q.device)
+    n = min(n_last, Sq)
+    if B == 0 or Hq == 0 or n == 0:
+        return vert, slash
+    cfg = _default_config(q)
+    if config:
+        cfg.update(config)
+    for name in ("BLOCK_M", "BLOCK_N"):
+        t = cfg[name]
+        if not isinstance(t, int) or t < 16 or t & (t - 1):
+            raise ValueError(f"config {name}={t!r} must be a power of two >= 16")
+    group = Hq // Hkv
+    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    if q.dtype == torch.float32 or upcast:
+        prec = "tf32x3" if q.is_cuda else "ieee"
+    else:
+        prec = "tf32"
+    qk_scale = (D**-0.5 if scale is None else float(scale)) * _LOG2E
+    for r0 in range(0, n, MAX_ROWS):  # row chunks: independent softmaxes, summed into the outputs
+        nr = min(MAX_ROWS, n - r0)
+        n_pad = max(16, _next_pow2(nr))
+        block_n = max(cfg["BLOCK_N"], n_pad)  # the diagonal carry needs n <= BLOCK_N + 1
+        hpt = min(_next_pow2(group), max(1, cfg["BLOCK_M"] // n_pad))
+        n_row_tiles = triton.cdiv(group, hpt)
+        pos0 = Sk - n + r0  # key position of the first row
+        kv_end = pos0 + nr  # keys past the last row's position are invisible
+        chunk = cfg["CHUNK"]
+        if not chunk:
+            want = max(1, triton.cdiv(cfg["PROGRAMS"], n_row_tiles * B * Hkv))
+            chunk = triton.cdiv(triton.cdiv(kv_end, want), block_n) * block_n
+        chunk = triton.cdiv(max(chunk, triton.cdiv(kv_end, MAX_CHUNKS)), block_n) * block_n
+        nch = triton.cdiv(kv_end, chunk)
+        qs = q[:, :, Sq - n + r0: Sq - n + r0 + nr]
+        m_part = torch.empty(B, Hq, n_pad, nch, dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        grid = (n_row_tiles, nch, B * Hkv)
+        common = dict(HPT=hpt, N_PAD=n_pad, BLOCK_N=block_n, BLOCK_D=D, PREC=prec, UPCAST=upcast,
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _lastq_stats[grid](qs, k, m_part, l_part, qk_scale, *qs.stride(), *k.stride(),
+                           Hq, Hkv, group, nr, pos0, kv_end, chunk, nch, **common)
+        _lastq_reduce[grid](qs, k, m_part, l_part, vert, slash, qk_scale, *qs.stride(), *k.stride(),
+                            Hq, Hkv, group, nr, pos0, kv_end, chunk, nch, Sk,
+                            NCH_PAD=max(2, _next_pow2(nch)), ACCUM=r0 > 0, **common)
+    return vert, slash
+
+
+__all__ = ["lastq_scores", "check_inputs", "MAX_ROWS", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
