@@ -46,6 +46,9 @@ class BlockLayout:
     indices: torch.Tensor  # [B, H, n_q_blocks, max_blocks] int32
     block_q: int = 128
     block_k: int = 128
+    # True when every row's valid indices are strictly ascending (the builders guarantee it): the Triton kernel then
+    # finds the blocks that need no causal mask by binary search and runs them in a branch-free, pipelined loop
+    ascending: bool = False
 
 
 @dataclass

@@ -165,6 +165,11 @@ def validate_block_layout(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor)
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"BlockLayout.indices has key block {bad} out of range [0, {n_k_blocks}) "
                                  f"(Sk={Sk}, block_k={layout.block_k})")
+            if layout.ascending:
+                filled = torch.where(valid, indices, torch.full_like(indices, n_k_blocks))
+                if ((filled[..., 1:] <= filled[..., :-1]) & valid[..., 1:]).any():
+                    raise ValueError("BlockLayout.ascending is set but a row's indices are not strictly ascending; "
+                                     "sort them or build the layout with block_mask_to_layout")
             srt = torch.where(valid, indices, torch.full_like(indices, n_k_blocks)).sort(-1).values
             dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] < n_k_blocks)
             if dup.any():
@@ -205,7 +210,7 @@ def block_mask_to_layout(block_mask: torch.Tensor, block_q: int = 128, block_k: 
         max_blocks = int(counts.max()) if counts.numel() else 0
     max_blocks = min(max(max_blocks, 0), nk)
     indices = order[..., :max_blocks].to(torch.int32).contiguous()
-    return BlockLayout(counts=counts.contiguous(), indices=indices, block_q=block_q, block_k=block_k)
+    return BlockLayout(counts=counts.contiguous(), indices=indices, block_q=block_q, block_k=block_k, ascending=True)
 
 
 def build_block_layout(block_mask: torch.Tensor, q_len: int, kv_len: int, block_q: int = 128, block_k: int = 128,

@@ -36,6 +36,8 @@ from accel.layouts import BlockLayout, VerticalSlashLayout  # noqa: E402
 TRITON_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages): the default first
     None,
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),

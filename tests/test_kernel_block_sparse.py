@@ -224,3 +224,15 @@ def test_gpu_full_layout_equals_sdpa():
     out = block_sparse_attention(q, k, v, rs.full_block_layout(1, 32, 4096, 4096, device="cuda"))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_ascending_flag_is_checked_and_both_paths_agree():
+    q, k, v = _qkv(1, 4, 2, 517, 517, 64, torch.float32, seed=3)
+    lay = rs.random_block_layout(1, 4, 517, 517, 64, 64, keep=0.4, seed=3)
+    assert lay.ascending
+    fast = block_sparse_attention(q, k, v, lay, check=True)
+    general = block_sparse_attention(q, k, v, BlockLayout(lay.counts, lay.indices, 64, 64), check=True)
+    torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-5)
+    bad = BlockLayout(lay.counts, lay.indices.flip(-1).contiguous(), 64, 64, ascending=True)
+    with pytest.raises(ValueError, match="not strictly ascending"):
+        block_sparse_attention(q, k, v, bad, check=True)

@@ -64,6 +64,7 @@ def _block_sparse_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LAYOUT_BK: tl.constexpr,
     M_PER_BLOCK: tl.constexpr, N_PER_BLOCK: tl.constexpr, EVEN_N: tl.constexpr,
     SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ASCENDING: tl.constexpr, LOG_MAX_BLOCKS: tl.constexpr,
 ):
     pid_m = N_M_TILES - 1 - tl.program_id(0)  # longest rows first
     pid_bh = tl.program_id(1)
@@ -91,18 +92,43 @@ def _block_sparse_fwd(
     V_base = V + b * stride_vb + kvh * stride_vh
     cnt = tl.load(CNT + b * stride_cb + lh * stride_ch + row * stride_cm)
     idx_row = IDX + b * stride_ib + lh * stride_ih + row * stride_im
-    for j in range(0, cnt):
-        kb = tl.load(idx_row + j * stride_ik)
-        for sub in tl.static_range(N_PER_BLOCK):
-            start_n = kb * LAYOUT_BK + sub * BLOCK_N
-            if start_n + BLOCK_N - 1 > first_qpos:  # crosses the diagonal (or the end of the keys)
-                acc, l_i, m_i = _tile(acc, l_i, m_i, q, qpos, K_base, V_base, start_n, Sk, qk_scale, softcap,
-                                      stride_kn, stride_kd, stride_vn, stride_vd,
-                                      BLOCK_N, BLOCK_D, True, EVEN_N, SOFTCAP, PREC, UPCAST)
-            else:
-                acc, l_i, m_i = _tile(acc, l_i, m_i, q, qpos, K_base, V_base, start_n, Sk, qk_scale, softcap,
-                                      stride_kn, stride_kd, stride_vn, stride_vd,
+    if ASCENDING:
+        # Rows are ascending, so the blocks every query of this tile sees in full (last key <= first query) are a
+        # prefix: binary-search its length, then run it without masks in a branch-free loop that Triton can
+        # software-pipeline (a branch inside the loop body would stop the pipelining), and the rest masked.
+        lo = 0
+        hi = cnt
+        for _ in tl.static_range(LOG_MAX_BLOCKS):
+            mid = (lo + hi) // 2
+            kb_mid = tl.load(idx_row + mid * stride_ik, mask=lo < hi, other=0)
+            full = (lo < hi) & ((kb_mid + 1) * LAYOUT_BK - 1 <= first_qpos)
+            lo = tl.where(full, mid + 1, lo)
+            hi = tl.where(full | (lo >= hi), hi, mid)
+        for j in range(0, lo):
+            kb = tl.load(idx_row + j * stride_ik)
+            for sub in tl.static_range(N_PER_BLOCK):
+                acc, l_i, m_i = _tile(acc, l_i, m_i, q, qpos, K_base, V_base, kb * LAYOUT_BK + sub * BLOCK_N, Sk,
+                                      qk_scale, softcap, stride_kn, stride_kd, stride_vn, stride_vd,
                                       BLOCK_N, BLOCK_D, False, True, SOFTCAP, PREC, UPCAST)
+        for j in range(lo, cnt):
+            kb = tl.load(idx_row + j * stride_ik)
+            for sub in tl.static_range(N_PER_BLOCK):
+                acc, l_i, m_i = _tile(acc, l_i, m_i, q, qpos, K_base, V_base, kb * LAYOUT_BK + sub * BLOCK_N, Sk,
+                                      qk_scale, softcap, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      BLOCK_N, BLOCK_D, True, EVEN_N, SOFTCAP, PREC, UPCAST)
+    else:  # any order: decide per tile
+        for j in range(0, cnt):
+            kb = tl.load(idx_row + j * stride_ik)
+            for sub in tl.static_range(N_PER_BLOCK):
+                start_n = kb * LAYOUT_BK + sub * BLOCK_N
+                if start_n + BLOCK_N - 1 > first_qpos:  # crosses the diagonal (or the end of the keys)
+                    acc, l_i, m_i = _tile(acc, l_i, m_i, q, qpos, K_base, V_base, start_n, Sk, qk_scale, softcap,
+                                          stride_kn, stride_kd, stride_vn, stride_vd,
+                                          BLOCK_N, BLOCK_D, True, EVEN_N, SOFTCAP, PREC, UPCAST)
+                else:
+                    acc, l_i, m_i = _tile(acc, l_i, m_i, q, qpos, K_base, V_base, start_n, Sk, qk_scale, softcap,
+                                          stride_kn, stride_kd, stride_vn, stride_vd,
+                                          BLOCK_N, BLOCK_D, False, True, SOFTCAP, PREC, UPCAST)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -197,6 +223,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, softcap=
         M_PER_BLOCK=layout.block_q // bm, N_PER_BLOCK=layout.block_k // bn, EVEN_N=Sk % bn == 0,
         SOFTCAP=softcap is not None, RETURN_LSE=return_lse,
         PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+        ASCENDING=bool(layout.ascending), LOG_MAX_BLOCKS=max(1, indices.shape[-1].bit_length()),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return (out, lse) if return_lse else out

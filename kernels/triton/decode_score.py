@@ -33,8 +33,9 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, OUT,
     kmin = tl.load(KMIN + b * smb + h * smh + offs_p[:, None] * smp + offs_d[None, :] * smd, mask=p_ok[:, None],
                    other=0.0)
     zero = tl.zeros_like(q)
-    q_pos = tl.maximum(q, zero)
-    q_neg = tl.minimum(q, zero)
+    # triton 3.6 returns float32 from maximum/minimum on bf16 tiles: cast back so both dot operands match
+    q_pos = tl.maximum(q, zero).to(kmax.dtype)
+    q_neg = tl.minimum(q, zero).to(kmin.dtype)
     if DOT_F32:
         q_pos = q_pos.to(tl.float32)
         q_neg = q_neg.to(tl.float32)
