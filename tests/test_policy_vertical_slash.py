@@ -151,3 +151,75 @@ def test_triton_backend_matches_reference_backend():
         accel.patch(model, "vertical_slash", backend="triton", **kw)
         out = model(x).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ vectorised layout building vs the per-head loop
+
+
+def _build_loop_reference(pol, q, k, patterns, vertical_size, slash_size):
+    """The per-head Python loop that VerticalSlashPolicy.build used before it was vectorised (kept as the
+    reference: layouts must be identical)."""
+    from accel.policies.vertical_slash import (BS_BLOCK, LOCAL_DIAGONALS, SINK_COLUMNS, block_sums, diagonal_sums,
+                                               last_query_attention)
+
+    B, H = q.shape[:2]
+    Sk, dev = k.shape[2], q.device
+    attn = None
+    if any(p != "a_shape" for p in patterns):
+        attn = last_query_attention(q, k, pol.last_q)
+        vertical = attn.sum(-2)
+    cols, offs = [], []
+    for b in range(B):
+        for h, pat in enumerate(patterns):
+            if pat == "a_shape":
+                c = torch.arange(min(pol.a_shape_sink, Sk), device=dev)
+                o = torch.arange(min(pol.a_shape_window, Sk), device=dev)
+            elif pat == "vertical_slash":
+                v = vertical[b, h].clone()
+                v[:SINK_COLUMNS] = float("inf")
+                c = v.topk(min(vertical_size, Sk)).indices.sort().values
+                s = diagonal_sums(attn[b: b + 1, h: h + 1])[0, 0]
+                s[:LOCAL_DIAGONALS] = float("inf")
+                o = s.topk(min(slash_size, Sk)).indices.sort().values
+            else:
+                blk = block_sums(vertical[b, h], BS_BLOCK)
+                blk[0] = float("inf")
+                top = blk.topk(min(pol.block_count, blk.numel())).indices
+                c = (top[:, None] * BS_BLOCK + torch.arange(BS_BLOCK, device=dev)).flatten()
+                c = c[c < Sk].sort().values
+                o = torch.arange(min(BS_BLOCK, Sk), device=dev)
+            cols.append(c)
+            offs.append(o)
+
+    def pad(rows):
+        width = max(1, max(r.numel() for r in rows))
+        out = torch.full((len(rows), width), -1, dtype=torch.int64, device=dev)
+        for i, r in enumerate(rows):
+            out[i, : r.numel()] = r
+        return out
+
+    return VerticalSlashLayout(columns=pad(cols).reshape(B, H, -1), offsets=pad(offs).reshape(B, H, -1))
+
+
+@pytest.mark.parametrize("patterns, S, Sq, opts", [
+    (["vertical_slash"] * 3, 600, 600, dict(vertical_size=40, slash_size=120, last_q=16)),
+    (["a_shape", "block_sparse", "vertical_slash"], 600, 600,
+     dict(a_shape_sink=8, a_shape_window=50, block_count=2, vertical_size=40, slash_size=120, last_q=16)),
+    (["block_sparse", "block_sparse", "a_shape"], 650, 300, dict(block_count=3, last_q=20, a_shape_sink=0)),
+    (["vertical_slash", "block_sparse", "vertical_slash"], 330, 100,
+     dict(vertical_size=20, slash_size=500, block_count=9, last_q=7)),  # budgets above the length, all blocks
+    (["a_shape"] * 3, 200, 200, dict(a_shape_sink=300, a_shape_window=64)),
+])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_vectorised_build_matches_loop(patterns, S, Sq, opts, gqa):
+    torch.manual_seed(S + Sq)
+    H = len(patterns)
+    q = torch.randn(2, H, Sq, 16)
+    k = torch.randn(2, 1 if gqa else H, S, 16)
+    k[:, :, 333 % S] += q[:, -1:, -1] * 0.5
+    pol = VerticalSlashPolicy.from_options(**opts)
+    vs, ss = pol.vertical_size, pol.slash_size
+    got = pol.build(q, k, patterns, vs, ss)
+    want = _build_loop_reference(pol, q, k, patterns, vs, ss)
+    assert got.columns.dtype == want.columns.dtype == torch.int64
+    assert torch.equal(got.columns, want.columns) and torch.equal(got.offsets, want.offsets)

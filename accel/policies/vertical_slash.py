@@ -10,56 +10,31 @@ from dataclasses import dataclass
 from importlib import resources
 
 import torch
-import torch.nn.functional as F
 
+from accel.kernels.reference_estimation import (block_means, block_sums, diagonal_sums,  # noqa: F401 (re-exported)
+                                                last_query_attention, lastq_scores_reference)
 from accel.layouts import DenseLayout, VerticalSlashLayout
 
 from .base import Policy, require_positive
 
 
-def last_query_attention(q: torch.Tensor, k: torch.Tensor, n_last: int, scale: float | None = None) -> torch.Tensor:
-    """Exact softmax attention of the last ``n_last`` queries over every causal key, float32 [B, Hq, n, Sk].
+def _use_triton(q: torch.Tensor) -> bool:
+    """The Triton estimation kernels run for CUDA tensors they support (else the exact torch twins run)."""
+    from accel.kernels.triton.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 
-    Query i of the n sits at key position ``Sk - n + i`` (accel.layouts convention); GQA keys are not repeated."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    n = min(n_last, Sq)
-    g = Hq // Hkv
-    scale = D**-0.5 if scale is None else scale
-    ql = q[:, :, Sq - n:].float().reshape(B, Hkv, g, n, D)
-    logits = torch.matmul(ql, k.float()[:, :, None].transpose(-1, -2)).reshape(B, Hq, n, Sk) * scale
-    pos = torch.arange(Sk - n, Sk, device=q.device)[:, None]
-    logits = logits.masked_fill(torch.arange(Sk, device=q.device)[None, :] > pos, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    return q.is_cuda and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
 
 
-def diagonal_sums(attn: torch.Tensor) -> torch.Tensor:
-    """Mass per diagonal offset ``o = query position - key`` of last-query attention [B, H, n, Sk] -> [B, H, Sk]."""
-    n, Sk = attn.shape[-2:]
-    pos = torch.arange(Sk - n, Sk, device=attn.device)[:, None]
-    idx = pos - torch.arange(Sk, device=attn.device)[None, :]  # [n, Sk]: key index of offset o for row i
-    valid = idx >= 0
-    vals = torch.gather(attn, -1, idx.clamp_min(0).expand(*attn.shape[:-2], n, Sk))
-    return (vals * valid).sum(-2)
+def last_query_scores(q: torch.Tensor, k: torch.Tensor, n_last: int,
+                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's estimate: the last ``min(n_last, Sq)`` queries' causal softmax mass summed per key column and per
+    diagonal offset (query position - key), float32 ``(vertical, slash)`` [B, Hq, Sk] each. On CUDA the fused Triton
+    kernel (no [n, Sk] attention in memory), else its torch twin ``lastq_scores_reference``."""
+    if _use_triton(q):
+        from accel.kernels.triton.lastq_score import lastq_scores
 
-
-def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Sum-pool the last dimension in blocks of ``block`` (zero-padded at the end)."""
-    pad = (-x.shape[-1]) % block
-    if pad:
-        x = F.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], -1, block).sum(-1)
-
-
-def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean-pool [..., S, D] over the sequence in blocks (the last partial block averages its real rows)."""
-    S = x.shape[-2]
-    pad = (-S) % block
-    xs = F.pad(x.float(), (0, 0, 0, pad)) if pad else x.float()
-    sums = xs.reshape(*x.shape[:-2], -1, block, x.shape[-1]).sum(-2)
-    counts = torch.full((sums.shape[-2],), float(block), device=x.device)
-    counts[-1] = block - pad
-    return sums / counts[:, None]
+        return lastq_scores(q, k, n_last, scale=scale)
+    return lastq_scores_reference(q, k, n_last, scale)
 
 
 # ------------------------------------------------------------------------------------------------ the policy
@@ -103,14 +78,6 @@ def resolve_head_map(name: str) -> str:
         raise ValueError(f"unknown head map {name!r}; shipped head maps: {', '.join(shipped) or '(none)'} "
                          "(or a path to a .json file from scripts/search_patterns.py)")
     return str(res)
-
-
-def _pad_rows(rows: list[torch.Tensor], device) -> torch.Tensor:
-    width = max(1, max(r.numel() for r in rows))
-    out = torch.full((len(rows), width), -1, dtype=torch.int64, device=device)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-    return out
 
 
 @dataclass
@@ -189,34 +156,49 @@ class VerticalSlashPolicy(Policy):
         return self.build(q, k, patterns, self.vertical_size, self.slash_size)
 
     def build(self, q, k, patterns, vertical_size, slash_size) -> VerticalSlashLayout:
-        """The layout for per-head ``patterns`` (also used by scripts/search_patterns.py with search budgets)."""
+        """The layout for per-head ``patterns`` (also used by scripts/search_patterns.py with search budgets).
+        Built for all heads of a pattern at once with tensor ops (one device sync, only for block-sparse heads when
+        the last key block is partial); rows padded with -1 to the widest row."""
         B, H = q.shape[:2]
         Sk, dev = k.shape[2], q.device
-        attn = None
-        if any(p != "a_shape" for p in patterns):
-            attn = last_query_attention(q, k, self.last_q)
-            vertical = attn.sum(-2)
-        cols, offs = [], []
-        for b in range(B):
-            for h, pat in enumerate(patterns):
-                if pat == "a_shape":
-                    c = torch.arange(min(self.a_shape_sink, Sk), device=dev)
-                    o = torch.arange(min(self.a_shape_window, Sk), device=dev)
-                elif pat == "vertical_slash":
-                    v = vertical[b, h].clone()
-                    v[:SINK_COLUMNS] = float("inf")
-                    c = v.topk(min(vertical_size, Sk)).indices.sort().values
-                    s = diagonal_sums(attn[b: b + 1, h: h + 1])[0, 0]
-                    s[:LOCAL_DIAGONALS] = float("inf")
-                    o = s.topk(min(slash_size, Sk)).indices.sort().values
-                else:  # block_sparse, approximated by whole-block columns + one block of local diagonals
-                    blk = block_sums(vertical[b, h], BS_BLOCK)
-                    blk[0] = float("inf")
-                    top = blk.topk(min(self.block_count, blk.numel())).indices
-                    c = (top[:, None] * BS_BLOCK + torch.arange(BS_BLOCK, device=dev)).flatten()
-                    c = c[c < Sk].sort().values
-                    o = torch.arange(min(BS_BLOCK, Sk), device=dev)
-                cols.append(c)
-                offs.append(o)
-        return VerticalSlashLayout(columns=_pad_rows(cols, dev).reshape(B, H, -1),
-                                   offsets=_pad_rows(offs, dev).reshape(B, H, -1))
+        heads = {p: [h for h, x in enumerate(patterns) if x == p] for p in PATTERNS}
+        vertical = slash = None
+        if heads["vertical_slash"] or heads["block_sparse"]:
+            vertical, slash = last_query_scores(q, k, self.last_q)
+        parts = []  # (query heads, columns [B, n, w], offsets [B, n, w]), -1 = padding
+        if heads["vertical_slash"]:
+            idx = torch.tensor(heads["vertical_slash"], device=dev)
+            v = vertical[:, idx]
+            v[..., :SINK_COLUMNS] = float("inf")
+            c = v.topk(min(vertical_size, Sk), dim=-1).indices.sort(dim=-1).values
+            sl = slash[:, idx]
+            sl[..., :LOCAL_DIAGONALS] = float("inf")
+            o = sl.topk(min(slash_size, Sk), dim=-1).indices.sort(dim=-1).values
+            parts.append((idx, c, o))
+        if heads["a_shape"]:
+            idx = torch.tensor(heads["a_shape"], device=dev)
+            c = torch.arange(min(self.a_shape_sink, Sk), device=dev).expand(B, len(idx), -1)
+            o = torch.arange(min(self.a_shape_window, Sk), device=dev).expand(B, len(idx), -1)
+            parts.append((idx, c, o))
+        if heads["block_sparse"]:  # approximated by whole-block columns + one block of local diagonals
+            idx = torch.tensor(heads["block_sparse"], device=dev)
+            blk = block_sums(vertical[:, idx], BS_BLOCK)
+            blk[..., 0] = float("inf")
+            top = blk.topk(min(self.block_count, blk.shape[-1]), dim=-1).indices
+            c = (top[..., None] * BS_BLOCK + torch.arange(BS_BLOCK, device=dev)).flatten(-2)
+            c = c.masked_fill(c >= Sk, Sk).sort(dim=-1).values  # columns past the end sort last ...
+            width = c.shape[-1] if Sk % BS_BLOCK == 0 else int((c < Sk).sum(-1).max())
+            c = c[..., :width].masked_fill(c[..., :width] >= Sk, -1)  # ... and become padding
+            o = torch.arange(min(BS_BLOCK, Sk), device=dev).expand(B, len(idx), -1)
+            parts.append((idx, c, o))
+        return VerticalSlashLayout(columns=_scatter_rows(B, H, [(i, c) for i, c, _ in parts], dev),
+                                   offsets=_scatter_rows(B, H, [(i, o) for i, _, o in parts], dev))
+
+
+def _scatter_rows(B: int, H: int, parts: list, device) -> torch.Tensor:
+    """[B, H, width] int64 filled with -1, each part's [B, n, w] rows placed at its heads (width >= 1)."""
+    width = max([1] + [t.shape[-1] for _, t in parts])
+    out = torch.full((B, H, width), -1, dtype=torch.int64, device=device)
+    for idx, t in parts:  # one per pattern
+        out[:, idx, : t.shape[-1]] = t
+    return out
