@@ -30,8 +30,25 @@ def check_fraction(policy: Policy, option: str) -> None:
         raise ValueError(f"option {option!r} of policy {policy.name!r} must be in (0, 1], got {value}")
 
 
+def fast_selection(scores: torch.Tensor) -> bool:
+    """Whether the Triton block selection (kernels/triton/block_topk.py) takes ``scores``: CUDA, a float dtype it
+    reads, non-empty rows of at most its MAX_N entries. Otherwise the torch path runs (same results)."""
+    if not scores.is_cuda or scores.dtype not in (torch.float16, torch.bfloat16, torch.float32) or scores.dim() == 0:
+        return False
+    from accel.kernels.triton.block_topk import MAX_N
+
+    return 0 < scores.shape[-1] <= MAX_N
+
+
 def keep_by_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Bool mask of the fewest highest-scoring entries per row whose sum reaches ``threshold`` of the row sum."""
+    """Bool mask of the fewest highest-scoring entries per row whose sum reaches ``threshold`` of the row sum.
+
+    Non-negative scores. On CUDA (rows up to 4096 entries) a sort-free Triton kernel computes the same mask
+    (``block_topk.threshold_mask``; ties go to the lower index, torch's sort breaks them arbitrarily)."""
+    if threshold < 1.0 and fast_selection(scores):
+        from accel.kernels.triton.block_topk import threshold_mask
+
+        return threshold_mask(scores, threshold)
     if threshold >= 1.0:
         return scores > 0 if threshold == 1.0 else torch.ones_like(scores, dtype=torch.bool)
     vals, order = torch.sort(scores, dim=-1, descending=True)
@@ -68,5 +85,10 @@ class BlockSelectPolicy(Policy):
             selected = causal.expand(q.shape[0], q.shape[1], *causal.shape)
         else:
             scores = self.score(q, k, causal)
+            if scores.dim() == 4 and fast_selection(scores):
+                # one Triton pass: threshold over causal blocks + sink + diagonal, straight to the layout
+                from accel.kernels.triton.block_topk import threshold_layout
+
+                return threshold_layout(scores, self.threshold, q_len, kv_len, bs, bs)
             selected = keep_by_threshold(scores.masked_fill(~causal, 0), self.threshold)
         return build_block_layout(selected, q_len, kv_len, bs, bs)

@@ -8,7 +8,7 @@ from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
 from accel.layouts import DenseLayout
 
 from .base import Policy, require_positive
-from .block_select import check_block_size, check_fraction
+from .block_select import check_block_size, check_fraction, fast_selection
 from .flexprefill import tokens_to_cover, top_n_mask
 from .vertical_slash import block_means
 
@@ -38,6 +38,22 @@ def proxy_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, heads_per_p
         per_block = torch.zeros(B, P, r.numel(), nk, device=q.device).index_add_(-1, key_block, probs)
         out.index_add_(2, r // block, per_block)
     return out
+
+
+def _triton_scores(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """The Triton proxy-score kernel takes these inputs (CUDA, a head_dim and dtype it supports)."""
+    from accel.kernels.triton.checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+    return q.is_cuda and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, block: int, heads_per_proxy: int, stride: int) -> torch.Tensor:
+    """``proxy_block_scores``, through the Triton kernel (kernels/triton/proxy_score.py) on CUDA."""
+    if _triton_scores(q, k):
+        from accel.kernels.triton.proxy_score import proxy_scores
+
+        return proxy_scores(q, k, block=block, heads_per_proxy=heads_per_proxy, stride=stride)
+    return proxy_block_scores(q, k, block, heads_per_proxy, stride)
 
 
 @dataclass
@@ -87,21 +103,47 @@ class ProxyPolicy(Policy):
         causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
         if self.gamma >= 1.0:
             return build_block_layout(causal.expand(q.shape[0], q.shape[1], *causal.shape), q_len, kv_len, bs, bs)
+        if q.is_cuda and fast_selection(causal.float()[:1]):  # rows the Triton selection takes
+            return self.select_layout(q, k, causal)
         return build_block_layout(self.select(q, k, causal), q_len, kv_len, bs, bs)
 
-    def select(self, q, k, causal):
-        Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    def _proxies(self, q, k) -> int:
+        Hq, Hkv = q.shape[1], k.shape[1]
         per = self.heads_per_proxy or Hq // Hkv
         if Hq % per:
             raise ValueError(f"option 'heads_per_proxy' ({per}) of policy 'proxy' must divide the model's "
                              f"{Hq} query heads")
-        ranking = proxy_block_scores(q, k, self.block_size, per, self.query_stride)
-        proxy_budget = tokens_to_cover(ranking.masked_fill(~causal, 0.0), self.gamma).repeat_interleave(per, dim=1)
-        ranking = ranking.masked_fill(~causal, -1.0).repeat_interleave(per, dim=1)  # [B, Hq, nq, nk]
-        # block-aware budget of each head: its own pooled block distribution, per query block
+        return per
+
+    def _own_distribution(self, q, k, causal):
+        """Each head's cheap block-level estimate: mean-pooled query blocks against mean-pooled key blocks."""
+        Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
         q_pool = block_means(q, self.block_size)
         k_pool = block_means(k, self.block_size).repeat_interleave(Hq // Hkv, dim=1)
         logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * D**-0.5
-        own = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)  # [B, Hq, nq, nk]
+
+    def select(self, q, k, causal):
+        """Selected blocks (bool [B, Hq, nq, nk]), torch path."""
+        per = self._proxies(q, k)
+        ranking = block_scores(q, k, self.block_size, per, self.query_stride)
+        proxy_budget = tokens_to_cover(ranking.masked_fill(~causal, 0.0), self.gamma).repeat_interleave(per, dim=1)
+        ranking = ranking.masked_fill(~causal, -1.0).repeat_interleave(per, dim=1)  # [B, Hq, nq, nk]
+        # block-aware budget of each head: its own pooled block distribution, per query block
+        own = self._own_distribution(q, k, causal)
         budget = torch.maximum(tokens_to_cover(own, self.gamma), proxy_budget)  # blocks per (head, query block)
         return top_n_mask(ranking, budget) & causal
+
+    def select_layout(self, q, k, causal):
+        """``build_block_layout(select(...))`` on the GPU without sorts: Triton proxy scores (when the kernel takes
+        the inputs), budgets and per-row top-n through kernels/triton/block_topk.py, straight to the layout; the
+        proxy's scores are never repeated over its heads."""
+        from accel.kernels.triton.block_topk import threshold_counts, topn_layout
+
+        per = self._proxies(q, k)
+        bs = self.block_size
+        ranking = block_scores(q, k, bs, per, self.query_stride)  # [B, P, nq, nk]
+        proxy_budget = threshold_counts(ranking.masked_fill(~causal, 0.0), self.gamma).repeat_interleave(per, dim=1)
+        own_budget = threshold_counts(self._own_distribution(q, k, causal), self.gamma)
+        budget = torch.maximum(own_budget, proxy_budget)
+        return topn_layout(ranking, budget, q.shape[2], k.shape[2], bs, bs)
