@@ -5,12 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
+from accel.kernels.reference_estimation import block_means, block_sums, pooled_scores_from_pooled
 from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
 from accel.layouts import DenseLayout
 
 from .base import Policy
 from .block_select import check_block_size, check_fraction, keep_by_threshold
-from .vertical_slash import block_means, block_sums, diagonal_sums, last_query_attention
+from .vertical_slash import _use_triton, last_query_scores
 
 
 def top_n_mask(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,26 @@ def slash_block_mask(sel: torch.Tensor, q_len: int, kv_len: int, block: int) -> 
     idx_lo = olo.expand(nq, nk).reshape(-1)
     count = cs[..., idx_hi] - cs[..., idx_lo]
     return (count > 0).reshape(*sel.shape[:-1], nq, nk) & (hi >= 0)
+
+
+def pooled_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean-pooled blocks, float32 [B, H, ceil(S/block), D]: the Triton kernel on CUDA, else ``block_means``."""
+    if _use_triton(x):
+        from accel.kernels.triton.pooled_score import mean_pool
+
+        return mean_pool(x, block)
+    return block_means(x, block)
+
+
+def pooled_probs(q_pool: torch.Tensor, k_pool: torch.Tensor, q_len: int, kv_len: int, block: int,
+                 scale: float) -> torch.Tensor:
+    """FlexPrefill's query-aware estimate from pooled q [B, Hq, nq, D] and pooled k [B, Hkv, nk, D]: causal softmax
+    over key blocks, float32 [B, Hq, nq, nk]. The Triton kernel on CUDA, else its torch twin."""
+    if _use_triton(q_pool):
+        from accel.kernels.triton.pooled_score import pooled_block_scores
+
+        return pooled_block_scores(q_pool, k_pool, q_len=q_len, kv_len=kv_len, block=block, scale=scale)
+    return pooled_scores_from_pooled(q_pool, k_pool, q_len, kv_len, block, scale)
 
 
 @dataclass
@@ -99,20 +120,23 @@ class FlexPrefillPolicy(Policy):
 
     def select(self, q, k, causal):
         B, Hq, Sq, D = q.shape
-        Sk, g = k.shape[2], Hq // k.shape[1]
+        Sk, Hkv = k.shape[2], k.shape[1]
+        g = Hq // Hkv
         bs, nk = self.block_size, causal.shape[1]
         scale = D**-0.5
-        attn = last_query_attention(q, k, bs, scale)  # [B, H, n, Sk]
-        vertical, slash = attn.mean(-2), diagonal_sums(attn) / attn.shape[-2]
+        n_last = min(bs, Sq)  # the last query block's exact attention: column / diagonal mass, mean over queries
+        vertical, slash = last_query_scores(q, k, bs, scale)
+        vertical, slash = vertical / n_last, slash / n_last
         min_blocks = min(nk, math.ceil(self.min_budget / bs))
         n_vert = (tokens_to_cover(vertical, self.gamma) / bs).ceil().long().clamp(min_blocks, nk)
         n_slash = (tokens_to_cover(slash, self.gamma) / bs).ceil().long().clamp(min_blocks, nk)
         v_blk, s_blk = block_sums(vertical, bs), block_sums(slash, bs)
 
         # pattern choice: pooled estimate of the last block vs its true block distribution
-        k_pool = block_means(k, bs).repeat_interleave(g, dim=1)  # [B, H, nk, D] (pooled keys are tiny)
-        q_last = q[:, :, -min(bs, Sq):].float().mean(-2, keepdim=True)
-        est = torch.softmax(torch.matmul(q_last, k_pool.transpose(-1, -2))[..., 0, :] * scale, dim=-1)
+        k_pool = pooled_means(k, bs)  # [B, Hkv, nk, D] (pooled keys are tiny; GQA: not repeated)
+        q_last = q[:, :, -n_last:].float().mean(-2).reshape(B, Hkv, g, 1, D)
+        est = torch.matmul(q_last, k_pool[:, :, None].transpose(-1, -2)).reshape(B, Hq, nk)
+        est = torch.softmax(est * scale, dim=-1)
         mid = (est + v_blk) / 2
         js = 0.5 * (torch.special.xlogy(est, est) - torch.special.xlogy(est, mid)).sum(-1) \
             + 0.5 * (torch.special.xlogy(v_blk, v_blk) - torch.special.xlogy(v_blk, mid)).sum(-1)
@@ -126,9 +150,7 @@ class FlexPrefillPolicy(Policy):
         diags = top_n_mask(s_blk, n_slash)
         selected = cols[:, :, None, :] | slash_block_mask(diags, Sq, Sk, bs)
         if bool(query_aware.any()):
-            q_pool = block_means(q, bs)  # [B, H, nq, D]
-            logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * scale
-            probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+            probs = pooled_probs(pooled_means(q, bs), k_pool, Sq, Sk, bs, scale)  # [B, H, nq, nk]
             qa = keep_by_threshold(probs.flatten(-2), self.gamma).reshape(probs.shape)
             selected = selected | (qa & query_aware[..., None, None])
         return selected & causal
