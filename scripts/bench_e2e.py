@@ -1,0 +1,246 @@
+"""End-to-end benchmark: time to first token (and optionally decode tokens/s) of a whole model, every policy against
+dense baselines measured in the same run.
+
+Models are built on the GPU from a config with random weights; speed depends on the shapes, not on the weight
+values:
+- ``llama8b``: Llama-3.1-8B shape (32 layers, hidden 4096, 32/8 heads, head_dim 128, MLP 14336, vocab 128256);
+- ``qwen7b``: Qwen2.5-7B shape (28 layers, hidden 3584, 28/4 heads, MLP 18944, vocab 152064);
+- ``smollm2`` / ``gemma3``: the demo models' exact architectures (configs/models/*.json, read from their GGUF files:
+  SmolLM2-135M, 8K context; Gemma-3-270M with its sliding-window layers, 32K context).
+
+Runs (``--runs``): ``sdpa``, ``flash_attention_4`` and ``flex_attention`` are transformers' own dense attention;
+anything else is an accel policy spec (``dense``, ``xattention``, ``xattention+quest``, ``proxy:gamma=0.95`` ...)
+patched with ``backend=auto``. Prefill: batch 1, random token ids, ``logits_to_keep=1``, a fresh DynamicCache; one
+warm-up prefill at the same length (compiles kernels, lets ``auto`` time its backends), then the median of
+``--repeats`` timed prefills. Decode (``--decode N``): N greedy steps after the prefill, eager, tokens/s. Peak memory
+is ``torch.cuda.max_memory_allocated`` over the timed prefill (and decode); accel runs also report mean prefill
+density and the backends that ran.
+
+    PYTHONPATH=. python scripts/bench_e2e.py --model llama8b --contexts 32768 131072 --out results/bench_e2e_llama8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_utils import err as _err  # noqa: E402
+
+import accel  # noqa: E402
+
+HF_IMPLS = ("sdpa", "flash_attention_4", "flex_attention", "eager")
+DEFAULT_RUNS = ["sdpa", "flash_attention_4", "dense", "xattention", "flexprefill", "proxy", "vertical_slash"]
+
+
+def model_config(name: str, max_len: int):
+    from transformers import AutoConfig, LlamaConfig, Qwen2Config
+
+    if name == "llama8b":
+        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=max(131072, max_len),
+                           rope_theta=500000.0)
+    if name == "qwen7b":
+        return Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                           num_key_value_heads=4, vocab_size=152064, max_position_embeddings=max(131072, max_len),
+                           rope_theta=1000000.0, use_sliding_window=False)
+    path = os.path.join(ROOT, "configs", "models", f"{name}.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"unknown model {name!r}: use llama8b, qwen7b, or one of configs/models/*.json")
+    with open(path) as f:
+        d = json.load(f)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def build_model(cfg):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def _sync_time(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def prefill(model, ids):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, logits_to_keep=1, use_cache=True)
+    return out, cache
+
+
+def decode(model, out, cache, steps: int) -> float:
+    tok = out.logits[:, -1:].argmax(-1)
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            o = model(tok, past_key_values=cache, use_cache=True)
+            tok = o.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - t)
+
+
+def run_one(model, run: str, ids, args) -> dict:
+    row = {"run": run, "context": ids.shape[1]}
+    patched = run not in HF_IMPLS
+    try:
+        if patched:
+            accel.patch(model, run, backend="auto", collect_stats=False)
+        else:
+            model.set_attn_implementation(run)
+        prefill(model, ids)  # warm-up at the same length
+        torch.cuda.empty_cache()
+        if patched:
+            accel.reset_stats(model)
+        times = []
+        for _ in range(args.repeats):
+            torch.cuda.reset_peak_memory_stats()
+            dt, (out, cache) = _sync_time(lambda: prefill(model, ids))
+            times.append(dt)
+            if args.decode:
+                row["decode_tok_s"] = decode(model, out, cache, args.decode)
+            row["kv_cache_bytes"] = accel.cache_bytes(cache)
+            del out, cache
+        row["ttft_s"] = statistics.median(times)
+        row["ttft_all_s"] = times
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if patched:
+            st = accel.stats(model)
+            row["backends"] = st.get("backends_used")
+            notes = sorted({n for r in st.get("layers", []) for n in r.get("auto_notes", [])})
+            row["auto_notes"] = notes[:8]
+            if args.density:  # one more, untimed prefill that syncs to count kept blocks and samples recall
+                accel.patch(model, run, backend="auto", collect_stats=True)
+                out, cache = prefill(model, ids)
+                del out, cache
+                st = accel.stats(model)
+                dens = [r["prefill_density"] for r in st["layers"] if r.get("prefill_density") is not None]
+                row["mean_prefill_density"] = sum(dens) / len(dens) if dens else None
+                row["mean_recall"] = st.get("mean_recall")
+    except Exception as e:  # noqa: BLE001 - a run that cannot run is recorded, not fatal
+        row["error"] = _err(e)
+    finally:
+        if patched:
+            accel.unpatch(model)
+        torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write(results, out):
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    m = results["meta"]
+    lines = [f"# End to end: {m['model']} ({m['shape']})", "", f"- command: `{m['command']}`",
+             f"- device: {m['device']}; date: {m['date']}; wall {m.get('wall_s', 0):.0f} s",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+             "- random weights, bf16, batch 1; time to first token = prefill with logits_to_keep=1 (median of "
+             f"{m['repeats']}, after a warm-up at the same length); speedups against the dense baselines of the "
+             "same run", ""]
+    has_decode = any("decode_tok_s" in r for r in results["rows"])
+    head = "| context | run | TTFT s | vs sdpa | vs FA4 | density | recall | peak GiB | KV GiB |"
+    sep = "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    if has_decode:
+        head += " decode tok/s | decode vs sdpa |"
+        sep += " --- | --- |"
+    lines += [head, sep]
+    for S in sorted({r["context"] for r in results["rows"]}):
+        rows = [r for r in results["rows"] if r["context"] == S]
+        base = {r["run"]: r for r in rows if "ttft_s" in r}
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {S // 1024}K | {r['run']} | error: {r['error']} |" + " |" * (8 if has_decode else 6))
+                continue
+
+            def ratio(b, key="ttft_s", inv=False):
+                if b not in base or key not in base[b] or key not in r:
+                    return "—"
+                x = r[key] / base[b][key] if inv else base[b][key] / r[key]
+                return f"{x:.2f}x"
+
+            dens, rec = r.get("mean_prefill_density"), r.get("mean_recall")
+            line = (f"| {S // 1024}K | {r['run']} | {r['ttft_s']:.3f} | {ratio('sdpa')} | {ratio('flash_attention_4')} "
+                    f"| {'—' if dens is None else f'{dens:.3f}'} | {'—' if rec is None else f'{rec:.3f}'} | "
+                    f"{r['peak_gib']:.1f} | "
+                    f"{r.get('kv_cache_bytes', 0) / 2**30:.2f} |")
+            if has_decode:
+                line += f" {r.get('decode_tok_s', 0):.1f} | {ratio('sdpa', 'decode_tok_s', inv=True)} |"
+            lines.append(line)
+    notes = [f"- {r['context'] // 1024}K {r['run']}: backends {r.get('backends')}" for r in results["rows"]
+             if r.get("backends")]
+    if notes:
+        lines += ["", "Backends that ran (accel runs):", *notes]
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama8b")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
+                    help="transformers attention implementations (sdpa, flash_attention_4, flex_attention) and/or "
+                         "accel policy specs")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--decode", type=int, default=0, help="greedy decode steps after the prefill (tokens/s)")
+    ap.add_argument("--no-density", dest="density", action="store_false",
+                    help="skip the extra untimed prefill that measures density and recall of accel runs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_e2e needs a CUDA GPU")
+    out = args.out or f"results/bench_e2e_{args.model}"
+    cfg = model_config(args.model, max(args.contexts))
+    model = build_model(cfg)
+    t0 = time.time()
+    import transformers
+
+    meta = {"model": args.model, "command": " ".join(["python"] + sys.argv),
+            "shape": f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads}/"
+                     f"{cfg.num_key_value_heads} heads",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(), "repeats": args.repeats,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()}}
+    results = {"meta": meta, "rows": []}
+    for S in args.contexts:
+        if S > cfg.max_position_embeddings:
+            print(f"skip {S}: above the model's context {cfg.max_position_embeddings}", flush=True)
+            continue
+        ids = torch.randint(10, cfg.vocab_size - 10, (1, S), device="cuda", generator=torch.Generator("cuda").manual_seed(S))
+        for run in args.runs:
+            results["rows"].append(run_one(model, run, ids, args))
+            meta["wall_s"] = time.time() - t0
+            write(results, out)  # partial results survive a timeout
+
+
+if __name__ == "__main__":
+    main()
