@@ -300,7 +300,7 @@ def _layout(scores, mode, q_len, kv_len, block_q, block_k, *, threshold=0.0, nro
             scores, cut, ntie, count, idx, mb, *scores.stride(), H, NQ, N, hps, q_len, kv_len - q_len,
             block_q, block_k, MODE=mode, CAUSAL=True, KEEP_FIRST=keep_first, KEEP_DIAG=keep_diagonal,
             BLOCK_N=bn, num_warps=_warps(bn))
-    return BlockLayout(counts=count.reshape(B, H, NQ), indices=idx, block_q=block_q, block_k=block_k)
+    return BlockLayout(counts=count.reshape(B, H, NQ), indices=idx, block_q=block_q, block_k=block_k, ascending=True)
 
 
 def threshold_layout(scores: torch.Tensor, threshold: float, q_len: int, kv_len: int, block_q: int = 128,
