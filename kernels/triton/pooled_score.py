@@ -150,11 +150,15 @@ def _check_block(block) -> None:
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, block: int) -> None:
     """Shape/dtype/device/option checks done before every launch (no device sync). Raises ValueError."""
-    _check_tensor(q, "q", SUPPORTED_DTYPES)
-    _check_tensor(k, "k", SUPPORTED_DTYPES)
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a tensor [batch, heads, seq, head_dim]; got "
+                             f"{tuple(getattr(x, 'shape', ()))}")
     B, Hq, Sq, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    _check_tensor(q, "q", SUPPORTED_DTYPES)
+    _check_tensor(k, "k", SUPPORTED_DTYPES)
     Hkv, Sk = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
