@@ -27,6 +27,14 @@ and ``<out>.md`` (command, device, versions, date).
 
     PYTHONPATH=. python scripts/bench_estimation.py --out results/bench_estimation
 
+Sections ``lastq_score`` and ``pooled_score`` (``--sections``; all run by default) time the other estimation kernels on
+the same inputs and contexts: ``accel.kernels.triton.lastq_score.lastq_scores`` (MInference's last-64-query
+column/diagonal mass; also FlexPrefill's last-block variant, n_last = block) as a share of the Triton
+vertical-slash attention on the layout VerticalSlashPolicy builds from it (vertical 1000, slash 6096), and
+``accel.kernels.triton.pooled_score.pooled_scores`` (FlexPrefill's pooled q/k block softmax) as a share of the Triton
+block-sparse attention on the layout FlexPrefillPolicy plans (gamma ``--flex-gamma``, tau ``--flex-tau``). Each
+also reports the whole plan time (estimation + selection + layout) and, with ``--tune``, other tile configs.
+
 GPU time: about 1-2 minutes on an H100 with the defaults (most of it dense 128K SDPA and tile-config compilation).
 """
 
@@ -50,6 +58,9 @@ from accel.kernels import reference_sparse as rs  # noqa: E402
 from bench_utils import bench  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
 from accel.kernels.triton.antidiag_score import antidiagonal_scores  # noqa: E402
+from accel.kernels.reference_estimation import lastq_scores_reference, pooled_scores_reference  # noqa: E402
+from accel.kernels.triton.lastq_score import lastq_scores  # noqa: E402
+from accel.kernels.triton.pooled_score import pooled_scores  # noqa: E402
 from accel.kernels.triton.block_sparse import block_sparse_attention  # noqa: E402
 from accel.policies.block_select import keep_by_threshold  # noqa: E402
 from accel.policies.xattention import antidiagonal_block_scores  # noqa: E402
@@ -204,6 +215,188 @@ def run_context(args, S, device) -> dict:
     return row
 
 
+LASTQ_TUNE = [  # lastq_scores configs (rows = query heads x padded queries per tile); default excluded
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=1056),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=264),
+]
+POOLED_TUNE = [  # pooled_scores configs (ROWS per pooling load; pooled score tiles); default excluded
+    dict(ROWS=64, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(ROWS=32, BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
+    dict(ROWS=32, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+]
+
+
+def _tune(row, fn, configs):
+    row["tuning"] = []
+    for cfg in configs:
+        try:
+            row["tuning"].append({"config": cfg, "ms": bench(lambda: fn(cfg))})
+        except Exception as e:  # noqa: BLE001
+            row["tuning"].append({"config": cfg, "error": _err(e)})
+    timed = [t["ms"] for t in row["tuning"] if "ms" in t] + ([row["estimation_ms"]] if "estimation_ms" in row else [])
+    if timed:
+        row["estimation_best_ms"] = min(timed)
+
+
+def _shares(row, sparse_key):
+    sp = row.get(sparse_key)
+    if sp:
+        for key in ("estimation_ms", "estimation_best_ms", "plan_ms"):
+            if key in row:
+                row[key.replace("_ms", "_share_of_sparse")] = row[key] / sp
+
+
+def run_lastq(args, S, device, q, k, v) -> dict:
+    """MInference's estimate (last 64 queries) vs the vertical-slash attention on the layout it feeds."""
+    from accel.kernels.triton.vertical_slash import vertical_slash_attention
+    from accel.policies.vertical_slash import VerticalSlashPolicy
+
+    row = {"context": S, "n_last": args.last_q}
+    # two passes of QK^T over n_last rows x S keys per query head
+    row["estimation_tflop"] = 2 * 2.0 * args.heads * args.last_q * S * args.dim / 1e12
+    try:
+        row["estimation_ms"] = bench(lambda: lastq_scores(q, k, args.last_q))
+        row["estimation_tflops"] = row["estimation_tflop"] / (row["estimation_ms"] * 1e-3)
+        row["k_read_tb_s"] = 2 * k.numel() * k.element_size() / (row["estimation_ms"] * 1e-3) / 1e12  # 2 passes
+    except Exception as e:  # noqa: BLE001
+        row["estimation_error"] = _err(e)
+    try:  # FlexPrefill's variant: the last block of queries
+        row["estimation_last_block_ms"] = bench(lambda: lastq_scores(q, k, args.block))
+    except Exception as e:  # noqa: BLE001
+        row["estimation_last_block_error"] = _err(e)
+    if args.tune:
+        _tune(row, lambda cfg: lastq_scores(q, k, args.last_q, config=cfg), LASTQ_TUNE)
+    layout = None
+    try:
+        pol = VerticalSlashPolicy.from_options(vertical_size=args.vertical, slash_size=args.slash, last_q=args.last_q)
+        patterns = ["vertical_slash"] * args.heads
+        row["plan_ms"] = bench(lambda: pol.build(q, k, patterns, args.vertical, args.slash), rep=50)
+        layout = pol.build(q, k, patterns, args.vertical, args.slash)
+        from accel.recall import vertical_slash_density
+
+        row["kept_density"] = vertical_slash_density(layout, S, S)
+    except Exception as e:  # noqa: BLE001
+        row["plan_error"] = _err(e)
+    if layout is not None:
+        try:
+            row["recall"] = layout_recall(layout, q, k, rows=32)
+        except Exception as e:  # noqa: BLE001
+            row["recall_error"] = _err(e)
+        try:
+            row["sparse_attention_ms"] = bench(lambda: vertical_slash_attention(q, k, v, layout))
+        except Exception as e:  # noqa: BLE001
+            row["sparse_attention_error"] = _err(e)
+    _shares(row, "sparse_attention_ms")
+    if S <= args.reference_max:
+        try:
+            ref = lastq_scores_reference(q, k, args.last_q)
+            got = lastq_scores(q, k, args.last_q)
+            row["max_abs_err_vs_reference"] = max(float((ref[0] - got[0]).abs().max()),
+                                                  float((ref[1] - got[1]).abs().max()))
+            row["reference_estimation_ms"] = bench(lambda: lastq_scores_reference(q, k, args.last_q), rep=20,
+                                                   warmup=3)
+            del ref, got
+        except Exception as e:  # noqa: BLE001
+            row["reference_estimation_error"] = _err(e)
+    return row
+
+
+def run_pooled(args, S, device, q, k, v) -> dict:
+    """FlexPrefill's pooled estimate vs the block-sparse attention on the layout FlexPrefillPolicy plans."""
+    from accel.policies import AttentionContext
+    from accel.policies.flexprefill import FlexPrefillPolicy
+
+    row = {"context": S, "block": args.block}
+    row["input_gb"] = (q.numel() + k.numel()) * q.element_size() / 1e9
+    try:
+        row["estimation_ms"] = bench(lambda: pooled_scores(q, k, block=args.block))
+        row["read_tb_s"] = row["input_gb"] / (row["estimation_ms"] * 1e-3) / 1e3
+    except Exception as e:  # noqa: BLE001
+        row["estimation_error"] = _err(e)
+    if args.tune:
+        _tune(row, lambda cfg: pooled_scores(q, k, block=args.block, config=cfg), POOLED_TUNE)
+    layout = None
+    try:
+        pol = FlexPrefillPolicy.from_options(block_size=args.block, gamma=args.flex_gamma, tau=args.flex_tau)
+        ctx = AttentionContext(layer_idx=0, phase="prefill", sliding_window=None)
+        row["plan_ms"] = bench(lambda: pol.plan(q, k, ctx), rep=50)
+        layout = pol.plan(q, k, ctx)
+        if hasattr(layout, "counts"):
+            row["kept_density"] = rs.block_layout_density(layout, S, S)
+        else:
+            row["plan_note"] = f"policy planned {type(layout).__name__} (context below min_budget or one block)"
+    except Exception as e:  # noqa: BLE001
+        row["plan_error"] = _err(e)
+    if layout is not None and hasattr(layout, "counts"):
+        try:
+            row["recall"] = layout_recall(layout, q, k, rows=32)
+        except Exception as e:  # noqa: BLE001
+            row["recall_error"] = _err(e)
+        try:
+            row["sparse_attention_ms"] = bench(lambda: block_sparse_attention(q, k, v, layout))
+        except Exception as e:  # noqa: BLE001
+            row["sparse_attention_error"] = _err(e)
+    _shares(row, "sparse_attention_ms")
+    if S <= args.reference_max:
+        try:
+            ref = pooled_scores_reference(q, k, args.block)
+            row["max_abs_err_vs_reference"] = float((ref - pooled_scores(q, k, block=args.block)).abs().max())
+            row["reference_estimation_ms"] = bench(lambda: pooled_scores_reference(q, k, args.block), rep=20,
+                                                   warmup=3)
+            del ref
+        except Exception as e:  # noqa: BLE001
+            row["reference_estimation_error"] = _err(e)
+    return row
+
+
+def run_other_sections(args, S, device) -> dict:
+    """The lastq_score / pooled_score sections at one context, on the same structured inputs as XAttention's."""
+    out = {}
+    torch.cuda.empty_cache()
+    q, k, v = structured_qkv(S, args.heads, args.kv_heads, args.dim, device, seed=S, amp=args.amp,
+                             sink_boost=args.sink_boost)
+    for name, fn in (("lastq_score", run_lastq), ("pooled_score", run_pooled)):
+        if name in args.sections:
+            try:
+                out[name] = fn(args, S, device, q, k, v)
+            except Exception as e:  # noqa: BLE001
+                out[name] = {"context": S, "error": _err(e)}
+            print(name, json.dumps(out[name]), flush=True)
+    del q, k, v
+    return out
+
+
+def _section_lines(title, rows, extra_cols):
+    """Markdown table of one estimation section (columns: context, kept density, recall, estimation, best tiles,
+    extra, plan, sparse attention, shares, torch reference)."""
+    head = ["context", "kept density", "recall", "estimation", "best tiles", *[c for c, _ in extra_cols],
+            "plan (est. + selection + layout)", "sparse attention", "est. / sparse", "plan / sparse", "torch ref. est.",
+            "max abs err"]
+    lines = ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            f"{r['context'] // 1024}K", _pct(r.get("kept_density")), _fmt(r.get("recall"), 3),
+            _fmt(r.get("estimation_ms"), 3), _fmt(r.get("estimation_best_ms"), 3),
+            *[_fmt(r.get(key), 3) for _, key in extra_cols],
+            _fmt(r.get("plan_ms")), _fmt(r.get("sparse_attention_ms")),
+            _pct(r.get("estimation_share_of_sparse")), _pct(r.get("plan_share_of_sparse")),
+            _fmt(r.get("reference_estimation_ms")),
+            f"{r['max_abs_err_vs_reference']:.1e}" if "max_abs_err_vs_reference" in r else "—"]) + " |")
+    for r in rows:
+        if r.get("tuning"):
+            lines += ["", f"{r['context'] // 1024}K tile configs (default in the table):", ""]
+            lines += [f"- {json.dumps(t['config'])}: {_fmt(t.get('ms'), 3) if 'ms' in t else t['error']}"
+                      for t in r["tuning"]]
+    errors = [f"- {r['context']}: {k} = {v}" for r in rows for k, v in r.items() if k.endswith("error")]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    return lines
+
+
 def _fmt(x, nd=2):
     return "—" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
@@ -258,6 +451,15 @@ def write(results, out):
     errors = [f"- {r['context']}: {k} = {v}" for r in results["rows"] for k, v in r.items() if k.endswith("_error")]
     if errors:
         lines += ["", "Errors:", *errors]
+    if results.get("lastq_score"):
+        lines += _section_lines(f"lastq_score: MInference last-{m['shape'].get('last_q', 64)}-query column/diagonal "
+                                "mass (Triton) vs the vertical-slash attention it feeds", results["lastq_score"],
+                                [("est. TFLOP/s", "estimation_tflops"), ("K read TB/s", "k_read_tb_s"),
+                                 ("last-block (n=block) est.", "estimation_last_block_ms")])
+    if results.get("pooled_score"):
+        lines += _section_lines("pooled_score: FlexPrefill mean-pooled block softmax (Triton) vs the block-sparse "
+                                "attention of FlexPrefill's layout", results["pooled_score"],
+                                [("q+k read TB/s", "read_tb_s")])
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -278,6 +480,13 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", default=True, help="time other tile configs")
     ap.add_argument("--no-tune", dest="tune", action="store_false")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--sections", nargs="+", default=["xattention", "lastq_score", "pooled_score"],
+                    choices=["xattention", "lastq_score", "pooled_score"], help="which estimators to time")
+    ap.add_argument("--last-q", type=int, default=64, help="lastq_score: MInference's number of last queries")
+    ap.add_argument("--vertical", type=int, default=1000, help="lastq_score: vertical columns kept per head")
+    ap.add_argument("--slash", type=int, default=6096, help="lastq_score: diagonals kept per head")
+    ap.add_argument("--flex-gamma", type=float, default=0.9, help="pooled_score: FlexPrefill's gamma")
+    ap.add_argument("--flex-tau", type=float, default=0.1, help="pooled_score: FlexPrefill's tau")
     ap.add_argument("--out", default="results/bench_estimation")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -295,24 +504,33 @@ def main(argv=None):
                      "python": platform.python_version()},
         "shape": {"batch": 1, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.dim,
                   "dtype": "bfloat16", "block": args.block, "stride": args.stride, "threshold": args.threshold,
-                  "causal": True},
+                  "causal": True, "last_q": args.last_q, "vertical": args.vertical, "slash": args.slash,
+                  "flex_gamma": args.flex_gamma, "flex_tau": args.flex_tau},
         "inputs": (f"structured: per KV head a shared slowly varying component (anchors every 256/1K/4K/16K tokens, "
                    f"amp {args.amp}) in q and k, 16 sink keys (logit gain ~{args.sink_boost}), N(0,1) noise; "
                    f"v ~ N(0,1)"),
     }, "rows": []}
-    if not args.skip_check:
+    if not args.skip_check and "xattention" in args.sections:
         try:
             results["correctness"] = correctness(args, device)
         except Exception as e:  # noqa: BLE001
             results["correctness"] = {"error": _err(e)}
         print("correctness:", json.dumps(results["correctness"]), flush=True)
     for S in args.contexts:
+        if "xattention" in args.sections:
+            try:
+                row = run_context(args, S, device)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory generating inputs
+                row = {"context": S, "error": _err(e)}
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
         try:
-            row = run_context(args, S, device)
+            other = run_other_sections(args, S, device)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory generating inputs
-            row = {"context": S, "error": _err(e)}
-        results["rows"].append(row)
-        print(json.dumps(row), flush=True)
+            other = {name: {"context": S, "error": _err(e)} for name in ("lastq_score", "pooled_score")
+                     if name in args.sections}
+        for name, row in other.items():
+            results.setdefault(name, []).append(row)
     results["meta"]["wall_s"] = time.time() - t_start
     write(results, args.out)
 
