@@ -199,7 +199,7 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
     window = sliding_window if sliding_window is not None else state.sliding_window
     cache, cache_layer = state.cache_and_layer()
     ctx = AttentionContext(layer_idx=state.layer_idx, phase=phase, sliding_window=window, cache_layer=cache_layer,
-                           cache=cache, kv_start=kv_start)
+                           cache=cache, kv_start=kv_start, scale=scaling, softcap=softcap)
     layout = policy.plan(query, key, ctx)
     if isinstance(layout, HeadSplitLayout):  # heads under different layouts / K/V stores (DuoAttention)
         out, backend = _run_head_split(state, layout, query, key, value, scaling, softcap, kv_start)

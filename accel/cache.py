@@ -285,14 +285,17 @@ class DuoSplitLayer(_BatchOps, DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         kr, vr = key_states.index_select(1, self.retrieval_idx), value_states.index_select(1, self.retrieval_idx)
         ks, vs = key_states.index_select(1, self.stream_idx), value_states.index_select(1, self.stream_idx)
-        self.keys = torch.cat([self.keys, kr], dim=-2)
-        self.values = torch.cat([self.values, vr], dim=-2)
+        self._append_retrieval(kr, vr)
         full_sk, full_sv = torch.cat([self.skeys, ks], dim=-2), torch.cat([self.svalues, vs], dim=-2)
         self.stream_kv = (full_sk, full_sv)
         self.skeys, self.svalues = self._compact(full_sk), self._compact(full_sv)
         if self.full_call:
             return key_states, value_states
         return self.keys, self.values
+
+    def _append_retrieval(self, kr, vr) -> None:
+        self.keys = torch.cat([self.keys, kr], dim=-2)
+        self.values = torch.cat([self.values, vr], dim=-2)
 
     def extra_tensors(self) -> tuple:
         return (self.skeys, self.svalues)
@@ -323,3 +326,51 @@ class DuoSplitLayer(_BatchOps, DynamicLayer):
 
     def prefetch(self):
         return None
+
+
+class PagedSplitLayer(DuoSplitLayer):
+    """LServe cache layer: a DuoSplitLayer whose retrieval heads live in a PagedKVLayer (``paged``: one-row appends
+    and per-page key min/max over ``page_size``-token logical pages), streaming heads as in DuoSplitLayer (sink +
+    recent, constant memory). ``plan_cache`` keeps a page selection across decode steps (LServe's reuse); batch
+    edits and resets clear it."""
+
+    def __init__(self, stream_heads, sink: int, recent: int, page_size: int = 16):
+        super().__init__(stream_heads, sink, recent)
+        self.paged = PagedKVLayer(page_size)
+        self.page_size = page_size
+        self.plan_cache: dict = {}
+
+    @classmethod
+    def from_layer(cls, layer: DynamicLayer, stream_heads, sink: int, recent: int,
+                   page_size: int = 16) -> "PagedSplitLayer":
+        new = cls(stream_heads, sink, recent, page_size)
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
+            new.update(layer.keys, layer.values)
+        return new
+
+    def _append_retrieval(self, kr, vr) -> None:
+        self.keys, self.values = self.paged.update(kr, vr)
+
+    @property
+    def kmin(self):
+        return self.paged.kmin
+
+    @property
+    def kmax(self):
+        return self.paged.kmax
+
+    def extra_tensors(self) -> tuple:
+        return (self.skeys, self.svalues, self.paged.kmin, self.paged.kmax)
+
+    def reset(self) -> None:
+        super().reset()
+        self.paged.reset()
+        self.plan_cache.clear()
+
+    def _batch(self, fn) -> None:
+        if self.is_initialized:
+            self.paged._batch(fn)
+            self.keys, self.values = self.paged.keys, self.paged.values
+            self.skeys, self.svalues = fn(self.skeys), fn(self.svalues)
+        self.stream_kv = None
+        self.plan_cache.clear()

@@ -51,8 +51,8 @@ def test_preset_from_path(tmp_path):
     "policy, options, exc, match",
     [
         ("nope", {}, ValueError, "unknown policy 'nope'; available policies: dense, streaming"),
-        ("lserve", {}, NotImplementedError, "not implemented yet"),
-        ("dense+tidal", {}, NotImplementedError, "'tidal'.*not implemented yet"),
+        ("lserve", {"physical_page_size": 24}, ValueError, "'physical_page_size'.*one of"),
+        ("dense+tidal", {"budget": 0}, ValueError, "'budget' of policy 'tidal'"),
         ("streaming", {"windw": 3}, ValueError, "unknown option.*'windw'.*window"),
         ("streaming", {"window": 0}, ValueError, "'window'.*must be > 0"),
         ("streaming", {"window": 2.5}, ValueError, "'window'.*integer"),

@@ -332,7 +332,7 @@ def test_cli_prompt_file(capsys, tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["--policy", "nope"], "unknown policy 'nope'"),
-    (["--policy", "tidal"], "not implemented yet"),
+    (["--policy", "tidal", "--option", "budget=0"], "'budget' of policy 'tidal'"),
     (["--policy", "streaming", "--option", "windw=3"], "unknown option"),
     (["--policy", "dense", "--decode", "streaming"], "either --policy"),
     (["--option", "window"], "KEY=VALUE"),

@@ -9,9 +9,11 @@ from .base import AttentionContext, Policy
 from .dense import DensePolicy
 from .duo import DuoPolicy
 from .flexprefill import FlexPrefillPolicy
+from .lserve import LServePolicy
 from .proxy import ProxyPolicy
 from .quest import QuestPolicy
 from .streaming import StreamingPolicy
+from .tidal import TidalPolicy
 from .vertical_slash import VerticalSlashPolicy
 from .xattention import XAttentionPolicy
 
@@ -25,18 +27,13 @@ class PolicyInfo:
     cls: type[Policy] | None  # None: not implemented yet
 
 
-_PLANNED = [
-    ("lserve", ("prefill", "decode"), "streaming heads + hierarchical page selection reused across steps",
-     "LServe (arXiv 2502.14866)"),
-    ("tidal", ("decode",), "selection layers choose token positions reused by the other layers",
-     "TidalDecode (arXiv 2410.05076)"),
-]
+_PLANNED: list = []  # every name has landed
 
 NAMES = ("dense", "streaming", "vertical_slash", "xattention", "flexprefill", "proxy", "duo", "quest", "lserve",
          "tidal")
 _IMPLEMENTED = {cls.name: cls for cls in (DensePolicy, StreamingPolicy, XAttentionPolicy)}
 _IMPLEMENTED.update({cls.name: cls for cls in (FlexPrefillPolicy, ProxyPolicy, VerticalSlashPolicy)})  # issue 5
-_IMPLEMENTED.update({cls.name: cls for cls in (QuestPolicy, DuoPolicy)})  # sparse decode (issue 6)
+_IMPLEMENTED.update({cls.name: cls for cls in (QuestPolicy, DuoPolicy, LServePolicy, TidalPolicy)})  # issue 6
 _INFO = {n: PolicyInfo(n, c.phases, c.description, c.paper, c) for n, c in _IMPLEMENTED.items()}
 _INFO.update({n: PolicyInfo(n, p, d, pp, None) for n, p, d, pp in _PLANNED})
 REGISTRY: dict[str, PolicyInfo] = {n: _INFO[n] for n in NAMES}

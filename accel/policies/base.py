@@ -19,6 +19,8 @@ class AttentionContext:
     cache_layer: Any = None  # decode policies: this layer's cache layer (e.g. PagedKVLayer with page bounds), or None
     cache: Any = None  # the whole transformers Cache of this forward (cross-layer sharing, TidalDecode), or None
     kv_start: Any = None  # [B] int32 first real key per row for left-padded batches, else None
+    scale: float | None = None  # the model's attention scale (None: head_dim ** -0.5), for policies scoring softmax
+    softcap: float | None = None  # the model's logit soft-capping (Gemma 2), or None
 
 
 @dataclass

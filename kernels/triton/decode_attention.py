@@ -19,7 +19,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PAGE_SIZES = (8, 16, 32, 64, 128)
+PAGE_SIZES = (1, 8, 16, 32, 64, 128)  # 1: token-level selections (TidalDecode)
 
 
 @triton.jit

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from accel.cache import PagedKVLayer, PagedSplitLayer
+from accel.layouts import DenseLayout, HeadPart, HeadSplitLayout, PageSelection
+
+from .duo import DuoPolicy
+from .quest import PAGE_SIZES, quest_scores, select_pages
+
+LOGICAL_PAGE_SIZES = (8, 16, 32, 64)
+
+
+@dataclass
+class LServePolicy(DuoPolicy):
+    """LServe (Yang et al. 2025, arXiv 2502.14866): static streaming heads plus dynamic page selection, for prefill
+    and decode.
+
+    Static part (DuoAttention's head maps, loaded as policy 'duo' does): the ``ratio`` share of KV heads with the
+    lowest gates stream (sink + recent, constant KV memory in a PagedSplitLayer) in prefill and decode.
+    Dynamic part (decode, the other heads): hierarchical paging. Key min/max are kept per *logical* page of
+    ``page_size`` tokens and scored with Quest's criticality (GQA: max over the query group); a *physical* page of
+    ``physical_page_size`` tokens (the unit the decode kernel reads) scores the max of its logical pages, and the
+    top ``budget // physical_page_size`` physical pages are attended to, the newest among them. The selection is
+    reused for ``reuse_steps`` decode steps (re-selected every ``reuse_steps``; a physical page begun since then is
+    added), which LServe shows costs little accuracy and divides the scoring cost. Retrieval heads run dense in
+    prefill, or under the prefill policy of a composition (``"xattention+lserve"``). A budget at or above the
+    context attends to every retrieval key (density 1.0 in ``accel.stats``); ``ratio=0`` needs no head map and
+    with such a budget is exactly dense."""
+
+    name = "lserve"
+    phases = ("prefill", "decode")
+    description = "streaming heads + hierarchical page selection reused across steps"
+    paper = "LServe (arXiv 2502.14866)"
+
+    page_size: int = 16  # logical page: key bounds and scoring
+    physical_page_size: int = 64  # selection unit, what the decode kernel reads
+    budget: int = 4096
+    reuse_steps: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        if self.page_size not in LOGICAL_PAGE_SIZES:
+            raise ValueError(f"option 'page_size' (logical page) of policy 'lserve' must be one of "
+                             f"{LOGICAL_PAGE_SIZES}, got {self.page_size}")
+        if self.physical_page_size not in PAGE_SIZES:
+            raise ValueError(f"option 'physical_page_size' of policy 'lserve' must be one of {PAGE_SIZES} (the sizes "
+                             f"the decode kernels take), got {self.physical_page_size}")
+        if self.physical_page_size % self.page_size:
+            raise ValueError(f"option 'physical_page_size' ({self.physical_page_size}) of policy 'lserve' must be a "
+                             f"multiple of 'page_size' ({self.page_size}); e.g. page_size=16, physical_page_size=64")
+        if self.budget < self.physical_page_size:
+            raise ValueError(f"option 'budget' of policy 'lserve' must cover at least one physical page "
+                             f"({self.physical_page_size} tokens), got {self.budget}")
+        if self.reuse_steps < 1:
+            raise ValueError(f"option 'reuse_steps' of policy 'lserve' must be >= 1 (1: select every step), "
+                             f"got {self.reuse_steps}")
+
+    def check_model(self, model) -> None:
+        if self.ratio == 0 and not self.duo_map:  # no streaming heads: no head map needed
+            cfg = getattr(model.config, "text_config", None) or model.config
+            hkv = cfg.num_key_value_heads or cfg.num_attention_heads
+            self._stream = {i: torch.zeros(hkv, dtype=torch.bool) for i in range(cfg.num_hidden_layers)}
+            self._source = None
+            return
+        super().check_model(model)
+
+    def cache_kind(self, sliding_window, layer_idx):
+        if sliding_window is not None:
+            return None
+        stream = self._stream_heads(layer_idx)
+        if bool(stream.any()):
+            return PagedSplitLayer, {"stream_heads": stream, "sink": self.sink, "recent": self.recent,
+                                     "page_size": self.page_size}
+        return PagedKVLayer, {"page_size": self.page_size}
+
+    def plan(self, q, k, ctx):
+        if ctx.sliding_window is not None:
+            return DenseLayout(window=ctx.sliding_window)
+        layer = ctx.cache_layer
+        memo = getattr(layer, "plan_cache", None)
+        if q.shape[2] != 1:  # prefill: DuoAttention's (streaming heads sink + recent, the others dense)
+            if memo is not None:
+                memo.pop(self.name, None)
+            return super().plan(q, k, ctx)
+        if isinstance(layer, PagedSplitLayer) and not layer.full_call:
+            # streaming part as in duo; the retrieval part (k, v: the retrieval heads' paged store) gets a selection
+            parts = []
+            for part in super().plan(q, k, ctx).parts:
+                if part.k is None and part.kv_heads is None:
+                    part = HeadPart(part.q_heads, self._select(q.index_select(1, part.q_heads), k.shape[2],
+                                                               layer.paged, memo, ctx))
+                parts.append(part)
+            return HeadSplitLayout(parts)
+        if isinstance(layer, PagedSplitLayer) or bool(self._stream_heads(ctx.layer_idx).any()):
+            return super().plan(q, k, ctx)  # first fill of the cache is this one-token call: duo's split
+        return self._select(q, k.shape[2], layer, memo, ctx)
+
+    def physical_scores(self, q: torch.Tensor, layer: PagedKVLayer, kv_start=None) -> torch.Tensor:
+        """Float32 [B, Hkv, n_physical]: each physical page scores the max Quest criticality of its logical pages."""
+        s = quest_scores(q, layer, "max", kv_start)
+        r = self.physical_page_size // self.page_size
+        pad = (-s.shape[-1]) % r
+        if pad:
+            s = F.pad(s, (0, pad), value=float("-inf"))
+        return s.unflatten(-1, (-1, r)).amax(-1)
+
+    def _select(self, q, kv_len: int, layer, memo, ctx):
+        P = self.physical_page_size
+        n_keep = self.budget // P
+        if n_keep >= -(-kv_len // P):
+            return DenseLayout()  # budget covers the context: exact (recorded as density 1.0)
+        if not isinstance(layer, PagedKVLayer) or layer.get_seq_length() != kv_len:
+            raise RuntimeError(
+                f"policy 'lserve' needs its page-bounds cache layer on layer {ctx.layer_idx} (installed by accel.patch "
+                f"for generate and for caches passed as past_key_values); got {type(ctx.cache_layer).__name__}. "
+                "Do not pass a StaticCache / cache_implementation to generate with this policy.")
+        if layer.page_size != self.page_size:
+            raise RuntimeError(f"cache layer pages hold {layer.page_size} tokens but policy 'lserve' uses "
+                               f"page_size={self.page_size}; start a new cache after re-patching")
+        last = (kv_len - 1) // P
+        hit = memo.get(self.name)
+        if hit is not None and 0 <= kv_len - hit[0] < self.reuse_steps and hit[1].shape[0] == q.shape[0]:
+            pages, counts, last0 = hit[1], hit[2], (hit[0] - 1) // P
+            if last > last0:  # physical pages begun since the selection: always attend to the newest tokens
+                new = torch.arange(last0 + 1, last + 1, device=pages.device, dtype=pages.dtype)
+                pages = torch.cat([pages, new.expand(*pages.shape[:2], -1)], dim=-1)
+                counts = counts + (last - last0)
+        else:
+            scores = self.physical_scores(q, layer, ctx.kv_start)
+            pages, counts = select_pages(scores, n_keep, kv_len, P, False)
+            memo[self.name] = (kv_len, pages, counts)
+        return PageSelection(pages=pages, counts=counts, page_size=P, tokens=min(pages.shape[-1] * P, kv_len))

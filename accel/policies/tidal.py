@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from accel.layouts import DenseLayout, PageSelection
+
+from .base import Policy
+
+PAPER_LAYERS, PAPER_RESELECT = 32, 13  # Llama-3-8B: re-selection at layer 13 of 32
+
+
+@dataclass
+class TidalPolicy(Policy):
+    """TidalDecode (Yang et al. 2024, arXiv 2410.05076): position-persistent sparse attention for decode.
+
+    Layers before ``select_layer`` attend densely. The selection layer attends densely too and, from the same
+    query, picks the ``budget`` key positions with the highest attention scores (the newest token always among
+    them); every following full-attention layer attends only to those positions, until the re-selection layer
+    (dense again) picks anew for the layers after it. One selection per KV head (GQA: its query heads' softmax
+    scores summed, ``group_reduce="sum"``, or their max), so each selected key is read once per group; for
+    multi-head models this is the paper's per-head top-k. Selections live for one forward call (keyed by the
+    cache and the context length, per batch row) and never carry over between steps, generate calls or rows.
+
+    Layer rule: ``select_layer`` (default 2, as in the paper) and ``reselect_layer`` (``-1``: the paper's 13 of 32
+    scaled to the model, ``round(13 * n_layers / 32)``, dropped when no full-attention layer would sit between
+    the two; ``None``: no re-selection) name layers; each moves to
+    the first full-attention layer at or after it (sliding-window layers keep their window and are never
+    sparsified); explicit values must lie inside the model. Decode attention over token positions runs as a
+    page selection of page size 1 (reference and Triton decode kernels). The paper's code uses a budget of 256;
+    ours defaults to 4096 like the other decode policies. A budget at or above the context is dense (density 1.0
+    in ``accel.stats``)."""
+
+    name = "tidal"
+    phases = ("decode",)
+    description = "selection layers choose token positions reused by the other layers"
+    paper = "TidalDecode (arXiv 2410.05076)"
+
+    budget: int = 4096
+    select_layer: int = 2
+    reselect_layer: int | None = -1
+    group_reduce: str = "sum"
+
+    def validate(self) -> None:
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"option 'budget' of policy 'tidal' must be a positive number of tokens, got "
+                             f"{self.budget!r}")
+        if self.select_layer < 0:
+            raise ValueError(f"option 'select_layer' of policy 'tidal' must be a layer index >= 0, got "
+                             f"{self.select_layer}")
+        r = self.reselect_layer
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or (r != -1 and r <= self.select_layer)):
+            raise ValueError(f"option 'reselect_layer' of policy 'tidal' must be a layer after select_layer "
+                             f"({self.select_layer}), -1 (13/32 of the depth) or None (no re-selection), got {r!r}")
+        if self.group_reduce not in ("sum", "max"):
+            raise ValueError(f"option 'group_reduce' of policy 'tidal' must be 'sum' or 'max', "
+                             f"got {self.group_reduce!r}")
+
+    # ------------------------------------------------------------------------------------------- layers
+    def check_model(self, model) -> None:
+        """Resolve the selection layers for ``model`` (errors for indices outside it)."""
+        from accel.patches import find_adapter
+
+        adapter = find_adapter(model)
+        mods = adapter.attention_modules(model)
+        self.resolve_layers(len(mods), [m.layer_idx for m in mods if adapter.layer_window(m) is None])
+
+    def resolve_layers(self, n_layers: int, full_layers: list[int]) -> tuple[int, int | None]:
+        """(selection layer, re-selection layer or None) for a model of ``n_layers`` whose full-attention layers
+        are ``full_layers``."""
+        fix = f"pass select_layer= / reselect_layer= between 0 and {n_layers - 1}"
+        if self.select_layer >= n_layers:
+            raise ValueError(f"option 'select_layer' of policy 'tidal' is {self.select_layer} but the model has "
+                             f"{n_layers} layers; {fix}")
+        r = self.reselect_layer
+        if r is not None and r >= n_layers:
+            raise ValueError(f"option 'reselect_layer' of policy 'tidal' is {r} but the model has {n_layers} "
+                             f"layers; {fix}, or reselect_layer=None")
+
+        def first_full(i):
+            return next((j for j in sorted(full_layers) if j >= i), None)
+
+        sel = first_full(self.select_layer)
+        if sel is None:
+            raise ValueError(f"policy 'tidal': no full-attention layer at or after select_layer={self.select_layer} "
+                             f"(sliding-window layers keep their window and are never sparsified); full-attention "
+                             f"layers: {sorted(full_layers)}")
+        resel = None
+        if r == -1:  # scaled; dropped when no layer would reuse the first selection
+            resel = first_full(round(PAPER_RESELECT * n_layers / PAPER_LAYERS))
+            if resel is not None and not any(sel < j < resel for j in full_layers):
+                resel = None
+        elif r is not None:
+            resel = first_full(r)
+            if resel is None or resel == sel:
+                raise ValueError(f"policy 'tidal': no full-attention layer after the selection layer {sel} at or "
+                                 f"after reselect_layer={r}; full-attention layers: {sorted(full_layers)}; pass "
+                                 "another reselect_layer or reselect_layer=None")
+        self._layers = (sel, resel if resel is not None and resel > sel else None)
+        return self._layers
+
+    def _resolved(self) -> tuple[int, int | None]:
+        layers = getattr(self, "_layers", None)
+        if layers is None:
+            raise RuntimeError("policy 'tidal' has no resolved selection layers; use it through accel.patch(model, "
+                               "'tidal') or call resolve_layers(n_layers, full_layers)")
+        return layers
+
+    # -------------------------------------------------------------------------------------------- scoring
+    def score(self, q: torch.Tensor, k: torch.Tensor, scale=None, softcap=None, kv_start=None) -> torch.Tensor:
+        """Float32 [B, Hkv, Sk]: the selection layer's attention probabilities of the newest query, reduced over
+        each KV head's query group."""
+        B, Hq, _, D = q.shape
+        Hkv, Sk = k.shape[1], k.shape[2]
+        logits = torch.matmul(q[:, :, -1].reshape(B, Hkv, Hq // Hkv, D), k.transpose(-1, -2)).float()
+        logits = logits * (D**-0.5 if scale is None else scale)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        if kv_start is not None:
+            pad = torch.arange(Sk, device=q.device)[None, :] < kv_start.to(q.device).long()[:, None]
+            logits = logits.masked_fill(pad[:, None, None, :], float("-inf"))
+        p = torch.softmax(logits, dim=-1)  # [B, Hkv, g, Sk]
+        return p.sum(2) if self.group_reduce == "sum" else p.amax(2)
+
+    def select(self, q, k, scale=None, softcap=None, kv_start=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``budget`` positions per (row, KV head), the newest always kept: int32 [B, Hkv, n] ascending and
+        counts int32 [B, Hkv]."""
+        s = self.score(q, k, scale, softcap, kv_start)
+        s[..., -1] = float("inf")
+        n = min(self.budget, s.shape[-1])
+        pos = s.topk(n, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
+        return pos, torch.full(pos.shape[:2], n, dtype=torch.int32, device=pos.device)
+
+    # --------------------------------------------------------------------------------------------- plan
+    def _store(self):
+        store = getattr(self, "_selections", None)
+        if store is None:  # per cache (one generate call); entries are overwritten each forward call
+            store = self._selections = weakref.WeakKeyDictionary()
+        return store
+
+    def selection(self, cache) -> dict | None:
+        """The selection of the current forward call for ``cache`` (layer, kv_len, positions, counts), or None."""
+        return self._store().get(cache) if cache is not None else None
+
+    def plan(self, q, k, ctx):
+        if ctx.sliding_window is not None:
+            return DenseLayout(window=ctx.sliding_window)
+        sel, resel = self._resolved()
+        i, kv_len = ctx.layer_idx, k.shape[2]
+        if q.shape[2] != 1 or i < sel or self.budget >= kv_len:
+            return DenseLayout()  # prefill, layers before the selection, or a budget covering the context
+        if ctx.cache is None:
+            raise RuntimeError("policy 'tidal' shares token positions across layers through the KV cache; decode "
+                               "with use_cache=True")
+        if i == sel or i == resel:
+            pos, counts = self.select(q, k, ctx.scale, ctx.softcap, ctx.kv_start)
+            self._store()[ctx.cache] = {"layer": i, "kv_len": kv_len, "positions": pos, "counts": counts}
+            return DenseLayout()  # the selection layer itself attends to everything
+        src = resel if resel is not None and i > resel else sel
+        entry = self._store().get(ctx.cache)
+        if entry is None or entry["layer"] != src or entry["kv_len"] != kv_len or entry["positions"].shape[0] != q.shape[0]:
+            raise RuntimeError(f"policy 'tidal': layer {i} found no token selection of layer {src} from this forward "
+                               "call (the selection layers must run before the layers that reuse their positions)")
+        return PageSelection(pages=entry["positions"], counts=entry["counts"], page_size=1,
+                             tokens=min(self.budget, kv_len))
