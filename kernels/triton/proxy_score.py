@@ -16,11 +16,14 @@ causally visible key tiles, both tensor-core GEMMs of the pooled query tile agai
 Each loop runs the unmasked bulk (keys visible to every row of the tile) without bounds checks or masks, then the
 1-2 key groups that cross the tile's causal edge with the mask. Keys past the last row's position are never read.
 
-Pooling: queries are averaged on the fly (the tile is loaded once per program, ``per`` head loads, fp32 sum, then
-rounded to the input dtype for the dots). Keys: when ``per`` divides the GQA group size every head of a proxy reads
+Pooling: a prepass kernel averages the proxy's query heads at the sampled rows only (fp32 sum, scaled by
+log2(e)/sqrt(D), rounded to the input dtype for the dots) into [B, P, Sq/stride, D] -- 1/stride of one query head
+per proxy, and it makes the main kernel's pooled tile a plain load that goes to shared memory for wgmma like any
+operand (pooling inside the main kernel kept it in registers: 210 instead of 172 registers at 128x128, sm_90 AOT).
+Keys: when ``per`` divides the GQA group size every head of a proxy reads
 one KV head, so the kernel reads K directly (the default, one proxy per GQA group: no pooling at all); otherwise a
 cheap prepass averages the KV heads of each proxy (weighted by how many of its query heads read each) into
-[B, P, Sk, D]. Memory: the output (plus that prepass when used), never O(rows x Sk).
+[B, P, Sk, D]. Memory: the output and the pooled queries (plus the pooled keys when used), never O(rows x Sk).
 """
 
 from __future__ import annotations
@@ -41,11 +44,10 @@ def _logits(qp, K_base, start, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd,
     """Scaled logits (log2 domain) of the pooled query tile against keys start .. start+BLOCK_C-1; with MASKED,
     keys after each row's position (and past Sk) are -inf."""
     offs_c = start + offs_c0
-    ptrs = K_base + offs_c[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    if MASKED:
-        kT = tl.load(ptrs, mask=offs_c[None, :] < Sk, other=0.0)
+    if MASKED:  # clamped rows instead of a load mask (keys past Sk are masked below): no spills at 128x128
+        kT = tl.load(K_base + tl.minimum(offs_c, Sk - 1)[None, :] * stride_kn + offs_d[:, None] * stride_kd)
     else:
-        kT = tl.load(ptrs)
+        kT = tl.load(K_base + offs_c[None, :] * stride_kn + offs_d[:, None] * stride_kd)
     if DOT_F32:
         kT = kT.to(tl.float32)
     else:
@@ -57,19 +59,38 @@ def _logits(qp, K_base, start, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd,
 
 
 @triton.jit
+def _pool_queries(Q, QP, scale,
+                  stride_qb, stride_qh, stride_qm, stride_qd,
+                  stride_pb, stride_ph, stride_pm, stride_pd,
+                  P, PER, Sq, L,
+                  STRIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """QP[b, p, i] = scale * mean over the proxy's query heads of q[b, h, min(i*STRIDE + STRIDE-1, Sq-1)]."""
+    pid_bp = tl.program_id(1)
+    b = (pid_bp // P).to(tl.int64)
+    p = (pid_bp % P).to(tl.int64)
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs_r < L
+    qrow = tl.minimum(offs_r * STRIDE + STRIDE - 1, Sq - 1)
+    q_ptrs = Q + b * stride_qb + qrow[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for hh in range(PER):
+        acc += tl.load(q_ptrs + (p * PER + hh) * stride_qh, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(QP + b * stride_pb + p * stride_ph + offs_r[:, None] * stride_pm + offs_d[None, :] * stride_pd,
+             (acc * (scale / PER)).to(QP.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _proxy_score_fwd(
-    Q, K, OUT,
-    qk_scale,
-    stride_qb, stride_qh, stride_qm, stride_qd,
+    QP, K, OUT,
+    stride_pb, stride_ph, stride_pm, stride_pd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_om, stride_on,
-    P, PER, KV_DIV, Sq, Sk, L, OFF, NQ, NK, N_R_TILES,
+    P, KV_DIV, Sq, Sk, L, OFF, NQ, NK, N_R_TILES,
     STRIDE: tl.constexpr, RPB: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    KW: tl.constexpr = BLOCK_C if BLOCK_C > BLOCK else BLOCK  # keys per key group (whole key blocks)
-    KBT: tl.constexpr = KW // BLOCK  # key blocks per group
-    SUBS: tl.constexpr = KW // BLOCK_C  # tiles per group
+    SUBS: tl.constexpr = BLOCK // BLOCK_C  # key tiles per key block
     NQB: tl.constexpr = BLOCK_R // RPB  # query blocks per row tile
 
     pid_r = N_R_TILES - 1 - tl.program_id(0)  # longest rows first
@@ -86,22 +107,15 @@ def _proxy_score_fwd(
     qrow = tl.minimum(offs_r * STRIDE + STRIDE - 1, Sq - 1)
     pos = OFF + qrow  # key position of each sampled row: keys 0..pos are visible
 
-    # pooled query tile (fp32 sum over the proxy's heads), scaled into the log2 domain, rounded for the dots
-    qacc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    q_ptrs = Q + b * stride_qb + qrow[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    for hh in range(PER):
-        qacc += tl.load(q_ptrs + (p * PER + hh) * stride_qh, mask=row_valid[:, None], other=0.0).to(tl.float32)
-    qacc = qacc * (qk_scale / PER)
-    if DOT_F32:
-        qp = qacc
-    else:
-        qp = qacc.to(Q.dtype.element_ty)
+    # pooled query tile (prepass: scaled into the log2 domain, in the dot dtype)
+    qp = tl.load(QP + b * stride_pb + p * stride_ph + offs_r[:, None] * stride_pm + offs_d[None, :] * stride_pd,
+                 mask=row_valid[:, None], other=0.0)
 
     r_last = tl.minimum(r0 + BLOCK_R, L) - 1
     n_keys = OFF + tl.minimum(r_last * STRIDE + STRIDE - 1, Sq - 1) + 1  # keys the tile's last row sees
     n_full = OFF + tl.minimum(r0 * STRIDE + STRIDE - 1, Sq - 1) + 1  # keys every row of the tile sees
-    g_full = n_full // KW  # key groups without any masking
-    g_all = tl.cdiv(n_keys, KW)
+    g_full = n_full // BLOCK  # key blocks without any masking
+    g_all = tl.cdiv(n_keys, BLOCK)
 
     # pass 1: row max and sum of exp2
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -117,33 +131,28 @@ def _proxy_score_fwd(
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
         m_i = m_new
 
-    # pass 2: normalised probabilities, summed per (query block, key block)
+    # pass 2: probabilities summed per (query block, key block). A tile's keys lie in one key block
+    # (BLOCK_C <= BLOCK), so the cell sum is a row sum per tile, then a sum over the query block's rows.
     inv_l = tl.where(row_valid, 1.0 / l_i, 0.0)
     offs_qb = r0 // RPB + tl.arange(0, NQB)
     out_base = OUT + b * stride_ob + p * stride_oh
-    q_ok = offs_qb[:, None] < NQ
+    q_ok = offs_qb < NQ
     for g in tl.range(0, g_full):
-        cells = tl.zeros([NQB, KBT], dtype=tl.float32)
+        rs = tl.zeros([BLOCK_R], dtype=tl.float32)
         for sub in tl.static_range(SUBS):
-            s = _logits(qp, K_base, g * KW + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, False,
+            s = _logits(qp, K_base, g * BLOCK + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, False,
                         DOT_F32, PREC)
-            pr = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
-            pr = tl.sum(tl.reshape(pr, [NQB, RPB, BLOCK_C]), 1)
-            cells += tl.sum(tl.reshape(pr, [NQB, KBT, BLOCK_C // KBT]), 2)
-        offs_kb = g * KBT + tl.arange(0, KBT)
-        tl.store(out_base + offs_qb[:, None] * stride_om + offs_kb[None, :] * stride_on, cells,
-                 mask=q_ok & (offs_kb[None, :] < NK))
+            rs += tl.sum(tl.math.exp2(s - m_i[:, None]), 1)
+        cells = tl.sum(tl.reshape(rs * inv_l, [NQB, RPB]), 1)
+        tl.store(out_base + offs_qb * stride_om + g * stride_on, cells, mask=q_ok)
     for g in tl.range(g_full, g_all, num_stages=1):
-        cells = tl.zeros([NQB, KBT], dtype=tl.float32)
+        rs = tl.zeros([BLOCK_R], dtype=tl.float32)
         for sub in tl.static_range(SUBS):
-            s = _logits(qp, K_base, g * KW + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, True,
+            s = _logits(qp, K_base, g * BLOCK + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, True,
                         DOT_F32, PREC)
-            pr = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
-            pr = tl.sum(tl.reshape(pr, [NQB, RPB, BLOCK_C]), 1)
-            cells += tl.sum(tl.reshape(pr, [NQB, KBT, BLOCK_C // KBT]), 2)
-        offs_kb = g * KBT + tl.arange(0, KBT)
-        tl.store(out_base + offs_qb[:, None] * stride_om + offs_kb[None, :] * stride_on, cells,
-                 mask=q_ok & (offs_kb[None, :] < NK))
+            rs += tl.sum(tl.math.exp2(s - m_i[:, None]), 1)
+        cells = tl.sum(tl.reshape(rs * inv_l, [NQB, RPB]), 1)
+        tl.store(out_base + offs_qb * stride_om + g * stride_on, cells, mask=q_ok)
 
 
 def _default_config(q: torch.Tensor) -> dict:
@@ -238,7 +247,7 @@ def proxy_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, heads_pe
     cfg = _default_config(q)
     if config:
         cfg.update(config)
-    br, bc = max(cfg["BLOCK_R"], rpb, 16), max(cfg["BLOCK_C"], 16)
+    br, bc = max(cfg["BLOCK_R"], rpb, 16), min(max(cfg["BLOCK_C"], 16), block)  # a key tile inside one key block
     for name, t in (("BLOCK_R", br), ("BLOCK_C", bc)):
         if t & (t - 1):
             raise ValueError(f"config {name}={t} must be a power of two")
@@ -248,13 +257,16 @@ def proxy_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, heads_pe
     else:
         k_src, kv_div = pooled_keys(k, Hq, per, torch.float32 if dot_f32 else q.dtype), 1
     L = -(-Sq // stride)  # sampled rows
+    qp = torch.empty(B, P, L, D, dtype=torch.float32 if dot_f32 else q.dtype, device=q.device)
+    _pool_queries[(triton.cdiv(L, 32), B * P)](
+        q, qp, _LOG2E / (D**0.5), *q.stride(), *qp.stride(), P, per, Sq, L,
+        STRIDE=stride, BLOCK_R=32, BLOCK_D=D, num_warps=4)
     n_r_tiles = triton.cdiv(L, br)
     grid = (n_r_tiles, B * P)
     _proxy_score_fwd[grid](
-        q, k_src, out,
-        _LOG2E / (D**0.5),
-        *q.stride(), *k_src.stride(), *out.stride(),
-        P, per, kv_div, Sq, Sk, L, Sk - Sq, nq, nk, n_r_tiles,
+        qp, k_src, out,
+        *qp.stride(), *k_src.stride(), *out.stride(),
+        P, kv_div, Sq, Sk, L, Sk - Sq, nq, nk, n_r_tiles,
         STRIDE=stride, RPB=rpb, BLOCK=block, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=D,
         DOT_F32=dot_f32, PREC="ieee" if dot_f32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
