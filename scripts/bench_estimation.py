@@ -35,6 +35,14 @@ vertical-slash attention on the layout VerticalSlashPolicy builds from it (verti
 block-sparse attention on the layout FlexPrefillPolicy plans (gamma ``--flex-gamma``, tau ``--flex-tau``). Each
 also reports the whole plan time (estimation + selection + layout) and, with ``--tune``, other tile configs.
 
+Section ``proxy_score`` times ``accel.kernels.triton.proxy_score.proxy_scores`` (ProxyAttn: one proxy per KV head,
+sampled rows every ``--proxy-stride``; TFLOP/s over both passes) as a share of the Triton block-sparse attention on
+the layout ProxyPolicy plans (gamma ``--proxy-gamma``), with the plan time and tile configs. Section ``select``
+times the block selection alone, torch sort path vs ``accel.kernels.triton.block_topk`` (threshold rule on
+XAttention's scores -> ``threshold_layout``; top-n on the proxy ranking with its budget -> ``topn_layout``), checks
+that both give the same layout, and shows the Triton threshold selection as a share of the XAttention section's
+sparse attention ("select (triton)").
+
 GPU time: about 1-2 minutes on an H100 with the defaults (most of it dense 128K SDPA and tile-config compilation).
 """
 
@@ -223,10 +231,11 @@ LASTQ_TUNE = [  # lastq_scores configs (rows = query heads x padded queries per 
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=1056),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=264),
 ]
-POOLED_TUNE = [  # pooled_scores configs (ROWS per pooling load; pooled score tiles); default excluded
-    dict(ROWS=64, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    dict(ROWS=32, BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
-    dict(ROWS=32, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+POOLED_TUNE = [  # pooled_scores configs (ROWS per pooling load; pooled score tiles; dot precision); default excluded
+    dict(ROWS=64, BLOCK_M=64, BLOCK_N=32, PREC="ieee", num_warps=4, num_stages=2),
+    dict(ROWS=32, BLOCK_M=32, BLOCK_N=32, PREC="ieee", num_warps=4, num_stages=2),
+    dict(ROWS=32, BLOCK_M=64, BLOCK_N=64, PREC="tf32x3", num_warps=8, num_stages=2),
+    dict(ROWS=32, BLOCK_M=64, BLOCK_N=64, PREC="tf32", num_warps=4, num_stages=2),
 ]
 
 
@@ -359,7 +368,8 @@ def run_other_sections(args, S, device) -> dict:
     torch.cuda.empty_cache()
     q, k, v = structured_qkv(S, args.heads, args.kv_heads, args.dim, device, seed=S, amp=args.amp,
                              sink_boost=args.sink_boost)
-    for name, fn in (("lastq_score", run_lastq), ("pooled_score", run_pooled)):
+    for name, fn in (("lastq_score", run_lastq), ("pooled_score", run_pooled), ("proxy_score", run_proxy),
+                     ("select", run_select)):
         if name in args.sections:
             try:
                 out[name] = fn(args, S, device, q, k, v)
@@ -368,6 +378,131 @@ def run_other_sections(args, S, device) -> dict:
             print(name, json.dumps(out[name]), flush=True)
     del q, k, v
     return out
+
+
+PROXY_TUNE = [  # proxy_scores configs (BLOCK_R sampled rows x BLOCK_C keys per tile); default excluded
+    dict(BLOCK_R=128, BLOCK_C=64, num_warps=8, num_stages=3),
+    dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=2),
+    dict(BLOCK_R=64, BLOCK_C=128, num_warps=8, num_stages=3),
+    dict(BLOCK_R=128, BLOCK_C=64, num_warps=8, num_stages=4),
+    dict(BLOCK_R=256, BLOCK_C=64, num_warps=8, num_stages=2),
+]
+
+
+def run_proxy(args, S, device, q, k, v) -> dict:
+    """ProxyAttn's proxy-head token-level block scores (Triton) vs the block-sparse attention on the layout
+    ProxyPolicy plans (one proxy per KV head, sampled rows every ``--proxy-stride``, gamma ``--proxy-gamma``)."""
+    from accel.kernels.triton.proxy_score import proxy_scores
+    from accel.policies import AttentionContext
+    from accel.policies.proxy import ProxyPolicy, proxy_block_scores
+
+    per = args.heads // args.kv_heads
+    P, L = args.heads // per, -(-S // args.proxy_stride)
+    row = {"context": S, "proxies": P, "stride": args.proxy_stride}
+    # both passes' tensor-core work: P proxies x L sampled rows x ~S/2 causal keys each
+    row["estimation_tflop"] = 2 * 2.0 * P * L * (S / 2) * args.dim / 1e12
+    fn = lambda cfg=None: proxy_scores(q, k, block=args.block, stride=args.proxy_stride, config=cfg)  # noqa: E731
+    try:
+        row["estimation_ms"] = bench(fn)
+        row["estimation_tflops"] = row["estimation_tflop"] / (row["estimation_ms"] * 1e-3)
+    except Exception as e:  # noqa: BLE001
+        row["estimation_error"] = _err(e)
+    if args.tune:
+        _tune(row, fn, PROXY_TUNE)
+    layout = None
+    try:
+        pol = ProxyPolicy.from_options(block_size=args.block, gamma=args.proxy_gamma, query_stride=args.proxy_stride)
+        ctx = AttentionContext(layer_idx=0, phase="prefill", sliding_window=None)
+        row["plan_ms"] = bench(lambda: pol.plan(q, k, ctx), rep=50)
+        layout = pol.plan(q, k, ctx)
+        row["kept_density"] = rs.block_layout_density(layout, S, S)
+    except Exception as e:  # noqa: BLE001
+        row["plan_error"] = _err(e)
+    if layout is not None:
+        try:
+            row["recall"] = layout_recall(layout, q, k, rows=32)
+        except Exception as e:  # noqa: BLE001
+            row["recall_error"] = _err(e)
+        try:
+            row["sparse_attention_ms"] = bench(lambda: block_sparse_attention(q, k, v, layout))
+        except Exception as e:  # noqa: BLE001
+            row["sparse_attention_error"] = _err(e)
+    _shares(row, "sparse_attention_ms")
+    if S <= args.reference_max:
+        try:
+            ref = proxy_block_scores(q, k, args.block, per, args.proxy_stride)
+            row["max_abs_err_vs_reference"] = float((ref - fn()).abs().max())
+            row["reference_estimation_ms"] = bench(lambda: proxy_block_scores(q, k, args.block, per,
+                                                                              args.proxy_stride), rep=20, warmup=3)
+            del ref
+        except Exception as e:  # noqa: BLE001
+            row["reference_estimation_error"] = _err(e)
+    return row
+
+
+def run_select(args, S, device, q, k, v) -> dict:
+    """Block selection on real score maps: the torch path (sort + cumsum/argsort + build_block_layout's sort) vs
+    the Triton kernels (kernels/triton/block_topk.py) that emit the BlockLayout directly. Threshold rule on
+    XAttention's scores (what XAttentionPolicy does), top-n on ProxyAttn's ranking with its proxy budget."""
+    from accel.kernels.triton.block_topk import threshold_counts, threshold_layout, topn_layout
+    from accel.kernels.triton.proxy_score import proxy_scores
+    from accel.policies.block_select import keep_by_threshold_torch
+    from accel.policies.flexprefill import top_n_mask
+
+    b, thr = args.block, args.threshold
+    causal, _ = rs.causal_block_mask(S, S, b, b, device=device)
+    row = {"context": S, "rows": args.heads * causal.shape[0], "n_k_blocks": causal.shape[1]}
+
+    def same(x, y):
+        return bool(torch.equal(x.counts, y.counts) and torch.equal(x.indices, y.indices))
+
+    try:
+        scores = antidiagonal_scores(q, k, block=b, stride=args.stride)
+        torch_sel = lambda: rs.build_block_layout(keep_by_threshold_torch(scores.masked_fill(~causal, 0), thr),  # noqa
+                                                  S, S, b, b)
+        triton_sel = lambda: threshold_layout(scores, thr, S, S, b, b)  # noqa: E731
+        row["threshold_torch_ms"] = bench(torch_sel, rep=50)
+        row["threshold_triton_ms"] = bench(triton_sel, rep=50)
+        row["threshold_same_layout"] = same(torch_sel(), triton_sel())
+        del scores
+    except Exception as e:  # noqa: BLE001
+        row["threshold_error"] = _err(e)
+    try:
+        per = args.heads // args.kv_heads
+        ranking = proxy_scores(q, k, block=b, stride=args.proxy_stride)
+        budget = threshold_counts(ranking.masked_fill(~causal, 0.0), args.proxy_gamma).repeat_interleave(per, 1)
+        torch_sel = lambda: rs.build_block_layout(  # noqa: E731
+            top_n_mask(ranking.masked_fill(~causal, -1.0).repeat_interleave(per, 1), budget) & causal, S, S, b, b)
+        triton_sel = lambda: topn_layout(ranking, budget, S, S, b, b)  # noqa: E731
+        row["topn_torch_ms"] = bench(torch_sel, rep=50)
+        row["topn_triton_ms"] = bench(triton_sel, rep=50)
+        row["topn_same_layout"] = same(torch_sel(), triton_sel())
+        row["counts_triton_ms"] = bench(lambda: threshold_counts(ranking, args.proxy_gamma), rep=50)
+        del ranking
+    except Exception as e:  # noqa: BLE001
+        row["topn_error"] = _err(e)
+    return row
+
+
+def _select_lines(rows, xatt_rows):
+    """Markdown of the selection section; shares against the XAttention section's sparse attention time."""
+    sparse = {r["context"]: r.get("sparse_attention_ms") for r in xatt_rows}
+    head = ["context", "rows x key blocks", "threshold: torch", "threshold: triton", "same layout", "top-n: torch",
+            "top-n: triton", "same layout", "triton threshold / sparse attention"]
+    lines = ["", "## select (triton): block selection straight to the BlockLayout vs the torch sort path", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        sp = sparse.get(r["context"])
+        share = r["threshold_triton_ms"] / sp if sp and "threshold_triton_ms" in r else None
+        lines.append("| " + " | ".join([
+            f"{r['context'] // 1024}K", f"{r.get('rows', '—')} x {r.get('n_k_blocks', '—')}",
+            _fmt(r.get("threshold_torch_ms"), 3), _fmt(r.get("threshold_triton_ms"), 3),
+            str(r.get("threshold_same_layout", "—")), _fmt(r.get("topn_torch_ms"), 3),
+            _fmt(r.get("topn_triton_ms"), 3), str(r.get("topn_same_layout", "—")), _pct(share)]) + " |")
+    errors = [f"- {r['context']}: {k} = {v}" for r in rows for k, v in r.items() if k.endswith("error")]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    return lines
 
 
 def _section_lines(title, rows, extra_cols):
@@ -460,6 +595,12 @@ def write(results, out):
         lines += _section_lines("pooled_score: FlexPrefill mean-pooled block softmax (Triton) vs the block-sparse "
                                 "attention of FlexPrefill's layout", results["pooled_score"],
                                 [("q+k read TB/s", "read_tb_s")])
+    if results.get("proxy_score"):
+        lines += _section_lines("proxy_score: ProxyAttn proxy-head token-level block scores (Triton) vs the "
+                                "block-sparse attention of ProxyPolicy's layout", results["proxy_score"],
+                                [("est. TFLOP/s", "estimation_tflops")])
+    if results.get("select"):
+        lines += _select_lines(results["select"], results.get("rows", []))
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -480,13 +621,17 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", default=True, help="time other tile configs")
     ap.add_argument("--no-tune", dest="tune", action="store_false")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--sections", nargs="+", default=["xattention", "lastq_score", "pooled_score"],
-                    choices=["xattention", "lastq_score", "pooled_score"], help="which estimators to time")
+    ap.add_argument("--sections", nargs="+", default=["xattention", "lastq_score", "pooled_score", "proxy_score",
+                                                      "select"],
+                    choices=["xattention", "lastq_score", "pooled_score", "proxy_score", "select"],
+                    help="which estimators to time")
     ap.add_argument("--last-q", type=int, default=64, help="lastq_score: MInference's number of last queries")
     ap.add_argument("--vertical", type=int, default=1000, help="lastq_score: vertical columns kept per head")
     ap.add_argument("--slash", type=int, default=6096, help="lastq_score: diagonals kept per head")
     ap.add_argument("--flex-gamma", type=float, default=0.9, help="pooled_score: FlexPrefill's gamma")
     ap.add_argument("--flex-tau", type=float, default=0.1, help="pooled_score: FlexPrefill's tau")
+    ap.add_argument("--proxy-stride", type=int, default=8, help="proxy_score: ProxyAttn's query sampling stride")
+    ap.add_argument("--proxy-gamma", type=float, default=0.9, help="proxy_score / select: ProxyAttn's gamma")
     ap.add_argument("--out", default="results/bench_estimation")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -505,7 +650,8 @@ def main(argv=None):
         "shape": {"batch": 1, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.dim,
                   "dtype": "bfloat16", "block": args.block, "stride": args.stride, "threshold": args.threshold,
                   "causal": True, "last_q": args.last_q, "vertical": args.vertical, "slash": args.slash,
-                  "flex_gamma": args.flex_gamma, "flex_tau": args.flex_tau},
+                  "flex_gamma": args.flex_gamma, "flex_tau": args.flex_tau, "proxy_stride": args.proxy_stride,
+                  "proxy_gamma": args.proxy_gamma},
         "inputs": (f"structured: per KV head a shared slowly varying component (anchors every 256/1K/4K/16K tokens, "
                    f"amp {args.amp}) in q and k, 16 sink keys (logit gain ~{args.sink_boost}), N(0,1) noise; "
                    f"v ~ N(0,1)"),
@@ -527,8 +673,8 @@ def main(argv=None):
         try:
             other = run_other_sections(args, S, device)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory generating inputs
-            other = {name: {"context": S, "error": _err(e)} for name in ("lastq_score", "pooled_score")
-                     if name in args.sections}
+            other = {name: {"context": S, "error": _err(e)} for name in ("lastq_score", "pooled_score", "proxy_score",
+                                                                        "select") if name in args.sections}
         for name, row in other.items():
             results.setdefault(name, []).append(row)
     results["meta"]["wall_s"] = time.time() - t_start

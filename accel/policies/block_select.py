@@ -49,6 +49,11 @@ def keep_by_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
         from accel.kernels.triton.block_topk import threshold_mask
 
         return threshold_mask(scores, threshold)
+    return keep_by_threshold_torch(scores, threshold)
+
+
+def keep_by_threshold_torch(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``keep_by_threshold`` in torch on any device (sort, cumulative sum, scatter): the Triton kernel's twin."""
     if threshold >= 1.0:
         return scores > 0 if threshold == 1.0 else torch.ones_like(scores, dtype=torch.bool)
     vals, order = torch.sort(scores, dim=-1, descending=True)
