@@ -11,7 +11,7 @@ Two kernels:
      key tiles up to the tile's causal limit: online row max / sum of exp2, then the normalised probabilities
      stored; tiles past the limit are stored as zeros (no separate memset). GQA reads pooled KV head h // group
      (pooled keys are never repeated). Query block m sees key block n iff ``n*block <= Sk - Sq + min((m+1)*block,
-     Sq) - 1`` (bottom-right aligned, as ``causal_block_mask``). The dot runs in float32 (tf32x3 on the GPU).
+     Sq) - 1`` (bottom-right aligned, as ``causal_block_mask``). The dot runs in exact float32 (see ``_default_config``).
 
 Why pooling is not fused into the score kernel: the pooled tensors are 1/block of the inputs (16 MB of pooled q at
 128K), so fusing q pooling would save ~1% of the traffic, and fusing k pooling would make every query tile re-read
@@ -58,9 +58,10 @@ def _mean_pool_fwd(
 @triton.jit
 def _pooled_logits(q, KP_base, offs_n, offs_d, stride_kn, stride_kd, NK, lim, n0, qk_scale,
                    BLOCK_N: tl.constexpr, PREC: tl.constexpr, ALL_VISIBLE):
-    kT = tl.load(KP_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                 mask=offs_n[None, :] < NK, other=0.0)
-    s = tl.dot(q, kT, input_precision=PREC) * qk_scale
+    # loaded [BLOCK_N, D] and transposed in the dot: float32 (tf32) MMAs want both operands K-major
+    kp = tl.load(KP_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                 mask=offs_n[:, None] < NK, other=0.0)
+    s = tl.dot(q, tl.trans(kp), input_precision=PREC) * qk_scale
     if n0 + BLOCK_N - 1 > ALL_VISIBLE:  # tile crosses some row's causal limit
         s = tl.where(offs_n[None, :] <= lim[:, None], s, float("-inf"))
     return s
@@ -120,13 +121,15 @@ def _pooled_score_fwd(
 
 def _default_config(x: torch.Tensor) -> dict:
     """Pooling rows per load (ROWS) and score tiles (BLOCK_M pooled query rows x BLOCK_N pooled key blocks, float32
-    tiles). GPU: 64 x 64 (32 x 64 for head_dim 256), 4 warps; interpreter: small tiles."""
+    tiles, dot precision PREC). GPU: 64 x 32 with exact float32 FMAs ("ieee": the pooled matmul is ~9 GFLOP at
+    128K, and tf32x3 dots on float32 tiles spill registers at every tile size tried on sm_90: 255 regs + 300-900
+    bytes of stack, ieee 64 x 32 compiles to 168 regs, no stack); 32 x 32 for head_dim 256. Interpreter: small."""
     D = x.shape[-1]
     if not x.is_cuda:
-        return dict(ROWS=16, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        return dict(ROWS=16, BLOCK_M=16, BLOCK_N=16, PREC="ieee", num_warps=4, num_stages=1)
     if D <= 128:
-        return dict(ROWS=32, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(ROWS=16, BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(ROWS=32, BLOCK_M=64, BLOCK_N=32, PREC="ieee", num_warps=4, num_stages=2)
+    return dict(ROWS=16, BLOCK_M=32, BLOCK_N=32, PREC="ieee", num_warps=4, num_stages=2)
 
 
 def _check_tensor(x, name: str, dtypes) -> None:
@@ -224,7 +227,7 @@ def pooled_block_scores(q_pool: torch.Tensor, k_pool: torch.Tensor, *, q_len: in
         q_pool, k_pool, out, scale * _LOG2E,
         *q_pool.stride(), *k_pool.stride(), *out.stride(),
         Hq, Hq // Hkv, q_len, kv_len, nq, nk, block,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, PREC="tf32x3" if q_pool.is_cuda else "ieee",
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, PREC=cfg["PREC"] if q_pool.is_cuda else "ieee",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -234,8 +237,8 @@ def pooled_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, scale: 
                   config: dict | None = None) -> torch.Tensor:
     """FlexPrefill's query-aware estimate. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sq <= Sk, any strides): float32
     [B, Hq, ceil(Sq/block), ceil(Sk/block)], each row a softmax over its causally visible key blocks. Equal to
-    ``pooled_scores_reference(q, k, block, scale)``. ``config`` overrides ROWS, BLOCK_M, BLOCK_N, num_warps,
-    num_stages."""
+    ``pooled_scores_reference(q, k, block, scale)``. ``config`` overrides ROWS, BLOCK_M, BLOCK_N, PREC ("ieee",
+    "tf32x3", "tf32"), num_warps, num_stages."""
     check_inputs(q, k, block)
     return pooled_block_scores(mean_pool(q, block, config=config), mean_pool(k, block, config=config),
                                q_len=q.shape[2], kv_len=k.shape[2], block=block, scale=scale, config=config)
