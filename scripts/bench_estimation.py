@@ -224,12 +224,12 @@ def run_context(args, S, device) -> dict:
 
 
 LASTQ_TUNE = [  # lastq_scores configs (rows = query heads x padded queries per tile); default excluded
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
     dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=1056),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=264),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=1056),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=264),
 ]
 POOLED_TUNE = [  # pooled_scores configs (ROWS per pooling load; pooled score tiles; dot precision); default excluded
     dict(ROWS=64, BLOCK_M=64, BLOCK_N=32, PREC="ieee", num_warps=4, num_stages=2),

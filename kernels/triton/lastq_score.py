@@ -194,7 +194,9 @@ def _next_pow2(x: int) -> int:
 def _default_config(q: torch.Tensor) -> dict:
     """Rows per tile (BLOCK_M: query heads x padded queries), keys per tile (BLOCK_N), keys per program (CHUNK: 0 =
     pick so the grid has about PROGRAMS programs) and launch parameters. GPU (H100, bf16, head_dim 128): 128 rows
-    (2 heads of 64 queries) x 64 keys. Interpreter: small tiles."""
+    (2 heads of 64 queries) x 64 keys, 8 warps: compiled for sm_90 with unit head_dim strides, 127 regs (pass 1) /
+    243 regs (pass 2), no spills (4 warps, BLOCK_N 128 or 4 heads per tile spill in pass 2). Not yet timed on a GPU:
+    scripts/bench_estimation.py --sections lastq_score tunes them. Interpreter: small tiles."""
     D = q.shape[-1]
     if not q.is_cuda:
         return dict(BLOCK_M=16, BLOCK_N=16, CHUNK=0, PROGRAMS=4, num_warps=4, num_stages=1)
