@@ -25,13 +25,13 @@ class TidalPolicy(Policy):
     cache and the context length, per batch row) and never carry over between steps, generate calls or rows.
 
     Layer rule: ``select_layer`` (default 2, as in the paper) and ``reselect_layer`` (``-1``: the paper's 13 of 32
-    scaled to the model, ``round(13 * n_layers / 32)``, dropped when no full-attention layer would sit between
-    the two; ``None``: no re-selection) name layers; each moves to
-    the first full-attention layer at or after it (sliding-window layers keep their window and are never
-    sparsified); explicit values must lie inside the model. Decode attention over token positions runs as a
-    page selection of page size 1 (reference and Triton decode kernels). The paper's code uses a budget of 256;
-    ours defaults to 4096 like the other decode policies. A budget at or above the context is dense (density 1.0
-    in ``accel.stats``)."""
+    scaled to the model, ``round(13 * n_layers / 32)``, dropped when no full-attention layer would sit between the
+    two; ``None``: no re-selection) name layers; each moves to the first full-attention layer at or after it
+    (sliding-window layers keep their window and are never sparsified); explicit values must lie inside the model.
+    Decode attention over token positions runs as a page selection of page size 1 (reference and Triton decode
+    kernels). The paper's code uses a budget of 256; ours defaults to 4096 like the other decode policies. The
+    selection layers compute q.k over the whole cache once more for scoring (2 of 32 layers). A budget at or above
+    the context is dense (density 1.0 in ``accel.stats``)."""
 
     name = "tidal"
     phases = ("decode",)
