@@ -1,0 +1,131 @@
+"""Plots of the GPU benchmark results (run on any machine after the JSON files are committed; needs matplotlib).
+
+    python scripts/plot_results.py            # every results/*.json it knows, PNG next to each
+
+- bench_block_sparse.json -> bench_block_sparse.png: time against kept share, Triton / FA4 / Flex, per context,
+  with the dense FA4 and SDPA times as lines;
+- bench_prefill.json -> bench_prefill.png: speedup over dense FA4 of each policy's attention stage (estimation +
+  sparse attention), per context, split into plan and attention;
+- bench_e2e_*.json -> bench_e2e_*.png: time-to-first-token speedup against transformers sdpa per run and context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_block_sparse(path: str) -> str:
+    plt = _plt()
+    with open(path) as f:
+        res = json.load(f)
+    contexts = sorted({r["context"] for r in res["rows"]})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4))
+    axes = axes if len(contexts) > 1 else [axes]
+    for ax, S in zip(axes, contexts):
+        rows = sorted((r for r in res["rows"] if r["context"] == S), key=lambda r: r["kept_share"])
+        x = [100 * r["kept_share"] for r in rows]
+        for key, label, style in (("triton_ms", "accel Triton", "o-"), ("fa4_ms", "FA4 block-sparse", "s--"),
+                                  ("flex_ms", "FlexAttention", "^:"), ("sparse_floor_ms", "FLOP floor", "k-")):
+            pts = [(xi, r[key]) for xi, r in zip(x, rows) if key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label, lw=1 if key == "sparse_floor_ms" else 1.8)
+        dense = res["dense"].get(str(S), {})
+        for key, label, color in (("fa4_dense_ms", "FA4 dense", "tab:red"), ("sdpa_ms", "SDPA dense", "tab:gray")):
+            if key in dense:
+                ax.axhline(dense[key], color=color, ls="--", lw=1, label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("kept share of causal 128x128 blocks (%)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{S // 1024}K tokens, {res['meta']['device']}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Block-sparse attention forward, Llama-3.1-8B heads (32/8/128), bf16")
+    fig.tight_layout()
+    out = path[:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_prefill(path: str) -> str:
+    plt = _plt()
+    with open(path) as f:
+        res = json.load(f)
+    ctxs = res["contexts"]
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(5.5 * len(ctxs), 4))
+    axes = axes if len(ctxs) > 1 else [axes]
+    for ax, c in zip(axes, ctxs):
+        ref = c["dense"].get("fa4_ms") or c["dense"].get("sdpa_ms")
+        rows = [p for p in c["policies"] if "total_ms" in p]
+        names = [p["policy"] for p in rows]
+        plan = [p["plan_ms"] for p in rows]
+        attn = [p["total_ms"] - p["plan_ms"] for p in rows]
+        ax.bar(names, attn, label="sparse attention")
+        ax.bar(names, plan, bottom=attn, label="estimation + selection")
+        ax.axhline(ref, color="tab:red", ls="--", label="dense FA4" if c["dense"].get("fa4_ms") else "dense SDPA")
+        for i, p in enumerate(rows):
+            ax.text(i, p["total_ms"], f"{ref / p['total_ms']:.1f}x\nrecall {p['recall']:.2f}", ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (log)")
+        ax.set_title(f"{c['context'] // 1024}K tokens")
+        ax.tick_params(axis="x", labelrotation=20)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Prefill attention stage per layer, {res['meta']['device']}")
+    fig.tight_layout()
+    out = path[:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_e2e(path: str) -> str:
+    plt = _plt()
+    with open(path) as f:
+        res = json.load(f)
+    rows = [r for r in res["rows"] if "ttft_s" in r]
+    ctxs = sorted({r["context"] for r in rows})
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    base = {r["context"]: r["ttft_s"] for r in rows if r["run"] == "sdpa"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        pts = [(r["context"] // 1024, base[r["context"]] / r["ttft_s"]) for r in rows
+               if r["run"] == run and r["context"] in base]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=run)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([c // 1024 for c in ctxs], [f"{c // 1024}K" for c in ctxs])
+    ax.set_ylabel("time-to-first-token speedup vs transformers sdpa")
+    ax.set_title(f"{res['meta']['model']} ({res['meta']['device']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path[:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default="results")
+    args = ap.parse_args(argv)
+    for name in sorted(os.listdir(args.results)):
+        path = os.path.join(args.results, name)
+        fn = {"bench_block_sparse.json": plot_block_sparse, "bench_prefill.json": plot_prefill}.get(name)
+        if fn is None and name.startswith("bench_e2e_") and name.endswith(".json"):
+            fn = plot_e2e
+        if fn is not None:
+            print(fn(path))
+
+
+if __name__ == "__main__":
+    main()
