@@ -159,3 +159,10 @@ def test_gpu_long_context_sums():
     torch.testing.assert_close(s.sum(-1), torch.full_like(s[..., 0], 64.0), atol=1e-2, rtol=1e-3)
     v2, s2 = lastq_scores(q, k, 64)
     assert torch.equal(v, v2) and torch.equal(s, s2)
+
+
+@pytest.mark.parametrize("rows", [16, 32])
+def test_queries_split_over_launches(rows):
+    """ROWS caps the queries per launch (the GPU default runs 128 last queries as two launches of 64)."""
+    q, k = _qk(1, 4, 2, 90, 150, 64, torch.float32, seed=5)
+    _compare(q, k, 70, config=dict(ROWS=rows))

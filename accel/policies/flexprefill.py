@@ -21,11 +21,39 @@ def top_n_mask(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(rank_keep).scatter(-1, order, rank_keep)
 
 
+# Rows longer than this (token-level scores: one entry per key) take the sort-free path on the GPU.
+SORT_FREE_MIN = 4096
+
+
 def tokens_to_cover(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """Fewest top entries of each row of ``x`` (a distribution) whose sum reaches ``gamma`` of the row sum."""
+    if x.is_cuda and x.shape[-1] > SORT_FREE_MIN:
+        return tokens_to_cover_bisect(x, gamma)
     vals = x.sort(dim=-1, descending=True).values
     csum = vals.cumsum(-1)
     return ((csum - vals) < gamma * csum[..., -1:]).sum(-1)
+
+
+def tokens_to_cover_bisect(x: torch.Tensor, gamma: float, steps: int = 31) -> torch.Tensor:
+    """``tokens_to_cover`` without sorting, for long rows of non-negative scores: bisect the cut over the int32 bit
+    patterns of the float32 values (monotone for non-negative floats, so 31 steps are exact): the largest cut whose
+    entries at or above it still sum to ``gamma`` of the row; the count is how many entries that is. Equal to the sort
+    version except on exact ties at the cut (all tied entries count). Sorting 32 rows of 128K keys twice took 3.8 ms
+    of FlexPrefill's plan on the H100; this is ~60 small reductions."""
+    xf = x.float().clamp_min(0)
+    if gamma >= 1.0:  # every entry with mass (the sort version, up to rounding of its running sum)
+        return (xf > 0).sum(-1)
+    bits = xf.view(torch.int32)
+    target = gamma * xf.sum(-1, keepdim=True)
+    lo = torch.zeros_like(target, dtype=torch.int32)  # mass at or above lo reaches the target
+    hi = bits.amax(-1, keepdim=True) + 1  # mass at or above hi does not (for target > 0)
+    for _ in range(steps):
+        mid = lo + (hi - lo) // 2
+        ok = (xf * (bits >= mid)).sum(-1, keepdim=True) >= target
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    count = (bits >= lo).sum(-1, keepdim=True)
+    return torch.where(target > 0, count, 0).squeeze(-1)
 
 
 def slash_block_mask(sel: torch.Tensor, q_len: int, kv_len: int, block: int) -> torch.Tensor:

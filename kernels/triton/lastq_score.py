@@ -203,7 +203,9 @@ def _default_config(q: torch.Tensor) -> dict:
     if q.dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, CHUNK=0, PROGRAMS=528, num_warps=4, num_stages=2)
     if D <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=3)
+        # ROWS: queries per launch. 128 queries in one launch force 128-key tiles and one head per tile (8.6 ms at
+        # 128K on the H100, measured by scripts/profile_plan.py); two launches of 64 take about 1.3 ms each.
+        return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=3, ROWS=64)
     return dict(BLOCK_M=64, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=2)
 
 
@@ -267,8 +269,9 @@ def lastq_scores(q: torch.Tensor, k: torch.Tensor, n_last: int = 64, *, scale: f
     else:
         prec = "tf32"
     qk_scale = (D**-0.5 if scale is None else float(scale)) * _LOG2E
-    for r0 in range(0, n, MAX_ROWS):  # row chunks: independent softmaxes, summed into the outputs
-        nr = min(MAX_ROWS, n - r0)
+    rows = min(MAX_ROWS, cfg.get("ROWS", MAX_ROWS))
+    for r0 in range(0, n, rows):  # row chunks: independent softmaxes, summed into the outputs
+        nr = min(rows, n - r0)
         n_pad = max(16, _next_pow2(nr))
         block_n = max(cfg["BLOCK_N"], n_pad)  # the diagonal carry needs n <= BLOCK_N + 1
         hpt = min(_next_pow2(group), max(1, cfg["BLOCK_M"] // n_pad))
