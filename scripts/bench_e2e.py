@@ -106,12 +106,51 @@ def decode(model, out, cache, steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
+def speed_head_map(model, path: str) -> str:
+    """A DuoAttention head map with random gates for a random-weight model: which heads stream changes nothing
+    about speed or memory, only the share (``ratio``) does. Calibrate real models with scripts/calibrate_duo.py."""
+    from accel.policies.duo import model_signature
+
+    cfg = getattr(model.config, "text_config", None) or model.config
+    g = torch.Generator().manual_seed(0)
+    gates = torch.rand(cfg.num_hidden_layers, cfg.num_key_value_heads, generator=g).tolist()
+    with open(path, "w") as f:
+        json.dump({"format": "accel-duo-headmap/1", "model": model_signature(model.config), "model_name": "random",
+                   "gates": gates, "note": "random gates for speed benchmarks only"}, f)
+    return path
+
+
+def run_options(model, run: str, args) -> dict:
+    """Options a run needs on a random-weight model: a head map for the DuoAttention-based policies."""
+    names = set(run.split(":")[0].split("+"))
+    if names & {"duo", "lserve"} and args.model in ("llama8b", "qwen7b"):
+        return {"duo_map": speed_head_map(model, f"/tmp/accel_duo_{args.model}.json")}
+    return {}
+
+
+def split_run(run: str) -> tuple[str, dict]:
+    """``"quest:budget=2048,page_size=16"`` -> ("quest", {"budget": 2048, "page_size": 16})."""
+    name, _, opts = run.partition(":")
+    kw = {}
+    for item in filter(None, opts.split(",")):
+        key, _, val = item.partition("=")
+        for cast in (int, float):
+            try:
+                val = cast(val)
+                break
+            except ValueError:
+                continue
+        kw[key] = val
+    return name, kw
+
+
 def run_one(model, run: str, ids, args) -> dict:
     row = {"run": run, "context": ids.shape[1]}
     patched = run not in HF_IMPLS
     try:
         if patched:
-            accel.patch(model, run, backend="auto", collect_stats=False)
+            name, opts = split_run(run)
+            accel.patch(model, name, backend="auto", collect_stats=False, **opts, **run_options(model, run, args))
         else:
             model.set_attn_implementation(run)
         prefill(model, ids)  # warm-up at the same length
@@ -136,7 +175,7 @@ def run_one(model, run: str, ids, args) -> dict:
             notes = sorted({n for r in st.get("layers", []) for n in r.get("auto_notes", [])})
             row["auto_notes"] = notes[:8]
             if args.density:  # one more, untimed prefill that syncs to count kept blocks and samples recall
-                accel.patch(model, run, backend="auto", collect_stats=True)
+                accel.patch(model, name, backend="auto", collect_stats=True, **opts, **run_options(model, run, args))
                 out, cache = prefill(model, ids)
                 del out, cache
                 st = accel.stats(model)
