@@ -18,6 +18,7 @@ A grid entry is ``POLICY[@map][:option=value,option=value]``; entries are separa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -99,7 +100,32 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def summarize(rows: list[dict], entries: list[str], models: list[str]) -> list[dict]:
+    """Per (model, setting): means over prompts, worst layer and worst prompt; grouped by policy, defaults first."""
+    summary = []
+    for model in models:
+        for setting in dict.fromkeys(r["setting"] for r in rows if r["model"] == model):
+            rs = [r for r in rows if r["model"] == model and r["setting"] == setting]
+            by_len: dict[str, list[dict]] = {}
+            for r in rs:
+                by_len.setdefault(f"{round(r['length'] / 1024)}K", []).append(r)
+            summary.append({"model": model, "setting": setting, "prompts": len(rs),
+                            "mean_recall": _mean([r["recall"] for r in rs]),
+                            "min_layer_recall": min(r["min_layer_recall"] for r in rs),
+                            "worst_prompt_recall": min(r["recall"] for r in rs),
+                            "mean_density": _mean([r["density"] for r in rs]),
+                            "plan_seconds": _mean([r["plan_seconds"] for r in rs]),
+                            "by_length": {n: {"prompts": len(v), "recall": _mean([r["recall"] for r in v]),
+                                              "density": _mean([r["density"] for r in v])}
+                                          for n, v in by_len.items()}})
+    pol_order = list(dict.fromkeys(e.partition(":")[0] for e in entries))
+    summary.sort(key=lambda s: (pol_order.index(s["setting"].partition(":")[0]), ":" in s["setting"],
+                                s["setting"].partition(":")[2], models.index(s["model"])))
+    return summary
+
+
 def markdown(summary: list[dict], meta: dict) -> str:
+    defaults = meta.get("defaults", {})
     lines = ["# Attention recall sweep of the prefill policies (real demo models)", "",
              f"Command: `{meta['command']}`  ",
              f"Device: {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}; {meta['date']}; "
@@ -107,16 +133,33 @@ def markdown(summary: list[dict], meta: dict) -> str:
              "One dense prefill forward per prompt captures every layer's q/k; each setting plans its layouts on "
              f"them and is measured as `accel.stats` does ({meta['rows']} sampled query rows per layer, seed = layer "
              "index): recall = share of the dense softmax mass kept, density = share of causal query-key pairs "
-             "computed, over the model's global (non-sliding) layers. Mean recall and density: averaged over layers "
-             "and prompts; min layer recall: the worst layer of any prompt; worst prompt: the lowest per-prompt mean "
-             "recall. Prompts: " + "; ".join(f"{m}: {p}" for m, p in meta["prompts"].items()) + " (tokens@depth).",
-             "", "| policy | setting | model | prompts | mean recall | min layer recall | worst prompt | mean density | "
-             "plan s/prompt |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "computed, over the model's global (non-sliding) layers (SmolLM2: all 30; Gemma-3: the 3 global of 18). "
+             "Mean recall and density: averaged over layers and prompts; min layer recall: the worst layer of any "
+             "prompt; worst prompt: the lowest per-prompt mean recall. Prompts: "
+             + "; ".join(f"{m}: {p}" for m, p in meta["prompts"].items()) + " (tokens@needle depth). "
+             "A patched run (scripts/eval_prefill_niah.py) sees q/k after earlier layers ran sparse and can read "
+             "slightly lower (xattention ~0.005-0.01 at 4K).", ""]
+    if defaults:
+        lines += ["\"defaults\" are the options at the time of the run (a setting overrides only what it names): "
+                  + "; ".join(f"{p}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for p, o in defaults.items())
+                  + ".", ""]
+    lines += ["| policy | setting | model | prompts | mean recall | min layer recall | worst prompt | mean density | "
+              "plan s/prompt |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         pol, _, setting = s["setting"].partition(":")
         lines.append(f"| {pol} | {setting or 'defaults'} | {s['model']} | {s['prompts']} | {s['mean_recall']:.3f} | "
                      f"{s['min_layer_recall']:.3f} | {s['worst_prompt_recall']:.3f} | {s['mean_density']:.3f} | "
                      f"{s['plan_seconds']:.1f} |")
+    lengths = sorted({n for s in summary for n in s.get("by_length", {})}, key=lambda n: int(n[:-1]))
+    if lengths:
+        lines += ["", "By prompt length (mean recall / mean density):", "",
+                  "| policy | setting | model | " + " | ".join(lengths) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(lengths)]
+        for s in summary:
+            pol, _, setting = s["setting"].partition(":")
+            cells = [f"{b['recall']:.3f} / {b['density']:.3f}" if (b := s["by_length"].get(n)) else ""
+                     for n in lengths]
+            lines.append(f"| {pol} | {setting or 'defaults'} | {s['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +176,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results", help="output folder (default results/)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing <out>/recall_sweep.json that this run does not redo")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite <out>/recall_sweep.{json,md} tables from the rows of <out>/recall_sweep.json")
     args = ap.parse_args(argv)
+    if args.render:
+        path = Path(args.out) / "recall_sweep.json"
+        data = json.loads(path.read_text())
+        models = list(data["meta"]["prompts"])
+        entries = list(dict.fromkeys(s["setting"] for s in data["summary"]))
+        data["summary"] = summarize(data["rows"], entries, models)
+        path.write_text(json.dumps(data, indent=1))
+        (Path(args.out) / "recall_sweep.md").write_text(markdown(data["summary"], data["meta"]))
+        return 0
     torch.set_num_threads(args.threads)
     t_start = time.time()
     models = args.model or ["smollm2", "gemma3"]
@@ -182,7 +236,9 @@ def main(argv=None) -> int:
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
             "seconds": round(time.time() - t_start, 1), "rows": args.rows,
-            "prompts": {m: prompts[m] for m in models}}
+            "prompts": {m: prompts[m] for m in models},
+            "defaults": {p: dataclasses.asdict(policy_class(p)()) for p in
+                         dict.fromkeys(e.partition(":")[0].removesuffix("@map") for e in entries)}}
     out = Path(args.out)
     old_path = out / "recall_sweep.json"
     if args.merge and old_path.is_file():
@@ -195,20 +251,12 @@ def main(argv=None) -> int:
         meta["command"] = old["meta"]["command"] + "` then `" + meta["command"]
         meta["seconds"] = round(old["meta"]["seconds"] + meta["seconds"], 1)
         meta["prompts"] = {**old["meta"]["prompts"], **meta["prompts"]}
-    summary = []
-    for model in models:
-        for setting in dict.fromkeys(r["setting"] for r in rows if r["model"] == model):
-            rs = [r for r in rows if r["model"] == model and r["setting"] == setting]
-            summary.append({"model": model, "setting": setting, "prompts": len(rs),
-                            "mean_recall": _mean([r["recall"] for r in rs]),
-                            "min_layer_recall": min(r["min_layer_recall"] for r in rs),
-                            "worst_prompt_recall": min(r["recall"] for r in rs),
-                            "mean_density": _mean([r["density"] for r in rs]),
-                            "plan_seconds": _mean([r["plan_seconds"] for r in rs])})
-    # policies together (grouped by policy name, settings in grid order), models side by side
-    pol_order = list(dict.fromkeys(e.partition(":")[0] for e in entries))
-    summary.sort(key=lambda s: (pol_order.index(s["setting"].partition(":")[0]), entries.index(s["setting"]),
-                                models.index(s["model"])))
+        old_defaults = old["meta"].get("defaults", {})
+        if any(meta["defaults"].get(p, o) != o for p, o in old_defaults.items()):
+            raise SystemExit("--merge: the policies' defaults changed since the old run, rows labelled 'defaults' "
+                             "would mix two settings; run without --merge")
+        meta["defaults"] = {**old_defaults, **meta["defaults"]}
+    summary = summarize(rows, entries, models)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recall_sweep.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     (out / "recall_sweep.md").write_text(markdown(summary, meta))

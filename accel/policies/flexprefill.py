@@ -117,7 +117,7 @@ class FlexPrefillPolicy(Policy):
     would keep everything) run dense and are recorded as density 1.0.
 
     Default ``gamma`` 0.95, the value FlexPrefill used in its RULER runs on Llama-3.1-8B (its general default is
-    0.9): at 0.9 Gemma-3-270M keeps mean recall 0.932 at 4K (0.888 at 8K), below issue 5's 0.95; at 0.95 SmolLM2-135M
+    0.9): at 0.9 Gemma-3-270M keeps mean recall 0.931 at 4K (0.888 at 8K), below issue 5's 0.95; at 0.95 SmolLM2-135M
     (2K/4K) keeps 0.985 at density 0.78 and Gemma 4K 0.957 at density 0.82 (8K: 0.933; gamma 0.97 would be needed
     there, 0.957 at density 0.84; results/recall_sweep.md)."""
 

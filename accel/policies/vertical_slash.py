@@ -99,8 +99,8 @@ class VerticalSlashPolicy(Policy):
     (density 1.0 in stats).
 
     Defaults: MInference's vertical 1000 / slash 6096 / last_q 64. The A-shape sink is 256 (it was 128): with the
-    shipped head maps, Gemma-3-270M at 4K kept mean recall 0.946 with sink 128 and keeps 0.955 with 256 (density
-    0.828 -> 0.843; window 1536 instead would give 0.967 at 0.883); SmolLM2-135M 0.981 -> 0.983. The head maps
+    shipped head maps, Gemma-3-270M at 4K kept mean recall 0.948 with sink 128 and keeps 0.955 with 256 (density
+    0.828 -> 0.843; window 1536 instead would give 0.968 at 0.883); SmolLM2-135M 0.981 -> 0.983. The head maps
     were searched at 3K tokens: at 8K Gemma keeps only 0.897 (vertical-slash heads become sparse and the
     block-sparse approximation loses mass); results/recall_sweep.md."""
 

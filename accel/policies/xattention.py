@@ -56,7 +56,7 @@ class XAttentionPolicy(BlockSelectPolicy):
 
     Default threshold 0.96, not the paper's 0.9: on the demo models the paper's value keeps too little of the real
     attention mass (mean recall 0.921 on SmolLM2-135M at 2K/4K, 0.911 on Gemma-3-270M at 4K/8K), below issue 5's
-    0.95. 0.95 lands on the edge (0.955 / 0.951; 0.940 on SmolLM2's 4K prompts, and patched runs read ~0.007 lower
+    0.95. 0.95 lands on the edge (0.955 / 0.951; 0.941 on SmolLM2's 4K prompts, and patched runs read ~0.007 lower
     than the capture sweep), 0.96 clears it (0.962 / 0.960 at density 0.61 / 0.78; Gemma 4K 0.966, 8K 0.949).
     Stride 4 instead of 8 adds only ~0.003 recall at 4x the estimation cost (results/recall_sweep.md)."""
 
