@@ -3,10 +3,13 @@ dense, and token agreement with dense generation for a long prompt.
 
     python scripts/eval_decode_niah.py --out results            # SmolLM2-135M, ~10-15 min on 2 CPU cores
     python scripts/eval_decode_niah.py --lengths 2000 --depths 0.5 --quick
+    python scripts/eval_decode_niah.py --policies "lserve,tidal b1024" --merge   # add rows, keep the others
 
 Writes results/decode_niah.json and results/decode_niah.md (command, device, versions, date included). Policies:
 dense, quest at its defaults (budget 4096: the whole context at these lengths, so dense by construction) and at
-small budgets that make it sparse, duo at its defaults with the shipped head map (ratio 0.5, sink 64, recent 256).
+small budgets that make it sparse, duo at its defaults with the shipped head map (ratio 0.5, sink 64, recent 256),
+lserve at its defaults (the same streaming heads; budget 4096 covers the retrieval heads' context here) and at a
+sparse budget, tidal at sparse budgets (its default 4096 is dense at these lengths; 256 is its paper's code).
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ POLICIES = {
     "quest b1024": ("quest", {"budget": 1024}),
     "quest b512": ("quest", {"budget": 512}),
     "duo": ("duo", {}),
+    "lserve": ("lserve", {}),
+    "lserve b1024": ("lserve", {"budget": 1024}),
+    "tidal": ("tidal", {}),
+    "tidal b1024": ("tidal", {"budget": 1024}),
+    "tidal b256": ("tidal", {"budget": 256}),
 }
 
 
@@ -59,6 +67,10 @@ def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_toke
                enumerate((n, d) for n in lengths for d in depths)]
     long_ids = torch.tensor([_continuation_prompt(tok, agree_len)])
     dense_long = None
+    if "dense" not in policies:  # merging: dense's continuation is the agreement baseline
+        accel.patch(model, "dense", backend="reference")
+        dense_long = _generate(model, long_ids, agree_tokens, min_new=agree_tokens)
+        accel.unpatch(model)
     for label in policies:
         name, opts = POLICIES[label]
         accel.patch(model, name, backend="reference", **opts)
@@ -108,6 +120,21 @@ def markdown(res) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _old_results(args) -> dict | None:
+    """The results a --merge run adds to; an error if they were made with other lengths, depths or settings."""
+    path = os.path.join(args.out, "decode_niah.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        old = json.load(f)
+    grid = sorted({(c["target_length"], c["depth"]) for c in old["cells"]})
+    new = sorted((int(n), float(d)) for n in args.lengths.split(",") for d in args.depths.split(","))
+    if old["model"] != args.model or grid != new or old["agree_tokens"] != args.agree_tokens:
+        raise SystemExit(f"--merge: {path} was made with another model, grid or agreement setting "
+                         f"({old['command']}); rerun without --merge")
+    return old
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -118,13 +145,20 @@ def main(argv=None) -> int:
     ap.add_argument("--agree-length", type=int, default=3000)
     ap.add_argument("--agree-tokens", type=int, default=32)
     ap.add_argument("--out", default="results")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the policies of an existing <out>/decode_niah.json that this run does not redo (same "
+                         "lengths, depths and agreement settings; dense reruns only for the agreement baseline)")
     args = ap.parse_args(argv)
     from accel.models import load_model
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     model, tok = load_model(args.model, dtype="float32", quiet=True)
     policies = [p.strip() for p in args.policies.split(",")]
-    if policies[0] != "dense":
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        ap.error(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    old = _old_results(args) if args.merge else None
+    if old is None and policies[0] != "dense":
         policies.insert(0, "dense")
     t0 = time.time()
     cells, agree, n_agree = run(model, tok, policies, [int(x) for x in args.lengths.split(",")],
@@ -139,6 +173,12 @@ def main(argv=None) -> int:
            "device": f"cpu ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, python "
                        f"{platform.python_version()}", "seconds": round(time.time() - t0, 1)}
+    if old is not None:
+        res["cells"] = [c for c in old["cells"] if c["policy"] not in policies] + cells
+        res["agreement"] = {**old["agreement"], **agree}
+        res["policies"] = [p for p in old["policies"] if p not in policies] + policies
+        res["command"] = old["command"] + "` then `" + res["command"]
+        res["seconds"] = round(old["seconds"] + res["seconds"], 1)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_niah.json"), "w") as f:
         json.dump(res, f, indent=1)
