@@ -123,7 +123,7 @@ def speed_head_map(model, path: str) -> str:
 def run_options(model, run: str, args) -> dict:
     """Options a run needs on a random-weight model: a head map for the DuoAttention-based policies."""
     names = set(run.split(":")[0].split("+"))
-    if names & {"duo", "lserve"} and args.model in ("llama8b", "qwen7b"):
+    if names & {"duo", "lserve"}:  # every model here has random weights
         return {"duo_map": speed_head_map(model, f"/tmp/accel_duo_{args.model}.json")}
     return {}
 
