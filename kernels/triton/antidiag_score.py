@@ -171,12 +171,32 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> N
                          f"{MAX_ROWS_PER_BLOCK} (strided rows per block)")
 
 
+METHODS = ("auto", "two_pass", "one_pass")
+
+
 def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, stride: int = 8,
-                        config: dict | None = None) -> torch.Tensor:
+                        config: dict | None = None, method: str = "auto",
+                        scratch_bytes: int | None = None) -> torch.Tensor:
     """XAttention block scores. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sq <= Sk, any strides); returns float32
     [B, Hq, ceil(Sq/block), ceil(Sk/block)], equal to ``antidiagonal_block_scores(q, k, block, stride)``: each
     query-block row sums to its number of strided rows that hold a query. ``config`` overrides the tiles / launch
-    (BLOCK_R, BLOCK_C: strided rows / columns per tile, powers of two; num_warps, num_stages) for tuning."""
+    (BLOCK_R, BLOCK_C: strided rows / columns per tile, powers of two; num_warps, num_stages) for tuning.
+
+    ``method``: "two_pass" (this file's kernel: row statistics, then probabilities; memory = output), "one_pass"
+    (antidiag_score_onepass.py: half the tensor-core work, float32 scratch of at most ``scratch_bytes``, default
+    512 MB, at least one head's: (Sq/stride) x (Sk/block) x 4 B), "auto" = one_pass on CUDA when one head's
+    scratch fits the budget, else two_pass (always two_pass under the CPU interpreter)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "two_pass":
+        check_inputs(q, k, block, stride)
+        from . import antidiag_score_onepass as op
+
+        budget = op.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+        if method == "one_pass" or (q.is_cuda and op.scratch_bytes_per_head(q, k, block=block, stride=stride,
+                                                                            config=config) <= budget):
+            return op.antidiagonal_scores_onepass(q, k, block=block, stride=stride, config=config,
+                                                  scratch_bytes=scratch_bytes)
     check_inputs(q, k, block, stride)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -209,4 +229,4 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, s
     return out
 
 
-__all__ = ["antidiagonal_scores", "check_inputs", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = ["antidiagonal_scores", "check_inputs", "METHODS", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
