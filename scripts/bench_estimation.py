@@ -3,8 +3,11 @@
 Llama-3.1-8B attention shape by default (32 query heads, 8 KV heads, head_dim 128, bf16, causal, batch 1), block 128,
 stride 8, threshold 0.9, at 32K and 128K. Per context it times (medians of ``triton.testing.do_bench``, ms):
 
-- ``accel.kernels.triton.antidiag_score.antidiagonal_scores`` (default tiles, and with ``--tune`` a few other tile
-  configs; the achieved TFLOP/s counts both passes' tensor-core work over the causal strided triangle);
+- ``accel.kernels.triton.antidiag_score.antidiagonal_scores`` as the policy calls it (method "auto": the one-pass
+  kernel on CUDA when a head's scratch fits its budget; the achieved TFLOP/s counts the tensor-core work of the
+  method taken over the causal strided triangle), and with ``--tune`` other tile configs of both kernels;
+- "xattention one-pass": the two-pass and the one-pass kernel (``antidiag_score_onepass.py``) side by side at
+  default tiles on the same inputs (ms, TFLOP/s, speedup, max abs difference, same selection, scratch);
 - the selection XAttentionPolicy does on those scores (``keep_by_threshold`` over causal blocks at the threshold,
   then ``build_block_layout`` with the always-kept sink and diagonal blocks);
 - ``accel.kernels.triton.block_sparse.block_sparse_attention`` on that layout (the sparse attention it feeds);
@@ -82,6 +85,15 @@ TUNE_CONFIGS = [  # (BLOCK_R, BLOCK_C: strided rows x columns per tile, num_warp
     dict(BLOCK_R=64, BLOCK_C=64, num_warps=4, num_stages=3),
     dict(BLOCK_R=64, BLOCK_C=128, num_warps=8, num_stages=3),
 ]
+ONEPASS_TUNE = [  # one-pass configs (kernels/triton/antidiag_score_onepass.py; EPI_KB: key blocks per epilogue step);
+    # default (128 x 64, 8 warps, 3 stages, EPI_KB 32) excluded; all compile for sm_90 without spills (NOTES.md)
+    dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=2),
+    dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=3),
+    dict(BLOCK_R=256, BLOCK_C=128, num_warps=16, num_stages=2),
+    dict(BLOCK_R=256, BLOCK_C=64, num_warps=8, num_stages=2),
+    dict(BLOCK_R=128, BLOCK_C=64, num_warps=8, num_stages=4),
+    dict(BLOCK_R=128, BLOCK_C=64, num_warps=8, num_stages=3, EPI_KB=64),
+]
 
 
 def structured_qkv(S, heads, kv_heads, D, device, seed=0, amp=1.0, sink_boost=8.0, n_sinks=16,
@@ -129,12 +141,55 @@ def correctness(args, device) -> dict:
     S = 4096
     q, k, _ = structured_qkv(S, args.heads, args.kv_heads, args.dim, device, seed=1, amp=args.amp,
                              sink_boost=args.sink_boost)
-    got = antidiagonal_scores(q, k, block=args.block, stride=args.stride)
     want = antidiagonal_block_scores(q, k, args.block, args.stride)
     causal, _ = rs.causal_block_mask(S, S, args.block, args.block, device=device)
-    same = torch.equal(keep_by_threshold(got.masked_fill(~causal, 0), args.threshold),
-                       keep_by_threshold(want.masked_fill(~causal, 0), args.threshold))
-    return {"context": S, "max_abs_err": float((got - want).abs().max()), "same_selection": bool(same)}
+    keep = keep_by_threshold(want.masked_fill(~causal, 0), args.threshold)
+    res = {"context": S}
+    for method in ("two_pass", "one_pass"):
+        try:
+            got = antidiagonal_scores(q, k, block=args.block, stride=args.stride, method=method)
+            same = torch.equal(keep_by_threshold(got.masked_fill(~causal, 0), args.threshold), keep)
+            suffix = "" if method == "two_pass" else "_one_pass"
+            res["max_abs_err" + suffix] = float((got - want).abs().max())
+            res["same_selection" + suffix] = bool(same)
+        except Exception as e:  # noqa: BLE001
+            res[f"{method}_error"] = _err(e)
+    return res
+
+
+def compare_methods(args, S, q, k) -> dict:
+    """xattention one-pass: the two-pass and one-pass kernels (default tiles) on the same inputs: ms, TFLOP/s of the
+    tensor-core work each does (two passes vs one over the causal strided triangle), max abs difference, whether
+    XAttention's selection is the same, the one-pass scratch (per head and peak)."""
+    from accel.kernels.triton.antidiag_score_onepass import DEFAULT_SCRATCH_BYTES, scratch_bytes_per_head
+
+    L = S // args.stride
+    one_pass_flops = 2.0 * args.heads * (L * (L + 1) / 2) * args.stride * args.dim
+    row = {}
+    for method in ("two_pass", "one_pass"):
+        try:
+            ms = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride, method=method))
+            row[f"{method}_ms"] = ms
+            row[f"{method}_tflops"] = one_pass_flops * (2 if method == "two_pass" else 1) / (ms * 1e-3) / 1e12
+        except Exception as e:  # noqa: BLE001
+            row[f"{method}_error"] = _err(e)
+    if "two_pass_ms" in row and "one_pass_ms" in row:
+        row["one_pass_speedup"] = row["two_pass_ms"] / row["one_pass_ms"]
+    try:
+        per_head = scratch_bytes_per_head(q, k, block=args.block, stride=args.stride)
+        row["one_pass_scratch_mb_per_head"] = per_head / 2**20
+        row["one_pass_scratch_mb"] = per_head * max(1, min(args.heads, DEFAULT_SCRATCH_BYTES // per_head)) / 2**20
+        two = antidiagonal_scores(q, k, block=args.block, stride=args.stride, method="two_pass")
+        one = antidiagonal_scores(q, k, block=args.block, stride=args.stride, method="one_pass")
+        row["one_pass_max_abs_diff"] = float((one - two).abs().max())
+        causal, _ = rs.causal_block_mask(S, S, args.block, args.block, device=q.device)
+        row["one_pass_same_selection"] = bool(torch.equal(
+            keep_by_threshold(one.masked_fill(~causal, 0), args.threshold),
+            keep_by_threshold(two.masked_fill(~causal, 0), args.threshold)))
+        del one, two
+    except Exception as e:  # noqa: BLE001
+        row["one_pass_compare_error"] = _err(e)
+    return row
 
 
 def run_context(args, S, device) -> dict:
@@ -146,23 +201,36 @@ def run_context(args, S, device) -> dict:
     # tensor-core work of both passes over the causal strided triangle
     est_flops = 2 * 2.0 * args.heads * (L * (L + 1) / 2) * args.stride * args.dim
     row["estimation_tflop"] = est_flops / 1e12
-    try:
+    try:  # the policy's call: method "auto" (one-pass on CUDA when a head's scratch fits the budget)
+        from accel.kernels.triton.antidiag_score_onepass import DEFAULT_SCRATCH_BYTES, scratch_bytes_per_head
+
+        one = scratch_bytes_per_head(q, k, block=args.block, stride=args.stride) <= DEFAULT_SCRATCH_BYTES
+        row["estimation_method"] = "one_pass" if one else "two_pass"
         row["estimation_ms"] = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride))
-        row["estimation_tflops"] = est_flops / (row["estimation_ms"] * 1e-3) / 1e12
+        row["estimation_tflops"] = est_flops / (2 if one else 1) / (row["estimation_ms"] * 1e-3) / 1e12
     except Exception as e:  # noqa: BLE001
         row["estimation_error"] = _err(e)
     if args.tune:
         row["tuning"] = []
         for cfg in TUNE_CONFIGS:
             try:
-                ms = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride, config=cfg))
-                row["tuning"].append({"config": cfg, "ms": ms})
+                ms = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride, config=cfg,
+                                                       method="two_pass"))
+                row["tuning"].append({"config": cfg, "method": "two_pass", "ms": ms})
             except Exception as e:  # noqa: BLE001
-                row["tuning"].append({"config": cfg, "error": _err(e)})
+                row["tuning"].append({"config": cfg, "method": "two_pass", "error": _err(e)})
+        for cfg in ONEPASS_TUNE:
+            try:
+                ms = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride, config=cfg,
+                                                       method="one_pass"))
+                row["tuning"].append({"config": cfg, "method": "one_pass", "ms": ms})
+            except Exception as e:  # noqa: BLE001
+                row["tuning"].append({"config": cfg, "method": "one_pass", "error": _err(e)})
         timed = [t["ms"] for t in row["tuning"] if "ms" in t] + ([row["estimation_ms"]] if "estimation_ms" in row
                                                                   else [])
         if timed:
             row["estimation_best_ms"] = min(timed)
+    row.update(compare_methods(args, S, q, k))
     layout = None
     try:
         scores = antidiagonal_scores(q, k, block=args.block, stride=args.stride)
@@ -484,6 +552,27 @@ def run_select(args, S, device, q, k, v) -> dict:
     return row
 
 
+def _onepass_lines(rows):
+    """Markdown: xattention one-pass vs two-pass estimator (default tiles, same inputs)."""
+    rows = [r for r in rows if any(k.startswith(("one_pass", "two_pass")) for k in r)]
+    if not rows:
+        return []
+    head = ["context", "method (auto)", "two-pass", "TFLOP/s", "one-pass", "TFLOP/s", "speedup", "max abs diff",
+            "same selection", "scratch MB/head", "scratch MB (peak)"]
+    lines = ["", "xattention one-pass vs two-pass (kernels/triton/antidiag_score_onepass.py; default tiles, same "
+             "inputs; TFLOP/s of the tensor-core work each does):", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            f"{r['context'] // 1024}K", str(r.get("estimation_method", "—")), _fmt(r.get("two_pass_ms")),
+            _fmt(r.get("two_pass_tflops"), 0), _fmt(r.get("one_pass_ms")), _fmt(r.get("one_pass_tflops"), 0),
+            _fmt(r.get("one_pass_speedup")),
+            f"{r['one_pass_max_abs_diff']:.1e}" if "one_pass_max_abs_diff" in r else "—",
+            str(r.get("one_pass_same_selection", "—")), _fmt(r.get("one_pass_scratch_mb_per_head"), 0),
+            _fmt(r.get("one_pass_scratch_mb"), 0)]) + " |")
+    return lines
+
+
 def _select_lines(rows, xatt_rows):
     """Markdown of the selection section; shares against the XAttention section's sparse attention time."""
     sparse = {r["context"]: r.get("sparse_attention_ms") for r in xatt_rows}
@@ -558,8 +647,11 @@ def write(results, out):
     c = results.get("correctness", {})
     if c:
         lines += [f"Correctness vs torch reference ({c.get('context')}, bf16): " + (
-            c["error"] if "error" in c else
-            f"max abs error {c['max_abs_err']:.2e}, same selection at the threshold: {c['same_selection']}"), ""]
+            c["error"] if "error" in c else "; ".join(
+                f"{name}: " + (c[f"{method}_error"] if f"{method}_error" in c else
+                               f"max abs error {c['max_abs_err' + sfx]:.2e}, same selection at the threshold: "
+                               f"{c['same_selection' + sfx]}")
+                for name, method, sfx in (("two-pass", "two_pass", ""), ("one-pass", "one_pass", "_one_pass")))), ""]
     lines += ["| context | kept density | recall | estimation | best tiles | est. TFLOP/s | selection + layout | "
               "sparse attention | est. / sparse | (est. + sel.) / sparse | dense SDPA flash | est. / dense | "
               "prefill speedup | torch ref. est. |",
@@ -572,6 +664,7 @@ def write(results, out):
             _pct(r.get("estimation_share_of_sparse")), _pct(r.get("plan_share_of_sparse")),
             _fmt(r.get("sdpa_flash_ms")), _pct(r.get("estimation_share_of_dense")),
             _fmt(r.get("prefill_speedup_vs_sdpa")), _fmt(r.get("reference_estimation_ms"))]) + " |")
+    lines += _onepass_lines(results["rows"])
     for r in results["rows"]:
         if r.get("kept_density_per_kv_head"):
             lines.append(f"\n{r['context'] // 1024}K kept density per KV head (local span 256, 1K, 4K, 16K cycling): "
@@ -581,8 +674,8 @@ def write(results, out):
                          f"{r['max_abs_err_vs_reference']:.2e}")
         if r.get("tuning"):
             lines += ["", f"{r['context'] // 1024}K tile configs (default in the main table):", ""]
-            lines += [f"- {json.dumps(t['config'])}: {_fmt(t.get('ms')) if 'ms' in t else t['error']}"
-                      for t in r["tuning"]]
+            lines += [f"- {t.get('method', '')} {json.dumps(t['config'])}: "
+                      f"{_fmt(t.get('ms')) if 'ms' in t else t['error']}" for t in r["tuning"]]
     errors = [f"- {r['context']}: {k} = {v}" for r in results["rows"] for k, v in r.items() if k.endswith("_error")]
     if errors:
         lines += ["", "Errors:", *errors]
