@@ -98,8 +98,9 @@ def test_shared_layout_heads_batch_broadcast_and_plan_reuse():
         vertical_slash_attention(q[:, :, :64], k, v, per_kv, plan=plan)
 
 
-def test_plan_counts_each_pair_once():
-    """Tiles crossed by slashes + remaining columns cover exactly the reference mask, with no column twice."""
+def test_plan_aligned_view_counts_each_pair_once():
+    """The aligned-tile view (previous plan, used by the benchmark's equivalent block layout): tiles crossed by
+    slashes + remaining columns cover exactly the reference mask, with no column twice."""
     Sq, Sk = 100, 190
     layout = _layout(1, 2, Sk, 25, 9, seed=11)
     plan = plan_vertical_slash(layout, Sq, Sk, 64, 64)
@@ -114,6 +115,117 @@ def test_plan_counts_each_pair_once():
     assert not torch.any(gathered & cover)
     covered = (cover & mask) | (gathered & mask)
     assert torch.equal(covered, mask)
+
+
+def _simulate(plan, layout):
+    """What the kernel adds per (query, key): full chunks (everything), masked chunks (the exact mask) and the
+    gathered columns no chunk covers. Returns the count [B_L, H_L, Sq, Sk] and asserts full chunks need no mask."""
+    Sq, Sk, BM, BN = plan.q_len, plan.kv_len, plan.block_m, plan.block_n
+    mask = rs.vertical_slash_mask(layout, Sq, Sk)
+    BL, HL = plan.work.shape[:2]
+    mask = mask.expand(BL, HL, Sq, Sk)
+    count = torch.zeros(BL, HL, Sq, Sk, dtype=torch.int32)
+    for b in range(BL):
+        for h in range(HL):
+            for m in range(plan.work.shape[2]):
+                n_part, n_full, n_full2, n_cols = plan.work[b, h, m].tolist()
+                p0 = Sk - Sq + m * BM
+                r0, r1 = m * BM, min(Sq, (m + 1) * BM)
+                chunks = [(e, False) for e in plan.full[b, h, :n_full].tolist()]
+                chunks += [(e, True) for e in plan.part[b, h, :n_part].tolist()]
+                chunks += [(e, True) for e in plan.full[b, h, n_full:n_full2].tolist()]
+                assert n_full2 - n_full <= 1
+                covered = torch.zeros(Sk, dtype=torch.bool)
+                for e, masked in chunks:
+                    j0, j1 = max(0, p0 - e), min(Sk, p0 - e + BN)
+                    if j1 <= j0:  # starts past the keys: only the last (partial) query tile, masked, wasted
+                        assert masked and m == plan.work.shape[2] - 1 and p0 - e >= Sk
+                        continue
+                    if not masked:
+                        assert p0 - e >= 0 and bool(mask[b, h, r0:r1, j0:j1].all()), "full chunk needs a mask"
+                    assert not covered[j0:j1].any(), "two chunks of one tile overlap"
+                    covered[j0:j1] = True
+                    count[b, h, r0:r1, j0:j1] += mask[b, h, r0:r1, j0:j1].int()
+                for c in plan.cols[b, h, :n_cols].tolist():
+                    assert c <= p0 + BM - 1
+                    if not plan.cov[b, h, p0 - c + BM - 1]:
+                        assert not covered[c]
+                        count[b, h, r0:r1, c] += mask[b, h, r0:r1, c].int()
+                    else:
+                        assert covered[c]
+    return count, mask
+
+
+RUNS = VerticalSlashLayout(  # runs of adjacent diagonals (a full-chunk band), a lone far one, columns inside/outside
+    torch.tensor([[[0, 5, 70, 71, 150, 260, 261, 299, -1], [3, 3, 40, 200, 201, 202, 203, 204, 298]]]),
+    torch.cat([torch.arange(0, 200), torch.arange(210, 260), torch.tensor([280, 281, 295, -1] + [-1] * 6)])
+    .reshape(1, 1, -1).repeat(1, 2, 1))
+
+
+@pytest.mark.parametrize("blocks", [(64, 64), (64, 32), (128, 64), (32, 16), (16, 64)])
+@pytest.mark.parametrize("which", ["random", "runs", "dense", "columns", "empty"])
+@pytest.mark.parametrize("sq", [300, 77])
+def test_plan_counts_each_pair_once(blocks, which, sq):
+    Sk = 300
+    if which == "random":
+        layout = _layout(1, 2, Sk, 40, 60, seed=sq)
+    elif which == "runs":
+        layout = RUNS
+    elif which == "dense":
+        layout = VerticalSlashLayout(torch.zeros(1, 2, 0, dtype=torch.long), torch.arange(Sk).expand(1, 2, -1))
+    elif which == "columns":
+        layout = VerticalSlashLayout(torch.arange(0, Sk, 3).expand(1, 2, -1), torch.full((1, 2, 1), -1))
+    else:
+        layout = VerticalSlashLayout(torch.full((1, 2, 2), -1), torch.zeros(1, 2, 0, dtype=torch.long))
+    plan = plan_vertical_slash(layout, sq, Sk, *blocks)
+    count, mask = _simulate(plan, layout)
+    assert torch.equal(count, mask.int())
+    if which in ("runs", "dense") and blocks[0] * 2 < sq:
+        assert int(plan.work[..., 1].sum()) > 0, "no full chunk in a band of kept offsets"
+    if which == "dense":  # every key of the tile's causal range in full or masked chunks, no gathered column
+        assert int(plan.work[..., 3].sum()) == 0
+
+
+def test_plan_isolated_diagonal_costs_one_chunk():
+    S = 1024
+    layout = VerticalSlashLayout(torch.full((1, 1, 1), -1), torch.tensor([[[0, 500]]]))
+    plan = plan_vertical_slash(layout, S, S, 64, 64)
+    full, masked = plan.chunk_counts()
+    # diagonal 0: its causal tile; diagonal 500 (not a multiple of 64: crosses two aligned tiles) one chunk
+    assert masked[0, 0, -1] == 2 and full.sum() == 0
+    assert masked[0, 0, 0] == 1  # 500 > 63: not in tile 0
+    assert plan.counts[0, 0, -1] == 3  # the aligned view: 1 + 2 tiles
+    st = plan.stats()
+    assert 0 < st["chunk_share"] < 1
+
+
+# runs + columns inside chunks through the kernel: Sq == Sk and Sq < Sk, GQA 1 / 4 / 7, head_dim 64 / 128
+KERNEL_CASES = [
+    (1, 2, 2, 300, 300, 64, torch.float32, (64, 64)),
+    (1, 4, 1, 77, 300, 128, torch.bfloat16, (64, 64)),
+    (1, 7, 1, 130, 300, 64, torch.float32, (64, 32)),
+    (2, 2, 2, 300, 300, 128, torch.float16, (128, 64)),
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_runs_and_columns_in_chunks(case):
+    B, Hq, Hkv, Sq, Sk, D, dtype, blocks = case
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, seed=Sq)
+    layout = VerticalSlashLayout(RUNS.columns[:, :1], RUNS.offsets[:, :1])  # one layout head for all
+    _compare(q, k, v, layout, block_m=blocks[0], block_n=blocks[1])
+    per_head = VerticalSlashLayout(RUNS.columns.repeat(1, Hq, 1)[:, :Hq], RUNS.offsets.repeat(1, Hq, 1)[:, :Hq])
+    _compare(q, k, v, per_head, block_m=blocks[0], block_n=blocks[1])
+
+
+def test_dense_band_full_chunks_equal_dense():
+    """All offsets kept: the bulk runs as full (unmasked) chunks; equals dense causal attention."""
+    q, k, v = _qkv(1, 4, 2, 256, 330, 64, torch.float32)
+    layout = VerticalSlashLayout(torch.zeros(1, 1, 0, dtype=torch.long), torch.arange(330).expand(1, 1, -1))
+    plan = plan_vertical_slash(layout, 256, 330, 64, 64)
+    assert int(plan.work[..., 1].sum()) > 0
+    assert bool((plan.work[..., 2] > plan.work[..., 1]).any())  # a full chunk straddling key 0 runs masked
+    _compare(q, k, v, layout, ref=dense_attention(q, k, v, return_lse=True), plan=plan)
 
 
 @pytest.mark.parametrize("make,match", [
