@@ -114,6 +114,9 @@ def test_method_switch():
         antidiagonal_scores(q, k, block=32, stride=3, method="one_pass")
     with pytest.raises(ValueError, match="power of two"):
         antidiagonal_scores(q, k, block=32, stride=4, method="one_pass", config=dict(EPI_KB=3))
+    big = torch.zeros(1, 1, 1, 16).expand(1, 1, 2**20, 16)  # 1M tokens, no memory: scratch offsets would not fit
+    with pytest.raises(ValueError, match="two_pass"):  # (raised before anything is allocated)
+        antidiagonal_scores(big, big, block=16, stride=1, method="one_pass")
     # one head's scratch: padded strided rows x padded key blocks x 4 bytes
     assert scratch_bytes_per_head(q, k, block=32, stride=4, config=dict(BLOCK_R=16, BLOCK_C=16)) == 16 * 2 * 4
 

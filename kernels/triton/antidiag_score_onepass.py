@@ -158,9 +158,6 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     nq, nk = -(-Sq // block), -(-Sk // block)
-    out = torch.zeros(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
-    if B == 0 or Hq == 0 or Sq == 0:
-        return out
     rpb = block // stride
     cfg = _tiles(q, block, stride, config)
     br, bc = cfg["BLOCK_R"], cfg["BLOCK_C"]
@@ -169,6 +166,12 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     n_r_tiles = triton.cdiv(lq, br)
     lqp, nkp = n_r_tiles * br, triton.cdiv(lk, bc) * (bc // rpb)
     per_head = lqp * nkp * 4
+    if lqp * nkp >= 2**31:  # int32 offsets inside one pair's scratch (about 2M tokens at stride 8, block 128)
+        raise ValueError(f"one-pass scratch of {lqp} x {nkp} floats per head is too large (>= 2^31 elements); "
+                         "use method='two_pass'")
+    out = torch.zeros(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
+    if B == 0 or Hq == 0 or Sq == 0:
+        return out
     budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
     n_bh = B * Hq
     chunk = max(1, min(n_bh, budget // per_head))
