@@ -166,7 +166,7 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     n_r_tiles = triton.cdiv(lq, br)
     lqp, nkp = n_r_tiles * br, triton.cdiv(lk, bc) * (bc // rpb)
     per_head = lqp * nkp * 4
-    if lqp * nkp >= 2**31:  # int32 offsets inside one pair's scratch (about 2M tokens at stride 8, block 128)
+    if lqp * nkp >= 2**31:  # int32 offsets inside one pair's scratch (~1.5M tokens at stride 8, block 128)
         raise ValueError(f"one-pass scratch of {lqp} x {nkp} floats per head is too large (>= 2^31 elements); "
                          "use method='two_pass'")
     out = torch.zeros(B, Hq, nq, nk, dtype=torch.float32, device=q.device)
