@@ -61,6 +61,29 @@ class Fastest:
         return self.candidates[name].run(layout, q, k, v, **kw)
 
 
+_CONFIGS: dict[tuple, dict] = {}
+
+
+def fastest_config(key: tuple, candidates: list[dict], run) -> dict:
+    """Tile configs of a kernel whose best choice depends on the GPU: the first call of each ``key`` times
+    ``run(config)`` for every candidate (warm-up, then the median of a few runs) and keeps the fastest; candidates
+    that fail to compile or launch (e.g. out of shared memory on a smaller GPU) are skipped."""
+    best = _CONFIGS.get(key)
+    if best is None:
+        times = {}
+        for i, cfg in enumerate(candidates):
+            try:
+                times[i] = _time_ms(lambda c=cfg: run(c))
+            except Exception:  # noqa: BLE001 - a config this GPU cannot run is simply not a candidate
+                continue
+        if not times:
+            raise RuntimeError(f"no tile config could run for {key}")
+        best = candidates[min(times, key=times.get)]
+        _CONFIGS[key] = best
+    return best
+
+
 def clear() -> None:
     """Forget the measured choices (tests, or after changing GPU clocks)."""
     _WINNERS.clear()
+    _CONFIGS.clear()

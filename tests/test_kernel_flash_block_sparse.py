@@ -88,3 +88,23 @@ def test_flash_backend_refuses_block_layouts_without_fa4():
         assert "flash-attn-4" in fb.supports(layout, q)
     layout64 = rs.random_block_layout(1, 2, 256, 256, 64, 64, keep=0.5)
     assert fb.supports(layout64, q) is not None
+
+
+def test_fastest_config_skips_failing_candidates(monkeypatch):
+    autopick.clear()
+    cost = {1: 3.0, 2: 1.0}
+
+    def fake_time(fn):
+        return fn()
+
+    def run(cfg):
+        if cfg["id"] == 0:
+            raise RuntimeError("out of shared memory")
+        return cost[cfg["id"]]
+
+    monkeypatch.setattr(autopick, "_time_ms", fake_time)
+    cands = [{"id": 0}, {"id": 1}, {"id": 2}]
+    assert autopick.fastest_config(("k",), cands, run) == {"id": 2}
+    cost[2] = 9.0  # remembered: not timed again
+    assert autopick.fastest_config(("k",), cands, run) == {"id": 2}
+    autopick.clear()

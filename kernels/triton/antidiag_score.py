@@ -174,6 +174,27 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> N
 METHODS = ("auto", "two_pass", "one_pass")
 
 
+# The one-pass kernel reads more than it computes at 128x64 tiles (about 43 FLOP per byte of L2 traffic), so larger
+# tiles may win on some GPUs; all three compile without spills for sm_90 (kernels/triton/NOTES.md).
+ONEPASS_CANDIDATES = [
+    dict(BLOCK_R=128, BLOCK_C=64, num_warps=8, num_stages=3),
+    dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=2),
+    dict(BLOCK_R=256, BLOCK_C=128, num_warps=16, num_stages=2),
+]
+
+
+def _measured_onepass_config(q, k, block, stride, scratch_bytes) -> dict:
+    """The fastest of ONEPASS_CANDIDATES for this shape bucket, timed once per process (accel.autopick)."""
+    from accel.autopick import _bucket, fastest_config
+
+    from . import antidiag_score_onepass as op
+
+    key = ("antidiag_onepass", q.shape[1], k.shape[1], q.shape[-1], q.dtype, block, stride,
+           _bucket(q.shape[2]), _bucket(k.shape[2]), str(q.device))
+    return fastest_config(key, ONEPASS_CANDIDATES, lambda c: op.antidiagonal_scores_onepass(
+        q, k, block=block, stride=stride, config=c, scratch_bytes=scratch_bytes))
+
+
 def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, stride: int = 8,
                         config: dict | None = None, method: str = "auto",
                         scratch_bytes: int | None = None) -> torch.Tensor:
@@ -195,6 +216,8 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, s
         budget = op.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
         if method == "one_pass" or (q.is_cuda and op.scratch_bytes_per_head(q, k, block=block, stride=stride,
                                                                             config=config) <= budget):
+            if config is None and q.is_cuda and q.dtype != torch.float32 and q.shape[-1] <= 128:
+                config = _measured_onepass_config(q, k, block, stride, scratch_bytes)
             return op.antidiagonal_scores_onepass(q, k, block=block, stride=stride, config=config,
                                                   scratch_bytes=scratch_bytes)
     check_inputs(q, k, block, stride)
