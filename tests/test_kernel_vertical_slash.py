@@ -218,6 +218,25 @@ def test_runs_and_columns_in_chunks(case):
     _compare(q, k, v, per_head, block_m=blocks[0], block_n=blocks[1])
 
 
+@pytest.mark.parametrize("sq", [1024, 333])
+def test_skewed_bench_like_layout(sq):
+    """The benchmark's layout shape (sink column, local diagonals 0..63, diagonals skewed to the main one, random
+    columns) at 1K: full, partial, straddling chunks and gathered columns together."""
+    Sk, H = 1024, 2
+    g = torch.Generator().manual_seed(1)
+    cols = torch.randint(0, Sk, (1, H, 40), generator=g)
+    offs = (torch.rand(1, H, 300, generator=g) ** 6 * Sk).long()
+    cols[..., 0] = 0
+    offs[..., :64] = torch.arange(64)
+    offs[:, 1, 64:200] = torch.arange(64, 200)  # head 1: a kept band -> full chunks
+    layout = VerticalSlashLayout(cols, offs)
+    plan = plan_vertical_slash(layout, sq, Sk, 64, 64)
+    full, masked = plan.chunk_counts()
+    assert int(full.sum()) > 0 and int(masked.sum()) > 0 and int(plan.work[..., 3].sum()) > 0
+    q, k, v = _qkv(1, H, 1, sq, Sk, 64, torch.float32, seed=sq)
+    _compare(q, k, v, layout, plan=plan)
+
+
 def test_dense_band_full_chunks_equal_dense():
     """All offsets kept: the bulk runs as full (unmasked) chunks; equals dense causal attention."""
     q, k, v = _qkv(1, 4, 2, 256, 330, 64, torch.float32)
