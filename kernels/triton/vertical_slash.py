@@ -29,6 +29,8 @@ causal attention). A plan can be reused for several layers sharing a layout (``p
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -386,10 +388,15 @@ def default_config(q: torch.Tensor) -> dict:
     if not q.is_cuda:
         return dict(block_m=64, block_n=64, num_warps=4, num_stages=1, masked_stages=1)
     if q.dtype == torch.float32:  # exact fp32 dots on CUDA cores: larger tiles spill
-        return dict(block_m=32, block_n=16, num_warps=8, num_stages=1, masked_stages=1)
-    if D <= 128:
-        return dict(block_m=64, block_n=64, num_warps=4, num_stages=3, masked_stages=3)
-    return dict(block_m=64, block_n=32, num_warps=8, num_stages=2, masked_stages=2)
+        cfg = dict(block_m=32, block_n=16, num_warps=8, num_stages=1, masked_stages=1)
+    elif D <= 128:
+        cfg = dict(block_m=64, block_n=64, num_warps=4, num_stages=3, masked_stages=3)
+    else:
+        cfg = dict(block_m=64, block_n=32, num_warps=8, num_stages=2, masked_stages=2)
+    # tuning hook for GPU A/B runs with unchanged scripts, e.g. ACCEL_VS_CONFIG='{"num_warps": 8}' (block sizes
+    # apply only to plans made inside vertical_slash_attention)
+    cfg.update(json.loads(os.environ.get("ACCEL_VS_CONFIG") or "{}"))
+    return cfg
 
 
 def _check(q, k, v, layout):
