@@ -16,8 +16,9 @@ Decomposition (plan in torch on the layout's device, no Python loops over tiles;
    own causal tiles.
 2. Chunks whose whole offset window [e - BN + 1, e + BM - 1] is kept and causal are "full": they need no mask and
    run in a branch-free pipelined loop (keys [p0 - e, ...] with e <= p0: always in range). The other chunks run
-   masked: ``diag(p - j) | col(j)`` from one int64 per row (bit t of ``WIN[x]`` = offset x - t kept, so row i of
-   chunk e reads ``WIN[e + i]`` and tests bit jj) plus one column-flag load per key; no per-element gathers.
+   masked: per row one int64 of visibility bits, ``WIN[e + i]`` (bit t of ``WIN[x]`` = offset x - t kept: the
+   diagonals, causal by construction) | ``CWIN[start]`` (bit t = column start + t kept, one word per chunk) below
+   the row's causal limit, minus keys < 0; then one bit test per element, no per-element gathers.
 3. Kept columns not inside any chunk of the tile (``COV[r]``: r covered by a chunk, the same table for every tile)
    and not after the tile's last query, gathered BN at a time from the head's sorted column list (a prefix).
 
@@ -60,7 +61,7 @@ class VerticalSlashPlan:
     full: torch.Tensor  # [B_L, H_L, n_full] int32
     cols: torch.Tensor  # [B_L, H_L, n_cols] int32 kept columns ascending unique, padded with _BIG
     win: torch.Tensor  # [B_L, H_L, Sk + 2 BM + BN] int64: bit t of win[x + BM] = offset x - t kept
-    col_table: torch.Tensor  # [B_L, H_L, Sk] int8
+    cwin: torch.Tensor  # [B_L, H_L, Sk + BM + 2 BN] int64: bit t of cwin[s + BN] = column s + t kept
     cov: torch.Tensor  # [B_L, H_L, Sk + BM] int8: cov[r + BM - 1] = r covered by a chunk
     q_len: int
     kv_len: int
@@ -195,6 +196,22 @@ def _window_table(diag: torch.Tensor, block_m: int, block_n: int) -> torch.Tenso
     return win
 
 
+def _column_window_table(colt: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """colt int8 [N, Sk] -> int64 [N, Sk + BM + 2 BN]; bit t of out[s + BN] = colt[s + t] (0 outside [0, Sk))."""
+    N, Sk = colt.shape
+    size = Sk + block_m + 2 * block_n
+    pad = torch.zeros(N, size + 64, dtype=torch.int64, device=colt.device)
+    pad[:, block_n: block_n + Sk] = colt.long()  # pad[y] = colt[y - BN]
+    ext = size + 56
+    b8 = torch.zeros(N, ext, dtype=torch.int64, device=colt.device)  # b8[y]: bits t < 8 of colt at y - BN + t
+    for t in range(8):
+        b8 |= pad[:, t: t + ext] << t
+    cwin = torch.zeros(N, size, dtype=torch.int64, device=colt.device)
+    for k in range(8):
+        cwin |= b8[:, 8 * k: 8 * k + size] << (8 * k)
+    return cwin
+
+
 def plan_vertical_slash(layout: VerticalSlashLayout, q_len: int, kv_len: int, block_m: int = 64,
                         block_n: int = 64) -> VerticalSlashPlan:
     """Convert a vertical-slash layout into the kernel's chunk lists and tables (torch, on the layout's device,
@@ -256,16 +273,18 @@ def plan_vertical_slash(layout: VerticalSlashLayout, q_len: int, kv_len: int, bl
     return VerticalSlashPlan(
         shape(counts, torch.int32), shape(part.clamp(max=_BIG), torch.int32), shape(full, torch.int32),
         shape(cols, torch.int32), shape(_window_table(diag.reshape(N, -1), BM, BN), torch.int64),
-        _table(layout.columns, kv_len), shape(cov, torch.int8), q_len, kv_len, BM, BN, layout)
+        shape(_column_window_table(_table(layout.columns, kv_len).reshape(N, -1), BM, BN), torch.int64),
+        shape(cov, torch.int8), q_len, kv_len, BM, BN, layout)
 
 
 @triton.jit
-def _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, WIN, CTAB, Sk, qk_scale, softcap,
+def _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, WIN, CWIN, Sk, qk_scale, softcap,
            stride_kn, stride_kd, stride_vn, stride_vd,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr,
            SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Keys [p0 - e, p0 - e + BLOCK_N). MASK: exact vertical-slash + causal + bounds mask; else all visible."""
-    offs_n = (p0 - e) + tl.arange(0, BLOCK_N)
+    start = p0 - e
+    offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kT_ptrs = K_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -280,11 +299,25 @@ def _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, WIN, CTAB, Sk, qk_scal
         kT = kT.to(tl.float32)
     qk = tl.dot(q, kT, input_precision=PREC)
     if MASK:
-        w = tl.load(WIN + (e + BLOCK_M + tl.arange(0, BLOCK_M)))  # bit jj: offset (row's p) - (key jj) kept
-        on_col = tl.load(CTAB + offs_n, mask=in_k, other=0) != 0
-        jj = tl.arange(0, BLOCK_N).to(tl.int64)
-        on_diag = ((w[:, None] >> jj[None, :]) & 1) != 0
-        keep = (on_diag | on_col[None, :]) & (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] >= 0)
+        # One int64 of visibility bits per row (bit jj: key start + jj), built on [BLOCK_M] vectors; one bit test
+        # per element. Diagonal bits (WIN: zero for offsets < 0, so causal) | column bits (CWIN: one word per
+        # chunk) below the row's causal limit, without keys < 0 (the chunk straddling key 0).
+        rows = tl.arange(0, BLOCK_M)
+        w = tl.load(WIN + (e + BLOCK_M + rows))
+        cb = tl.load(CWIN + (start + BLOCK_N))
+        lim = (rows + e + 1).to(tl.int64)  # key start + jj <= row's position  <=>  jj < lim
+        one = tl.full([BLOCK_M], 1, tl.int64)
+        low = tl.where(lim >= 64, -1, (one << tl.minimum(tl.maximum(lim, 0), 63)) - 1)
+        neg = tl.full([BLOCK_M], -1, tl.int64) << tl.maximum(-start, 0).to(tl.int64)
+        w = (w | (cb & low)) & neg
+        jj = tl.arange(0, BLOCK_N)
+        lo = w.to(tl.int32)  # per element a 32-bit test: fewer registers than int64 shifts
+        if BLOCK_N > 32:
+            hi = (w >> 32).to(tl.int32)
+            word = tl.where(jj[None, :] < 32, lo[:, None], hi[:, None])
+        else:
+            word = lo[:, None]
+        keep = ((word >> (jj[None, :] & 31)) & 1) != 0
     else:
         keep = qk > 0.0  # unused
     return softmax_step(acc, l_i, m_i, qk, v, keep, qk_scale, softcap, MASK, SOFTCAP, PREC, UPCAST)
@@ -292,7 +325,7 @@ def _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, WIN, CTAB, Sk, qk_scal
 
 @triton.jit
 def _vertical_slash_fwd(
-    Q, K, V, O, LSE, CNT, PART, FULL, COLS, WIN, CTAB, COV,
+    Q, K, V, O, LSE, CNT, PART, FULL, COLS, WIN, CWIN, COV,
     qk_scale, softcap,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -337,23 +370,23 @@ def _vertical_slash_fwd(
     part = PART + b * stride_pb + lh * stride_ph
     full = FULL + b * stride_fb + lh * stride_fh
     win = WIN + b * stride_wb + lh * stride_wh
-    ctab = CTAB + b * stride_tb + lh * stride_th
+    cwin = CWIN + b * stride_tb + lh * stride_th
 
     # (a) full chunks: every pair visible, no mask, branch-free -> software-pipelined
     for t in range(0, n_full):
         e = tl.load(full + t)
-        acc, l_i, m_i = _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, win, ctab, Sk, qk_scale, softcap,
+        acc, l_i, m_i = _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, win, cwin, Sk, qk_scale, softcap,
                                stride_kn, stride_kd, stride_vn, stride_vd,
                                BLOCK_M, BLOCK_N, BLOCK_D, False, SOFTCAP, PREC, UPCAST)
     # (b) partial chunks (and the full chunk straddling key 0): exact mask
     for t in tl.range(0, n_part, num_stages=MASKED_STAGES):
         e = tl.load(part + t)
-        acc, l_i, m_i = _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, win, ctab, Sk, qk_scale, softcap,
+        acc, l_i, m_i = _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, win, cwin, Sk, qk_scale, softcap,
                                stride_kn, stride_kd, stride_vn, stride_vd,
                                BLOCK_M, BLOCK_N, BLOCK_D, True, SOFTCAP, PREC, UPCAST)
     for t in tl.range(n_full, n_full2, num_stages=1):
         e = tl.load(full + t)
-        acc, l_i, m_i = _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, win, ctab, Sk, qk_scale, softcap,
+        acc, l_i, m_i = _chunk(acc, l_i, m_i, q, qpos, p0, e, K_base, V_base, win, cwin, Sk, qk_scale, softcap,
                                stride_kn, stride_kd, stride_vn, stride_vd,
                                BLOCK_M, BLOCK_N, BLOCK_D, True, SOFTCAP, PREC, UPCAST)
 
@@ -442,17 +475,17 @@ def vertical_slash_attention(q, k, v, layout: VerticalSlashLayout, *, scale=None
         return t.expand(B, *t.shape[1:])
 
     counts, part, full, cols = bcast(plan.work), bcast(plan.part), bcast(plan.full), bcast(plan.cols)
-    win, ctab, cov = bcast(plan.win), bcast(plan.col_table), bcast(plan.cov)
+    win, cwin, cov = bcast(plan.win), bcast(plan.cwin), bcast(plan.cov)
     upcast = q.dtype == torch.bfloat16 and not q.is_cuda
     n_m = -(-Sq // plan.block_m)
     _vertical_slash_fwd[(n_m, B * Hq)](
-        q, k, v, out, lse, counts, part, full, cols, win, ctab, cov,
+        q, k, v, out, lse, counts, part, full, cols, win, cwin, cov,
         scale, float(softcap) if softcap is not None else 1.0,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1), lse.stride(2),
         counts.stride(0), counts.stride(1), counts.stride(2),
         part.stride(0), part.stride(1), full.stride(0), full.stride(1), cols.stride(0), cols.stride(1),
-        win.stride(0), win.stride(1), ctab.stride(0), ctab.stride(1), cov.stride(0), cov.stride(1),
+        win.stride(0), win.stride(1), cwin.stride(0), cwin.stride(1), cov.stride(0), cov.stride(1),
         Hq, Sq, Sk, Hq // Hkv, Hq // counts.shape[1], n_m,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=D,
         SOFTCAP=softcap is not None, RETURN_LSE=return_lse,
