@@ -710,7 +710,10 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--stride", type=int, default=8)
-    ap.add_argument("--threshold", type=float, default=0.9)
+    # defaults: the policies' own defaults (the settings the prefill benchmarks and the README use)
+    from accel.policies import FlexPrefillPolicy, ProxyPolicy, XAttentionPolicy
+
+    ap.add_argument("--threshold", type=float, default=XAttentionPolicy.threshold)
     ap.add_argument("--amp", type=float, default=1.0, help="amplitude of the shared slowly varying component")
     ap.add_argument("--sink-boost", type=float, default=8.0, help="logit gain of the sink keys")
     ap.add_argument("--reference-max", type=int, default=32768, help="time the torch reference up to this context")
@@ -724,10 +727,11 @@ def main(argv=None):
     ap.add_argument("--last-q", type=int, default=64, help="lastq_score: MInference's number of last queries")
     ap.add_argument("--vertical", type=int, default=1000, help="lastq_score: vertical columns kept per head")
     ap.add_argument("--slash", type=int, default=6096, help="lastq_score: diagonals kept per head")
-    ap.add_argument("--flex-gamma", type=float, default=0.9, help="pooled_score: FlexPrefill's gamma")
+    ap.add_argument("--flex-gamma", type=float, default=FlexPrefillPolicy.gamma, help="pooled_score: FlexPrefill's gamma")
     ap.add_argument("--flex-tau", type=float, default=0.1, help="pooled_score: FlexPrefill's tau")
     ap.add_argument("--proxy-stride", type=int, default=8, help="proxy_score: ProxyAttn's query sampling stride")
-    ap.add_argument("--proxy-gamma", type=float, default=0.9, help="proxy_score / select: ProxyAttn's gamma")
+    ap.add_argument("--proxy-gamma", type=float, default=ProxyPolicy.gamma,
+                    help="proxy_score / select: ProxyAttn's gamma")
     ap.add_argument("--out", default="results/bench_estimation")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
