@@ -153,7 +153,10 @@ def run_one(model, run: str, ids, args) -> dict:
             accel.patch(model, name, backend="auto", collect_stats=False, **opts, **run_options(model, run, args))
         else:
             model.set_attn_implementation(run)
-        prefill(model, ids)  # warm-up at the same length
+        # warm-up: compiles kernels; sparse prefill policies warm up at the same length so that `auto` times its
+        # backends and tiles for this shape outside the timed run (dense prefills compile the same at any length)
+        sparse_prefill = patched and accel.parse_policy(name, **opts).prefill.name != "dense"
+        prefill(model, ids if sparse_prefill else ids[:, :4096])
         torch.cuda.empty_cache()
         if patched:
             accel.reset_stats(model)
@@ -174,7 +177,7 @@ def run_one(model, run: str, ids, args) -> dict:
             row["backends"] = st.get("backends_used")
             notes = sorted({n for r in st.get("layers", []) for n in r.get("auto_notes", [])})
             row["auto_notes"] = notes[:8]
-            if args.density:  # one more, untimed prefill that syncs to count kept blocks and samples recall
+            if args.density and sparse_prefill:  # one more, untimed prefill: count kept blocks, sample recall
                 accel.patch(model, name, backend="auto", collect_stats=True, **opts, **run_options(model, run, args))
                 out, cache = prefill(model, ids)
                 del out, cache
