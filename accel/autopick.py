@@ -51,8 +51,16 @@ class Fastest:
         key = _key(layout, q, k)
         name = _WINNERS.get(key)
         if name is None:
-            times = {n: _time_ms(lambda b=b: b.run(layout, q, k, v, **kw)) for n, b in self.candidates.items()}
+            times, failed = {}, []
+            for n, b in self.candidates.items():
+                try:
+                    times[n] = _time_ms(lambda b=b: b.run(layout, q, k, v, **kw))
+                except Exception as e:  # noqa: BLE001 - a backend that fails here is not a candidate; say why
+                    failed.append(f"{n} failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+            if not times:
+                raise RuntimeError(f"no backend could run {type(layout).__name__}: {'; '.join(failed)}")
             name = min(times, key=times.get)
+            self.notes.update(failed)
             _WINNERS[key] = name
             timed = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(times.items(), key=lambda x: x[1]))
             self.notes.add(f"timed {type(layout).__name__} at q {q.shape[2]} / kv {k.shape[2]}: {timed}; "

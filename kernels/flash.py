@@ -80,6 +80,9 @@ class FlashBackend:
         elif isinstance(layout, BlockLayout):
             if self._resolve() or self.version != "fa4":
                 return "block-sparse layouts need flash-attn-4 (FA2 has no block-sparse forward)"
+            if q.shape[-1] != 128:
+                return (f"head_dim {q.shape[-1]} with a block-sparse layout (FA4's Hopper tiles match 128x128 blocks "
+                        "at head_dim 128 only; at 256 its key tile is 80)")
             if (layout.block_q, layout.block_k) not in FA4_BLOCKS:
                 return (f"block size {layout.block_q}x{layout.block_k} (FA4's block-sparse forward takes "
                         f"{' or '.join(f'{a}x{b}' for a, b in FA4_BLOCKS)})")

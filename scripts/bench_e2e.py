@@ -274,9 +274,9 @@ def main(argv=None):
                          "python": platform.python_version()}}
     results = {"meta": meta, "rows": []}
     for S in args.contexts:
-        if S > cfg.max_position_embeddings:
-            print(f"skip {S}: above the model's context {cfg.max_position_embeddings}", flush=True)
-            continue
+        if S + args.decode + 1 > cfg.max_position_embeddings:  # the prompt and the decoded tokens must fit
+            S = cfg.max_position_embeddings - args.decode - 1
+            print(f"context {S}: the model's limit ({cfg.max_position_embeddings}) less the decoded tokens", flush=True)
         ids = torch.randint(10, cfg.vocab_size - 10, (1, S), device="cuda", generator=torch.Generator("cuda").manual_seed(S))
         for run in args.runs:
             results["rows"].append(run_one(model, run, ids, args))

@@ -108,3 +108,20 @@ def test_fastest_config_skips_failing_candidates(monkeypatch):
     cost[2] = 9.0  # remembered: not timed again
     assert autopick.fastest_config(("k",), cands, run) == {"id": 2}
     autopick.clear()
+
+
+def test_fastest_skips_a_backend_that_fails(monkeypatch):
+    autopick.clear()
+
+    class Broken(_Fake):
+        def run(self, *a, **kw):
+            raise ValueError("Block sparsity requires sparse_block_size[1] to be a multiple of tile_n=80.")
+
+    monkeypatch.setattr(autopick, "_time_ms", lambda fn: (fn(), 1.0)[1])
+    notes: set[str] = set()
+    layout = BlockLayout(torch.ones(1, 2, 4, dtype=torch.int32), torch.zeros(1, 2, 4, 1, dtype=torch.int32))
+    q = torch.zeros(1, 2, 64, 8)
+    pick = autopick.Fastest([Broken("flash"), _Fake("triton")], notes)
+    pick.run(layout, q, q, q)
+    assert pick.name == "triton" and any("flash failed" in n and "tile_n" in n for n in notes)
+    autopick.clear()

@@ -201,12 +201,13 @@ def _default_config(q: torch.Tensor) -> dict:
     if not q.is_cuda:
         return dict(BLOCK_M=16, BLOCK_N=16, CHUNK=0, PROGRAMS=4, num_warps=4, num_stages=1)
     if q.dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, CHUNK=0, PROGRAMS=528, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, CHUNK=0, PROGRAMS=528, num_warps=4, num_stages=2, ROWS=64)
     if D <= 128:
         # ROWS: queries per launch. 128 queries in one launch force 128-key tiles and one head per tile (8.6 ms at
         # 128K on the H100, measured by scripts/profile_plan.py); two launches of 64 take about 1.3 ms each.
         return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=3, ROWS=64)
-    return dict(BLOCK_M=64, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=2)
+    # head_dim 256: 128 queries in one launch (128-key tiles) needed 256 KB of shared memory on the H200
+    return dict(BLOCK_M=64, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=2, ROWS=64)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, n_last: int) -> None:
