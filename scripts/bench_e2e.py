@@ -156,7 +156,10 @@ def run_one(model, run: str, ids, args) -> dict:
         # warm-up: compiles kernels; sparse prefill policies warm up at the same length so that `auto` times its
         # backends and tiles for this shape outside the timed run (dense prefills compile the same at any length)
         sparse_prefill = patched and accel.parse_policy(name, **opts).prefill.name != "dense"
-        prefill(model, ids if sparse_prefill else ids[:, :4096])
+        w_out, w_cache = prefill(model, ids if sparse_prefill else ids[:, :4096])
+        if args.decode:  # and compiles the decode kernels, so the timed decode does not pay their JIT compilation
+            decode(model, w_out, w_cache, 2)
+        del w_out, w_cache
         torch.cuda.empty_cache()
         if patched:
             accel.reset_stats(model)
