@@ -134,3 +134,21 @@ def test_shipped_head_map_on_the_demo_model():
             out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         sizes[policy] = accel.cache_bytes(out.past_key_values)
     assert sizes["duo"] < 0.7 * sizes["dense"]
+
+
+def test_shipped_gemma3_head_map_fits_its_architecture():
+    """configs/duo_gemma3.json is picked by the signature of Gemma-3-270M's config (configs/models/gemma3.json, read
+    from its GGUF) and covers its 18 layers x 1 KV head."""
+    import json
+    import os
+
+    from transformers import AutoConfig
+
+    from accel.policies.duo import load_head_map
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "models", "gemma3.json")) as f:
+        d = json.load(f)
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    src, data = load_head_map("", cfg)
+    assert src.endswith("duo_gemma3.json")
+    assert len(data["gates"]) == 18 and all(len(g) == 1 for g in data["gates"])
