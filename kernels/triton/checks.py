@@ -38,3 +38,36 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) ->
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not q.is_cuda and not interpreting():
         raise ValueError(f"the Triton {kernel} kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+
+
+def check_qk(q: torch.Tensor, k: torch.Tensor, what: str, kernel: str, twin: str) -> None:
+    """The estimation kernels' q [B, Hq, Sq, D] / k [B, Hkv, Sk, D] checks (no v): ``what`` names the scores in the
+    Sq <= Sk message, ``kernel`` the kernel, ``twin`` the torch version to use without CUDA."""
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+        raise ValueError("q and k must be tensors [batch, heads, seq, head_dim]; got "
+                         f"{tuple(getattr(q, 'shape', ()))}, {tuple(getattr(k, 'shape', ()))}")
+    B, Hq, Sq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
+    if Sq > Sk:
+        raise ValueError(f"{what} need Sq <= Sk (queries are the last Sq keys), got Sq={Sq} Sk={Sk}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported by the Triton {kernel} kernel; "
+                         f"supported: {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device}, {k.device}")
+    if not q.is_cuda and not interpreting():
+        raise ValueError(f"the Triton {kernel} kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                         f"tensors; {twin} is the torch version)")
+
+
+def check_positive_ints(**values) -> None:
+    """Each option a positive int (bools refused), or ValueError naming it."""
+    for name, val in values.items():
+        if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")

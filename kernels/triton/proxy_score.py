@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
+from .checks import check_positive_ints, check_qk
 
 MAX_ROWS_PER_BLOCK = 128  # block // stride: one query block's sampled rows must fit a tile
 _LOG2E = 1.4426950408889634
@@ -171,30 +171,9 @@ def _default_config(q: torch.Tensor) -> dict:
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, block: int, heads_per_proxy: int, stride: int) -> None:
     """Shape/dtype/device/option checks done before every launch (no device sync). Raises ValueError."""
-    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
-        raise ValueError("q and k must be tensors [batch, heads, seq, head_dim]; got "
-                         f"{tuple(getattr(q, 'shape', ()))}, {tuple(getattr(k, 'shape', ()))}")
-    B, Hq, Sq, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
-    Hkv, Sk = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"query heads {Hq} must be a multiple of KV heads {Hkv}")
-    if Sq > Sk:
-        raise ValueError(f"proxy scores need Sq <= Sk (queries are the last Sq keys), got Sq={Sq} Sk={Sk}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported by the Triton proxy-score kernel; "
-                         f"supported: {SUPPORTED_HEAD_DIMS}")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
-        raise ValueError(f"q and k must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}")
-    if q.device != k.device:
-        raise ValueError(f"q and k must be on one device, got {q.device}, {k.device}")
-    if not q.is_cuda and not interpreting():
-        raise ValueError("the Triton proxy-score kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors; "
-                         "accel.policies.proxy.proxy_block_scores is the torch version)")
-    for name, val in (("block", block), ("heads_per_proxy", heads_per_proxy), ("stride", stride)):
-        if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    check_qk(q, k, "proxy scores", "proxy-score", "accel.policies.proxy.proxy_block_scores")
+    check_positive_ints(block=block, heads_per_proxy=heads_per_proxy, stride=stride)
+    Hq = q.shape[1]
     if Hq % heads_per_proxy:
         raise ValueError(f"heads_per_proxy ({heads_per_proxy}) must divide the {Hq} query heads")
     if block % stride:
