@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_utils import err as _err  # noqa: E402
+from bench_utils import parse_spec  # noqa: E402
 
 import accel  # noqa: E402
 
@@ -128,28 +129,12 @@ def run_options(model, run: str, args) -> dict:
     return {}
 
 
-def split_run(run: str) -> tuple[str, dict]:
-    """``"quest:budget=2048,page_size=16"`` -> ("quest", {"budget": 2048, "page_size": 16})."""
-    name, _, opts = run.partition(":")
-    kw = {}
-    for item in filter(None, opts.split(",")):
-        key, _, val = item.partition("=")
-        for cast in (int, float):
-            try:
-                val = cast(val)
-                break
-            except ValueError:
-                continue
-        kw[key] = val
-    return name, kw
-
-
 def run_one(model, run: str, ids, args) -> dict:
     row = {"run": run, "context": ids.shape[1]}
     patched = run not in HF_IMPLS
     try:
         if patched:
-            name, opts = split_run(run)
+            name, opts = parse_spec(run)
             accel.patch(model, name, backend="auto", collect_stats=False, **opts, **run_options(model, run, args))
         else:
             model.set_attn_implementation(run)

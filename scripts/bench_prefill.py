@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_estimation import sdpa_flash, structured_qkv  # noqa: E402
 from bench_utils import bench  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
+from bench_utils import parse_spec  # noqa: E402
 
 from accel.kernels import get_backend  # noqa: E402
 from accel.layouts import BlockLayout, DenseLayout, VerticalSlashLayout  # noqa: E402
@@ -46,17 +47,7 @@ POLICIES = ["xattention", "flexprefill", "proxy", "vertical_slash"]
 
 
 def parse_policy_arg(text: str):
-    name, _, opts = text.partition(":")
-    kw = {}
-    for item in filter(None, opts.split(",")):
-        key, _, val = item.partition("=")
-        for cast in (int, float):
-            try:
-                val = cast(val)
-                break
-            except ValueError:
-                continue
-        kw[key] = val
+    name, kw = parse_spec(text)
     pol = policy_class(name)(**kw)
     pol.validate()
     label = name if not kw else f"{name}({', '.join(f'{k}={v}' for k, v in kw.items())})"
