@@ -65,9 +65,23 @@ class TritonBackend:
             from .vertical_slash import vertical_slash_attention
 
             return vertical_slash_attention(q, k, v, layout, scale=scale, softcap=softcap)
+        sink = layout.sink if isinstance(layout, StreamingLayout) else 0
+        if q.shape[2] == 1 and not sink:
+            # one-token decode: the split-KV kernel keeps every SM busy (the prefill kernel gives Sq=1 one program
+            # per head: 0.43 vs 0.16 ms at 32K on the H100, results/bench_decode.md "Triton dense")
+            import torch
+
+            from .decode_attention import paged_decode_attention
+
+            Sk = k.shape[2]
+            if layout.window is not None and layout.window < Sk:
+                cut = Sk - layout.window  # the window holds the newest `window` keys, the query's own included
+                k, v = k[:, :, cut:], v[:, :, cut:]
+                if kv_start is not None:
+                    kv_start = (kv_start.to(torch.int64) - cut).clamp_min(0).to(torch.int32)
+            return paged_decode_attention(q, k, v, scale=scale, softcap=softcap, kv_start=kv_start)
         from .flash_fwd import flash_attention
 
-        sink = layout.sink if isinstance(layout, StreamingLayout) else 0
         return flash_attention(q, k, v, scale=scale, causal=True, sink=sink, window=layout.window,
                                softcap=softcap, kv_start=kv_start)
 
