@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from accel.kernels import reference_sparse as rs  # noqa: E402
 from bench_utils import bench  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
-from accel.kernels.flash import FlashBackend  # noqa: E402
+from accel.kernels.flash import FlashBackend, fa4_block_sparse  # noqa: E402
 from accel.kernels.triton.block_sparse import block_sparse_attention  # noqa: E402
 from accel.kernels.triton.vertical_slash import plan_vertical_slash, vertical_slash_attention  # noqa: E402
 from accel.layouts import BlockLayout, VerticalSlashLayout  # noqa: E402
@@ -82,13 +82,9 @@ def make_fa4(q_len, kv_len, layout: BlockLayout | None):
     from flash_attn.cute import flash_attn_func
 
     kw = {}
-    if layout is not None:
-        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
-        nk = -(-kv_len // layout.block_k)
-        mc, mi, fc, fi = rs.split_full_partial(layout, q_len, kv_len)
-        kw["block_sparse_tensors"] = BlockSparseTensorsTorch(mc, pad_indices(mi, nk), fc, pad_indices(fi, nk),
-                                                             block_size=(layout.block_q, layout.block_k))
+    if layout is not None:  # the same conversion the flash backend uses
+        kw["block_sparse_tensors"] = fa4_block_sparse(layout, layout.counts.shape[0], layout.counts.shape[1],
+                                                      q_len, kv_len)
 
     def prepare(q, k, v):
         return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))

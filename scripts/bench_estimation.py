@@ -123,6 +123,18 @@ def structured_qkv(S, heads, kv_heads, D, device, seed=0, amp=1.0, sink_boost=8.
     return q, k, v
 
 
+
+def measure_layout(row: dict, layout, q, k, v, attention) -> None:
+    """Recall of ``layout`` (32 sampled rows) and the time of ``attention(q, k, v, layout)``, errors recorded."""
+    try:
+        row["recall"] = layout_recall(layout, q, k, rows=32)
+    except Exception as e:  # noqa: BLE001
+        row["recall_error"] = _err(e)
+    try:
+        row["sparse_attention_ms"] = bench(lambda: attention(q, k, v, layout))
+    except Exception as e:  # noqa: BLE001
+        row["sparse_attention_error"] = _err(e)
+
 def select(scores, S, block, threshold):
     """XAttentionPolicy's selection: threshold over causal blocks, then sink + diagonal blocks, as a BlockLayout."""
     causal, _ = rs.causal_block_mask(S, S, block, block, device=scores.device)
@@ -249,14 +261,7 @@ def run_context(args, S, device) -> dict:
     except Exception as e:  # noqa: BLE001
         row["selection_error"] = _err(e)
     if layout is not None:
-        try:
-            row["recall"] = layout_recall(layout, q, k, rows=32)
-        except Exception as e:  # noqa: BLE001
-            row["recall_error"] = _err(e)
-        try:
-            row["sparse_attention_ms"] = bench(lambda: block_sparse_attention(q, k, v, layout))
-        except Exception as e:  # noqa: BLE001
-            row["sparse_attention_error"] = _err(e)
+        measure_layout(row, layout, q, k, v, block_sparse_attention)
     try:
         row["sdpa_flash_ms"] = bench(lambda: sdpa_flash(q, k, v))
     except Exception as e:  # noqa: BLE001 - flash without enable_gqa support: repeat K/V for the baseline only
@@ -362,14 +367,7 @@ def run_lastq(args, S, device, q, k, v) -> dict:
     except Exception as e:  # noqa: BLE001
         row["plan_error"] = _err(e)
     if layout is not None:
-        try:
-            row["recall"] = layout_recall(layout, q, k, rows=32)
-        except Exception as e:  # noqa: BLE001
-            row["recall_error"] = _err(e)
-        try:
-            row["sparse_attention_ms"] = bench(lambda: vertical_slash_attention(q, k, v, layout))
-        except Exception as e:  # noqa: BLE001
-            row["sparse_attention_error"] = _err(e)
+        measure_layout(row, layout, q, k, v, vertical_slash_attention)
     _shares(row, "sparse_attention_ms")
     if S <= args.reference_max:
         try:
@@ -412,14 +410,7 @@ def run_pooled(args, S, device, q, k, v) -> dict:
     except Exception as e:  # noqa: BLE001
         row["plan_error"] = _err(e)
     if layout is not None and hasattr(layout, "counts"):
-        try:
-            row["recall"] = layout_recall(layout, q, k, rows=32)
-        except Exception as e:  # noqa: BLE001
-            row["recall_error"] = _err(e)
-        try:
-            row["sparse_attention_ms"] = bench(lambda: block_sparse_attention(q, k, v, layout))
-        except Exception as e:  # noqa: BLE001
-            row["sparse_attention_error"] = _err(e)
+        measure_layout(row, layout, q, k, v, block_sparse_attention)
     _shares(row, "sparse_attention_ms")
     if S <= args.reference_max:
         try:
@@ -490,14 +481,7 @@ def run_proxy(args, S, device, q, k, v) -> dict:
     except Exception as e:  # noqa: BLE001
         row["plan_error"] = _err(e)
     if layout is not None:
-        try:
-            row["recall"] = layout_recall(layout, q, k, rows=32)
-        except Exception as e:  # noqa: BLE001
-            row["recall_error"] = _err(e)
-        try:
-            row["sparse_attention_ms"] = bench(lambda: block_sparse_attention(q, k, v, layout))
-        except Exception as e:  # noqa: BLE001
-            row["sparse_attention_error"] = _err(e)
+        measure_layout(row, layout, q, k, v, block_sparse_attention)
     _shares(row, "sparse_attention_ms")
     if S <= args.reference_max:
         try:

@@ -9,7 +9,7 @@ from accel.cache import PagedKVLayer, PagedSplitLayer
 from accel.layouts import DenseLayout, HeadPart, HeadSplitLayout, PageSelection
 
 from .duo import DuoPolicy
-from .quest import PAGE_SIZES, quest_scores, select_pages
+from .quest import PAGE_SIZES, quest_scores, require_paged_layer, select_pages
 
 LOGICAL_PAGE_SIZES = (8, 16, 32, 64)
 
@@ -113,14 +113,7 @@ class LServePolicy(DuoPolicy):
         n_keep = self.budget // P
         if n_keep >= -(-kv_len // P):
             return DenseLayout()  # budget covers the context: exact (recorded as density 1.0)
-        if not isinstance(layer, PagedKVLayer) or layer.get_seq_length() != kv_len:
-            raise RuntimeError(
-                f"policy 'lserve' needs its page-bounds cache layer on layer {ctx.layer_idx} (installed by accel.patch "
-                f"for generate and for caches passed as past_key_values); got {type(ctx.cache_layer).__name__}. "
-                "Do not pass a StaticCache / cache_implementation to generate with this policy.")
-        if layer.page_size != self.page_size:
-            raise RuntimeError(f"cache layer pages hold {layer.page_size} tokens but policy 'lserve' uses "
-                               f"page_size={self.page_size}; start a new cache after re-patching")
+        require_paged_layer(self.name, layer, kv_len, self.page_size, ctx.layer_idx)
         last = (kv_len - 1) // P
         hit = memo.get(self.name)
         if hit is not None and 0 <= kv_len - hit[0] < self.reuse_steps and hit[1].shape[0] == q.shape[0]:

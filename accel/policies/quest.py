@@ -29,6 +29,19 @@ def select_pages(scores, k, kv_len, page_size, keep_first):
     return fn(scores, k, kv_len=kv_len, page_size=page_size, keep_first=keep_first)
 
 
+
+def require_paged_layer(policy: str, layer, kv_len: int, page_size: int, layer_idx: int) -> PagedKVLayer:
+    """This layer's page-bounds cache layer, holding ``kv_len`` tokens in pages of ``page_size``, or a clear error."""
+    if not isinstance(layer, PagedKVLayer) or layer.get_seq_length() != kv_len:
+        raise RuntimeError(
+            f"policy {policy!r} needs the page-bounds cache layer on layer {layer_idx} (installed by "
+            f"accel.patch for generate and for caches passed as past_key_values); got {type(layer).__name__}. "
+            "Do not pass a StaticCache / cache_implementation to generate with this policy.")
+    if layer.page_size != page_size:
+        raise RuntimeError(f"cache layer pages hold {layer.page_size} tokens but policy {policy!r} uses "
+                           f"page_size={page_size}; start a new cache after re-patching")
+    return layer
+
 @dataclass
 class QuestPolicy(Policy):
     """Quest (Tang et al. 2024, arXiv 2406.10774): query-aware KV page selection for decode.
@@ -87,15 +100,7 @@ class QuestPolicy(Policy):
         n_keep = self.budget // self.page_size
         if ctx.layer_idx < self.dense_layers or q.shape[2] != 1 or n_keep >= n_pages:
             return DenseLayout()  # budget covers the context: exact (recorded as density 1.0)
-        layer = ctx.cache_layer
-        if not isinstance(layer, PagedKVLayer) or layer.get_seq_length() != kv_len:
-            raise RuntimeError(
-                f"policy {self.name!r} needs the page-bounds cache layer on layer {ctx.layer_idx} (installed by "
-                f"accel.patch for generate and for caches passed as past_key_values); got {type(layer).__name__}. "
-                "Do not pass a StaticCache / cache_implementation to generate with this policy.")
-        if layer.page_size != self.page_size:
-            raise RuntimeError(f"cache layer pages hold {layer.page_size} tokens but policy {self.name!r} uses "
-                               f"page_size={self.page_size}; start a new cache after re-patching")
+        layer = require_paged_layer(self.name, ctx.cache_layer, kv_len, self.page_size, ctx.layer_idx)
         kv_start = getattr(ctx, "kv_start", None)
         scores = self.score(q, layer, kv_start)
         pages, counts = select_pages(scores, n_keep, kv_len, self.page_size, self.keep_first_page)
