@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.cache_utils import StaticLayer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .autopick import Fastest
 from .kernels import BackendUnavailable, get_backend
@@ -38,6 +39,9 @@ class LayerState:
     # this call's cache and cache layer (set by the pre-forward hook, weakly held: a finished generate frees them)
     _cache_ref: Any = None
     _layer_ref: Any = None
+    # a StaticCache layer the decode policy selects from (Quest's PagedStaticLayer), set at the uncompiled prefill;
+    # held strongly because compiled decode steps read it without running the pre-forward hook
+    static_layer: Any = None
 
     def set_cache(self, cache, layer) -> None:
         self._cache_ref = None if cache is None else weakref.ref(cache)
@@ -187,7 +191,14 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
         )
     if module.training and dropout > 0:
         raise RuntimeError("accel is an inference accelerator: call model.eval() (attention dropout is not supported)")
-    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return _static_decode(state, query, key, value, attention_mask, scaling, softcap)
+    q_len = query.shape[2]
+    cache, cache_layer = state.cache_and_layer()
+    if isinstance(cache_layer, StaticLayer) and key.shape[2] > state.past_len + q_len:
+        # a static cache hands over its whole preallocated buffer: attend to the filled part only
+        key, value = key[:, :, : state.past_len + q_len], value[:, :, : state.past_len + q_len]
+    kv_len = key.shape[2]
     phase = "prefill" if q_len > 1 else "decode"
     policy = state.spec.prefill if phase == "prefill" else state.spec.decode
     kv_start = None if attention_mask is None else _left_padding(attention_mask, kv_len)
@@ -197,7 +208,6 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
             "run prompts one at a time or with equal lengths"
         )
     window = sliding_window if sliding_window is not None else state.sliding_window
-    cache, cache_layer = state.cache_and_layer()
     ctx = AttentionContext(layer_idx=state.layer_idx, phase=phase, sliding_window=window, cache_layer=cache_layer,
                            cache=cache, kv_start=kv_start, scale=scaling, softcap=softcap)
     layout = policy.plan(query, key, ctx)
@@ -221,10 +231,49 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2).contiguous(), None
 
 
+def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
+    """One-token decode over a static cache (transformers' StaticCache, usually under torch.compile), with no host
+    sync and no per-step Python state, so the compiled step captures as one CUDA graph. Layers whose decode policy
+    selects pages (Quest, on its PagedStaticLayer) run the policy's device-side selection; the others attend densely
+    over the preallocated buffer with transformers' own boolean mask (filled slots, padding, sliding window).
+    Decode policies without a static form are refused at the prefill (accel.patching)."""
+    policy = state.spec.decode
+    layer = state.static_layer
+    if policy.name != "dense" and not hasattr(policy, "static_kind"):
+        raise TypeError(f"decode policy {policy.name!r} does not run over a static cache; see accel.patch")
+    if layer is not None:
+        # left padding: the first filled slot of each row (argmax of the boolean mask; no host sync)
+        kv_start = mask[:, 0, 0].to(torch.int8).argmax(-1).to(torch.int32)
+        use_triton = q.device.type == "cuda" and state.backend in ("auto", "triton")
+        out = policy.static_decode(q, k, v, layer, kv_start=kv_start, scale=scale, softcap=softcap,
+                                   use_triton=use_triton)
+        name = "static-paged"
+    elif softcap is None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                               enable_gqa=q.shape[1] != k.shape[1])
+        name = "static-sdpa"
+    else:  # tanh soft-capping (Gemma 2): SDPA has no hook for it, and one query row is cheap in plain torch
+        g = q.shape[1] // k.shape[1]
+        s = torch.matmul(q, k.repeat_interleave(g, 1).transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+        s = (torch.tanh(s / softcap) * softcap).masked_fill(~mask, float("-inf"))
+        out = torch.matmul(torch.softmax(s.float(), -1).to(v.dtype), v.repeat_interleave(g, 1))
+        name = "static-sdpa"
+    if not torch.compiler.is_compiling():  # a Python counter in a compiled step would recompile it every step
+        state.calls["decode"] += 1
+        state.backends_used[name] = state.backends_used.get(name, 0) + 1
+    return out.transpose(1, 2).contiguous(), None
+
+
 def accel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                **kwargs):
     """No O(n²) mask: None for unpadded batches (causality and windows live in the layout), else the 2D padding
-    mask, from which the attention function derives per-row start offsets."""
+    mask, from which the attention function derives per-row start offsets. One-token steps over a compileable
+    (static) cache are the exception: transformers marks them with ``allow_is_causal_skip=False``, and they get its
+    own [batch, 1, 1, kv] boolean mask, which covers the buffer's unfilled slots without a host sync."""
+    if q_length == 1 and not kwargs.get("allow_is_causal_skip", True):
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=False)
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]

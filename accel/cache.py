@@ -7,7 +7,7 @@ convention of accel.layouts: sinks first, then a contiguous run of recent tokens
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -222,6 +222,58 @@ class PagedKVLayer(_BatchOps, DynamicLayer):
 
     def prefetch(self):
         return None
+
+
+class PagedStaticLayer(StaticLayer):
+    """transformers' StaticLayer (preallocated K/V, compile-friendly) plus per-page key bounds for Quest.
+
+    ``kmin``/``kmax`` ([B, H, ceil(max_cache_len / page_size), D], the keys' dtype) start at +inf / -inf and every
+    update folds the new keys into their pages with one ``index_reduce_`` each: no host sync, no shape that depends
+    on the length, static addresses, so a compiled decode step over it captures as a CUDA graph. Pages past the
+    filled length keep their +-inf bounds; the policy masks them with the device-side ``cumulative_length``."""
+
+    def __init__(self, max_cache_len: int, page_size: int = 16):
+        super().__init__(max_cache_len=max_cache_len)
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size = page_size
+        self.kmin = self.kmax = None
+
+    @classmethod
+    def from_layer(cls, layer: StaticLayer, page_size: int = 16) -> "PagedStaticLayer":
+        """Take over an empty StaticLayer of a StaticCache (the first prefill installs it)."""
+        if layer.is_initialized and int(layer.get_seq_length()) > 0:
+            raise RuntimeError("a static cache that already holds tokens cannot take page bounds; start a new cache "
+                               "after accel.patch")
+        return cls(layer.max_cache_len, page_size)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        n_pages = -(-self.max_cache_len // self.page_size)
+        shape = (self.batch_size, self.num_heads, n_pages, self.k_head_dim)
+        self.kmin = torch.full(shape, float("inf"), dtype=self.dtype, device=self.device)
+        self.kmax = torch.full(shape, float("-inf"), dtype=self.dtype, device=self.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.kmin)
+            torch._dynamo.mark_static_address(self.kmax)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        page = (torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length) // self.page_size
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self.kmin.index_reduce_(2, page, key_states.to(self.dtype), "amin", include_self=True)
+        self.kmax.index_reduce_(2, page, key_states.to(self.dtype), "amax", include_self=True)
+        return keys, values
+
+    def extra_tensors(self) -> tuple:
+        return (self.kmin, self.kmax)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.kmin is not None:
+            self.kmin.fill_(float("inf"))
+            self.kmax.fill_(float("-inf"))
 
 
 def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:

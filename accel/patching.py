@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 
 from . import attention
 from .attention import IMPL_NAME, LayerState
@@ -53,7 +53,9 @@ def _position_guard(model: nn.Module):
     limit = getattr(model.config, "max_position_embeddings", None)
 
     def hook(mod, args, kwargs):
-        if limit is None:
+        # compiled decode steps (static cache + torch.compile) skip the check: it would read the cache length on the
+        # host every step; the prefill before them is checked, and generate stops at max_length
+        if limit is None or torch.compiler.is_compiling():
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -62,7 +64,7 @@ def _position_guard(model: nn.Module):
             return None
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
-        total = past + ids.shape[1]
+        total = int(past) + ids.shape[1]  # a static cache's length is a tensor
         if total > limit:
             raise ValueError(
                 f"context of {total} tokens exceeds the model's position limit ({limit}, "
@@ -80,6 +82,10 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
     for Quest), installed in place of the default DynamicLayer; the layer is handed to the policy's plan."""
 
     def hook(mod, args, kwargs):
+        if torch.compiler.is_compiling():
+            # compiled decode over a static cache: nothing to swap (checked at the uncompiled prefill), and the
+            # attention function takes what it needs from transformers' mask
+            return None
         cache = kwargs.get("past_key_values")
         state.set_cache(cache, None)
         if cache is None:
@@ -90,7 +96,9 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
             state.past_len = cache.get_seq_length(state.layer_idx) if hasattr(cache, "get_seq_length") else 0
             return None
         layer = layers[state.layer_idx]
-        if limit is not None and type(layer) is DynamicLayer:
+        if isinstance(layer, StaticLayer):
+            layer = _static_layer(state, cache, layers, kind)
+        elif limit is not None and type(layer) is DynamicLayer:
             layer = layers[state.layer_idx] = SinkWindowLayer.from_layer(layer, *limit)
         elif limit is not None and not isinstance(layer, SinkWindowLayer) and not getattr(layer, "is_sliding", False):
             raise TypeError(
@@ -98,7 +106,7 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
                 f"{type(cache).__name__} with {type(layer).__name__} layers; drop cache_implementation / "
                 "past_key_values=StaticCache(...) from generate"
             )
-        if kind is not None:  # decode policies with their own cache layer (accel.cache)
+        elif kind is not None:  # decode policies with their own cache layer (accel.cache)
             if type(layer) is DynamicLayer:
                 layer = layers[state.layer_idx] = kind[0].from_layer(layer, **kind[1])
             elif not isinstance(layer, kind[0]) and not getattr(layer, "is_sliding", False):
@@ -107,10 +115,34 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
                     f"dynamic cache, got {type(cache).__name__} with {type(layer).__name__} layers; drop "
                     "cache_implementation / past_key_values=StaticCache(...) from generate")
         state.set_cache(cache, layer)
-        state.past_len = layer.get_seq_length()
+        state.past_len = int(layer.get_seq_length())  # a static layer's length is a tensor
         return None
 
     return hook
+
+
+def _static_layer(state: LayerState, cache, layers, kind):
+    """A transformers StaticCache (generate's static / torch.compile path): dense decode runs over it as is; a decode
+    policy with a static counterpart (``static_kind``, Quest) gets its own static layer; the others are refused."""
+    decode = state.spec.decode
+    layer = layers[state.layer_idx]
+    state.static_layer = None
+    if decode.name == "dense":
+        return layer
+    if not hasattr(decode, "static_kind"):
+        needs = f"its own cache layer ({kind[0].__name__})" if kind is not None else "its cache handling"
+        raise TypeError(
+            f"decode policy {decode.name!r} needs {needs} and the default dynamic cache, got {type(cache).__name__}; "
+            "drop cache_implementation='static' / past_key_values=StaticCache(...) from generate, or decode with "
+            "'dense' or 'quest' (policy={'prefill': ..., 'decode': 'dense'}), which work with the static cache and "
+            "torch.compile")
+    want = decode.static_kind(state.sliding_window, state.layer_idx)
+    if want is None:
+        return layer  # this layer decodes dense (a sliding-window layer, or one of the first dense layers)
+    if not isinstance(layer, want[0]):
+        layer = layers[state.layer_idx] = want[0].from_layer(layer, **want[1])
+    state.static_layer = layer
+    return layer
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -223,4 +255,3 @@ def new_cache(model: nn.Module) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
-del torch

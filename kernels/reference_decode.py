@@ -71,10 +71,10 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int, page_size: int, k
 
 
 def paged_decode_attention(q, k, v, pages, counts, page_size: int, *, scale=None, softcap=None, kv_start=None,
-                           return_lse: bool = False):
+                           kv_end=None, return_lse: bool = False):
     """Attention of the newest query over the selected pages. q: [B, Hq, 1, D]; k, v: [B, Hkv, Sk, D];
     pages [B, Hkv, n] int32 (the first ``counts`` entries valid). ``pages=None`` means every key (dense decode).
-    Keys past Sk and before ``kv_start`` are masked. Returns out [B, Hq, 1, Dv] in q's dtype (and float32 lse)."""
+    Keys past Sk (or ``kv_end`` [B], a static cache's filled length) and before ``kv_start`` are masked. Returns out [B, Hq, 1, Dv] in q's dtype (and float32 lse)."""
     B, Hq, Sq, D = q.shape
     if Sq != 1:
         raise ValueError(f"paged decode attention takes one query per row, got {Sq}")
@@ -92,6 +92,8 @@ def paged_decode_attention(q, k, v, pages, counts, page_size: int, *, scale=None
         idx = idx.clamp_max(Sk - 1)
     if kv_start is not None:
         valid = valid & (idx >= kv_start.to(q.device).long()[:, None, None])
+    if kv_end is not None:
+        valid = valid & (idx < kv_end.to(q.device).long().expand(B)[:, None, None])
     ks = torch.gather(k.float(), 2, idx[..., None].expand(-1, -1, -1, D))
     vs = torch.gather(v.float(), 2, idx[..., None].expand(-1, -1, -1, v.shape[-1]))
     qf = q.float().reshape(B, Hkv, g, D)

@@ -71,7 +71,8 @@ def test_paged_attention_matches_reference(group, dtype):
     pages, counts = R.select_pages(R.quest_scores(q, mn, mx), 4, kv_len=133, page_size=16)
     counts[0, 1] = 2  # fewer valid entries than the row's width
     start = torch.tensor([0, 19])
-    for kw in ({}, {"softcap": 3.0}, {"kv_start": start}):
+    end = torch.tensor([133, 101], dtype=torch.int32)  # a static cache's filled length, read on the device
+    for kw in ({}, {"softcap": 3.0}, {"kv_start": start}, {"kv_end": end}, {"kv_start": start, "kv_end": end}):
         got, lse = paged_decode_attention(q, k, v, pages, counts, 16, scale=0.2, return_lse=True, **kw)
         ref, rlse = R.paged_decode_attention(q, k, v, pages, counts, 16, scale=0.2, return_lse=True, **kw)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -93,6 +94,20 @@ def test_full_selection_is_dense_decode(S, splits):
                                rtol=1e-5)
     torch.testing.assert_close(R.paged_decode_attention(q, k, v, pages, counts, 16, scale=0.3), dense, atol=1e-5,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kv_end_equals_truncated_cache(paged):
+    """Keys at or past kv_end are invisible: the same as attending to the truncated cache."""
+    q, k, v = _qkv(2, 2, 4, 96, seed=3)
+    end = torch.tensor([50, 96], dtype=torch.int32)
+    n = 6
+    pages = torch.arange(n, dtype=torch.int32).expand(2, 2, n).contiguous() if paged else None
+    counts = torch.full((2, 2), n, dtype=torch.int32) if paged else None
+    got = paged_decode_attention(q, k, v, pages, counts, 16, scale=0.3, kv_end=end)
+    for b, e in enumerate(end.tolist()):
+        want = attention(q[b : b + 1], k[b : b + 1, :, :e], v[b : b + 1, :, :e], scale=0.3)
+        torch.testing.assert_close(got[b : b + 1], want, atol=1e-5, rtol=1e-5)
 
 
 def test_strided_cache_views():

@@ -114,11 +114,14 @@ def test_prefilled_dynamic_cache_is_taken_over():
     assert all(isinstance(layer, PagedKVLayer) for layer in cache.layers)
 
 
-def test_static_cache_is_refused():
+def test_user_static_cache_takes_page_bounds():
+    """A StaticCache passed to generate gets Quest's static page-bounds layers (tests/test_static_cache.py has the
+    equivalence with the dynamic cache)."""
     model = _quest_model()
     cache = StaticCache(config=model.config, max_cache_len=80)
-    with torch.no_grad(), pytest.raises(TypeError, match="PagedKVLayer"):
-        model.generate(ids(length=40), max_new_tokens=2, past_key_values=cache)
+    with torch.no_grad():
+        model.generate(ids(length=40), max_new_tokens=2, past_key_values=cache, disable_compile=True)
+    assert any(type(layer).__name__ == "PagedStaticLayer" for layer in cache.layers)
 
 
 def test_cache_bytes_counts_the_paged_layer():

@@ -6,7 +6,8 @@ the M rows of its matmuls (padded to 16), so each selected K/V page is read once
 repeated. Token ``t`` of a program's share maps to key ``pages[t // PAGE] * PAGE + t % PAGE`` (``PAGED=False``:
 key ``t``). Each program writes a normalised partial output and its log-sum-exp; a second kernel merges the splits
 (out = sum_s exp(lse_s - lse) o_s). Softmax in base 2, soft-capping through exp2-based tanh, left padding by
-``kv_start``. Rows that see no key give 0 output.
+``kv_start``, keys at or past ``kv_end`` (a device-side length: static caches) masked. Rows that see no key give 0
+output.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def _tanh(x):
 
 
 @triton.jit
-def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, OP, LP,
+def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, OP, LP,
                   sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, sps,
                   Hkv, G, Sk, NS, TOK_PER_SPLIT, qk_scale, cap_in, cap_out,
-                  PAGE: tl.constexpr, PAGED: tl.constexpr, HAS_KV_START: tl.constexpr, SOFTCAP: tl.constexpr,
+                  PAGE: tl.constexpr, PAGED: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_END: tl.constexpr,
+                  SOFTCAP: tl.constexpr,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid = tl.program_id(0)
@@ -55,6 +57,9 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, OP, LP,
     start = 0
     if HAS_KV_START:
         start = tl.load(KV_START + b)
+    end = Sk
+    if HAS_KV_END:
+        end = tl.minimum(tl.load(KV_END + b), Sk)
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -68,7 +73,7 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, OP, LP,
             tok = page * PAGE + t % PAGE
         else:
             tok = t
-        ok = ok & (tok < Sk)
+        ok = ok & (tok < end)
         if HAS_KV_START:
             ok = ok & (tok >= start)
         tok = tok.to(tl.int64)
@@ -137,10 +142,11 @@ def _sm_count(device) -> int:
 
 
 def paged_decode_attention(q, k, v, pages=None, counts=None, page_size: int = 16, *, scale=None, softcap=None,
-                           kv_start=None, return_lse: bool = False, n_splits: int | None = None,
+                           kv_start=None, kv_end=None, return_lse: bool = False, n_splits: int | None = None,
                            block_n: int | None = None):
     """q [B, Hq, 1, D]; k, v [B, Hkv, Sk, D] (any strides: cache views work); ``pages`` int32 [B, Hkv, n] with
-    ``counts`` int32 [B, Hkv] (None: every key). Returns out [B, Hq, 1, Dv] in q's dtype (and lse float32
+    ``counts`` int32 [B, Hkv] (None: every key); ``kv_start`` / ``kv_end`` int [B]: the first real key (left
+    padding) / one past the last filled slot (a static cache's length, read on the device). Returns out [B, Hq, 1, Dv] in q's dtype (and lse float32
     [B, Hq, 1])."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -180,6 +186,8 @@ def paged_decode_attention(q, k, v, pages=None, counts=None, page_size: int = 16
     part_l = torch.empty(B * Hq * n_splits, dtype=torch.float32, device=q.device)
     if kv_start is not None:
         kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
+    if kv_end is not None:
+        kv_end = kv_end.to(device=q.device, dtype=torch.int32).expand(B).contiguous()
     if softcap is not None:
         cap_in, cap_out, qk_scale = scale / softcap, softcap * LOG2E, 0.0
     else:
@@ -188,12 +196,12 @@ def paged_decode_attention(q, k, v, pages=None, counts=None, page_size: int = 16
     dummy = part_l
     _split_kernel[(B * Hkv, n_splits)](
         q, k, v, pages if pages is not None else dummy, counts if counts is not None else dummy,
-        kv_start if kv_start is not None else dummy, part_o, part_l,
+        kv_start if kv_start is not None else dummy, kv_end if kv_end is not None else dummy, part_o, part_l,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         *(pages.stride() if pages is not None else (0, 0, 0)),
         Hkv, G, Sk, n_splits, tok_per_split, qk_scale, cap_in, cap_out,
         PAGE=page_size if pages is not None else 1, PAGED=pages is not None, HAS_KV_START=kv_start is not None,
-        SOFTCAP=softcap is not None, DOT_F32=interp and not f32, IEEE=f32 and not interp,
+        HAS_KV_END=kv_end is not None, SOFTCAP=softcap is not None, DOT_F32=interp and not f32, IEEE=f32 and not interp,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv,
     )
     _combine_kernel[(B * Hq,)](part_o, part_l, out, lse, out.stride(0), out.stride(1), out.stride(3), Hq, n_splits,

@@ -1,0 +1,60 @@
+"""Quest decode over a static cache as one opaque op (``torch.ops.accel.quest_static_decode``).
+
+Page scoring, masking of the pages past the filled length, top-k and the split-KV attention over the chosen pages
+run on the device with the length read from a tensor: no host sync and fixed shapes, so a ``torch.compile``d decode
+step (transformers' static cache path) captures it in its CUDA graph. Registered as a custom op so dynamo does not
+trace the Triton launch wrappers; the fake implementation gives the output's shape.
+
+With fewer filled pages than ``n_keep`` the top-k also returns pages past the length; their keys are masked by
+``kv_end`` in the attention kernel, so the result equals attending to every filled key (what the dynamic-cache
+policy does when the budget covers the context)."""
+
+from __future__ import annotations
+
+import torch
+
+from .reference_decode import paged_decode_attention as _ref_attention
+from .reference_decode import quest_scores as _ref_scores
+
+
+def _quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                         length: torch.Tensor, kv_start: torch.Tensor | None, n_keep: int, page_size: int,
+                         group_reduce: str, scale: float, softcap: float, use_triton: bool) -> torch.Tensor:
+    if use_triton:
+        from .triton.decode_attention import paged_decode_attention as attention
+        from .triton.decode_score import quest_scores as scores_fn
+    else:
+        attention, scores_fn = _ref_attention, _ref_scores
+    B, Hkv, n_pages = kmin.shape[0], kmin.shape[1], kmin.shape[2]
+    scores = scores_fn(q, kmin, kmax, group_reduce=group_reduce, page_size=page_size, kv_start=kv_start)
+    pg = torch.arange(n_pages, device=q.device)
+    filled = (length.to(q.device) + page_size - 1) // page_size  # pages holding at least one key
+    valid = (pg < filled)[None, :]
+    if kv_start is not None:  # pages entirely in the left padding
+        valid = valid & ((pg + 1)[None, :] * page_size > kv_start.to(q.device).long()[:, None])
+    # unfilled pages keep +-inf bounds (NaN scores): `where`, not arithmetic, drops them
+    scores = torch.where(valid[:, None, :], scores, float("-inf"))
+    scores = torch.where((pg == filled - 1)[None, None, :], float("inf"), scores)  # the newest page, always
+    pages = scores.topk(min(n_keep, n_pages), dim=-1).indices.to(torch.int32)
+    counts = torch.full((B, Hkv), pages.shape[-1], dtype=torch.int32, device=q.device)
+    return attention(q, k, v, pages, counts, page_size, scale=scale, softcap=softcap or None, kv_start=kv_start,
+                     kv_end=length.reshape(1).expand(B))
+
+
+@torch.library.custom_op("accel::quest_static_decode", mutates_args=())
+def quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                        length: torch.Tensor, kv_start: torch.Tensor | None, n_keep: int, page_size: int,
+                        group_reduce: str, scale: float, softcap: float, use_triton: bool) -> torch.Tensor:
+    """q [B, Hq, 1, D]; k, v the static buffers [B, Hkv, S, D]; kmin/kmax [B, Hkv, ceil(S / page_size), D];
+    ``length`` 0-d int tensor, keys filled (the current one included); ``softcap`` 0 for none. Returns
+    [B, Hq, 1, Dv]."""
+    return _quest_static_decode(q, k, v, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, scale,
+                                softcap, use_triton)
+
+
+@quest_static_decode.register_fake
+def _(q, k, v, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, scale, softcap, use_triton):
+    return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
+
+
+__all__ = ["quest_static_decode"]

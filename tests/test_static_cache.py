@@ -1,0 +1,149 @@
+"""transformers' static cache (and torch.compile on top of it) with a patched model: prefill policies run on the
+filled part of the preallocated buffer, decode steps are dense over it with transformers' own mask, and the tokens
+match the dynamic-cache run of the same policy. Decode policies that need accel's cache layers are refused at the
+prefill with a message that names the fix."""
+
+import pytest
+import torch
+import transformers
+
+import accel
+from conftest import tiny_model
+from test_policy_duo import _head_map
+
+# xattention with a low threshold so that the 160-token prompt is really block-sparse
+POLICIES = ["dense", "xattention:block_size=64,threshold=0.5", "vertical_slash:last_q=16,vertical_size=8,slash_size=8"]
+
+
+def ids(batch=1, length=160, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, length), generator=g)
+
+
+def _spec(text):
+    name, _, opts = text.partition(":")
+    kw = {}
+    for item in filter(None, opts.split(",")):
+        k, v = item.split("=")
+        kw[k] = int(v) if v.isdigit() else float(v)
+    return name, kw
+
+
+def _generate(model, x, **kw):
+    with torch.no_grad():
+        return model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_static_cache_matches_dynamic(family, policy):
+    model = tiny_model(family)
+    name, kw = _spec(policy)
+    accel.patch(model, name, backend="reference", **kw)
+    x = ids()
+    dynamic = _generate(model, x)
+    accel.reset_stats(model)
+    static = _generate(model, x, cache_implementation="static", disable_compile=True)
+    assert torch.equal(static, dynamic)
+    st = accel.stats(model)
+    assert st["backends_used"].get("static-sdpa", 0) == 11 * len(st["layers"])  # every decode step, every layer
+    assert all(layer["calls"] == {"prefill": 1, "decode": 11} for layer in st["layers"])
+
+
+def test_static_cache_dense_matches_unpatched_with_left_padding(family):
+    model = tiny_model(family)
+    x = ids(batch=2)
+    mask = torch.ones_like(x)
+    mask[1, :17] = 0
+    x[1, :17] = 0
+    ref = _generate(model, x, attention_mask=mask)
+    accel.patch(model, "dense", backend="reference")
+    out = _generate(model, x, attention_mask=mask, cache_implementation="static", disable_compile=True)
+    assert torch.equal(out, ref)
+
+
+def test_compiled_static_decode_matches_dynamic():
+    """The path transformers takes by itself on a GPU (static cache -> compiled decode step), forced on the CPU;
+    fullgraph=True proves the patched decode step has no graph break."""
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    accel.patch(model, "xattention", backend="reference", block_size=64, threshold=0.5)
+    x = ids()
+    dynamic = _generate(model, x)
+    cc = transformers.CompileConfig(fullgraph=True, mode="default")
+    cc._compile_all_devices = True
+    accel.reset_stats(model)
+    compiled = _generate(model, x, cache_implementation="static", compile_config=cc)
+    assert torch.equal(compiled, dynamic)
+    st = accel.stats(model)
+    # compiled steps are not counted (a Python counter would recompile the step each time); the prefill is
+    assert st["layers"][0]["calls"] == {"prefill": 1, "decode": 0}
+
+
+@pytest.mark.parametrize("policy", ["tidal", "duo", "lserve", "streaming"])
+def test_sparse_decode_refuses_static_cache(policy, tmp_path):
+    model = tiny_model("llama")
+    opts = {"duo_map": _head_map(model, tmp_path / "m.json")} if policy in ("duo", "lserve") else {}
+    if policy == "tidal":  # the tiny model has two layers
+        opts = {"select_layer": 0, "reselect_layer": 1}
+    accel.patch(model, policy, backend="reference", **opts)
+    with pytest.raises(TypeError, match="default dynamic cache"):
+        _generate(model, ids(), cache_implementation="static", disable_compile=True)
+    # the model is usable afterwards with the default cache
+    assert _generate(model, ids()).shape[1] == 160 + 12
+
+
+@pytest.mark.parametrize("fam", ["llama", "gemma3", "qwen2"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_quest_over_static_cache_matches_dynamic(fam, padded):
+    """Quest's device-side selection over PagedStaticLayer picks what the dynamic-cache plan picks."""
+    model = tiny_model(fam)
+    x = ids(batch=2, length=200)
+    mask = torch.ones_like(x)
+    if padded:
+        mask[1, :37] = 0
+        x[1, :37] = 0
+    accel.patch(model, "quest", budget=64, page_size=16, dense_layers=0, backend="reference")
+    dynamic = _generate(model, x, attention_mask=mask)
+    accel.reset_stats(model)
+    static = _generate(model, x, attention_mask=mask, cache_implementation="static", disable_compile=True)
+    assert torch.equal(static, dynamic)
+    st = accel.stats(model)
+    selecting = [layer for layer in st["layers"] if layer["sliding_window"] is None]
+    assert st["backends_used"]["static-paged"] == 11 * len(selecting)
+
+
+def test_quest_static_cache_bounds_and_budget():
+    """The page bounds fold every written key; a budget above the context reproduces dense decode exactly."""
+    model = tiny_model("llama")
+    x = ids(length=150)
+    accel.patch(model, "quest", budget=4096, dense_layers=0, backend="reference")
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    layer = out.past_key_values.layers[1]
+    assert isinstance(layer, accel.cache.PagedStaticLayer)
+    n = int(layer.cumulative_length)
+    keys = layer.keys[:, :, :n]
+    full = n // 16
+    torch.testing.assert_close(layer.kmin[:, :, :full], keys[:, :, : full * 16].unflatten(2, (full, 16)).amin(3))
+    torch.testing.assert_close(layer.kmax[:, :, full], keys[:, :, full * 16 :].amax(2))
+    assert torch.isinf(layer.kmin[:, :, full + 1 :]).all()
+    assert accel.cache_bytes(out.past_key_values) > 2 * keys.numel() * keys.element_size()
+    accel.unpatch(model)
+    assert torch.equal(out.sequences, _generate_n(model, x, 5))
+
+
+def _generate_n(model, x, n):
+    with torch.no_grad():
+        return model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def test_compiled_quest_static_decode_matches_dynamic():
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    accel.patch(model, "quest", budget=64, page_size=16, dense_layers=1, backend="reference")
+    x = ids(length=200)
+    dynamic = _generate(model, x)
+    cc = transformers.CompileConfig(fullgraph=True, mode="default")
+    cc._compile_all_devices = True
+    assert torch.equal(_generate(model, x, cache_implementation="static", compile_config=cc), dynamic)
