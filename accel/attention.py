@@ -259,6 +259,7 @@ def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
         out = torch.matmul(torch.softmax(s.float(), -1).to(v.dtype), v.repeat_interleave(g, 1))
         name = "static-sdpa"
     if not torch.compiler.is_compiling():  # a Python counter in a compiled step would recompile it every step
+        # (a CUDA-graph capture counts its one eager pass; replays are not counted)
         state.calls["decode"] += 1
         state.backends_used[name] = state.backends_used.get(name, 0) + 1
     return out.transpose(1, 2).contiguous(), None

@@ -49,13 +49,19 @@ def _check_backend(backend: str, model: nn.Module) -> None:
         raise BackendUnavailable(f"backend 'flash' needs a CUDA device; the model is on {param.device}")
 
 
+def _tracing() -> bool:
+    """Inside torch.compile or a CUDA-graph capture: the hooks' host-side checks (which read lengths, a sync) are
+    skipped there; they ran at the eager step before (prefill or warm-up)."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _position_guard(model: nn.Module):
     limit = getattr(model.config, "max_position_embeddings", None)
 
     def hook(mod, args, kwargs):
         # compiled decode steps (static cache + torch.compile) skip the check: it would read the cache length on the
         # host every step; the prefill before them is checked, and generate stops at max_length
-        if limit is None or torch.compiler.is_compiling():
+        if limit is None or _tracing():
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -82,9 +88,9 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
     for Quest), installed in place of the default DynamicLayer; the layer is handed to the policy's plan."""
 
     def hook(mod, args, kwargs):
-        if torch.compiler.is_compiling():
-            # compiled decode over a static cache: nothing to swap (checked at the uncompiled prefill), and the
-            # attention function takes what it needs from transformers' mask
+        if _tracing():
+            # compiled / graph-captured decode over a static cache: nothing to swap (done at the eager prefill or
+            # warm-up step), and the attention function takes what it needs from transformers' mask
             return None
         cache = kwargs.get("past_key_values")
         state.set_cache(cache, None)

@@ -1,0 +1,180 @@
+"""End-to-end decode speed over transformers' static cache, without Python overhead: every run's decode step is
+captured once as a CUDA graph (``--mode graph``, eager kernels) or compiled by ``torch.compile(mode=
+"reduce-overhead")`` (``--mode compile``, what ``generate`` does with a static cache), then replayed.
+
+A Llama-3.1-8B-shaped model with random weights (speed depends on shapes only). Each run: a StaticCache of
+``context + steps + 8`` slots, a 16-token eager prefill (installs the policy's cache layers), the rest of the
+context filled with random keys/values written through the layers' own ``update`` (so Quest's page bounds are
+built the way decode builds them), a warm-up, then ``--steps`` timed steps, each feeding its greedy token back.
+Runs: ``sdpa`` (transformers' own attention), ``dense`` (accel, dense decode) and decode policies with a static
+form (``quest``, ``quest:budget=2048``). Tokens/s = batch * steps / time.
+
+    python scripts/bench_static_decode.py --contexts 131072 --batches 1 4 --out results/bench_static_decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_e2e import build_model, model_config  # noqa: E402
+from bench_utils import err as _err  # noqa: E402
+from bench_utils import parse_spec  # noqa: E402
+
+import accel  # noqa: E402
+
+
+def fill(cache, n: int, chunk: int = 8192) -> None:
+    """Append ``n`` random tokens to every layer through its own update (page bounds included)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for layer in cache.layers:
+        B, H, D = layer.batch_size, layer.num_heads, layer.k_head_dim
+        for lo in range(0, n, chunk):
+            m = min(chunk, n - lo)
+            k = torch.randn(B, H, m, D, device="cuda", dtype=layer.dtype, generator=g)
+            v = torch.randn(B, H, m, D, device="cuda", dtype=layer.dtype, generator=g)
+            layer.update(k, v)
+
+
+def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
+    from transformers import StaticCache
+
+    row = {"run": run, "context": ctx, "batch": batch, "mode": args.mode}
+    patched = run != "sdpa"
+    try:
+        if patched:
+            name, opts = parse_spec(run)
+            accel.patch(model, {"prefill": "dense", "decode": name}, backend="auto", **opts)
+        else:
+            model.set_attn_implementation("sdpa")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cache = StaticCache(config=model.config, max_cache_len=ctx + args.steps + 8)
+        tok = torch.randint(10, 1000, (batch, 16), device="cuda")
+        with torch.no_grad():
+            out = model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)  # eager: installs layers
+            fill(cache, ctx - 16)
+            static_tok = out.logits[:, -1:].argmax(-1)
+            for _ in range(2):  # eager steps: the hooks run (lengths, layers), kernels compile
+                static_tok = model(static_tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+            torch.cuda.synchronize()
+            if args.mode == "graph":
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    static_tok = model(static_tok, past_key_values=cache, use_cache=True,
+                                       logits_to_keep=1).logits.argmax(-1)
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    nxt = model(static_tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+
+                def step():
+                    graph.replay()
+                    static_tok.copy_(nxt)
+            else:
+                compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+                t0 = time.perf_counter()
+                for _ in range(3):  # compile + cudagraph warm-up
+                    static_tok = compiled(static_tok, past_key_values=cache, use_cache=True,
+                                          logits_to_keep=1).logits.argmax(-1).clone()
+                torch.cuda.synchronize()
+                row["compile_s"] = time.perf_counter() - t0
+
+                def step():
+                    nonlocal static_tok
+                    static_tok = compiled(static_tok, past_key_values=cache, use_cache=True,
+                                          logits_to_keep=1).logits.argmax(-1).clone()
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+        row["step_ms"] = dt / args.steps * 1e3
+        row["tok_s"] = batch * args.steps / dt
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["kv_cache_gib"] = accel.cache_bytes(cache) / 2**30
+        if patched:
+            row["backends"] = accel.stats(model).get("backends_used")
+        del cache
+    except Exception as e:  # noqa: BLE001 - a run that cannot run is recorded, not fatal
+        row["error"] = _err(e)
+    finally:
+        if patched:
+            accel.unpatch(model)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write(results: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    m = results["meta"]
+    lines = [f"# Decode over a static cache, {m['mode']} ({m['model']})", "", f"- command: `{m['command']}`",
+             f"- device: {m['device']}; date: {m['date']}; wall {m['wall_s']:.0f} s",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+             f"- random weights, bf16; {m['steps']} timed greedy steps after warm-up; the whole step replayed as a CUDA "
+             "graph; speedup = tokens/s against `sdpa` (transformers' attention) at the same context and batch", "",
+             "| context | batch | run | step ms | tokens/s | vs sdpa | KV GiB | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['context'] // 1024}K | {r['batch']} | {r['run']} | error: {r['error']} | | | | |")
+            continue
+        base = next((b for b in results["rows"] if b["run"] == "sdpa" and b["context"] == r["context"]
+                     and b["batch"] == r["batch"] and "tok_s" in b), None)
+        ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "—"
+        lines.append(f"| {r['context'] // 1024}K | {r['batch']} | {r['run']} | {r['step_ms']:.2f} | {r['tok_s']:.1f} "
+                     f"| {ratio} | {r['kv_cache_gib']:.2f} | {r['peak_gib']:.1f} |")
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama8b")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--runs", nargs="+", default=["sdpa", "dense", "quest"])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--mode", choices=("graph", "compile"), default="graph")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_static_decode needs a CUDA GPU")
+    torch._dynamo.config.recompile_limit = 64
+    t0 = time.time()
+    model = build_model(model_config(args.model, max(args.contexts) + args.steps + 8))
+    rows = [run_one(model, run, ctx, b, args) for ctx in args.contexts for b in args.batches for run in args.runs]
+    import transformers
+    import triton
+
+    meta = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+            "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+            "model": args.model, "mode": args.mode, "steps": args.steps, "wall_s": time.time() - t0}
+    if args.out:
+        write({"meta": meta, "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
