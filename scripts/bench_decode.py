@@ -4,9 +4,13 @@ versus dense decode (torch SDPA, FlashAttention when installed, our split-KV ker
     python scripts/bench_decode.py --out results                 # Llama-3.1-8B head shape, 32K/128K, batch 1/8
     python scripts/bench_decode.py --contexts 131072 --batches 4 --budget 4096
 
-Per case: median ms (triton.testing.do_bench) of one decode step of one layer's attention, page scoring included,
-the byte floor of each method (dense: K+V; quest: page bounds + selected pages; quest with a reused selection:
-selected pages only) and the speedup versus SDPA. Every sparse output is first checked against the torch twin.
+Per case: median ms of one decode step of one layer's attention, page scoring included, timed two ways: with CUDA
+events around eager launches (``triton.testing.do_bench``: what an eager decode loop pays, launch overhead
+included) and as a replayed CUDA graph (``do_bench_cudagraph``: GPU time only, what a static-cache step under
+torch.compile or a captured graph pays). Also the byte floor of each method (dense: K+V; quest: page bounds +
+selected pages; quest with a reused selection: selected pages only) and the speedups versus SDPA. ``quest_static``
+is the static-cache form (one custom op: scoring, masking, top-k, attention; kernels/static_decode.py). Every sparse
+output is first checked against the torch twin.
 Writes results/bench_decode.{json,md}. Not run in CPU sessions.
 """
 
@@ -22,13 +26,14 @@ import sys
 import torch
 
 
-def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, do_bench):
+def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
     import torch.nn.functional as F
 
     from accel.kernels import reference_decode as R
     from accel.kernels.triton.decode_attention import paged_decode_attention
     from accel.kernels.triton.decode_score import quest_scores
     from accel.kernels.triton.decode_topk import select_pages
+    from accel.kernels.static_decode import quest_static_decode
 
     dev = "cuda"
     q = torch.randn(B, hq, 1, d, device=dev, dtype=dtype)
@@ -49,21 +54,30 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, do_bench):
     dense_ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     torch.testing.assert_close(paged_decode_attention(q, k, v).float(), dense_ref.float(), atol=2e-2, rtol=2e-2)
 
-    t = {
-        "sdpa": do_bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
-        "triton_dense": do_bench(lambda: paged_decode_attention(q, k, v)),
-        "quest_score": do_bench(lambda: quest_scores(q, kmin, kmax, page_size=page)),
-        "quest_topk": do_bench(lambda: select_pages(s, n_keep, kv_len=ctx, page_size=page)),
-        "quest_attn_only": do_bench(lambda: paged_decode_attention(q, k, v, pages, counts, page)),
-        "quest_total": do_bench(quest),
-    }
-    try:
-        from flash_attn import flash_attn_with_kvcache  # noqa: F401
+    length = torch.tensor(ctx, device=dev)
 
-        qf, kf, vf = q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-        t["flash"] = do_bench(lambda: flash_attn_with_kvcache(qf, kf, vf))
-    except Exception:  # noqa: BLE001 - optional
-        pass
+    def quest_static():
+        return quest_static_decode(q, k, v, kmin, kmax, length, None, n_keep, page, "max", d**-0.5, 0.0, True)
+
+    torch.testing.assert_close(quest_static().float(), ref.float(), atol=2e-2, rtol=2e-2)
+    fns = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        "triton_dense": lambda: paged_decode_attention(q, k, v),
+        "quest_score": lambda: quest_scores(q, kmin, kmax, page_size=page),
+        "quest_topk": lambda: select_pages(s, n_keep, kv_len=ctx, page_size=page),
+        "quest_attn_only": lambda: paged_decode_attention(q, k, v, pages, counts, page),
+        "quest_total": quest,
+        "quest_static": quest_static,
+    }
+    try:  # FA4 dense decode (one query row), when flash-attn-4 is installed
+        from flash_attn.cute import flash_attn_func
+
+        qf, kf, vf = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        flash_attn_func(qf, kf, vf, causal=False)
+        fns["fa4"] = lambda: flash_attn_func(qf, kf, vf, causal=False)
+    except Exception as e:  # noqa: BLE001 - optional
+        print(f"FA4 decode skipped: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+    t = {name: {tn: timer(fn) for tn, timer in timers.items()} for name, fn in fns.items()}
     el = k.element_size()
     dense_bytes = 2 * B * hkv * ctx * d * el
     meta_bytes = 2 * B * hkv * (ctx // page) * d * el
@@ -71,14 +85,15 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, do_bench):
     return {"batch": B, "context": ctx, "budget": budget, "page": page, "ms": t,
             "floor_speedup_quest": dense_bytes / (meta_bytes + sel_bytes),
             "floor_speedup_reused": dense_bytes / sel_bytes,
-            "speedup_quest_vs_sdpa": t["sdpa"] / t["quest_total"],
-            "speedup_reused_vs_sdpa": t["sdpa"] / t["quest_attn_only"]}
+            "speedup": {tn: {"quest": t["sdpa"][tn] / t["quest_total"][tn],
+                             "quest_static": t["sdpa"][tn] / t["quest_static"][tn],
+                             "reused": t["sdpa"][tn] / t["quest_attn_only"][tn]} for tn in timers}}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32768,131072")
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head_dim")
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--page", type=int, default=16)
@@ -88,13 +103,14 @@ def main(argv=None) -> int:
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
     hq, hkv, d = (int(x) for x in args.heads.split(","))
     rows = []
     for B in (int(x) for x in args.batches.split(",")):
         for ctx in (int(x) for x in args.contexts.split(",")):
-            r = bench_case(B, ctx, hq, hkv, d, args.budget, args.page, torch.bfloat16, lambda f: do_bench(f))
+            r = bench_case(B, ctx, hq, hkv, d, args.budget, args.page, torch.bfloat16,
+                           {"graph": lambda f: do_bench_cudagraph(f), "eager": lambda f: do_bench(f)})
             rows.append(r)
             print(json.dumps(r))
     res = {"rows": rows, "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
@@ -106,15 +122,26 @@ def main(argv=None) -> int:
         json.dump(res, f, indent=1)
     md = [f"# Decode attention, {hq}/{hkv}/{d} bf16, budget {args.budget}, page {args.page}", "",
           f"{res['device']}; {res['versions']}; {res['date']}; `{res['command']}`", "",
-          "| batch | context | SDPA ms | Triton dense ms | quest total ms (score + top-k + attn) | quest attn only ms "
-          "| vs SDPA | floor | reused vs SDPA | reused floor |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        t = r["ms"]
-        md.append(f"| {r['batch']} | {r['context']} | {t['sdpa']:.3f} | {t['triton_dense']:.3f} | "
-                  f"{t['quest_total']:.3f} ({t['quest_score']:.3f} + {t['quest_topk']:.3f} + "
-                  f"{t['quest_attn_only']:.3f}) | {t['quest_attn_only']:.3f} | {r['speedup_quest_vs_sdpa']:.2f}x | "
-                  f"{r['floor_speedup_quest']:.2f}x | {r['speedup_reused_vs_sdpa']:.2f}x | "
-                  f"{r['floor_speedup_reused']:.2f}x |")
+          "Median ms of one layer's decode attention. **graph**: the call replayed as a CUDA graph (GPU time: what a "
+          "static-cache step under torch.compile or a captured graph pays); **eager**: CUDA events around eager "
+          "launches (launch overhead included). quest = page scoring + top-k + split-KV attention; quest static = the "
+          "same as one device-side op over a static cache; reused = attention over an already selected set (LServe "
+          "reuse). floor = dense bytes / policy bytes read.", ""]
+    for tn in ("graph", "eager"):
+        md += [f"### {tn}", "",
+               "| batch | context | SDPA | FA4 | Triton dense | quest (score + top-k + attn) | quest static | vs SDPA "
+               "| static vs SDPA | floor | reused vs SDPA | reused floor |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            t = {k: v[tn] for k, v in r["ms"].items()}
+            sp = r["speedup"][tn]
+            fa4 = f"{t['fa4']:.3f}" if "fa4" in t else "—"
+            md.append(f"| {r['batch']} | {r['context']} | {t['sdpa']:.3f} | {fa4} | {t['triton_dense']:.3f} | "
+                      f"{t['quest_total']:.3f} ({t['quest_score']:.3f} + {t['quest_topk']:.3f} + "
+                      f"{t['quest_attn_only']:.3f}) | {t['quest_static']:.3f} | {sp['quest']:.2f}x | "
+                      f"{sp['quest_static']:.2f}x | {r['floor_speedup_quest']:.2f}x | {sp['reused']:.2f}x | "
+                      f"{r['floor_speedup_reused']:.2f}x |")
+        md.append("")
     with open(os.path.join(args.out, "bench_decode.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
