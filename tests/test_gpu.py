@@ -46,3 +46,18 @@ def test_auto_picks_a_gpu_backend():
         model(_ids(100))
     used = accel.stats(model)["backends_used"]
     assert "reference" not in used and used
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_quest_static_cache_compiled_matches_dynamic(family):
+    """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
+    Quest's Triton static op must give the dynamic-cache tokens (float32 so the selections agree exactly)."""
+    torch._dynamo.reset()
+    model = tiny_model(family).cuda()
+    x = _ids(300, batch=2)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        accel.patch(model, "quest", budget=64, page_size=16, dense_layers=0, backend="triton")
+        dynamic = model.generate(x, **kw)
+        static = model.generate(x, cache_implementation="static", **kw)  # compiled by transformers on CUDA
+    assert torch.equal(static, dynamic)
