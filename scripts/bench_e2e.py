@@ -1,16 +1,22 @@
 """End-to-end benchmark: time to first token (and optionally decode tokens/s) of a whole model, every policy against
 dense baselines measured in the same run.
 
-Models are built on the GPU from a config with random weights; speed depends on the shapes, not on the weight
-values:
+Models are built on the GPU from a config with random weights (``--weights random``, the default); speed depends on
+the shapes, not on the weight values:
 - ``llama8b``: Llama-3.1-8B shape (32 layers, hidden 4096, 32/8 heads, head_dim 128, MLP 14336, vocab 128256);
 - ``qwen7b``: Qwen2.5-7B shape (28 layers, hidden 3584, 28/4 heads, MLP 18944, vocab 152064);
 - ``smollm2`` / ``gemma3``: the demo models' exact architectures (configs/models/*.json, read from their GGUF files:
   SmolLM2-135M, 8K context; Gemma-3-270M with its sliding-window layers, 32K context).
 
+``--weights real`` (``smollm2`` / ``gemma3`` only) loads the real demo model instead (``accel.models.load_model``:
+the GGUF from the accel cache, dequantised, bf16 on cuda) and feeds a real text prompt: a niah_single prompt of
+``accel.eval.synth`` (needle at depth 0.5) of exactly the context length (the few tokens the sentence-granular prompt
+falls short are filler tokens inserted after BOS); duo and lserve use the shipped calibrated head map
+(configs/duo_MODEL.json) instead of random gates, and the greedy answer (with ``--decode``) is checked for the needle.
+
 Runs (``--runs``): ``sdpa``, ``flash_attention_4`` and ``flex_attention`` are transformers' own dense attention;
 anything else is an accel policy spec (``dense``, ``xattention``, ``xattention+quest``, ``proxy:gamma=0.95`` ...)
-patched with ``backend=auto``. Prefill: batch 1, random token ids, ``logits_to_keep=1``, a fresh DynamicCache; one
+patched with ``backend=auto``. Prefill: batch 1, random token ids (real weights: the prompt above), ``logits_to_keep=1``, a fresh DynamicCache; one
 warm-up prefill at the same length (compiles kernels, lets ``auto`` time its backends), then the median of
 ``--repeats`` timed prefills. Decode (``--decode N``): N greedy steps after the prefill, eager, tokens/s. Peak memory
 is ``torch.cuda.max_memory_allocated`` over the timed prefill (and decode); accel runs also report mean prefill
@@ -95,16 +101,22 @@ def prefill(model, ids):
     return out, cache
 
 
-def decode(model, out, cache, steps: int) -> float:
+def decode(model, out, cache, steps: int, keep: list | None = None) -> float:
+    """Greedy decode tokens/s; ``keep`` (a list) receives the generated token ids (the prefill's token first)."""
     tok = out.logits[:, -1:].argmax(-1)
+    toks = [tok]
     with torch.no_grad():
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(steps):
             o = model(tok, past_key_values=cache, use_cache=True)
             tok = o.logits[:, -1:].argmax(-1)
+            toks.append(tok)
         torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t)
+    rate = steps / (time.perf_counter() - t)
+    if keep is not None:
+        keep.extend(int(x) for x in torch.cat(toks, dim=1)[0].tolist())
+    return rate
 
 
 def speed_head_map(model, path: str) -> str:
@@ -122,14 +134,54 @@ def speed_head_map(model, path: str) -> str:
 
 
 def run_options(model, run: str, args) -> dict:
-    """Options a run needs on a random-weight model: a head map for the DuoAttention-based policies."""
+    """Options a run needs: a head map for the DuoAttention-based policies (random gates on a random-weight model,
+    the shipped calibrated map configs/duo_MODEL.json on the real one). An explicit duo_map in the spec wins."""
     names = set(run.split(":")[0].split("+"))
-    if names & {"duo", "lserve"}:  # every model here has random weights
+    if names & {"duo", "lserve"} and "duo_map=" not in run:
+        if args.weights == "real":
+            return {"duo_map": os.path.join(ROOT, "configs", f"duo_{args.model}.json")}
         return {"duo_map": speed_head_map(model, f"/tmp/accel_duo_{args.model}.json")}
     return {}
 
 
-def run_one(model, run: str, ids, args) -> dict:
+REAL_MODELS = ("smollm2", "gemma3")
+
+
+def load_real(name: str):
+    """(model, tokenizer) of a real demo model, bf16 on cuda, transformers' sdpa attention to start from."""
+    from accel.models import load_model
+
+    model, tok = load_model(name, device="cuda", dtype="bfloat16")
+    model.set_attn_implementation("sdpa")
+    return model.eval(), tok
+
+
+def real_prompt(tok, length: int, depth: float = 0.5, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Token ids [1, length] of a niah_single prompt (accel.eval.synth) and what to check in the answer.
+
+    The synthetic prompt is the longest whole-sentence haystack that fits ``length``; the tokens it falls short are
+    filled with filler-sentence tokens inserted right after BOS, so the prefill is exactly ``length`` tokens."""
+    from accel.eval.synth import generate_samples
+    from accel.needle import filler_sentences
+
+    s = generate_samples("niah_single", tok, length, num_samples=1, seed=seed, depths=[depth])[0]
+    ids = list(tok(s["prompt"], add_special_tokens=not s["chat_template"])["input_ids"])
+    short = length - len(ids)
+    if short > 0:
+        gen = filler_sentences(seed + 7919)
+        pad: list[int] = []
+        while len(pad) < short:
+            pad += tok(" " + next(gen), add_special_tokens=False)["input_ids"]
+        at = 1 if ids and ids[0] == tok.bos_token_id else 0
+        ids = ids[:at] + pad[:short] + ids[at:]
+    assert len(ids) == length, (len(ids), length)
+    info = {"task": "niah_single", "depth": s["depth"], "outputs": s["outputs"], "synth_tokens": s["length"],
+            "filler_tokens_added": max(0, short), "chat_template": s["chat_template"],
+            "gen_prefix": s["gen_prefix"]}
+    return torch.tensor([ids], device="cuda"), info
+
+
+def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
     row = {"run": run, "context": ids.shape[1]}
     patched = run not in HF_IMPLS
     try:
@@ -154,7 +206,12 @@ def run_one(model, run: str, ids, args) -> dict:
             dt, (out, cache) = _sync_time(lambda: prefill(model, ids))
             times.append(dt)
             if args.decode:
-                row["decode_tok_s"] = decode(model, out, cache, args.decode)
+                gen: list[int] = []
+                row["decode_tok_s"] = decode(model, out, cache, args.decode, keep=gen)
+                if tok is not None and prompt_info is not None:  # real weights: did the answer name the needle?
+                    text = tok.decode(gen, skip_special_tokens=True)
+                    row["answer"] = text
+                    row["needle_found"] = all(o in text for o in prompt_info["outputs"])
             row["kv_cache_bytes"] = accel.cache_bytes(cache)
             del out, cache
         row["ttft_s"] = statistics.median(times)
@@ -191,22 +248,27 @@ def write(results, out):
     lines = [f"# End to end: {m['model']} ({m['shape']})", "", f"- command: `{m['command']}`",
              f"- device: {m['device']}; date: {m['date']}; wall {m.get('wall_s', 0):.0f} s",
              f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
-             "- random weights, bf16, batch 1; time to first token = prefill with logits_to_keep=1 (median of "
-             f"{m['repeats']}, after a warm-up at the same length); speedups against the dense baselines of the "
-             "same run", ""]
+             f"- {m.get('weights_note', 'random weights')}, bf16, batch 1; time to first token = prefill with "
+             f"logits_to_keep=1 (median of {m['repeats']}, after a warm-up at the same length); speedups against the "
+             "dense baselines of the same run", ""]
     has_decode = any("decode_tok_s" in r for r in results["rows"])
+    has_answer = any("needle_found" in r for r in results["rows"])
     head = "| context | run | TTFT s | vs sdpa | vs FA4 | density | recall | peak GiB | KV GiB |"
     sep = "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     if has_decode:
         head += " decode tok/s | decode vs sdpa |"
         sep += " --- | --- |"
+    if has_answer:
+        head += " needle in answer |"
+        sep += " --- |"
+    n_cols = 6 + (2 if has_decode else 0) + (1 if has_answer else 0)
     lines += [head, sep]
     for S in sorted({r["context"] for r in results["rows"]}):
         rows = [r for r in results["rows"] if r["context"] == S]
         base = {r["run"]: r for r in rows if "ttft_s" in r}
         for r in rows:
             if "error" in r:
-                lines.append(f"| {S // 1024}K | {r['run']} | error: {r['error']} |" + " |" * (8 if has_decode else 6))
+                lines.append(f"| {S // 1024}K | {r['run']} | error: {r['error']} |" + " |" * n_cols)
                 continue
 
             def ratio(b, key="ttft_s", inv=False):
@@ -222,11 +284,17 @@ def write(results, out):
                     f"{r.get('kv_cache_bytes', 0) / 2**30:.2f} |")
             if has_decode:
                 line += f" {r.get('decode_tok_s', 0):.1f} | {ratio('sdpa', 'decode_tok_s', inv=True)} |"
+            if has_answer:
+                found = r.get("needle_found")
+                line += f" {'—' if found is None else ('yes' if found else 'no')} |"
             lines.append(line)
     notes = [f"- {r['context'] // 1024}K {r['run']}: backends {r.get('backends')}" for r in results["rows"]
              if r.get("backends")]
     if notes:
         lines += ["", "Backends that ran (accel runs):", *notes]
+    answers = [f"- {r['context'] // 1024}K {r['run']}: {r['answer']!r}" for r in results["rows"] if "answer" in r]
+    if answers:
+        lines += ["", f"Greedy answers (expected {m.get('prompt', {}).get('outputs')}):", *answers]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -243,13 +311,26 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=0, help="greedy decode steps after the prefill (tokens/s)")
     ap.add_argument("--no-density", dest="density", action="store_false",
                     help="skip the extra untimed prefill that measures density and recall of accel runs")
+    ap.add_argument("--weights", choices=("random", "real"), default="random",
+                    help="random: the architecture from a config with random weights and random token ids (default); "
+                         "real: the real demo model (smollm2, gemma3) from accel.models.load_model with a "
+                         "needle-in-a-haystack text prompt and, for duo/lserve, the shipped calibrated head map")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.weights == "real" and args.model not in REAL_MODELS:
+        ap.error(f"--weights real needs --model {' or '.join(REAL_MODELS)} (the demo models with real weights)")
     if not torch.cuda.is_available():
         raise SystemExit("bench_e2e needs a CUDA GPU")
-    out = args.out or f"results/bench_e2e_{args.model}"
-    cfg = model_config(args.model, max(args.contexts))
-    model = build_model(cfg)
+    out = args.out or f"results/bench_e2e_{args.model}" + ("_real" if args.weights == "real" else "")
+    tok = None
+    t_load = time.time()
+    if args.weights == "real":
+        model, tok = load_real(args.model)
+        cfg = model.config
+    else:
+        cfg = model_config(args.model, max(args.contexts))
+        model = build_model(cfg)
+    load_s = time.time() - t_load
     t0 = time.time()
     import transformers
 
@@ -259,15 +340,28 @@ def main(argv=None):
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(), "repeats": args.repeats,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "python": platform.python_version()}}
+                         "python": platform.python_version()},
+            "weights": args.weights, "load_s": round(load_s, 1)}
+    if args.weights == "real":
+        meta["weights_note"] = (f"real weights (demo model {args.model} via accel.models.load_model: GGUF dequantised "
+                                f"to bf16, {type(model).__name__}); prompt: a niah_single needle-in-a-haystack text "
+                                "from accel.eval.synth of exactly the context length, needle at depth 0.5; duo/lserve "
+                                f"with the shipped head map configs/duo_{args.model}.json")
     results = {"meta": meta, "rows": []}
     for S in args.contexts:
         if S + args.decode + 1 > cfg.max_position_embeddings:  # the prompt and the decoded tokens must fit
             S = cfg.max_position_embeddings - args.decode - 1
             print(f"context {S}: the model's limit ({cfg.max_position_embeddings}) less the decoded tokens", flush=True)
-        ids = torch.randint(10, cfg.vocab_size - 10, (1, S), device="cuda", generator=torch.Generator("cuda").manual_seed(S))
+        info = None
+        if args.weights == "real":
+            ids, info = real_prompt(tok, S)
+            meta.setdefault("prompts", {})[str(S)] = info
+            meta["prompt"] = info
+        else:
+            ids = torch.randint(10, cfg.vocab_size - 10, (1, S), device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(S))
         for run in args.runs:
-            results["rows"].append(run_one(model, run, ids, args))
+            results["rows"].append(run_one(model, run, ids, args, tok=tok, prompt_info=info))
             meta["wall_s"] = time.time() - t0
             write(results, out)  # partial results survive a timeout
 

@@ -7,6 +7,11 @@
 #   bash scripts/gpu_suite.sh estimation       # estimation kernels as a share of the sparse attention they feed
 #   bash scripts/gpu_suite.sh prefill          # attention stage of every prefill policy vs dense
 #   bash scripts/gpu_suite.sh e2e_llama8b e2e_gemma3   # whole models: TTFT / decode / memory vs transformers dense
+#   bash scripts/gpu_suite.sh e2e_gemma3_real          # the same on the real Gemma-3-270M with a needle prompt
+#   bash scripts/gpu_suite.sh eval_gemma3_long         # accel-eval grid on the real Gemma-3-270M, 4K to 32K
+#
+# The last two need the demo GGUF in $ACCEL_CACHE/models (the machine has no network: carry it, and carry the gguf
+# wheel too).
 #
 # FlashAttention-4 (optional) must be importable for the FA4 baselines: see shared/gpu/README.md for the offline
 # install used here (PYTHONPATH=/tmp/site:...). Results land in ${OUT:-results}.
@@ -37,6 +42,32 @@ for stage in "$@"; do
       timeout 150 python3 scripts/bench_e2e.py --model gemma3 --contexts 32768 --decode 16 \
         --runs sdpa flash_attention_4 flexprefill xattention proxy vertical_slash quest duo lserve tidal \
         --out "$OUT/bench_e2e_gemma3" | tail -16 ;;
+    e2e_gemma3_real)  # real weights and a niah prompt of 32736 tokens (32768 less the decoded tokens, rounded down)
+      timeout 200 python3 scripts/bench_e2e.py --model gemma3 --weights real --contexts 32736 --decode 16 \
+        --runs sdpa dense flexprefill xattention proxy vertical_slash streaming quest duo lserve tidal xattention+quest \
+        --out "$OUT/bench_e2e_gemma3_real" | tail -40 ;;
+    eval_gemma3_long)  # dense and every policy at its defaults, niah_single/niah_multikey/vt, 3 samples, 4K-32K.
+      # 32736 = 32768 (max_position_embeddings) - 32 (vt's max_new_tokens). Decode of this small model is bound by
+      # kernel launches, not the GPU: one process per policy (quest, the slowest to decode, split by length) fills
+      # the cells (OUT/cells, keyed by policy/task/length, so the split changes no cell), then the full command
+      # reruns over the finished cells and writes eval.json / eval.md. Cells, logs and tables come back as one tar.
+      # Loading the model from the GGUF takes about 2 minutes per process on the H100 machine (16 cores).
+      D=results/eval_gemma3_long; LONG=4096,8192,16384,32736
+      E=(--model gemma3 --tasks niah_single,niah_multikey,vt --samples 3 --depths 0,0.5,1)
+      mkdir -p "$D/logs"
+      for job in "quest 32736" "quest 4096,8192,16384" "lserve $LONG" "tidal $LONG" "duo $LONG" "dense $LONG" \
+          "streaming $LONG" "vertical_slash $LONG" "xattention $LONG" "flexprefill $LONG" "proxy $LONG"; do
+        read -r pol lens <<<"$job"
+        OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 timeout "${EVAL_TIMEOUT:-480}" python3 -m accel.eval.cli "${E[@]}" \
+          --policy "$pol" --lengths "$lens" --no-plots --out "$D" >"$D/logs/${pol}_${lens//,/-}.log" 2>&1 &
+      done
+      wait
+      n=$(ls "$D"/cells/*.json 2>/dev/null | wc -l); echo "cells finished: $n of 120"
+      if [ "$n" -ge 120 ]; then
+        timeout 90 python3 -m accel.eval.cli "${E[@]}" --lengths $LONG --no-plots --out "$D" >"$D/logs/full.log" 2>&1
+        tail -45 "$D/logs/full.log"
+      fi
+      tar czf "$OUT/eval_gemma3_long.tgz" "$D" ;;
     e2e_llama8b)
       timeout 420 python3 scripts/bench_e2e.py --model llama8b --contexts 32768 131072 --decode 16 \
         --runs sdpa flash_attention_4 flexprefill xattention proxy xattention+quest quest duo lserve tidal \
