@@ -274,7 +274,7 @@ def accel_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
     if q_length == 1 and not kwargs.get("allow_is_causal_skip", True):
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                         allow_is_causal_skip=False)
+                         **kwargs)  # device, allow_is_causal_skip=False, ...
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]

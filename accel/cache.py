@@ -228,7 +228,7 @@ class PagedStaticLayer(StaticLayer):
     """transformers' StaticLayer (preallocated K/V, compile-friendly) plus per-page key bounds for Quest.
 
     ``kmin``/``kmax`` ([B, H, ceil(max_cache_len / page_size), D], the keys' dtype) start at +inf / -inf and every
-    update folds the new keys into their pages with one ``index_reduce_`` each: no host sync, no shape that depends
+    update folds the new keys into their pages (a decode step: one page read and written back): no host sync, no shape that depends
     on the length, static addresses, so a compiled decode step over it captures as a CUDA graph. Pages past the
     filled length keep their +-inf bounds; the policy masks them with the device-side ``cumulative_length``."""
 
@@ -260,10 +260,17 @@ class PagedStaticLayer(StaticLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        page = (torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length) // self.page_size
+        n = key_states.shape[-2]
+        page = (torch.arange(n, device=self.device) + self.cumulative_length) // self.page_size
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        self.kmin.index_reduce_(2, page, key_states.to(self.dtype), "amin", include_self=True)
-        self.kmax.index_reduce_(2, page, key_states.to(self.dtype), "amax", include_self=True)
+        key_states = key_states.to(self.dtype)
+        if n == 1:  # a decode step: read-modify-write the one page it touches (index_reduce_ costs a pass over
+            # the whole bounds tensor on CUDA: ~1.5 ms per step at 128K over 30 layers, measured on the H200)
+            self.kmin.index_copy_(2, page, torch.minimum(self.kmin.index_select(2, page), key_states))
+            self.kmax.index_copy_(2, page, torch.maximum(self.kmax.index_select(2, page), key_states))
+        else:  # prefill / chunks: many keys per page
+            self.kmin.index_reduce_(2, page, key_states, "amin", include_self=True)
+            self.kmax.index_reduce_(2, page, key_states, "amax", include_self=True)
         return keys, values
 
     def extra_tensors(self) -> tuple:

@@ -5,9 +5,10 @@ run on the device with the length read from a tensor: no host sync and fixed sha
 step (transformers' static cache path) captures it in its CUDA graph. Registered as a custom op so dynamo does not
 trace the Triton launch wrappers; the fake implementation gives the output's shape.
 
-With fewer filled pages than ``n_keep`` the top-k also returns pages past the length; their keys are masked by
-``kv_end`` in the attention kernel, so the result equals attending to every filled key (what the dynamic-cache
-policy does when the budget covers the context)."""
+On the GPU the selection is the Triton top-k kernel reading the length from the device (pages past it are never
+chosen); the torch twin takes ``topk`` over every page with the unfilled ones at -inf, so with fewer filled pages
+than ``n_keep`` it also returns pages past the length, whose keys ``kv_end`` masks in the attention. Either way the
+result equals attending to every filled key when the budget covers the context."""
 
 from __future__ import annotations
 
@@ -22,11 +23,22 @@ def _quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin
                          group_reduce: str, scale: float, softcap: float, use_triton: bool) -> torch.Tensor:
     if use_triton:
         from .triton.decode_attention import paged_decode_attention as attention
-        from .triton.decode_score import quest_scores as scores_fn
+        from .triton.decode_score import quest_scores
+        from .triton.decode_topk import select_pages
+
+        scores = quest_scores(q, kmin, kmax, group_reduce=group_reduce, page_size=page_size, kv_start=kv_start)
+        pages, counts = select_pages(scores, n_keep, kv_len=length, page_size=page_size)
     else:
-        attention, scores_fn = _ref_attention, _ref_scores
+        attention = _ref_attention
+        pages, counts = _select_torch(q, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce)
+    return attention(q, k, v, pages, counts, page_size, scale=scale, softcap=softcap or None, kv_start=kv_start,
+                     kv_end=length.reshape(1).expand(q.shape[0]))
+
+
+def _select_torch(q, kmin, kmax, length, kv_start, n_keep: int, page_size: int, group_reduce: str):
+    """The selection in torch ops (CPU, or backend='reference'): where + topk over every page of the buffer."""
     B, Hkv, n_pages = kmin.shape[0], kmin.shape[1], kmin.shape[2]
-    scores = scores_fn(q, kmin, kmax, group_reduce=group_reduce, page_size=page_size, kv_start=kv_start)
+    scores = _ref_scores(q, kmin, kmax, group_reduce=group_reduce, page_size=page_size, kv_start=kv_start)
     pg = torch.arange(n_pages, device=q.device)
     filled = (length.to(q.device) + page_size - 1) // page_size  # pages holding at least one key
     valid = (pg < filled)[None, :]
@@ -37,8 +49,7 @@ def _quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin
     scores = torch.where((pg == filled - 1)[None, None, :], float("inf"), scores)  # the newest page, always
     pages = scores.topk(min(n_keep, n_pages), dim=-1).indices.to(torch.int32)
     counts = torch.full((B, Hkv), pages.shape[-1], dtype=torch.int32, device=q.device)
-    return attention(q, k, v, pages, counts, page_size, scale=scale, softcap=softcap or None, kv_start=kv_start,
-                     kv_end=length.reshape(1).expand(B))
+    return pages, counts
 
 
 @torch.library.custom_op("accel::quest_static_decode", mutates_args=())

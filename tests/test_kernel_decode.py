@@ -143,3 +143,35 @@ def test_triton_backend_dense_decode_uses_split_kv(window, padded):
     got = get_backend("triton").run(layout, q, k, v, scale=0.125, kv_start=kv_start)
     want = get_backend("reference").run(layout, q, k, v, scale=0.125, kv_start=kv_start)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("length", [1, 37, 130, 160])
+def test_select_pages_with_device_length(length):
+    """A static cache's length read on the device: pages past it (NaN scores from +-inf bounds) are never chosen and
+    the rest matches the host-length selection over the filled pages."""
+    g = torch.Generator().manual_seed(length)
+    scores = torch.randn(2, 3, 10, generator=g)
+    n_filled = -(-length // 16)
+    scores[..., n_filled:] = float("nan")
+    pages, counts = select_pages(scores, 4, kv_len=torch.tensor(length), page_size=16)
+    want_p, want_c = R.select_pages(scores[..., :n_filled], 4, kv_len=length, page_size=16)
+    assert torch.equal(counts, want_c)
+    for b in range(2):
+        for h in range(3):
+            assert torch.equal(pages[b, h, : counts[b, h]], want_p[b, h, : want_c[b, h]])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_quest_static_op_triton_matches_torch(padded):
+    from accel.kernels.reference_decode import page_bounds
+    from accel.kernels.static_decode import quest_static_decode
+
+    q, k, v = _qkv(2, 2, 4, 256, seed=5)
+    length = torch.tensor(150)
+    kmin, kmax = page_bounds(k[:, :, :150], 16)
+    pad = torch.full((2, 2, 16 - kmin.shape[2], k.shape[-1]), float("inf"))
+    kmin, kmax = torch.cat([kmin, pad], 2), torch.cat([kmax, -pad], 2)  # a static buffer of 256 slots
+    start = torch.tensor([0, 21], dtype=torch.int32) if padded else None
+    args = (q, k, v, kmin, kmax, length, start, 4, 16, "max", 0.25, 0.0)
+    torch.testing.assert_close(quest_static_decode(*args, True), quest_static_decode(*args, False), atol=1e-5,
+                               rtol=1e-5)

@@ -16,13 +16,16 @@ MAX_PAGES = 65536  # one row per program; beyond this the selection runs through
 
 
 @triton.jit
-def _select_kernel(SCORES, PAGES, COUNTS, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, KEEP_FIRST: tl.constexpr,
-                   BLOCK_P: tl.constexpr):
+def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
+                   LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
     offs = tl.arange(0, BLOCK_P)
     ok = offs < P
+    if LEN_ON_DEVICE:  # a static cache: the length is a tensor, pages past it hold nothing (and score NaN)
+        LAST = (tl.load(KV_LEN) - 1) // PAGE
+        ok = ok & (offs <= LAST)
     s = tl.load(SCORES + b * ssb + h * ssh + offs * ssp, mask=ok, other=0.0)
     force = offs == LAST
     if KEEP_FIRST:
@@ -51,23 +54,29 @@ def _select_kernel(SCORES, PAGES, COUNTS, ssb, ssh, ssp, spb, sph, sps, Hkv, P, 
     tl.store(COUNTS + pid, tl.sum(sel_i, axis=0))
 
 
-def select_pages(scores: torch.Tensor, k: int, *, kv_len: int, page_size: int, keep_first: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv])."""
+def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, page_size: int,
+                 keep_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
+    ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
+    and ``counts`` is below ``k`` when fewer pages are filled."""
     B, H, P = scores.shape
     k = min(int(k), P)
     if k < 1:
         raise ValueError(f"select_pages: k must be >= 1, got {k}")
+    on_device = isinstance(kv_len, torch.Tensor)
     if P > MAX_PAGES:
+        if on_device:
+            raise ValueError(f"select_pages: {P} pages with a device-side length exceed MAX_PAGES ({MAX_PAGES})")
         from ..reference_decode import select_pages as ref
 
         return ref(scores, k, kv_len=kv_len, page_size=page_size, keep_first=keep_first)
     scores = scores.float()
     pages = torch.empty(B, H, k, dtype=torch.int32, device=scores.device)
     counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
-    _select_kernel[(B * H,)](scores, pages, counts, *scores.stride(), *pages.stride(), H, P, k,
-                             (kv_len - 1) // page_size, KEEP_FIRST=bool(keep_first),
-                             BLOCK_P=max(16, triton.next_power_of_2(P)))
+    length = kv_len.to(device=scores.device, dtype=torch.int32).reshape(1) if on_device else counts
+    _select_kernel[(B * H,)](scores, pages, counts, length, *scores.stride(), *pages.stride(), H, P, k,
+                             0 if on_device else (kv_len - 1) // page_size, page_size, LEN_ON_DEVICE=on_device,
+                             KEEP_FIRST=bool(keep_first), BLOCK_P=max(16, triton.next_power_of_2(P)))
     return pages, counts
 
 
