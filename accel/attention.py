@@ -42,6 +42,7 @@ class LayerState:
     # a StaticCache layer the decode policy selects from (Quest's PagedStaticLayer), set at the uncompiled prefill;
     # held strongly because compiled decode steps read it without running the pre-forward hook
     static_layer: Any = None
+    static_padded: bool = False  # the static-cache prefill saw left padding (decode then derives per-row starts)
 
     def set_cache(self, cache, layer) -> None:
         self._cache_ref = None if cache is None else weakref.ref(cache)
@@ -202,6 +203,8 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
     phase = "prefill" if q_len > 1 else "decode"
     policy = state.spec.prefill if phase == "prefill" else state.spec.decode
     kv_start = None if attention_mask is None else _left_padding(attention_mask, kv_len)
+    if isinstance(cache_layer, StaticLayer):
+        state.static_padded = kv_start is not None
     if kv_start is not None and policy.cache_limit(state.sliding_window) is not None:
         raise ValueError(
             f"policy {policy.name!r} does not support left-padded batches (its sink tokens would be padding); "
@@ -242,8 +245,9 @@ def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
     if policy.name != "dense" and not hasattr(policy, "static_kind"):
         raise TypeError(f"decode policy {policy.name!r} does not run over a static cache; see accel.patch")
     if layer is not None:
-        # left padding: the first filled slot of each row (argmax of the boolean mask; no host sync)
-        kv_start = mask[:, 0, 0].to(torch.int8).argmax(-1).to(torch.int32)
+        # left padding (known from the prefill): the first filled slot of each row, an argmax over the mask row
+        # without a host sync; skipped for unpadded batches, where it would be one more pass over the context
+        kv_start = mask[:, 0, 0].to(torch.int8).argmax(-1).to(torch.int32) if state.static_padded else None
         use_triton = q.device.type == "cuda" and state.backend in ("auto", "triton")
         out = policy.static_decode(q, k, v, layer, kv_start=kv_start, scale=scale, softcap=softcap,
                                    use_triton=use_triton)
