@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.reference import visible_mask
 from .kernels.reference_sparse import _layout_heads, layout_to_block_mask, vertical_slash_mask
 from .layouts import BlockLayout, DenseLayout, StreamingLayout, VerticalSlashLayout
 
@@ -26,6 +25,17 @@ def sample_rows(q_len: int, rows: int = 64, seed: int = 0, device="cpu") -> torc
     return torch.randperm(q_len, generator=g)[:rows].sort().values.to(device)
 
 
+def _visible_rows(rows: torch.Tensor, q_len: int, kv_len: int, window: int | None = None) -> torch.Tensor:
+    """Bool [R, Sk]: the keys query rows ``rows`` see (causal, and the layer's window). Built for the sampled rows only:
+    the full [Sq, Sk] mask is 1 GB at 32K (its int64 intermediates 8 GB)."""
+    qpos = rows[:, None] + (kv_len - q_len)
+    kpos = torch.arange(kv_len, device=rows.device)[None, :]
+    keep = kpos <= qpos
+    if window is not None:
+        keep = keep & (qpos - kpos < window)
+    return keep
+
+
 def layout_keep_rows(layout, rows: torch.Tensor, q_len: int, kv_len: int, heads: int) -> torch.Tensor | None:
     """Bool [B_L or 1, heads, R, Sk]: keys the layout keeps for query rows ``rows`` (causality included).
     None for layouts recall does not cover (decode page selections)."""
@@ -34,8 +44,7 @@ def layout_keep_rows(layout, rows: torch.Tensor, q_len: int, kv_len: int, heads:
     kpos = torch.arange(kv_len, device=dev)[None, :]
     causal = kpos <= qpos
     if isinstance(layout, DenseLayout):
-        keep = causal if layout.window is None else causal & (qpos - kpos < layout.window)
-        return keep[None, None].expand(1, heads, -1, -1)
+        return _visible_rows(rows, q_len, kv_len, layout.window)[None, None].expand(1, heads, -1, -1)
     if isinstance(layout, StreamingLayout):
         keep = causal & ((qpos - kpos < layout.window) | (kpos < layout.sink))
         return keep[None, None].expand(1, heads, -1, -1)
@@ -64,7 +73,7 @@ def dense_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: f
     logits = torch.matmul(qr, k.float()[:, :, None].transpose(-1, -2)).reshape(B, Hq, rows.numel(), Sk) * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    keep = visible_mask(Sq, Sk, window=window, device=q.device)[rows]
+    keep = _visible_rows(rows.to(q.device), Sq, Sk, window)
     return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
 
 
