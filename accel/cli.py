@@ -113,6 +113,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "when the tokenizer has a chat template)")
     r.add_argument("--max-new-tokens", type=int, default=24, metavar="N",
                    help="tokens to generate, greedily (default 24; generation stops early at end of sequence)")
+    r.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
+                   help="KV cache for generate: dynamic (default) or static (transformers' StaticCache, which it "
+                   "compiles with torch.compile on a GPU; works with dense and quest decode)")
     r.add_argument("--no-warmup", action="store_true",
                    help="skip the short warm-up generation that precedes each timed run")
     o = p.add_argument_group("output")
@@ -186,8 +189,9 @@ class _Timer:
         pass
 
 
-def generate_timed(model, input_ids, max_new_tokens: int, tokenizer) -> dict[str, Any]:
-    """Greedy generation with time to first token, decode tokens/s, peak memory and KV bytes."""
+def generate_timed(model, input_ids, max_new_tokens: int, tokenizer, cache: str = "dynamic") -> dict[str, Any]:
+    """Greedy generation with time to first token, decode tokens/s, peak memory and KV bytes. ``cache="static"``:
+    transformers' StaticCache (compiled on a GPU: the warm-up pays the compilation)."""
     import torch
 
     device = input_ids.device
@@ -211,6 +215,7 @@ def generate_timed(model, input_ids, max_new_tokens: int, tokenizer) -> dict[str
             pad_token_id=pad,
             return_dict_in_generate=True,
             streamer=timer,
+            **_cache_kwargs(cache),
         )
     sync()
     total = time.perf_counter() - start
@@ -236,14 +241,23 @@ def generate_timed(model, input_ids, max_new_tokens: int, tokenizer) -> dict[str
     }
 
 
-def _warmup(model, input_ids, tokenizer) -> None:
+def _cache_kwargs(cache: str) -> dict[str, Any]:
+    return {"cache_implementation": "static"} if cache == "static" else {}
+
+
+def _warmup(model, input_ids, tokenizer, cache: str = "dynamic", max_new_tokens: int = 2) -> None:
     import torch
 
-    short = input_ids[:, : min(64, input_ids.shape[1])]
+    # a static cache warms up at the run's full size: transformers keeps the cache for the next generate only when
+    # it is as long, and the compiled step is specialised to its length
+    static = cache == "static"
+    short = input_ids if static else input_ids[:, : min(64, input_ids.shape[1])]
+    new = max_new_tokens if static else 2
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
-        model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=2, do_sample=False,
-                       temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=new, min_new_tokens=min(new, 3),
+                       do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                       **_cache_kwargs(cache))
 
 
 def _prompt_from_file(tokenizer, path: str) -> tuple[list[int], str]:
@@ -330,9 +344,9 @@ def run(args) -> dict[str, Any]:
 
     def one_run(label: str) -> dict[str, Any]:
         if not args.no_warmup:
-            _warmup(model, input_ids, tokenizer)
+            _warmup(model, input_ids, tokenizer, args.cache, args.max_new_tokens)
         _log(args, f"generating with {label}: {len(ids)} prompt tokens, up to {args.max_new_tokens} new tokens ...")
-        res = generate_timed(model, input_ids, args.max_new_tokens, tokenizer)
+        res = generate_timed(model, input_ids, args.max_new_tokens, tokenizer, args.cache)
         res["needle_found"] = needle_found(res["text"], needle.answer) if needle else None
         return res
 
@@ -353,6 +367,7 @@ def run(args) -> dict[str, Any]:
         "backend": args.backend,
         "prompt_tokens": len(ids),
         "max_position_embeddings": limit,
+        "cache": args.cache,
         "needle": None if needle is None else {
             "answer": needle.answer, "depth": needle.depth, "seed": needle.seed, "kind": needle.needle_kind,
             "token_start": needle.needle_token_start, "token_end": needle.needle_token_end,

@@ -270,7 +270,7 @@ def test_help_explains_every_option(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for opt in ["--model", "--policy", "--prefill", "--decode", "--option", "--backend", "--context-length",
-                "--depth", "--prompt-file", "--max-new-tokens", "--device", "--dtype", "--compare", "--json",
+                "--depth", "--prompt-file", "--max-new-tokens", "--cache", "--device", "--dtype", "--compare", "--json",
                 "examples:"]:
         assert opt in out, opt
 
@@ -298,6 +298,19 @@ def test_cli_json_run_on_tiny_model(capsys, tiny_dir):
     assert r["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * (res["prompt_tokens"] + 3)
     assert isinstance(r["needle_found"], bool)
     assert r["stats"]["policy"] == "dense"
+
+
+@pytest.mark.parametrize("policy", ["dense", "quest"])
+def test_cli_static_cache_gives_the_dynamic_tokens(capsys, tiny_dir, policy):
+    argv = ["--model", str(tiny_dir), "--context-length", "300", "--max-new-tokens", "4", "--json", "--policy",
+            policy, *(["--option", "dense_layers=0", "--option", "budget=64"] if policy == "quest" else []), *BASE]
+    outs = {}
+    for cache in ("dynamic", "static"):
+        code, out, err = _run(capsys, [*argv, "--cache", cache])
+        assert code == 0, err
+        outs[cache] = json.loads(out)
+    assert outs["static"]["cache"] == "static"
+    assert outs["static"]["result"]["new_token_ids"] == outs["dynamic"]["result"]["new_token_ids"]
 
 
 def test_cli_streaming_compare_text_report(capsys, tiny_dir):
