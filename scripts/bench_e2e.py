@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_utils import err as _err  # noqa: E402
-from bench_utils import parse_spec  # noqa: E402
+from bench_utils import meta_lines, parse_spec, write_json  # noqa: E402
 
 import accel  # noqa: E402
 
@@ -241,13 +241,9 @@ def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
 
 
 def write(results, out):
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(results, out)
     m = results["meta"]
-    lines = [f"# End to end: {m['model']} ({m['shape']})", "", f"- command: `{m['command']}`",
-             f"- device: {m['device']}; date: {m['date']}; wall {m.get('wall_s', 0):.0f} s",
-             f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+    lines = [f"# End to end: {m['model']} ({m['shape']})", "", *meta_lines(m),
              f"- {m.get('weights_note', 'random weights')}, bf16, batch 1; time to first token = prefill with "
              f"logits_to_keep=1 (median of {m['repeats']}, after a warm-up at the same length); speedups against the "
              "dense baselines of the same run", ""]

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_e2e import build_model, model_config  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
-from bench_utils import parse_spec  # noqa: E402
+from bench_utils import meta_lines, parse_spec, write_json  # noqa: E402
 
 import accel  # noqa: E402
 
@@ -123,13 +123,9 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
 
 
 def write(results: dict, out: str) -> None:
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(results, out)
     m = results["meta"]
-    lines = [f"# Decode over a static cache, {m['mode']} ({m['model']})", "", f"- command: `{m['command']}`",
-             f"- device: {m['device']}; date: {m['date']}; wall {m['wall_s']:.0f} s",
-             f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+    lines = [f"# Decode over a static cache, {m['mode']} ({m['model']})", "", *meta_lines(m),
              f"- random weights, bf16; {m['steps']} timed greedy steps after warm-up; the whole step replayed as a CUDA "
              "graph; speedup = tokens/s against `sdpa` (transformers' attention) at the same context and batch", "",
              "| context | batch | run | step ms | tokens/s | vs sdpa | KV GiB | peak GiB |",

@@ -29,3 +29,19 @@ def parse_spec(text: str) -> tuple[str, dict]:
                 continue
         kw[key] = val
     return name, kw
+
+
+def write_json(results: dict, out: str) -> None:
+    """``out + ".json"``, creating its folder."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def meta_lines(m: dict) -> list[str]:
+    """The markdown header bullets every results file carries: command, device and date, versions."""
+    return [f"- command: `{m['command']}`", f"- device: {m['device']}; date: {m['date']}; wall {m.get('wall_s', 0):.0f} s",
+            f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}"]
