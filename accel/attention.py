@@ -234,34 +234,42 @@ def accel_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2).contiguous(), None
 
 
+def _static_dense(q, k, v, mask, scale, softcap):
+    """Dense one-token attention over a static buffer with transformers' boolean mask, native GQA."""
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                enable_gqa=q.shape[1] != k.shape[1])
+    # tanh soft-capping (Gemma 2): SDPA has no hook for it, and one query row is cheap in plain torch
+    g = q.shape[1] // k.shape[1]
+    s = torch.matmul(q, k.repeat_interleave(g, 1).transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    s = (torch.tanh(s / softcap) * softcap).masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s.float(), -1).to(v.dtype), v.repeat_interleave(g, 1))
+
+
 def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
     """One-token decode over a static cache (transformers' StaticCache, usually under torch.compile), with no host
     sync and no per-step Python state, so the compiled step captures as one CUDA graph. Layers whose decode policy
-    selects pages (Quest, on its PagedStaticLayer) run the policy's device-side selection; the others attend densely
+    selects keys (Quest's pages on its PagedStaticLayer, TidalDecode's shared positions) run the policy's device-side
+    ``static_decode``; the others attend densely
     over the preallocated buffer with transformers' own boolean mask (filled slots, padding, sliding window).
     Decode policies without a static form are refused at the prefill (accel.patching)."""
     policy = state.spec.decode
-    layer = state.static_layer
-    if policy.name != "dense" and not hasattr(policy, "static_kind"):
+    handle = state.static_layer
+    if policy.name != "dense" and not hasattr(policy, "static_decode"):
         raise TypeError(f"decode policy {policy.name!r} does not run over a static cache; see accel.patch")
-    if layer is not None:
+    out, name = None, "static-sdpa"
+    if handle is not None:
         # left padding (known from the prefill): the first filled slot of each row, an argmax over the mask row
         # without a host sync; skipped for unpadded batches, where it would be one more pass over the context
         kv_start = mask[:, 0, 0].to(torch.int8).argmax(-1).to(torch.int32) if state.static_padded else None
         use_triton = q.device.type == "cuda" and state.backend in ("auto", "triton")
-        out = policy.static_decode(q, k, v, layer, kv_start=kv_start, scale=scale, softcap=softcap,
+        # None back: the policy only took what it needed (TidalDecode's selection layer) and the layer is dense
+        out = policy.static_decode(q, k, v, handle, mask=mask, kv_start=kv_start, scale=scale, softcap=softcap,
                                    use_triton=use_triton)
-        name = "static-paged"
-    elif softcap is None:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                                               enable_gqa=q.shape[1] != k.shape[1])
-        name = "static-sdpa"
-    else:  # tanh soft-capping (Gemma 2): SDPA has no hook for it, and one query row is cheap in plain torch
-        g = q.shape[1] // k.shape[1]
-        s = torch.matmul(q, k.repeat_interleave(g, 1).transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
-        s = (torch.tanh(s / softcap) * softcap).masked_fill(~mask, float("-inf"))
-        out = torch.matmul(torch.softmax(s.float(), -1).to(v.dtype), v.repeat_interleave(g, 1))
-        name = "static-sdpa"
+        if out is not None:
+            name = "static-paged"
+    if out is None:
+        out = _static_dense(q, k, v, mask, scale, softcap)
     if not torch.compiler.is_compiling():  # a Python counter in a compiled step would recompile it every step
         # (a CUDA-graph capture counts its one eager pass; replays are not counted)
         state.calls["decode"] += 1

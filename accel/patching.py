@@ -129,26 +129,23 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
 
 def _static_layer(state: LayerState, cache, layers, kind):
     """A transformers StaticCache (generate's static / torch.compile path): dense decode runs over it as is; a decode
-    policy with a static counterpart (``static_kind``, Quest) gets its own static layer; the others are refused."""
+    policy with a static form (``static_prepare``: Quest, TidalDecode) sets up what its device-side decode needs
+    (a cache layer with page bounds, a shared selection buffer); the others are refused."""
     decode = state.spec.decode
     layer = layers[state.layer_idx]
     state.static_layer = None
     if decode.name == "dense":
         return layer
-    if not hasattr(decode, "static_kind"):
+    if not hasattr(decode, "static_prepare"):
         needs = f"its own cache layer ({kind[0].__name__})" if kind is not None else "its cache handling"
         raise TypeError(
             f"decode policy {decode.name!r} needs {needs} and the default dynamic cache, got {type(cache).__name__}; "
             "drop cache_implementation='static' / past_key_values=StaticCache(...) from generate, or decode with "
-            "'dense' or 'quest' (policy={'prefill': ..., 'decode': 'dense'}), which work with the static cache and "
-            "torch.compile")
-    want = decode.static_kind(state.sliding_window, state.layer_idx)
-    if want is None:
-        return layer  # this layer decodes dense (a sliding-window layer, or one of the first dense layers)
-    if not isinstance(layer, want[0]):
-        layer = layers[state.layer_idx] = want[0].from_layer(layer, **want[1])
-    state.static_layer = layer
-    return layer
+            "'dense', 'quest' or 'tidal' (policy={'prefill': ..., 'decode': 'dense'}), which work with the static "
+            "cache and torch.compile")
+    # None: this layer decodes dense (a sliding-window layer, one of the first dense layers)
+    state.static_layer = decode.static_prepare(cache, layers, state.layer_idx, state.sliding_window)
+    return layers[state.layer_idx]
 
 
 def is_patched(model: nn.Module) -> bool:

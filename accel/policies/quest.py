@@ -89,20 +89,23 @@ class QuestPolicy(Policy):
             return None
         return PagedKVLayer, {"page_size": self.page_size}
 
-    def static_kind(self, sliding_window, layer_idx):
-        """The cache layer this policy needs in a transformers StaticCache (None: the layer decodes dense)."""
+    def static_prepare(self, cache, layers, layer_idx: int, sliding_window):
+        """At the (eager) prefill over a transformers StaticCache: a selecting layer's StaticLayer becomes a
+        PagedStaticLayer (page bounds); returns it as the handle ``static_decode`` gets, or None (dense layer)."""
         if not self._selects(sliding_window, layer_idx):
             return None
-        return PagedStaticLayer, {"page_size": self.page_size}
+        if not isinstance(layers[layer_idx], PagedStaticLayer):
+            layers[layer_idx] = PagedStaticLayer.from_layer(layers[layer_idx], page_size=self.page_size)
+        return layers[layer_idx]
 
-    def static_decode(self, q, k, v, layer: PagedStaticLayer, *, kv_start, scale, softcap, use_triton: bool):
+    def static_decode(self, q, k, v, layer: PagedStaticLayer, *, mask, kv_start, scale, softcap, use_triton: bool):
         """One decode step over a static cache, all on the device (compiles into a CUDA graph): the same selection
         as ``plan`` with the length read from ``layer.cumulative_length`` (kernels/static_decode.py)."""
         from accel.kernels.static_decode import quest_static_decode
 
         if self.keep_first_page:
             raise ValueError("keep_first_page is not supported over a static cache; use the default dynamic cache")
-        return torch.ops.accel.quest_static_decode(
+        return quest_static_decode(
             q, k, v, layer.kmin, layer.kmax, layer.cumulative_length, kv_start, self.budget // self.page_size,
             self.page_size, self.group_reduce, float(scale if scale is not None else q.shape[-1] ** -0.5),
             float(softcap or 0.0), use_triton)
