@@ -103,7 +103,8 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
             return None
         layer = layers[state.layer_idx]
         if isinstance(layer, StaticLayer):
-            layer = _static_layer(state, cache, layers, kind)
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            layer = _static_layer(state, cache, layers, kind, mod, hidden)
         elif limit is not None and type(layer) is DynamicLayer:
             layer = layers[state.layer_idx] = SinkWindowLayer.from_layer(layer, *limit)
         elif limit is not None and not isinstance(layer, SinkWindowLayer) and not getattr(layer, "is_sliding", False):
@@ -127,7 +128,7 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
     return hook
 
 
-def _static_layer(state: LayerState, cache, layers, kind):
+def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
     """A transformers StaticCache (generate's static / torch.compile path): dense decode runs over it as is; a decode
     policy with a static form (``static_prepare``: Quest, TidalDecode) sets up what its device-side decode needs
     (a cache layer with page bounds, a shared selection buffer); the others are refused."""
@@ -144,7 +145,10 @@ def _static_layer(state: LayerState, cache, layers, kind):
             "'dense', 'quest' or 'tidal' (policy={'prefill': ..., 'decode': 'dense'}), which work with the static "
             "cache and torch.compile")
     # None: this layer decodes dense (a sliding-window layer, one of the first dense layers)
-    state.static_layer = decode.static_prepare(cache, layers, state.layer_idx, state.sliding_window)
+    batch = hidden.shape[0]
+    param = next(mod.parameters())
+    state.static_layer = decode.static_prepare(cache, layers, state.layer_idx, state.sliding_window, batch=batch,
+                                               kv_heads=mod.config.num_key_value_heads, device=param.device)
     return layers[state.layer_idx]
 
 

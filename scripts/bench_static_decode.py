@@ -7,7 +7,7 @@ A Llama-3.1-8B-shaped model with random weights (speed depends on shapes only). 
 context filled with random keys/values written through the layers' own ``update`` (so Quest's page bounds are
 built the way decode builds them), a warm-up, then ``--steps`` timed steps, each feeding its greedy token back.
 Runs: ``sdpa`` (transformers' own attention), ``dense`` (accel, dense decode) and decode policies with a static
-form (``quest``, ``quest:budget=2048``). Tokens/s = batch * steps / time.
+form (``quest``, ``tidal``, ``quest:budget=2048``). Tokens/s = batch * steps / time.
 
     python scripts/bench_static_decode.py --contexts 131072 --batches 1 4 --out results/bench_static_decode
 """
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="llama8b")
     ap.add_argument("--contexts", type=int, nargs="+", default=[131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--runs", nargs="+", default=["sdpa", "dense", "quest"])
+    ap.add_argument("--runs", nargs="+", default=["sdpa", "dense", "quest", "tidal"])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--mode", choices=("graph", "compile"), default="graph")
     ap.add_argument("--out", default=None)

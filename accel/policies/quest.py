@@ -89,7 +89,7 @@ class QuestPolicy(Policy):
             return None
         return PagedKVLayer, {"page_size": self.page_size}
 
-    def static_prepare(self, cache, layers, layer_idx: int, sliding_window):
+    def static_prepare(self, cache, layers, layer_idx: int, sliding_window, **_):
         """At the (eager) prefill over a transformers StaticCache: a selecting layer's StaticLayer becomes a
         PagedStaticLayer (page bounds); returns it as the handle ``static_decode`` gets, or None (dense layer)."""
         if not self._selects(sliding_window, layer_idx):

@@ -109,9 +109,11 @@ class TidalPolicy(Policy):
         return layers
 
     # -------------------------------------------------------------------------------------------- scoring
-    def score(self, q: torch.Tensor, k: torch.Tensor, scale=None, softcap=None, kv_start=None) -> torch.Tensor:
+    def score(self, q: torch.Tensor, k: torch.Tensor, scale=None, softcap=None, kv_start=None,
+              length: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 [B, Hkv, Sk]: the selection layer's attention probabilities of the newest query, reduced over
-        each KV head's query group."""
+        each KV head's query group. ``length`` (a static cache's filled length, a tensor): keys at or past it are
+        left out of the softmax."""
         B, Hq, _, D = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         logits = torch.matmul(q[:, :, -1].reshape(B, Hkv, Hq // Hkv, D), k.transpose(-1, -2)).float()
@@ -121,6 +123,8 @@ class TidalPolicy(Policy):
         if kv_start is not None:
             pad = torch.arange(Sk, device=q.device)[None, :] < kv_start.to(q.device).long()[:, None]
             logits = logits.masked_fill(pad[:, None, None, :], float("-inf"))
+        if length is not None:
+            logits = torch.where(torch.arange(Sk, device=q.device) < length, logits, float("-inf"))
         p = torch.softmax(logits, dim=-1)  # [B, Hkv, g, Sk]
         return p.sum(2) if self.group_reduce == "sum" else p.amax(2)
 
@@ -132,6 +136,46 @@ class TidalPolicy(Policy):
         n = min(self.budget, s.shape[-1])
         pos = s.topk(n, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
         return pos, torch.full(pos.shape[:2], n, dtype=torch.int32, device=pos.device)
+
+    # ------------------------------------------------------------------------------------- static cache
+    def static_prepare(self, cache, layers, layer_idx: int, sliding_window, *, batch: int, kv_heads: int, device):
+        """At the (eager) prefill over a transformers StaticCache. Selection layers and the layers reusing their
+        positions get a handle: the cache layer (its device-side length) and the selection buffer of their
+        selection layer, int32 [batch, kv_heads, min(budget, cache length)], shared through the cache (a static
+        address, so the compiled step writes and reads it in place). Layers before the selection layer and
+        sliding-window layers decode dense (None)."""
+        sel, resel = self._resolved()
+        if sliding_window is not None or layer_idx < sel:
+            return None
+        src = resel if resel is not None and layer_idx >= resel else sel
+        n = min(self.budget, layers[layer_idx].max_cache_len)
+        slots = self._store().setdefault(cache, {})
+        buf = slots.get(("static", src))
+        if buf is None or buf.shape != (batch, kv_heads, n) or buf.device != torch.device(device):
+            buf = slots[("static", src)] = torch.zeros(batch, kv_heads, n, dtype=torch.int32, device=device)
+            torch._dynamo.mark_static_address(buf)
+        return {"layer": layers[layer_idx], "positions": buf, "select": layer_idx in (sel, resel)}
+
+    def static_decode(self, q, k, v, handle: dict, *, mask, kv_start, scale, softcap, use_triton: bool):
+        """One decode step over a static cache, on the device. A selection layer scores the filled keys (the
+        length read from the cache layer, no sync), writes the top ``budget`` positions into the shared buffer and
+        returns None: it attends densely. A reusing layer attends to those positions (page size 1) with keys past
+        the length masked, so a budget above the context is dense."""
+        length = handle["layer"].cumulative_length
+        positions = handle["positions"]
+        if handle["select"]:
+            s = self.score(q, k, scale, softcap, kv_start, length=length)  # [B, Hkv, S], float32
+            pos = torch.arange(s.shape[-1], device=s.device)
+            s = torch.where(pos == length - 1, float("inf"), s)  # the newest token, always
+            positions.copy_(s.topk(positions.shape[-1], dim=-1).indices)
+            return None
+        if use_triton:
+            from accel.kernels.triton.decode_attention import paged_decode_attention
+        else:
+            from accel.kernels.reference_decode import paged_decode_attention
+        counts = torch.full(positions.shape[:2], positions.shape[-1], dtype=torch.int32, device=q.device)
+        return paged_decode_attention(q, k, v, positions, counts, 1, scale=scale, softcap=softcap, kv_start=kv_start,
+                                      kv_end=length.reshape(1).expand(q.shape[0]))
 
     # --------------------------------------------------------------------------------------------- plan
     def _store(self):
