@@ -49,15 +49,19 @@ def test_auto_picks_a_gpu_backend():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_quest_static_cache_compiled_matches_dynamic(family):
+@pytest.mark.parametrize("policy", ["quest", "tidal"])
+def test_static_cache_compiled_matches_dynamic(family, policy):
     """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
-    Quest's Triton static op must give the dynamic-cache tokens (float32 so the selections agree exactly)."""
+    the Triton static decode (Quest's op, TidalDecode's shared positions) must give the dynamic-cache tokens
+    (float32 so the selections agree exactly)."""
     torch._dynamo.reset()
     model = tiny_model(family).cuda()
     x = _ids(300, batch=2)
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    opts = dict(budget=64, page_size=16, dense_layers=0) if policy == "quest" else dict(
+        budget=64, select_layer=0 if family == "llama" else 2, reselect_layer=None)
     with torch.no_grad():
-        accel.patch(model, "quest", budget=64, page_size=16, dense_layers=0, backend="triton")
+        accel.patch(model, policy, backend="triton", **opts)
         dynamic = model.generate(x, **kw)
         static = model.generate(x, cache_implementation="static", **kw)  # compiled by transformers on CUDA
     assert torch.equal(static, dynamic)
