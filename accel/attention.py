@@ -184,6 +184,15 @@ def _left_padding(mask: torch.Tensor, kv_len: int) -> torch.Tensor | None:
 
 def accel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                     softcap=None, **kwargs):
+    if query.is_cuda and not torch.compiler.is_compiling() and query.device.index != torch.cuda.current_device():
+        # a model spread over GPUs (device_map="auto"): Triton launches on the current device, so make it this
+        # layer's (as flash-attn does), or its kernels would read another GPU's pointers
+        with torch.cuda.device(query.device):
+            return _attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap)
+    return _attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap)
+
+
+def _attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap):
     state: LayerState | None = getattr(module, "_accel", None)
     if state is None:
         raise RuntimeError(

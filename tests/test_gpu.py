@@ -65,3 +65,28 @@ def test_static_cache_compiled_matches_dynamic(family, policy):
         dynamic = model.generate(x, **kw)
         static = model.generate(x, cache_implementation="static", **kw)  # compiled by transformers on CUDA
     assert torch.equal(static, dynamic)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("policy", ["xattention", "quest", "tidal"])
+def test_two_gpus_match_one(policy):
+    """Layers split over two GPUs (what accelerate's device_map does): the patched model gives the tokens of the
+    same model on one GPU (the Triton kernels launch on each layer's own device)."""
+    from accelerate import dispatch_model
+
+    model = tiny_model("llama")
+    x = _ids(300)
+    opts = dict(xattention=dict(block_size=64, threshold=0.5), quest=dict(budget=64, dense_layers=0),
+                tidal=dict(budget=64, select_layer=0, reselect_layer=None))[policy]
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        one = model.cuda()
+        accel.patch(one, policy, backend="triton", **opts)
+        ref = one.generate(x, **kw)
+        accel.unpatch(one)
+        split = dispatch_model(one.cpu(), device_map={"model.embed_tokens": 0, "model.rotary_emb": 0,
+                                                      "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1,
+                                                      "lm_head": 1})
+        accel.patch(split, policy, backend="triton", **opts)
+        out = split.generate(x, **kw)
+    assert torch.equal(out.cpu(), ref.cpu())
