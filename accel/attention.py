@@ -268,9 +268,13 @@ def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
         raise TypeError(f"decode policy {policy.name!r} does not run over a static cache; see accel.patch")
     out, name = None, "static-sdpa"
     if handle is not None:
-        # left padding (known from the prefill): the first filled slot of each row, an argmax over the mask row
-        # without a host sync; skipped for unpadded batches, where it would be one more pass over the context
-        kv_start = mask[:, 0, 0].to(torch.int8).argmax(-1).to(torch.int32) if state.static_padded else None
+        # left padding (known from the prefill): each row's first real slot = its masked slots less the unfilled
+        # tail (a parallel sum, no host sync; an argmax over 128K slots is one long serial reduction per row);
+        # skipped for unpadded batches, where it would be one more pass over the context
+        kv_start = None
+        if state.static_padded:
+            row = mask[:, 0, 0]
+            kv_start = ((~row).sum(-1) - (row.shape[-1] - handle.cumulative_length)).to(torch.int32)
         use_triton = q.device.type == "cuda" and state.backend in ("auto", "triton")
         # None back: the policy only took what it needed (TidalDecode's selection layer) and the layer is dense
         out = policy.static_decode(q, k, v, handle, mask=mask, kv_start=kv_start, scale=scale, softcap=softcap,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -10,6 +11,20 @@ from accel.layouts import DenseLayout, PageSelection
 from .base import Policy
 
 PAPER_LAYERS, PAPER_RESELECT = 32, 13  # Llama-3-8B: re-selection at layer 13 of 32
+
+
+@dataclass
+class _StaticHandle:
+    """What a layer needs for TidalDecode over a static cache: its cache layer (the device-side length), the shared
+    selection buffer, and whether it selects (writes the buffer) or reuses it."""
+
+    layer: Any
+    positions: torch.Tensor
+    select: bool
+
+    @property
+    def cumulative_length(self) -> torch.Tensor:
+        return self.layer.cumulative_length
 
 
 @dataclass
@@ -154,16 +169,16 @@ class TidalPolicy(Policy):
         if buf is None or buf.shape != (batch, kv_heads, n) or buf.device != torch.device(device):
             buf = slots[("static", src)] = torch.zeros(batch, kv_heads, n, dtype=torch.int32, device=device)
             torch._dynamo.mark_static_address(buf)
-        return {"layer": layers[layer_idx], "positions": buf, "select": layer_idx in (sel, resel)}
+        return _StaticHandle(layers[layer_idx], buf, layer_idx in (sel, resel))
 
-    def static_decode(self, q, k, v, handle: dict, *, mask, kv_start, scale, softcap, use_triton: bool):
+    def static_decode(self, q, k, v, handle: "_StaticHandle", *, mask, kv_start, scale, softcap, use_triton: bool):
         """One decode step over a static cache, on the device. A selection layer scores the filled keys (the
         length read from the cache layer, no sync), writes the top ``budget`` positions into the shared buffer and
         returns None: it attends densely. A reusing layer attends to those positions (page size 1) with keys past
         the length masked, so a budget above the context is dense."""
-        length = handle["layer"].cumulative_length
-        positions = handle["positions"]
-        if handle["select"]:
+        length = handle.cumulative_length
+        positions = handle.positions
+        if handle.select:
             s = self.score(q, k, scale, softcap, kv_start, length=length)  # [B, Hkv, S], float32
             pos = torch.arange(s.shape[-1], device=s.device)
             s = torch.where(pos == length - 1, float("inf"), s)  # the newest token, always
