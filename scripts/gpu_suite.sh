@@ -7,6 +7,8 @@
 #   bash scripts/gpu_suite.sh estimation       # estimation kernels as a share of the sparse attention they feed
 #   bash scripts/gpu_suite.sh prefill          # attention stage of every prefill policy vs dense
 #   bash scripts/gpu_suite.sh e2e_llama8b e2e_gemma3   # whole models: TTFT / decode / memory vs transformers dense
+#   bash scripts/gpu_suite.sh decode static_decode     # decode attention (graph + eager); whole-model static-cache
+#                                                      # decode as CUDA graphs and compiled (batch 4 at 128K: H200)
 #   bash scripts/gpu_suite.sh e2e_gemma3_real          # the same on the real Gemma-3-270M with a needle prompt
 #   bash scripts/gpu_suite.sh eval_gemma3_long         # accel-eval grid on the real Gemma-3-270M, 4K to 32K
 #
@@ -68,6 +70,13 @@ for stage in "$@"; do
         tail -45 "$D/logs/full.log"
       fi
       tar czf "$OUT/eval_gemma3_long.tgz" "$D" ;;
+    decode)
+      timeout 150 python3 scripts/bench_decode.py --contexts 32768,131072 --batches 1,4,8 --out "$OUT" | tail -24 ;;
+    static_decode)
+      timeout 240 python3 scripts/bench_static_decode.py --contexts 32768 131072 --batches 1 4 \
+        --out "$OUT/bench_static_decode" | tail -20
+      timeout 300 python3 scripts/bench_static_decode.py --mode compile --contexts 131072 --batches 1 4 \
+        --runs dense quest tidal --steps 16 --out "$OUT/bench_static_decode_compile" | tail -10 ;;
     e2e_llama8b)
       timeout 420 python3 scripts/bench_e2e.py --model llama8b --contexts 32768 131072 --decode 16 \
         --runs sdpa flash_attention_4 flexprefill xattention proxy xattention+quest quest duo lserve tidal \
