@@ -115,6 +115,37 @@ def plot_e2e(path: str) -> str:
     return out
 
 
+def plot_static_decode(path: str) -> str:
+    """Decode tokens/s over a static cache against accel dense (same SDPA, native GQA), per run and batch."""
+    plt = _plt()
+    with open(path) as f:
+        res = json.load(f)
+    rows = [r for r in res["rows"] if "tok_s" in r]
+    base = {(r["context"], r["batch"]): r["tok_s"] for r in rows if r["run"] == "dense"}
+    ctxs = sorted({r["context"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in dict.fromkeys(r["run"] for r in rows):
+        if run == "dense":
+            continue
+        for batch in sorted({r["batch"] for r in rows}):
+            pts = [(r["context"] // 1024, r["tok_s"] / base[(r["context"], batch)]) for r in rows
+                   if r["run"] == run and r["batch"] == batch and (r["context"], batch) in base]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=f"{run}, batch {batch}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([c // 1024 for c in ctxs], [f"{c // 1024}K" for c in ctxs])
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens/s vs accel dense")
+    ax.set_title(f"decode over a static cache, {res['meta']['mode']} ({res['meta']['device']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = path[:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default="results")
@@ -124,6 +155,8 @@ def main(argv=None):
         fn = {"bench_block_sparse.json": plot_block_sparse, "bench_prefill.json": plot_prefill}.get(name)
         if fn is None and name.startswith("bench_e2e_") and name.endswith(".json"):
             fn = plot_e2e
+        if fn is None and name.startswith("bench_static_decode") and name.endswith(".json"):
+            fn = plot_static_decode
         if fn is not None:
             print(fn(path))
 
