@@ -180,3 +180,21 @@ def test_compiled_tidal_static_decode_matches_dynamic():
     cc = transformers.CompileConfig(fullgraph=True, mode="default")
     cc._compile_all_devices = True
     assert torch.equal(_generate(model, x, cache_implementation="static", compile_config=cc), dynamic)
+
+
+@pytest.mark.parametrize("policy", ["dense", "quest", "xattention"])
+def test_chunked_prefill_over_static_cache(policy):
+    """A prompt prefilled in two chunks into a StaticCache, then decoded: the logits of the dynamic cache."""
+    from transformers import DynamicCache, StaticCache
+
+    model = tiny_model("llama")
+    opts = {"quest": dict(budget=64, dense_layers=0), "xattention": dict(block_size=64, threshold=0.5)}.get(policy, {})
+    accel.patch(model, policy, backend="reference", **opts)
+    x = ids(length=201)
+    outs = []
+    for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=256)):
+        with torch.no_grad():
+            model(x[:, :130], past_key_values=cache, use_cache=True)
+            model(x[:, 130:200], past_key_values=cache, use_cache=True)
+            outs.append(model(x[:, 200:], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
