@@ -15,6 +15,7 @@ from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .autopick import Fastest
+from .kernels.static_decode import dense_static_decode
 from .kernels import BackendUnavailable, get_backend
 from .layouts import BlockLayout, HeadSplitLayout, PageSelection, VerticalSlashLayout
 from .policies import AttentionContext
@@ -243,18 +244,6 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, slid
     return out.transpose(1, 2).contiguous(), None
 
 
-def _static_dense(q, k, v, mask, scale, softcap):
-    """Dense one-token attention over a static buffer with transformers' boolean mask, native GQA."""
-    if softcap is None:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                                                enable_gqa=q.shape[1] != k.shape[1])
-    # tanh soft-capping (Gemma 2): SDPA has no hook for it, and one query row is cheap in plain torch
-    g = q.shape[1] // k.shape[1]
-    s = torch.matmul(q, k.repeat_interleave(g, 1).transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
-    s = (torch.tanh(s / softcap) * softcap).masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(s.float(), -1).to(v.dtype), v.repeat_interleave(g, 1))
-
-
 def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
     """One-token decode over a static cache (transformers' StaticCache, usually under torch.compile), with no host
     sync and no per-step Python state, so the compiled step captures as one CUDA graph. Layers whose decode policy
@@ -282,7 +271,7 @@ def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
         if out is not None:
             name = "static-paged"
     if out is None:
-        out = _static_dense(q, k, v, mask, scale, softcap)
+        out = dense_static_decode(q, k, v, mask, scale, softcap)
     if not torch.compiler.is_compiling():  # a Python counter in a compiled step would recompile it every step
         # (a CUDA-graph capture counts its one eager pass; replays are not counted)
         state.calls["decode"] += 1

@@ -52,6 +52,19 @@ def _select_torch(q, kmin, kmax, length, kv_start, n_keep: int, page_size: int, 
     return pages, counts
 
 
+def dense_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None,
+                        softcap: float | None) -> torch.Tensor:
+    """Dense one-token attention over a static buffer with a boolean mask ([B, 1, 1, S], True = attend), native
+    GQA: torch SDPA, or plain torch for tanh soft-capping (Gemma 2), which SDPA has no hook for."""
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                enable_gqa=q.shape[1] != k.shape[1])
+    g = q.shape[1] // k.shape[1]
+    s = torch.matmul(q, k.repeat_interleave(g, 1).transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    s = (torch.tanh(s / softcap) * softcap).masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s.float(), -1).to(v.dtype), v.repeat_interleave(g, 1))
+
+
 @torch.library.custom_op("accel::quest_static_decode", mutates_args=())
 def quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                         length: torch.Tensor, kv_start: torch.Tensor | None, n_keep: int, page_size: int,
@@ -68,4 +81,4 @@ def _(q, k, v, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, sc
     return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
 
 
-__all__ = ["quest_static_decode"]
+__all__ = ["quest_static_decode", "dense_static_decode"]
