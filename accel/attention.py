@@ -253,7 +253,7 @@ def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
     Decode policies without a static form are refused at the prefill (accel.patching)."""
     policy = state.spec.decode
     handle = state.static_layer
-    if policy.name != "dense" and not hasattr(policy, "static_decode"):
+    if policy.name != "dense" and getattr(policy, "static_decode", None) is None:
         raise TypeError(f"decode policy {policy.name!r} does not run over a static cache; see accel.patch")
     out, name = None, "static-sdpa"
     if handle is not None:

@@ -283,6 +283,81 @@ class PagedStaticLayer(StaticLayer):
             self.kmax.fill_(float("-inf"))
 
 
+class DuoStaticLayer(StaticLayer):
+    """DuoAttention over a transformers StaticCache: retrieval KV heads in a preallocated buffer of every position
+    (``keys``/``values`` [B, H_r, max_cache_len, D]); streaming KV heads in a ring of ``sink + recent`` slots
+    (``skeys``/``svalues``): positions below ``sink`` keep their slot, later ones cycle through the other ``recent``
+    slots. So the streaming heads' memory is constant here too, and a decode step writes one slot, chosen on the
+    device from ``cumulative_length`` (no sync, compiles into a CUDA graph). Attention is order-free once RoPE is
+    applied, so the ring needs no reordering. The first fill (the prefill) returns every head's K/V for the prefill
+    policy; a prefill on top of a filled layer (chunked prefill) is not supported."""
+
+    def __init__(self, max_cache_len: int, stream_heads, sink: int, recent: int):
+        super().__init__(max_cache_len=max_cache_len)
+        mask = torch.as_tensor(stream_heads, dtype=torch.bool)
+        self.stream_idx = mask.nonzero()[:, 0]
+        self.retrieval_idx = (~mask).nonzero()[:, 0]
+        self.sink, self.recent = sink, recent
+        self.skeys = self.svalues = None
+
+    @classmethod
+    def from_layer(cls, layer: StaticLayer, stream_heads, sink: int, recent: int) -> "DuoStaticLayer":
+        if layer.is_initialized and int(layer.get_seq_length()) > 0:
+            raise RuntimeError("a static cache that already holds tokens cannot split its heads for DuoAttention; "
+                               "start a new cache after accel.patch")
+        return cls(layer.max_cache_len, stream_heads, sink, recent)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        self.stream_idx, self.retrieval_idx = self.stream_idx.to(self.device), self.retrieval_idx.to(self.device)
+        B, hr, hs = self.batch_size, self.retrieval_idx.numel(), self.stream_idx.numel()
+        new = key_states.new_zeros
+        self.keys = new(B, hr, self.max_cache_len, self.k_head_dim)
+        self.values = new(B, hr, self.max_cache_len, self.v_head_dim)
+        self.skeys = new(B, hs, self.sink + self.recent, self.k_head_dim)
+        self.svalues = new(B, hs, self.sink + self.recent, self.v_head_dim)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for t in (self.keys, self.values, self.skeys, self.svalues, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def _slots(self, pos: torch.Tensor) -> torch.Tensor:
+        return torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % self.recent)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if n > 1 and int(self.cumulative_length) > 0:  # eager: prefills are not compiled
+            raise RuntimeError("DuoAttention over a static cache takes one prefill and then one-token decode steps; "
+                               "chunked prefill needs the default dynamic cache")
+        pos = torch.arange(n, device=self.device) + self.cumulative_length
+        self.keys.index_copy_(2, pos, key_states.index_select(1, self.retrieval_idx))
+        self.values.index_copy_(2, pos, value_states.index_select(1, self.retrieval_idx))
+        ks, vs = key_states.index_select(1, self.stream_idx), value_states.index_select(1, self.stream_idx)
+        if n > 1:  # the prompt: its sink positions and its last `recent` ones (distinct ring slots)
+            keep = (torch.arange(n, device=self.device) < self.sink) | (torch.arange(n, device=self.device) >= n - self.recent)
+            pos, ks, vs = pos[keep], ks[:, :, keep], vs[:, :, keep]
+        self.skeys.index_copy_(2, self._slots(pos), ks)
+        self.svalues.index_copy_(2, self._slots(pos), vs)
+        self.cumulative_length.add_(n)
+        if n > 1:
+            return key_states, value_states  # every head, for the prefill policy
+        return self.keys, self.values
+
+    def extra_tensors(self) -> tuple:
+        return (self.skeys, self.svalues)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.skeys is not None:
+            self.skeys.zero_()
+            self.svalues.zero_()
+
+
 def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     new = t.new_empty(*t.shape[:-2], cap, t.shape[-1])
     if used:

@@ -137,12 +137,12 @@ def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
     state.static_layer = None
     if decode.name == "dense":
         return layer
-    if not hasattr(decode, "static_prepare"):
+    if getattr(decode, "static_prepare", None) is None:
         needs = f"its own cache layer ({kind[0].__name__})" if kind is not None else "its cache handling"
         raise TypeError(
             f"decode policy {decode.name!r} needs {needs} and the default dynamic cache, got {type(cache).__name__}; "
             "drop cache_implementation='static' / past_key_values=StaticCache(...) from generate, or decode with "
-            "'dense', 'quest' or 'tidal' (policy={'prefill': ..., 'decode': 'dense'}), which work with the static "
+            "'dense', 'quest', 'tidal' or 'duo' (policy={'prefill': ..., 'decode': 'dense'}), which work with the static "
             "cache and torch.compile")
     # None: this layer decodes dense (a sliding-window layer, one of the first dense layers)
     batch = hidden.shape[0]

@@ -79,7 +79,7 @@ def test_compiled_static_decode_matches_dynamic():
     assert st["layers"][0]["calls"] == {"prefill": 1, "decode": 0}
 
 
-@pytest.mark.parametrize("policy", ["duo", "lserve", "streaming"])
+@pytest.mark.parametrize("policy", ["lserve", "streaming"])
 def test_sparse_decode_refuses_static_cache(policy, tmp_path):
     model = tiny_model("llama")
     opts = {"duo_map": _head_map(model, tmp_path / "m.json")} if policy in ("duo", "lserve") else {}
@@ -198,3 +198,39 @@ def test_chunked_prefill_over_static_cache(policy):
             model(x[:, 130:200], past_key_values=cache, use_cache=True)
             outs.append(model(x[:, 200:], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen3"])
+def test_duo_over_static_cache_matches_dynamic(fam, tmp_path):
+    """DuoAttention over a static cache (retrieval heads' buffer, streaming heads' ring of sink + recent slots):
+    the dynamic cache's tokens, and less KV memory than the dense static cache."""
+    model = tiny_model(fam)
+    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12,
+                backend="reference")
+    x = ids(batch=2, length=200)
+    dynamic = _generate(model, x)
+    accel.reset_stats(model)
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, dynamic)
+    split = [layer for layer in out.past_key_values.layers if isinstance(layer, accel.cache.DuoStaticLayer)]
+    assert split and all(layer.skeys.shape[2] == 16 for layer in split)  # sink 4 + recent 12
+    assert accel.stats(model)["backends_used"]["static-paged"] == 11 * len(split)
+    accel.unpatch(model)
+    with torch.no_grad():
+        dense = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                               cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    assert accel.cache_bytes(out.past_key_values) < 0.6 * accel.cache_bytes(dense.past_key_values)
+
+
+def test_compiled_duo_static_decode_matches_dynamic(tmp_path):
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12,
+                backend="reference")
+    x = ids(length=200)
+    dynamic = _generate(model, x)
+    cc = transformers.CompileConfig(fullgraph=True, mode="default")
+    cc._compile_all_devices = True
+    assert torch.equal(_generate(model, x, cache_implementation="static", compile_config=cc), dynamic)

@@ -7,7 +7,7 @@ from importlib import resources
 
 import torch
 
-from accel.cache import DuoSplitLayer
+from accel.cache import DuoSplitLayer, DuoStaticLayer
 from accel.layouts import DenseLayout, HeadPart, HeadSplitLayout, StreamingLayout
 
 from .base import Policy
@@ -118,6 +118,38 @@ class DuoPolicy(Policy):
         if not bool(stream.any()):
             return None
         return DuoSplitLayer, {"stream_heads": stream, "sink": self.sink, "recent": self.recent}
+
+    def static_prepare(self, cache, layers, layer_idx: int, sliding_window, **_):
+        """At the (eager) prefill over a transformers StaticCache: a layer with streaming heads gets a DuoStaticLayer
+        (retrieval heads' full buffer, streaming heads' sink + recent ring); returns it, or None (dense layer)."""
+        if sliding_window is not None or not bool(self._stream_heads(layer_idx).any()):
+            return None
+        if not isinstance(layers[layer_idx], DuoStaticLayer):
+            layers[layer_idx] = DuoStaticLayer.from_layer(layers[layer_idx], self._stream_heads(layer_idx),
+                                                          self.sink, self.recent)
+        return layers[layer_idx]
+
+    def static_decode(self, q, k, v, layer: DuoStaticLayer, *, mask, kv_start, scale, softcap, use_triton: bool):
+        """One decode step: retrieval heads attend to their whole buffer (transformers' mask), streaming heads to
+        the filled slots of their ring (sink + the newest ``recent`` tokens). Device-side, no sync."""
+        from accel.kernels.static_decode import dense_static_decode
+
+        if kv_start is not None:
+            raise ValueError("policy 'duo' does not support left-padded batches (streaming heads' sink tokens would "
+                             "be padding); run prompts one at a time or with equal lengths")
+        group = q.shape[1] // layer.num_heads
+        ar = torch.arange(group, device=q.device)
+        q_r = (layer.retrieval_idx[:, None] * group + ar).flatten()
+        q_s = (layer.stream_idx[:, None] * group + ar).flatten()
+        out = q.new_empty(*q.shape[:3], layer.v_head_dim)
+        if q_r.numel():
+            out.index_copy_(1, q_r, dense_static_decode(q.index_select(1, q_r), layer.keys, layer.values, mask,
+                                                        scale, softcap))
+        ring = layer.skeys.shape[2]
+        filled = (torch.arange(ring, device=q.device) < layer.cumulative_length).expand(q.shape[0], 1, 1, ring)
+        out.index_copy_(1, q_s, dense_static_decode(q.index_select(1, q_s), layer.skeys, layer.svalues, filled,
+                                                    scale, softcap))
+        return out
 
     def plan(self, q, k, ctx):
         if ctx.sliding_window is not None:

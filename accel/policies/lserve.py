@@ -36,6 +36,11 @@ class LServePolicy(DuoPolicy):
     description = "streaming heads + hierarchical page selection reused across steps"
     paper = "LServe (arXiv 2502.14866)"
 
+    # LServe's selection reuse across steps and paged retrieval heads have no static-cache form yet: a static cache
+    # is refused (DuoPolicy's static form would silently drop the page selection)
+    static_prepare = None
+    static_decode = None
+
     page_size: int = 16  # logical page: key bounds and scoring
     physical_page_size: int = 64  # selection unit, what the decode kernel reads
     budget: int = 4096
