@@ -7,7 +7,7 @@ A Llama-3.1-8B-shaped model with random weights (speed depends on shapes only). 
 context filled with random keys/values written through the layers' own ``update`` (so Quest's page bounds are
 built the way decode builds them), a warm-up, then ``--steps`` timed steps, each feeding its greedy token back.
 Runs: ``sdpa`` (transformers' own attention), ``dense`` (accel, dense decode) and decode policies with a static
-form (``quest``, ``tidal``, ``quest:budget=2048``). Tokens/s = batch * steps / time.
+form (``quest``, ``tidal``, ``duo`` with random gates at ``ratio`` 0.5, ``quest:budget=2048``). Tokens/s = batch * steps / time.
 
     python scripts/bench_static_decode.py --contexts 131072 --batches 1 4 --out results/bench_static_decode
 """
@@ -28,7 +28,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_e2e import build_model, model_config  # noqa: E402
+from bench_e2e import build_model, model_config, speed_head_map  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
 from bench_utils import meta_lines, parse_spec, write_json  # noqa: E402
 
@@ -55,6 +55,8 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     try:
         if patched:
             name, opts = parse_spec(run)
+            if name == "duo" and "duo_map" not in opts:  # random weights: which heads stream does not matter
+                opts["duo_map"] = speed_head_map(model, f"/tmp/accel_duo_{args.model}.json")
             accel.patch(model, {"prefill": "dense", "decode": name}, backend="auto", **opts)
         else:
             model.set_attn_implementation("sdpa")
@@ -149,7 +151,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="llama8b")
     ap.add_argument("--contexts", type=int, nargs="+", default=[131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--runs", nargs="+", default=["sdpa", "dense", "quest", "tidal"])
+    ap.add_argument("--runs", nargs="+", default=["sdpa", "dense", "quest", "tidal", "duo"])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--mode", choices=("graph", "compile"), default="graph")
     ap.add_argument("--out", default=None)
