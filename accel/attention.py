@@ -15,6 +15,7 @@ from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .autopick import Fastest
+from .cache import DuoStaticLayer
 from .kernels.static_decode import dense_static_decode
 from .kernels import BackendUnavailable, get_backend
 from .layouts import BlockLayout, HeadSplitLayout, PageSelection, VerticalSlashLayout
@@ -206,6 +207,9 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, slid
         return _static_decode(state, query, key, value, attention_mask, scaling, softcap)
     q_len = query.shape[2]
     cache, cache_layer = state.cache_and_layer()
+    if q_len > 1 and state.past_len and isinstance(cache_layer, DuoStaticLayer):
+        raise RuntimeError("DuoAttention over a static cache takes one prefill and then one-token decode steps; "
+                           "chunked prefill (or a prompt on top of a filled cache) needs the default dynamic cache")
     if isinstance(cache_layer, StaticLayer) and key.shape[2] > state.past_len + q_len:
         # a static cache hands over its whole preallocated buffer: attend to the filled part only
         key, value = key[:, :, : state.past_len + q_len], value[:, :, : state.past_len + q_len]

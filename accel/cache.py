@@ -289,8 +289,9 @@ class DuoStaticLayer(StaticLayer):
     (``skeys``/``svalues``): positions below ``sink`` keep their slot, later ones cycle through the other ``recent``
     slots. So the streaming heads' memory is constant here too, and a decode step writes one slot, chosen on the
     device from ``cumulative_length`` (no sync, compiles into a CUDA graph). Attention is order-free once RoPE is
-    applied, so the ring needs no reordering. The first fill (the prefill) returns every head's K/V for the prefill
-    policy; a prefill on top of a filled layer (chunked prefill) is not supported."""
+    applied, so the ring needs no reordering. A multi-token update returns that call's K/V of every head, for the
+    prefill policy: right for the first fill; a prefill on top of a filled layer (chunked prefill) would miss the
+    streaming heads' past, and the attention function refuses it."""
 
     def __init__(self, max_cache_len: int, stream_heads, sink: int, recent: int):
         super().__init__(max_cache_len=max_cache_len)
@@ -331,15 +332,12 @@ class DuoStaticLayer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if n > 1 and int(self.cumulative_length) > 0:  # eager: prefills are not compiled
-            raise RuntimeError("DuoAttention over a static cache takes one prefill and then one-token decode steps; "
-                               "chunked prefill needs the default dynamic cache")
         pos = torch.arange(n, device=self.device) + self.cumulative_length
         self.keys.index_copy_(2, pos, key_states.index_select(1, self.retrieval_idx))
         self.values.index_copy_(2, pos, value_states.index_select(1, self.retrieval_idx))
         ks, vs = key_states.index_select(1, self.stream_idx), value_states.index_select(1, self.stream_idx)
-        if n > 1:  # the prompt: its sink positions and its last `recent` ones (distinct ring slots)
-            keep = (torch.arange(n, device=self.device) < self.sink) | (torch.arange(n, device=self.device) >= n - self.recent)
+        if n > 1:  # several tokens (eager): the sink positions and the last `recent` ones, distinct ring slots
+            keep = (pos < self.sink) | (torch.arange(n, device=self.device) >= n - self.recent)
             pos, ks, vs = pos[keep], ks[:, :, keep], vs[:, :, keep]
         self.skeys.index_copy_(2, self._slots(pos), ks)
         self.svalues.index_copy_(2, self._slots(pos), vs)

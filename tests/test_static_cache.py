@@ -234,3 +234,17 @@ def test_compiled_duo_static_decode_matches_dynamic(tmp_path):
     cc = transformers.CompileConfig(fullgraph=True, mode="default")
     cc._compile_all_devices = True
     assert torch.equal(_generate(model, x, cache_implementation="static", compile_config=cc), dynamic)
+
+
+def test_duo_static_cache_refuses_chunked_prefill(tmp_path):
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12,
+                backend="reference")
+    cache = StaticCache(config=model.config, max_cache_len=256)
+    x = ids(length=200)
+    with torch.no_grad():
+        model(x[:, :120], past_key_values=cache, use_cache=True)
+        with pytest.raises(RuntimeError, match="chunked prefill"):
+            model(x[:, 120:], past_key_values=cache, use_cache=True)
