@@ -142,8 +142,8 @@ def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
         raise TypeError(
             f"decode policy {decode.name!r} needs {needs} and the default dynamic cache, got {type(cache).__name__}; "
             "drop cache_implementation='static' / past_key_values=StaticCache(...) from generate, or decode with "
-            "'dense', 'quest', 'tidal' or 'duo' (policy={'prefill': ..., 'decode': 'dense'}), which work with the static "
-            "cache and torch.compile")
+            "another decode policy (policy={'prefill': ..., 'decode': 'dense'}): every other one works with the "
+            "static cache and torch.compile")
     # None: this layer decodes dense (a sliding-window layer, one of the first dense layers)
     batch = hidden.shape[0]
     param = next(mod.parameters())

@@ -65,6 +65,26 @@ def dense_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return torch.matmul(torch.softmax(s.float(), -1).to(v.dtype), v.repeat_interleave(g, 1))
 
 
+def split_static_decode(q: torch.Tensor, layer, mask: torch.Tensor, scale: float | None,
+                        softcap: float | None) -> torch.Tensor:
+    """One-token attention over a DuoStaticLayer (accel.cache): retrieval KV heads over their whole buffer with
+    transformers' mask, streaming KV heads over the filled slots of their sink + recent ring; outputs scattered back
+    to the query heads. Device-side, no sync."""
+    group = q.shape[1] // layer.num_heads
+    ar = torch.arange(group, device=q.device)
+    q_r = (layer.retrieval_idx[:, None] * group + ar).flatten()
+    q_s = (layer.stream_idx[:, None] * group + ar).flatten()
+    out = q.new_empty(*q.shape[:3], layer.v_head_dim)
+    if q_r.numel():
+        out.index_copy_(1, q_r, dense_static_decode(q.index_select(1, q_r), layer.keys, layer.values, mask, scale,
+                                                    softcap))
+    ring = layer.skeys.shape[2]
+    filled = (torch.arange(ring, device=q.device) < layer.cumulative_length).expand(q.shape[0], 1, 1, ring)
+    out.index_copy_(1, q_s, dense_static_decode(q.index_select(1, q_s), layer.skeys, layer.svalues, filled, scale,
+                                                softcap))
+    return out
+
+
 @torch.library.custom_op("accel::quest_static_decode", mutates_args=())
 def quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                         length: torch.Tensor, kv_start: torch.Tensor | None, n_keep: int, page_size: int,
@@ -81,4 +101,4 @@ def _(q, k, v, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, sc
     return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
 
 
-__all__ = ["quest_static_decode", "dense_static_decode"]
+__all__ = ["quest_static_decode", "dense_static_decode", "split_static_decode"]

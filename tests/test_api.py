@@ -178,10 +178,14 @@ def test_streaming_with_left_padding_refused():
             model(ids(batch=2, length=20), attention_mask=mask)
 
 
-def test_streaming_refuses_static_cache():
+def test_streaming_takes_a_static_cache_ring():
+    """A StaticCache passed by the user: streaming layers become sink + window rings (tests/test_static_cache.py
+    has the equivalence with the dynamic cache)."""
     model = tiny_model("llama")
     accel.patch(model, "streaming", sink=2, window=8, backend="reference")
     cache = transformers.StaticCache(config=model.config, max_cache_len=64)
-    with pytest.raises(TypeError, match="default dynamic cache"):
-        with torch.no_grad():
-            model(ids(length=10), past_key_values=cache, use_cache=True)
+    with torch.no_grad():
+        model(ids(length=10), past_key_values=cache, use_cache=True)
+    assert all(type(layer).__name__ == "DuoStaticLayer" and layer.skeys.shape[2] == 10 for layer in cache.layers)
+
+

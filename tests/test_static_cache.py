@@ -79,7 +79,7 @@ def test_compiled_static_decode_matches_dynamic():
     assert st["layers"][0]["calls"] == {"prefill": 1, "decode": 0}
 
 
-@pytest.mark.parametrize("policy", ["lserve", "streaming"])
+@pytest.mark.parametrize("policy", ["lserve"])
 def test_sparse_decode_refuses_static_cache(policy, tmp_path):
     model = tiny_model("llama")
     opts = {"duo_map": _head_map(model, tmp_path / "m.json")} if policy in ("duo", "lserve") else {}
@@ -248,3 +248,19 @@ def test_duo_static_cache_refuses_chunked_prefill(tmp_path):
         model(x[:, :120], past_key_values=cache, use_cache=True)
         with pytest.raises(RuntimeError, match="chunked prefill"):
             model(x[:, 120:], past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("fam", ["llama", "gemma3"])
+def test_streaming_over_static_cache_matches_dynamic(fam):
+    """StreamingLLM over a static cache: a ring of sink + window slots per layer, the dynamic cache's tokens, and
+    KV memory that does not grow with the cache length."""
+    model = tiny_model(fam)
+    accel.patch(model, "streaming", sink=4, window=16, backend="reference")
+    x = ids(batch=2, length=200)
+    dynamic = _generate(model, x)
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, dynamic)
+    rings = [layer for layer in out.past_key_values.layers if isinstance(layer, accel.cache.DuoStaticLayer)]
+    assert rings and all(layer.skeys.shape[2] == 20 and layer.keys.shape[1] == 0 for layer in rings)

@@ -132,24 +132,12 @@ class DuoPolicy(Policy):
     def static_decode(self, q, k, v, layer: DuoStaticLayer, *, mask, kv_start, scale, softcap, use_triton: bool):
         """One decode step: retrieval heads attend to their whole buffer (transformers' mask), streaming heads to
         the filled slots of their ring (sink + the newest ``recent`` tokens). Device-side, no sync."""
-        from accel.kernels.static_decode import dense_static_decode
+        from accel.kernels.static_decode import split_static_decode
 
         if kv_start is not None:
             raise ValueError("policy 'duo' does not support left-padded batches (streaming heads' sink tokens would "
                              "be padding); run prompts one at a time or with equal lengths")
-        group = q.shape[1] // layer.num_heads
-        ar = torch.arange(group, device=q.device)
-        q_r = (layer.retrieval_idx[:, None] * group + ar).flatten()
-        q_s = (layer.stream_idx[:, None] * group + ar).flatten()
-        out = q.new_empty(*q.shape[:3], layer.v_head_dim)
-        if q_r.numel():
-            out.index_copy_(1, q_r, dense_static_decode(q.index_select(1, q_r), layer.keys, layer.values, mask,
-                                                        scale, softcap))
-        ring = layer.skeys.shape[2]
-        filled = (torch.arange(ring, device=q.device) < layer.cumulative_length).expand(q.shape[0], 1, 1, ring)
-        out.index_copy_(1, q_s, dense_static_decode(q.index_select(1, q_s), layer.skeys, layer.svalues, filled,
-                                                    scale, softcap))
-        return out
+        return split_static_decode(q, layer, mask, scale, softcap)
 
     def plan(self, q, k, ctx):
         if ctx.sliding_window is not None:

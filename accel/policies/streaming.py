@@ -2,6 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from accel.cache import DuoStaticLayer
 from accel.layouts import DenseLayout, StreamingLayout
 
 from .base import Policy, require_positive
@@ -35,3 +38,20 @@ class StreamingPolicy(Policy):
         if sliding_window is not None:
             return None
         return self.sink, self.window
+
+    def static_prepare(self, cache, layers, layer_idx: int, sliding_window, *, kv_heads: int, **_):
+        """At the (eager) prefill over a transformers StaticCache: the layer's K/V move to a ring of ``sink +
+        window`` slots (a DuoStaticLayer whose heads all stream), so its memory is constant there too. The model's
+        own sliding-window layers keep transformers' layer (None)."""
+        if sliding_window is not None:
+            return None
+        if not isinstance(layers[layer_idx], DuoStaticLayer):
+            layers[layer_idx] = DuoStaticLayer.from_layer(layers[layer_idx], torch.ones(kv_heads, dtype=torch.bool),
+                                                          self.sink, self.window)
+        return layers[layer_idx]
+
+    def static_decode(self, q, k, v, layer: DuoStaticLayer, *, mask, kv_start, scale, softcap, use_triton: bool):
+        """One decode step over the ring: sink + the newest ``window`` tokens. Device-side, no sync."""
+        from accel.kernels.static_decode import split_static_decode
+
+        return split_static_decode(q, layer, mask, scale, softcap)
