@@ -250,11 +250,11 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, slid
 
 def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
     """One-token decode over a static cache (transformers' StaticCache, usually under torch.compile), with no host
-    sync and no per-step Python state, so the compiled step captures as one CUDA graph. Layers whose decode policy
-    selects keys (Quest's pages on its PagedStaticLayer, TidalDecode's shared positions) run the policy's device-side
-    ``static_decode``; the others attend densely
-    over the preallocated buffer with transformers' own boolean mask (filled slots, padding, sliding window).
-    Decode policies without a static form are refused at the prefill (accel.patching)."""
+    sync and no per-step Python state, so the compiled step captures as one CUDA graph. Layers with a handle from
+    their decode policy's ``static_prepare`` (Quest's PagedStaticLayer, TidalDecode's shared positions, the
+    sink + recent rings of DuoAttention and StreamingLLM) run its device-side ``static_decode``; the others attend
+    densely over the preallocated buffer with transformers' own boolean mask (filled slots, padding, sliding
+    window). Decode policies without a static form are refused at the prefill (accel.patching)."""
     policy = state.spec.decode
     handle = state.static_layer
     if policy.name != "dense" and getattr(policy, "static_decode", None) is None:
@@ -262,8 +262,8 @@ def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
     out, name = None, "static-sdpa"
     if handle is not None:
         # left padding (known from the prefill): each row's first real slot = its masked slots less the unfilled
-        # tail (a parallel sum, no host sync; an argmax over 128K slots is one long serial reduction per row);
-        # skipped for unpadded batches, where it would be one more pass over the context
+        # tail (a sum over the mask row, no host sync); skipped for unpadded batches, where it would be one more
+        # pass over the context per layer
         kv_start = None
         if state.static_padded:
             row = mask[:, 0, 0]
