@@ -261,16 +261,24 @@ class PagedStaticLayer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        page = (torch.arange(n, device=self.device) + self.cumulative_length) // self.page_size
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        key_states = key_states.to(self.dtype)
-        if n == 1:  # a decode step: read-modify-write the one page it touches (index_reduce_ costs a pass over
-            # the whole bounds tensor on CUDA: ~1.5 ms per step at 128K over 30 layers, measured on the H200)
+        if n == 1:  # a decode step: read-modify-write the one page it touches, on the device
+            page = self.cumulative_length.reshape(1) // self.page_size
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            key_states = key_states.to(self.dtype)
             self.kmin.index_copy_(2, page, torch.minimum(self.kmin.index_select(2, page), key_states))
             self.kmax.index_copy_(2, page, torch.maximum(self.kmax.index_select(2, page), key_states))
-        else:  # prefill / chunks: many keys per page
-            self.kmin.index_reduce_(2, page, key_states, "amin", include_self=True)
-            self.kmax.index_reduce_(2, page, key_states, "amax", include_self=True)
+            return keys, values
+        # prefill / chunks (eager): recompute the bounds of every page the new keys touch from the buffer
+        start = int(self.cumulative_length)
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        P, end = self.page_size, start + n
+        first = start // P
+        seg = self.keys[:, :, first * P : end]
+        pad = (-seg.shape[2]) % P
+        lo = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("inf")).unflatten(2, (-1, P)).amin(3)
+        hi = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("-inf")).unflatten(2, (-1, P)).amax(3)
+        self.kmin[:, :, first : first + lo.shape[2]] = lo
+        self.kmax[:, :, first : first + hi.shape[2]] = hi
         return keys, values
 
     def extra_tensors(self) -> tuple:
