@@ -61,22 +61,29 @@ def test_static_cache_dense_matches_unpatched_with_left_padding(family):
     assert torch.equal(out, ref)
 
 
-def test_compiled_static_decode_matches_dynamic():
-    """The path transformers takes by itself on a GPU (static cache -> compiled decode step), forced on the CPU;
-    fullgraph=True proves the patched decode step has no graph break."""
+def _compile_config():
+    cc = transformers.CompileConfig(fullgraph=True, mode="default")
+    cc._compile_all_devices = True  # the path transformers takes by itself on a GPU, forced on the CPU
+    return cc
+
+
+@pytest.mark.parametrize("policy", ["xattention", "quest", "tidal", "duo"])
+def test_compiled_static_decode_matches_dynamic(policy, tmp_path):
+    """Static cache -> compiled decode step; fullgraph=True proves the patched step has no graph break. The
+    compiled tokens equal the dynamic cache's (xattention: sparse prefill, dense decode)."""
     torch._dynamo.reset()
     model = tiny_model("llama")
-    accel.patch(model, "xattention", backend="reference", block_size=64, threshold=0.5)
+    opts = {"xattention": dict(block_size=64, threshold=0.5), "quest": dict(budget=64, page_size=16, dense_layers=1),
+            "tidal": dict(budget=48, select_layer=0, reselect_layer=None),
+            "duo": dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12)}[policy]
+    accel.patch(model, policy, backend="reference", **opts)
     x = ids()
     dynamic = _generate(model, x)
-    cc = transformers.CompileConfig(fullgraph=True, mode="default")
-    cc._compile_all_devices = True
     accel.reset_stats(model)
-    compiled = _generate(model, x, cache_implementation="static", compile_config=cc)
+    compiled = _generate(model, x, cache_implementation="static", compile_config=_compile_config())
     assert torch.equal(compiled, dynamic)
-    st = accel.stats(model)
     # compiled steps are not counted (a Python counter would recompile the step each time); the prefill is
-    assert st["layers"][0]["calls"] == {"prefill": 1, "decode": 0}
+    assert accel.stats(model)["layers"][0]["calls"] == {"prefill": 1, "decode": 0}
 
 
 @pytest.mark.parametrize("policy", ["lserve"])
@@ -138,17 +145,6 @@ def _generate_n(model, x, n):
         return model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
-def test_compiled_quest_static_decode_matches_dynamic():
-    torch._dynamo.reset()
-    model = tiny_model("llama")
-    accel.patch(model, "quest", budget=64, page_size=16, dense_layers=1, backend="reference")
-    x = ids(length=200)
-    dynamic = _generate(model, x)
-    cc = transformers.CompileConfig(fullgraph=True, mode="default")
-    cc._compile_all_devices = True
-    assert torch.equal(_generate(model, x, cache_implementation="static", compile_config=cc), dynamic)
-
-
 @pytest.mark.parametrize("fam", ["llama", "gemma3", "qwen2"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_tidal_over_static_cache_matches_dynamic(fam, padded):
@@ -169,17 +165,6 @@ def test_tidal_over_static_cache_matches_dynamic(fam, padded):
     assert torch.equal(static, dynamic)
     if len(full) > 1:  # a full-attention layer after the selection layer reuses its positions (llama here)
         assert accel.stats(model)["backends_used"].get("static-paged", 0) == 11 * (len(full) - 1)
-
-
-def test_compiled_tidal_static_decode_matches_dynamic():
-    torch._dynamo.reset()
-    model = tiny_model("llama")
-    accel.patch(model, "tidal", budget=48, select_layer=0, reselect_layer=None, backend="reference")
-    x = ids(length=200)
-    dynamic = _generate(model, x)
-    cc = transformers.CompileConfig(fullgraph=True, mode="default")
-    cc._compile_all_devices = True
-    assert torch.equal(_generate(model, x, cache_implementation="static", compile_config=cc), dynamic)
 
 
 @pytest.mark.parametrize("policy", ["dense", "quest", "xattention"])
@@ -222,18 +207,6 @@ def test_duo_over_static_cache_matches_dynamic(fam, tmp_path):
         dense = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
                                cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
     assert accel.cache_bytes(out.past_key_values) < 0.6 * accel.cache_bytes(dense.past_key_values)
-
-
-def test_compiled_duo_static_decode_matches_dynamic(tmp_path):
-    torch._dynamo.reset()
-    model = tiny_model("llama")
-    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12,
-                backend="reference")
-    x = ids(length=200)
-    dynamic = _generate(model, x)
-    cc = transformers.CompileConfig(fullgraph=True, mode="default")
-    cc._compile_all_devices = True
-    assert torch.equal(_generate(model, x, cache_implementation="static", compile_config=cc), dynamic)
 
 
 def test_duo_static_cache_refuses_chunked_prefill(tmp_path):
