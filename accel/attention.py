@@ -45,6 +45,7 @@ class LayerState:
     # held strongly because compiled decode steps read it without running the pre-forward hook
     static_layer: Any = None
     static_padded: bool = False  # the static-cache prefill saw left padding (decode then derives per-row starts)
+    static_cache: bool = False  # the last forward ran over a transformers StaticCache (compiled steps go uncounted)
 
     def set_cache(self, cache, layer) -> None:
         self._cache_ref = None if cache is None else weakref.ref(cache)
@@ -67,6 +68,7 @@ class LayerState:
             "density": _mean([sum(v[0] for v in self.density.values()), sum(v[1] for v in self.density.values())]),
             "auto_notes": sorted(self.fallbacks),
             "prefill_recall": _mean(self.recall),
+            "static_cache": self.static_cache,
         }
 
 

@@ -95,14 +95,15 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
         cache = kwargs.get("past_key_values")
         state.set_cache(cache, None)
         if cache is None:
-            state.past_len = 0
+            state.past_len, state.static_cache = 0, False
             return None
         layers = getattr(cache, "layers", None)
         if layers is None or state.layer_idx >= len(layers):
             state.past_len = cache.get_seq_length(state.layer_idx) if hasattr(cache, "get_seq_length") else 0
             return None
         layer = layers[state.layer_idx]
-        if isinstance(layer, StaticLayer):
+        state.static_cache = isinstance(layer, StaticLayer)
+        if state.static_cache:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             layer = _static_layer(state, cache, layers, kind, mod, hidden)
         elif limit is not None and type(layer) is DynamicLayer:
