@@ -52,7 +52,8 @@ def _check_backend(backend: str, model: nn.Module) -> None:
 def _tracing() -> bool:
     """Inside torch.compile or a CUDA-graph capture: the hooks' host-side checks (which read lengths, a sync) are
     skipped there; they ran at the eager step before (prefill or warm-up)."""
-    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    # (a capture needs an initialised CUDA context: checking that is cheaper than is_available on every call)
+    return torch.compiler.is_compiling() or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 def _position_guard(model: nn.Module):

@@ -29,6 +29,16 @@ def _spec(text):
     return name, kw
 
 
+def _two_rows(padded: bool):
+    """Two 200-token prompts and their mask; ``padded``: the second row left-padded by 37 tokens."""
+    x = ids(batch=2, length=200)
+    mask = torch.ones_like(x)
+    if padded:
+        mask[1, :37] = 0
+        x[1, :37] = 0
+    return x, mask
+
+
 def _generate(model, x, **kw):
     with torch.no_grad():
         return model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
@@ -106,11 +116,7 @@ def test_sparse_decode_refuses_static_cache(policy, tmp_path):
 def test_quest_over_static_cache_matches_dynamic(fam, padded):
     """Quest's device-side selection over PagedStaticLayer picks what the dynamic-cache plan picks."""
     model = tiny_model(fam)
-    x = ids(batch=2, length=200)
-    mask = torch.ones_like(x)
-    if padded:
-        mask[1, :37] = 0
-        x[1, :37] = 0
+    x, mask = _two_rows(padded)
     accel.patch(model, "quest", budget=64, page_size=16, dense_layers=0, backend="reference")
     dynamic = _generate(model, x, attention_mask=mask)
     accel.reset_stats(model)
@@ -153,11 +159,7 @@ def test_tidal_over_static_cache_matches_dynamic(fam, padded):
     """TidalDecode's device-side selection (shared through a static buffer) picks the positions the dynamic plan
     picks, and the reusing layers attend to them."""
     model = tiny_model(fam)
-    x = ids(batch=2, length=200)
-    mask = torch.ones_like(x)
-    if padded:
-        mask[1, :37] = 0
-        x[1, :37] = 0
+    x, mask = _two_rows(padded)
     full = [i for i, t in enumerate(getattr(model.config, "layer_types", None) or ["full_attention"] * 2)
             if t == "full_attention"]
     accel.patch(model, "tidal", budget=48, select_layer=full[0], reselect_layer=None, backend="reference")
