@@ -36,6 +36,11 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, OP, LP,
                   SOFTCAP: tl.constexpr,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # float scalars arrive as fp64 when torch.compile (inductor) launches this kernel inside a compiled decode step
+    # (TidalDecode over a static cache); a dot needs one dtype, so pin them to fp32
+    qk_scale = tl.full([], qk_scale, tl.float32)
+    cap_in = tl.full([], cap_in, tl.float32)
+    cap_out = tl.full([], cap_out, tl.float32)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
