@@ -41,7 +41,10 @@ def test_grid_writes_tables_plots_and_resumes(capsys, tiny_dir, tmp_path):
     res = json.loads((out / "eval.json").read_text())
     assert res["meta"]["cells_computed"] == 8 and res["meta"]["command"].startswith("accel-eval --model")
     assert len(res["cells"]) == 8 and all(0 <= c["score"] <= 1 for c in res["cells"])
+    assert all(c["computed_on"] == "cpu, float32" for c in res["cells"])  # each cell says where it ran
+    assert res["meta"]["cells_computed_on"] == {"cpu, float32": 8}
     md = (out / "eval.md").read_text()
+    assert "Cells computed on" in md and "cpu, float32: 8" in md
     assert "| streaming:sink=4,window=64 | 500 |" in md and "| policy | length | niah_single | vt | mean |" in md
     assert (out / "needle_heatmap_niah_single.png").stat().st_size > 1000
     assert (out / "accuracy_vs_length.png").stat().st_size > 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as _dt
 import json
 import os
@@ -177,6 +178,7 @@ def run(args) -> dict:
         "load_s": round(t1 - t0, 1), "run_s": round(time.perf_counter() - t1, 1),
         "cells_reused": res["reused"], "cells_computed": res["computed"], "cells_recomputed": res["recomputed"],
         "cell_seconds": round(sum(c["seconds"] for c in res["cells"]), 1),
+        "cells_computed_on": dict(collections.Counter(c.get("computed_on", "not recorded") for c in res["cells"])),
     }
     summary = {"meta": meta, "table": table,
                "cells": [{k: v for k, v in c.items() if k != "samples"} for c in res["cells"]]}
@@ -205,6 +207,9 @@ def run(args) -> dict:
           f"Model {args.model} ({meta['model_class']}, {meta['dtype']}), device {meta['device']}, backend "
           f"{args.backend}; {args.samples} samples per cell, seed {args.seed}, needle depths {depths}; "
           f"{meta['date']}; versions {json.dumps(meta['versions'])}. Time in cells: {meta['cell_seconds']} s.", "",
+          "Cells computed on (a grid resumed on another machine reuses finished cells; this run's device is where "
+          "the table was assembled): " + "; ".join(f"{k}: {v}" for k, v in meta["cells_computed_on"].items()) + ".",
+          "",
           "Scores in % (RULER string match: share of expected strings in the answer; LongBench: its metric).", "",
           table, ""]
     md += [f"![{p}]({p})" for p in plots]

@@ -68,6 +68,16 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def _computed_on(model) -> str:
+    """Where a cell ran (device and dtype): a grid may be filled by runs on several machines and assembled on
+    another, so each cell says where its scores came from."""
+    import torch
+
+    p = next(model.parameters())
+    dev = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else p.device.type
+    return f"{dev}, {str(p.dtype).replace('torch.', '')}"
+
+
 def write_cell(path: Path, key: dict, payload: dict) -> None:
     """Write atomically: a reader sees the old file or the whole new one, never a part."""
     body = {"format": CELL_FORMAT, "key": key, "payload": payload}
@@ -222,7 +232,7 @@ def run_grid(model, tokenizer, cfg: GridConfig, out_dir: Path, quiet: bool = Fal
                 "score": sum(r["score"] for r in rows) / max(1, len(rows)), "n": len(rows),
                 "seconds": time.perf_counter() - t0, "samples": rows,
                 "policy_resolved": st.get("policy"), "backends_used": st.get("backends_used"),
-                "mean_density": st.get("mean_density"),
+                "mean_density": st.get("mean_density"), "computed_on": _computed_on(model),
             }
             write_cell(cells_dir / c.filename(), key, payload)
             done[c.filename()] = payload
