@@ -4,9 +4,15 @@ dense baselines measured in the same run.
 Models are built on the GPU from a config with random weights (``--weights random``, the default); speed depends on
 the shapes, not on the weight values:
 - ``llama8b``: Llama-3.1-8B shape (32 layers, hidden 4096, 32/8 heads, head_dim 128, MLP 14336, vocab 128256);
+- ``llama70b``: Llama-3.1-70B shape (80 layers, hidden 8192, 64/8 heads, MLP 28672): 141 GB of bf16 weights, more
+  than one H200 holds, so it runs split over GPUs (``--gpus 2``);
 - ``qwen7b``: Qwen2.5-7B shape (28 layers, hidden 3584, 28/4 heads, MLP 18944, vocab 152064);
 - ``smollm2`` / ``gemma3``: the demo models' exact architectures (configs/models/*.json, read from their GGUF files:
   SmolLM2-135M, 8K context; Gemma-3-270M with its sliding-window layers, 32K context).
+
+``--gpus N`` splits the model over N GPUs the way accelerate's ``device_map="auto"`` does (``dispatch_model``: whole
+decoder layers per GPU, embeddings on the first, norm and head on the last; each GPU's weights filled in place, so a
+model larger than one GPU never exists on one). Peak memory is then reported per GPU.
 
 ``--weights real`` (``smollm2`` / ``gemma3`` only) loads the real demo model instead (``accel.models.load_model``:
 the GGUF from the accel cache, dequantised, bf16 on cuda) and feeds a real text prompt: a niah_single prompt of
@@ -51,13 +57,17 @@ HF_IMPLS = ("sdpa", "flash_attention_4", "flex_attention", "eager")
 DEFAULT_RUNS = ["sdpa", "flash_attention_4", "dense", "xattention", "flexprefill", "proxy", "vertical_slash"]
 
 
-def model_config(name: str, max_len: int):
+def model_config(name: str, max_len: int, planted: bool = False):
     from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
     if name == "llama8b":
         return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=max(131072, max_len),
-                           rope_theta=500000.0)
+                           rope_theta=500000.0, attention_bias=planted)
+    if name == "llama70b":
+        return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=max(131072, max_len),
+                           rope_theta=500000.0, attention_bias=planted)
     if name == "qwen7b":
         return Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                            num_key_value_heads=4, vocab_size=152064, max_position_embeddings=max(131072, max_len),
@@ -84,11 +94,67 @@ def build_model(cfg):
     return model.eval()
 
 
+def split_device_map(cfg, gpus: int) -> dict[str, int]:
+    """Whole decoder layers spread evenly over ``gpus`` GPUs (accelerate never splits a layer); the embeddings and
+    rotary table on the first GPU, the final norm and the LM head on the last."""
+    n = cfg.num_hidden_layers
+    dm = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": gpus - 1, "lm_head": gpus - 1}
+    dm.update({f"model.layers.{i}": i * gpus // n for i in range(n)})
+    return dm
+
+
+def build_split_model(cfg, gpus: int):
+    """The model over ``gpus`` GPUs with accelerate's ``dispatch_model``: built on the meta device, each module
+    materialised on its own GPU and filled with random weights there (no GPU ever holds the whole model)."""
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    dm = split_device_map(cfg, gpus)
+    g = torch.Generator("cpu").manual_seed(0)
+    for name, dev in dm.items():
+        mod = model.get_submodule(name)
+        mod.to_empty(device=f"cuda:{dev}")
+        for pname, p in mod.named_parameters():
+            with torch.no_grad():
+                if pname.endswith("norm.weight") or name == "model.norm":
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, cfg.initializer_range, generator=torch.Generator(p.device).manual_seed(
+                        int(torch.randint(0, 2**31, (1,), generator=g))))
+    # non-persistent buffers (RoPE inverse frequencies) were never computed on meta: rebuild that module in place
+    rot = model.model.rotary_emb
+    with torch.device("cpu"):
+        model.model.rotary_emb = type(rot)(config=cfg).to(f"cuda:{dm['model.rotary_emb']}")
+    # the cache is not moved between GPUs by the hooks: each layer's entries live on that layer's GPU (as from_pretrained
+    # with device_map does)
+    return dispatch_model(model.eval(), device_map=dm, skip_keys=model._skip_keys_device_placement)
+
+
+def _gpus() -> range:
+    return range(torch.cuda.device_count())
+
+
+def _reset_peak():
+    for d in _gpus():
+        torch.cuda.reset_peak_memory_stats(d)
+
+
+def _peaks_gib() -> list[float]:
+    return [torch.cuda.max_memory_allocated(d) / 2**30 for d in _gpus()]
+
+
+def _sync():
+    for d in _gpus():
+        torch.cuda.synchronize(d)
+
+
 def _sync_time(fn):
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - t, out
 
 
@@ -106,13 +172,13 @@ def decode(model, out, cache, steps: int, keep: list | None = None) -> float:
     tok = out.logits[:, -1:].argmax(-1)
     toks = [tok]
     with torch.no_grad():
-        torch.cuda.synchronize()
+        _sync()
         t = time.perf_counter()
         for _ in range(steps):
             o = model(tok, past_key_values=cache, use_cache=True)
             tok = o.logits[:, -1:].argmax(-1)
             toks.append(tok)
-        torch.cuda.synchronize()
+        _sync()
     rate = steps / (time.perf_counter() - t)
     if keep is not None:
         keep.extend(int(x) for x in torch.cat(toks, dim=1)[0].tolist())
@@ -202,7 +268,7 @@ def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
             accel.reset_stats(model)
         times = []
         for _ in range(args.repeats):
-            torch.cuda.reset_peak_memory_stats()
+            _reset_peak()
             dt, (out, cache) = _sync_time(lambda: prefill(model, ids))
             times.append(dt)
             if args.decode:
@@ -214,9 +280,14 @@ def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
                     row["needle_found"] = all(o in text for o in prompt_info["outputs"])
             row["kv_cache_bytes"] = accel.cache_bytes(cache)
             del out, cache
+        if args.profile:  # one more prefill under the torch profiler: where the time goes, by op
+            row["profile"] = profile_prefill(model, ids, f"{args.out_path}_profile_{run.replace('+', '_')}.txt")
         row["ttft_s"] = statistics.median(times)
         row["ttft_all_s"] = times
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        peaks = _peaks_gib()
+        row["peak_gib"] = max(peaks)
+        if args.gpus > 1:
+            row["peak_gib_per_gpu"] = [round(x, 2) for x in peaks[:args.gpus]]
         if patched:
             st = accel.stats(model)
             row["backends"] = st.get("backends_used")
@@ -240,6 +311,32 @@ def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
     return row
 
 
+def profile_prefill(model, ids, path: str, top: int = 25) -> dict:
+    """One prefill under ``torch.profiler``: the ops by total GPU time written to ``path``; returns the shares of
+    the GPU time in attention kernels, estimation (accel plan kernels) and the rest (linear layers, norms, RoPE ...)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _sync_time(lambda: prefill(model, ids))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+    with open(path, "w") as f:
+        f.write(table + "\n")
+    # kernel-level split of device time (names of our Triton kernels and torch's flash kernels)
+    total = attn = est = 0.0
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        if e.device_type.name != "CUDA" and "cuda" not in str(e.device_type).lower():
+            continue
+        total += t
+        n = e.key.lower()
+        if any(w in n for w in ("flash", "attn", "attention", "_sparse_kernel", "_block_sparse", "fmha")):
+            attn += t
+        elif any(w in n for w in ("antidiag", "score", "topk", "pooled", "lastq", "proxy", "select", "sort")):
+            est += t
+    return {"gpu_ms": total / 1e3, "attention_share": attn / total if total else None,
+            "estimation_share": est / total if total else None, "table": os.path.basename(path)}
+
+
 def write(results, out):
     write_json(results, out)
     m = results["meta"]
@@ -249,7 +346,8 @@ def write(results, out):
              "dense baselines of the same run", ""]
     has_decode = any("decode_tok_s" in r for r in results["rows"])
     has_answer = any("needle_found" in r for r in results["rows"])
-    head = "| context | run | TTFT s | vs sdpa | vs FA4 | density | recall | peak GiB | KV GiB |"
+    peak_head = "peak GiB (busiest GPU)" if m.get("gpus", 1) > 1 else "peak GiB"
+    head = f"| context | run | TTFT s | vs sdpa | vs FA4 | density | recall | {peak_head} | KV GiB |"
     sep = "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     if has_decode:
         head += " decode tok/s | decode vs sdpa |"
@@ -288,6 +386,10 @@ def write(results, out):
              if r.get("backends")]
     if notes:
         lines += ["", "Backends that ran (accel runs):", *notes]
+    per_gpu = [f"- {r['context'] // 1024}K {r['run']}: {r['peak_gib_per_gpu']}" for r in results["rows"]
+               if r.get("peak_gib_per_gpu")]
+    if per_gpu:
+        lines += ["", "Peak GiB per GPU:", *per_gpu]
     answers = [f"- {r['context'] // 1024}K {r['run']}: {r['answer']!r}" for r in results["rows"] if "answer" in r]
     if answers:
         lines += ["", f"Greedy answers (expected {m.get('prompt', {}).get('outputs')}):", *answers]
@@ -311,21 +413,44 @@ def main(argv=None):
                     help="random: the architecture from a config with random weights and random token ids (default); "
                          "real: the real demo model (smollm2, gemma3) from accel.models.load_model with a "
                          "needle-in-a-haystack text prompt and, for duo/lserve, the shipped calibrated head map")
+    ap.add_argument("--attention", choices=("random", "planted"), default="random",
+                    help="random weights as they come (near-uniform attention: sparse policies keep almost every "
+                         "block), or planted: sinks, locality and heavy columns built into the random weights "
+                         "(scripts/planted_attention.py; llama8b, llama70b, qwen7b)")
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="split the model over this many GPUs (accelerate dispatch_model, whole layers per GPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one extra prefill per run (torch profiler): op table to OUT_profile_RUN.txt and "
+                         "the attention / estimation / other split of GPU time in the JSON")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.gpus < 1:
+        ap.error("--gpus must be at least 1")
+    if args.gpus > 1 and args.weights == "real":
+        ap.error("--gpus > 1 is for the random-weight shapes (the demo models fit one GPU many times over)")
     if args.weights == "real" and args.model not in REAL_MODELS:
         ap.error(f"--weights real needs --model {' or '.join(REAL_MODELS)} (the demo models with real weights)")
     if not torch.cuda.is_available():
         raise SystemExit("bench_e2e needs a CUDA GPU")
+    if args.gpus > torch.cuda.device_count():
+        raise SystemExit(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
     out = args.out or f"results/bench_e2e_{args.model}" + ("_real" if args.weights == "real" else "")
+    args.out_path = out
     tok = None
     t_load = time.time()
     if args.weights == "real":
         model, tok = load_real(args.model)
         cfg = model.config
     else:
-        cfg = model_config(args.model, max(args.contexts))
-        model = build_model(cfg)
+        planted = args.attention == "planted"
+        if planted and args.model not in ("llama8b", "llama70b", "qwen7b"):
+            ap.error("--attention planted is for the llama8b, llama70b and qwen7b shapes")
+        cfg = model_config(args.model, max(args.contexts), planted=planted)
+        model = build_model(cfg) if args.gpus == 1 else build_split_model(cfg, args.gpus)
+        if planted:
+            from planted_attention import plant
+
+            plant(model, cfg)
     load_s = time.time() - t_load
     t0 = time.time()
     import transformers
@@ -334,10 +459,15 @@ def main(argv=None):
             "shape": f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads}/"
                      f"{cfg.num_key_value_heads} heads",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(), "repeats": args.repeats,
+            "device": torch.cuda.get_device_name() + (f" x{args.gpus} (layers split)" if args.gpus > 1 else ""),
+            "gpus": args.gpus, "repeats": args.repeats,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
-            "weights": args.weights, "load_s": round(load_s, 1)}
+            "weights": args.weights, "attention": args.attention, "load_s": round(load_s, 1)}
+    if args.attention == "planted":
+        meta["weights_note"] = ("random weights with planted attention structure (scripts/planted_attention.py: a sink "
+                                "at position 0, 15 heavy tokens, RoPE locality; q/k/v/o biases on); density and "
+                                "recall below are measured on it")
     if args.weights == "real":
         meta["weights_note"] = (f"real weights (demo model {args.model} via accel.models.load_model: GGUF dequantised "
                                 f"to bf16, {type(model).__name__}); prompt: a niah_single needle-in-a-haystack text "
@@ -356,6 +486,10 @@ def main(argv=None):
         else:
             ids = torch.randint(10, cfg.vocab_size - 10, (1, S), device="cuda",
                                 generator=torch.Generator("cuda").manual_seed(S))
+            if args.attention == "planted":
+                from planted_attention import plant_ids
+
+                ids = plant_ids(ids, seed=S)
         for run in args.runs:
             results["rows"].append(run_one(model, run, ids, args, tok=tok, prompt_info=info))
             meta["wall_s"] = time.time() - t0
