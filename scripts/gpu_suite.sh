@@ -9,6 +9,9 @@
 #   bash scripts/gpu_suite.sh e2e_llama8b e2e_gemma3   # whole models: TTFT / decode / memory vs transformers dense
 #   bash scripts/gpu_suite.sh decode static_decode     # decode attention (graph + eager); whole-model static-cache
 #                                                      # decode as CUDA graphs and compiled (batch 4 at 128K: H200)
+#   bash scripts/gpu_suite.sh e2e_llama8b_planted      # the same with attention structure planted in the weights
+#   bash scripts/gpu_suite.sh profile_128k             # torch profiler split of a patched 128K prefill
+#   bash scripts/gpu_suite.sh e2e_llama70b_2gpu        # Llama-70B shape split over two GPUs (2x H200), 128K
 #   bash scripts/gpu_suite.sh e2e_gemma3_real          # the same on the real Gemma-3-270M with a needle prompt
 #   bash scripts/gpu_suite.sh eval_gemma3_long         # accel-eval grid on the real Gemma-3-270M, 4K to 32K
 #
@@ -81,6 +84,16 @@ for stage in "$@"; do
       timeout 420 python3 scripts/bench_e2e.py --model llama8b --contexts 32768 131072 --decode 16 \
         --runs sdpa flash_attention_4 flexprefill xattention proxy xattention+quest quest duo lserve tidal \
         vertical_slash --out "$OUT/bench_e2e_llama8b" | tail -28 ;;
+    e2e_llama8b_planted)
+      timeout 420 python3 scripts/bench_e2e.py --model llama8b --attention planted --contexts 32768 131072 --decode 8 \
+        --runs sdpa flash_attention_4 xattention flexprefill proxy vertical_slash xattention+quest \
+        --out "$OUT/bench_e2e_llama8b_planted" | grep "^|" | tail -16 ;;
+    profile_128k)
+      timeout 170 python3 scripts/bench_e2e.py --model llama8b --attention planted --contexts 131072 --no-density \
+        --profile --runs flexprefill --out "$OUT/bench_e2e_llama8b_profile" | tail -3 ;;
+    e2e_llama70b_2gpu)
+      timeout 560 python3 scripts/bench_e2e.py --model llama70b --gpus 2 --contexts 131072 --decode 8 \
+        --runs sdpa xattention+quest --out "$OUT/bench_e2e_llama70b_2gpu" | tail -20 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
