@@ -86,7 +86,7 @@ for stage in "$@"; do
         vertical_slash --out "$OUT/bench_e2e_llama8b" | tail -28 ;;
     e2e_llama8b_planted)
       timeout 420 python3 scripts/bench_e2e.py --model llama8b --attention planted --contexts 32768 131072 --decode 8 \
-        --runs sdpa flash_attention_4 xattention flexprefill proxy vertical_slash xattention+quest \
+        --runs sdpa flash_attention_4 flex_attention xattention flexprefill proxy vertical_slash xattention+quest \
         --out "$OUT/bench_e2e_llama8b_planted" | grep "^|" | tail -16 ;;
     profile_128k)
       timeout 170 python3 scripts/bench_e2e.py --model llama8b --attention planted --contexts 131072 --no-density \
