@@ -167,7 +167,22 @@ def _run_head_split(state: LayerState, layout, q, k, v, scale, softcap, kv_start
 
 
 def _left_padding(mask: torch.Tensor, kv_len: int) -> torch.Tensor | None:
-    """Per-row index of the first real key for a left-padded 2D mask; None when nothing is padded."""
+    """Per-row index of the first real key for a left-padded 2D mask; None when nothing is padded.
+
+    Checking the mask costs two host syncs; every layer of a forward gets the same mask object from ``accel_mask``,
+    so the answer is kept on that tensor and the other layers reuse it (one check per forward, not per layer)."""
+    memo = getattr(mask, "_accel_left_padding", None)
+    if memo is not None and memo[0] == kv_len:
+        return memo[1]
+    start = _check_left_padding(mask, kv_len)
+    try:
+        mask._accel_left_padding = (kv_len, start)
+    except (AttributeError, RuntimeError):  # a tensor subclass that refuses attributes: just recompute next time
+        pass
+    return start
+
+
+def _check_left_padding(mask: torch.Tensor, kv_len: int) -> torch.Tensor | None:
     if mask.dim() != 2:
         raise ValueError(
             f"accel received a {mask.dim()}D attention mask; only 2D padding masks (or none) are supported. "

@@ -189,3 +189,17 @@ def test_streaming_takes_a_static_cache_ring():
     assert all(type(layer).__name__ == "DuoStaticLayer" and layer.skeys.shape[2] == 10 for layer in cache.layers)
 
 
+
+
+def test_left_padding_checked_once_per_mask():
+    """The padding check (two host syncs) runs once per forward's mask object, not once per layer."""
+    from accel import attention as A
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    first = A._left_padding(mask, 5)
+    assert first.tolist() == [2, 0]
+    assert A._left_padding(mask, 5) is first  # reused by the next layer
+    assert A._left_padding(mask, 3) is None  # another length: checked again (the last 3 keys are all real)
+    assert A._left_padding(torch.ones(2, 5, dtype=torch.long), 5) is None
+    with pytest.raises(ValueError, match="left padding only"):
+        A._left_padding(torch.tensor([[1, 1, 0, 1, 1]]), 5)
