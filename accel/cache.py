@@ -364,6 +364,69 @@ class DuoStaticLayer(StaticLayer):
             self.svalues.zero_()
 
 
+class LServeStaticLayer(DuoStaticLayer):
+    """LServe over a transformers StaticCache: a DuoStaticLayer (retrieval heads' full buffer, streaming heads'
+    sink + recent ring) whose retrieval heads also keep per-page key bounds (``kmin``/``kmax`` [B, H_r,
+    ceil(max_cache_len / page_size), D], +inf / -inf where unfilled), updated as PagedStaticLayer's are: a decode step
+    reads and writes back the one page it touches, on the device; a multi-token update recomputes the touched
+    pages from the buffer."""
+
+    def __init__(self, max_cache_len: int, stream_heads, sink: int, recent: int, page_size: int = 16):
+        super().__init__(max_cache_len, stream_heads, sink, recent)
+        self.page_size = page_size
+        self.kmin = self.kmax = None
+
+    @classmethod
+    def from_layer(cls, layer: StaticLayer, stream_heads, sink: int, recent: int,
+                   page_size: int = 16) -> "LServeStaticLayer":
+        if layer.is_initialized and int(layer.get_seq_length()) > 0:
+            raise RuntimeError("a static cache that already holds tokens cannot split its heads for LServe; start a "
+                               "new cache after accel.patch")
+        return cls(layer.max_cache_len, stream_heads, sink, recent, page_size)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        n_pages = -(-self.max_cache_len // self.page_size)
+        shape = (self.batch_size, self.retrieval_idx.numel(), n_pages, self.k_head_dim)
+        self.kmin = torch.full(shape, float("inf"), dtype=self.dtype, device=self.device)
+        self.kmax = torch.full(shape, float("-inf"), dtype=self.dtype, device=self.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.kmin)
+            torch._dynamo.mark_static_address(self.kmax)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if n == 1:  # a decode step: fold the new retrieval keys into their page, on the device
+            page = self.cumulative_length.reshape(1) // self.page_size
+            out = super().update(key_states, value_states, *args, **kwargs)
+            kr = key_states.index_select(1, self.retrieval_idx).to(self.dtype)
+            self.kmin.index_copy_(2, page, torch.minimum(self.kmin.index_select(2, page), kr))
+            self.kmax.index_copy_(2, page, torch.maximum(self.kmax.index_select(2, page), kr))
+            return out
+        start = int(self.cumulative_length)  # eager prefill / chunk
+        out = super().update(key_states, value_states, *args, **kwargs)
+        P, end = self.page_size, start + n
+        first = start // P
+        seg = self.keys[:, :, first * P : end]
+        pad = (-seg.shape[2]) % P
+        lo = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("inf")).unflatten(2, (-1, P)).amin(3)
+        hi = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("-inf")).unflatten(2, (-1, P)).amax(3)
+        self.kmin[:, :, first : first + lo.shape[2]] = lo
+        self.kmax[:, :, first : first + hi.shape[2]] = hi
+        return out
+
+    def extra_tensors(self) -> tuple:
+        return (self.skeys, self.svalues, self.kmin, self.kmax)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.kmin is not None:
+            self.kmin.fill_(float("inf"))
+            self.kmax.fill_(float("-inf"))
+
+
 def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     new = t.new_empty(*t.shape[:-2], cap, t.shape[-1])
     if used:

@@ -115,7 +115,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="tokens to generate, greedily (default 24; generation stops early at end of sequence)")
     r.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
                    help="KV cache for generate: dynamic (default) or static (transformers' StaticCache, which it "
-                   "compiles with torch.compile on a GPU; works with every decode policy but lserve)")
+                   "compiles with torch.compile on a GPU; works with every decode policy)")
     r.add_argument("--no-warmup", action="store_true",
                    help="skip the short warm-up generation that precedes each timed run")
     o = p.add_argument_group("output")

@@ -132,7 +132,7 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
 
 def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
     """A transformers StaticCache (generate's static / torch.compile path): dense decode runs over it as is; a decode
-    policy with a static form (``static_prepare``: Quest, TidalDecode) sets up what its device-side decode needs
+    policy with a static form (``static_prepare``: Quest, TidalDecode, Duo, LServe, streaming) sets up what its device-side decode needs
     (a cache layer with page bounds, a shared selection buffer); the others are refused."""
     decode = state.spec.decode
     layer = layers[state.layer_idx]

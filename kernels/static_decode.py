@@ -85,6 +85,56 @@ def split_static_decode(q: torch.Tensor, layer, mask: torch.Tensor, scale: float
     return out
 
 
+def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int, physical_page_size: int,
+                         scale: float | None, softcap: float | None, use_triton: bool) -> torch.Tensor:
+    """One LServe decode step over a static cache layer, on the device. ``layer`` is a PagedStaticLayer (every KV
+    head selects) or an LServeStaticLayer (streaming heads over their sink + recent ring, the others select).
+    Selection as in the dynamic policy with ``reuse_steps=1``: Quest criticality per logical page (group max),
+    each physical page the max of its logical pages, the newest physical page always, the top
+    ``budget // physical_page_size``; pages past the filled length score -inf and keys past it are masked, so a
+    budget above the context is dense."""
+    from accel.kernels import reference_decode as R
+
+    if use_triton:
+        from accel.kernels.triton.decode_attention import paged_decode_attention
+    else:
+        paged_decode_attention = R.paged_decode_attention
+    split = hasattr(layer, "retrieval_idx")
+    if split and layer.retrieval_idx.numel() == 0:  # every KV head of this layer streams
+        return split_static_decode(q, layer, None, scale, softcap)
+    hkv = layer.num_heads
+    group = q.shape[1] // hkv
+    ar = torch.arange(group, device=q.device)
+    q_r = (layer.retrieval_idx[:, None] * group + ar).flatten() if split else None
+    qr = q.index_select(1, q_r) if split else q
+    length = layer.cumulative_length
+    s = R.quest_scores(qr, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size)  # [B, Hr, n_log]
+    n_log = s.shape[-1]
+    s = torch.where(torch.arange(n_log, device=q.device) * page_size < length, s, float("-inf"))
+    r = physical_page_size // page_size
+    pad = (-n_log) % r
+    if pad:
+        s = torch.nn.functional.pad(s, (0, pad), value=float("-inf"))
+    s = s.unflatten(-1, (-1, r)).amax(-1)  # [B, Hr, n_phys]
+    newest = (length - 1) // physical_page_size
+    s = torch.where(torch.arange(s.shape[-1], device=q.device) == newest, float("inf"), s)
+    n_keep = min(budget // physical_page_size, s.shape[-1])
+    pages = s.topk(n_keep, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
+    counts = torch.full(pages.shape[:2], n_keep, dtype=torch.int32, device=q.device)
+    out_r = paged_decode_attention(qr, layer.keys, layer.values, pages, counts, physical_page_size, scale=scale,
+                                   softcap=softcap, kv_end=length.reshape(1).expand(q.shape[0]))
+    if not split:
+        return out_r
+    out = q.new_empty(*q.shape[:3], layer.v_head_dim)
+    out.index_copy_(1, q_r, out_r.to(out.dtype))
+    q_s = (layer.stream_idx[:, None] * group + ar).flatten()
+    ring = layer.skeys.shape[2]
+    filled = (torch.arange(ring, device=q.device) < length).expand(q.shape[0], 1, 1, ring)
+    out.index_copy_(1, q_s, dense_static_decode(q.index_select(1, q_s), layer.skeys, layer.svalues, filled, scale,
+                                                softcap))
+    return out
+
+
 @torch.library.custom_op("accel::quest_static_decode", mutates_args=())
 def quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                         length: torch.Tensor, kv_start: torch.Tensor | None, n_keep: int, page_size: int,
@@ -101,4 +151,4 @@ def _(q, k, v, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, sc
     return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
 
 
-__all__ = ["quest_static_decode", "dense_static_decode", "split_static_decode"]
+__all__ = ["quest_static_decode", "dense_static_decode", "split_static_decode", "lserve_static_decode"]

@@ -1,7 +1,7 @@
 """transformers' static cache (and torch.compile on top of it) with a patched model: prefill policies run on the
 filled part of the preallocated buffer, decode steps are dense over it with transformers' own mask, and the tokens
-match the dynamic-cache run of the same policy. Decode policies that need accel's cache layers are refused at the
-prefill with a message that names the fix."""
+match the dynamic-cache run of the same policy. Decode policies with a static form (quest, tidal, duo, lserve,
+streaming) run it device-side and match the dynamic cache too."""
 
 import pytest
 import torch
@@ -77,7 +77,7 @@ def _compile_config():
     return cc
 
 
-@pytest.mark.parametrize("policy", ["xattention", "quest", "tidal", "duo"])
+@pytest.mark.parametrize("policy", ["xattention", "quest", "tidal", "duo", "lserve"])
 def test_compiled_static_decode_matches_dynamic(policy, tmp_path):
     """Static cache -> compiled decode step; fullgraph=True proves the patched step has no graph break. The
     compiled tokens equal the dynamic cache's (xattention: sparse prefill, dense decode)."""
@@ -85,7 +85,8 @@ def test_compiled_static_decode_matches_dynamic(policy, tmp_path):
     model = tiny_model("llama")
     opts = {"xattention": dict(block_size=64, threshold=0.5), "quest": dict(budget=64, page_size=16, dense_layers=1),
             "tidal": dict(budget=48, select_layer=0, reselect_layer=None),
-            "duo": dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12)}[policy]
+            "duo": dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12),
+            "lserve": _lserve_opts(model, tmp_path)}[policy]
     accel.patch(model, policy, backend="reference", **opts)
     x = ids()
     dynamic = _generate(model, x)
@@ -98,17 +99,50 @@ def test_compiled_static_decode_matches_dynamic(policy, tmp_path):
     assert layer0["calls"] == {"prefill": 1, "decode": 0} and layer0["static_cache"]
 
 
-@pytest.mark.parametrize("policy", ["lserve"])
-def test_sparse_decode_refuses_static_cache(policy, tmp_path):
+def _lserve_opts(model, tmp_path, budget=64):
+    # selection every step (reuse_steps=1): what the static form reads, which has no host-side step counter
+    return dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12, page_size=16,
+                physical_page_size=32, budget=budget, reuse_steps=1)
+
+
+@pytest.mark.parametrize("fam", ["llama", "gemma3", "qwen2"])
+def test_lserve_over_static_cache_matches_dynamic(fam, tmp_path):
+    """LServe over a static cache (streaming heads' ring, retrieval heads' buffer with logical-page bounds and a
+    device-side physical-page selection): the dynamic cache's tokens, less KV memory than the dense static cache."""
+    model = tiny_model(fam)
+    accel.patch(model, "lserve", backend="reference", **_lserve_opts(model, tmp_path))
+    x = ids(batch=2, length=200)
+    dynamic = _generate(model, x)
+    accel.reset_stats(model)
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, dynamic)
+    layers = out.past_key_values.layers
+    split = [layer for layer in layers if isinstance(layer, accel.cache.LServeStaticLayer)]
+    paged = [layer for layer in layers if type(layer) is accel.cache.PagedStaticLayer]
+    assert split and all(layer.skeys.shape[2] == 16 for layer in split)  # sink 4 + recent 12
+    assert all(layer.kmin.shape[1] == layer.retrieval_idx.numel() for layer in split)
+    assert accel.stats(model)["backends_used"]["static-paged"] == 11 * (len(split) + len(paged))
+    accel.unpatch(model)
+    with torch.no_grad():
+        dense = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                               cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    if fam == "llama":  # every layer global: half the KV heads in a 16-slot ring
+        assert accel.cache_bytes(out.past_key_values) < 0.75 * accel.cache_bytes(dense.past_key_values)
+
+
+def test_lserve_static_budget_above_context_is_dense_over_retrieval_heads(tmp_path):
+    """A budget covering the context selects every page: the same tokens as duo (streaming heads alike, retrieval
+    heads dense)."""
     model = tiny_model("llama")
-    opts = {"duo_map": _head_map(model, tmp_path / "m.json")} if policy in ("duo", "lserve") else {}
-    if policy == "tidal":  # the tiny model has two layers
-        opts = {"select_layer": 0, "reselect_layer": 1}
-    accel.patch(model, policy, backend="reference", **opts)
-    with pytest.raises(TypeError, match="default dynamic cache"):
-        _generate(model, ids(), cache_implementation="static", disable_compile=True)
-    # the model is usable afterwards with the default cache
-    assert _generate(model, ids()).shape[1] == 160 + 12
+    opts = _lserve_opts(model, tmp_path, budget=4096)
+    accel.patch(model, "lserve", backend="reference", **opts)
+    x = ids(length=150)
+    lserve = _generate(model, x, cache_implementation="static", disable_compile=True)
+    accel.patch(model, "duo", backend="reference", duo_map=opts["duo_map"], ratio=0.5, sink=4, recent=12)
+    duo = _generate(model, x, cache_implementation="static", disable_compile=True)
+    assert torch.equal(lserve, duo)
 
 
 @pytest.mark.parametrize("fam", ["llama", "gemma3", "qwen2"])
@@ -241,3 +275,45 @@ def test_streaming_over_static_cache_matches_dynamic(fam):
     assert torch.equal(out.sequences, dynamic)
     rings = [layer for layer in out.past_key_values.layers if isinstance(layer, accel.cache.DuoStaticLayer)]
     assert rings and all(layer.skeys.shape[2] == 20 and layer.keys.shape[1] == 0 for layer in rings)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_lserve_static_decode_op_matches_reference(use_triton):
+    """The device-side LServe step against a hand-built reference: the retrieval head attends to exactly the top
+    physical pages (max of its logical pages' Quest scores, newest forced), the streaming head to sink + recent; and
+    the selection really drops keys (the output differs from dense)."""
+    from transformers.cache_utils import StaticLayer
+
+    from accel.kernels import reference_decode as R
+    from accel.kernels.static_decode import lserve_static_decode
+
+    torch.manual_seed(0)
+    B, D, S, sink, recent, lp, pp, budget = 1, 16, 200, 4, 12, 16, 32, 64
+    layer = accel.cache.LServeStaticLayer.from_layer(StaticLayer(max_cache_len=256), [True, False], sink, recent, lp)
+    k, v = torch.randn(B, 2, S + 1, D), torch.randn(B, 2, S + 1, D)
+    layer.update(k[:, :, :S], v[:, :, :S])
+    layer.update(k[:, :, S:], v[:, :, S:])
+    q = torch.randn(B, 4, 1, D)  # query heads 0-1 -> KV head 0 (streaming), 2-3 -> KV head 1 (retrieval)
+    out = lserve_static_decode(q, layer, budget=budget, page_size=lp, physical_page_size=pp, scale=None,
+                               softcap=None, use_triton=use_triton)  # Triton: the interpreter on the CPU
+    n = S + 1
+    kmin, kmax = R.page_bounds(k[:, 1:], lp)
+    s = R.quest_scores(q[:, 2:], kmin, kmax, group_reduce="max", page_size=lp)[0, 0]
+    phys = torch.nn.functional.pad(s, (0, (-s.numel()) % (pp // lp)), value=float("-inf")).view(-1, pp // lp)
+    phys = phys.amax(-1)
+    phys[(n - 1) // pp] = float("inf")
+    keep = torch.zeros(n, dtype=torch.bool)
+    for p in phys.topk(budget // pp).indices.tolist():
+        keep[p * pp : (p + 1) * pp] = True
+    pos = torch.arange(n)
+    stream_keep = (pos < sink) | (pos >= n - recent)
+
+    def attend(qh, kk, vv, m):
+        logits = (qh @ kk.T) * D**-0.5
+        return logits.masked_fill(~m, float("-inf")).softmax(-1) @ vv
+
+    ref = torch.stack([attend(q[0, h, 0], k[0, h // 2], v[0, h // 2], keep if h >= 2 else stream_keep)
+                       for h in range(4)])
+    torch.testing.assert_close(out[0, :, 0], ref, atol=1e-5, rtol=1e-5)
+    dense = attend(q[0, 2, 0], k[0, 1], v[0, 1], torch.ones(n, dtype=torch.bool))
+    assert keep.sum() < n and not torch.allclose(out[0, 2, 0], dense, atol=1e-3)

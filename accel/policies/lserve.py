@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from accel.cache import PagedKVLayer, PagedSplitLayer
+from accel.cache import LServeStaticLayer, PagedKVLayer, PagedSplitLayer, PagedStaticLayer
 from accel.layouts import DenseLayout, HeadPart, HeadSplitLayout, PageSelection
 
 from .duo import DuoPolicy
@@ -29,17 +29,13 @@ class LServePolicy(DuoPolicy):
     added), which LServe shows costs little accuracy and divides the scoring cost. Retrieval heads run dense in
     prefill, or under the prefill policy of a composition (``"xattention+lserve"``). A budget at or above the
     context attends to every retrieval key (density 1.0 in ``accel.stats``); ``ratio=0`` needs no head map and
-    with such a budget is exactly dense."""
+    with such a budget is exactly dense. Over a transformers StaticCache (and torch.compile) the layer becomes an
+    LServeStaticLayer and the selection runs on the device every step (``static_decode``)."""
 
     name = "lserve"
     phases = ("prefill", "decode")
     description = "streaming heads + hierarchical page selection reused across steps"
     paper = "LServe (arXiv 2502.14866)"
-
-    # LServe's selection reuse across steps and paged retrieval heads have no static-cache form yet: a static cache
-    # is refused (DuoPolicy's static form would silently drop the page selection)
-    static_prepare = None
-    static_decode = None
 
     page_size: int = 16  # logical page: key bounds and scoring
     physical_page_size: int = 64  # selection unit, what the decode kernel reads
@@ -81,6 +77,34 @@ class LServePolicy(DuoPolicy):
             return PagedSplitLayer, {"stream_heads": stream, "sink": self.sink, "recent": self.recent,
                                      "page_size": self.page_size}
         return PagedKVLayer, {"page_size": self.page_size}
+
+    def static_prepare(self, cache, layers, layer_idx: int, sliding_window, **_):
+        """At the (eager) prefill over a transformers StaticCache: an LServeStaticLayer (streaming heads' ring,
+        retrieval heads' buffer with logical-page bounds) where this layer has streaming heads, a PagedStaticLayer
+        where it has none; None for sliding-window layers (their own window, dense)."""
+        if sliding_window is not None:
+            return None
+        stream = self._stream_heads(layer_idx)
+        layer = layers[layer_idx]
+        if bool(stream.any()):
+            if not isinstance(layer, LServeStaticLayer):
+                layers[layer_idx] = LServeStaticLayer.from_layer(layer, stream, self.sink, self.recent, self.page_size)
+        elif not isinstance(layer, PagedStaticLayer) or layer.page_size != self.page_size:
+            layers[layer_idx] = PagedStaticLayer.from_layer(layer, self.page_size)
+        return layers[layer_idx]
+
+    def static_decode(self, q, k, v, layer, *, mask, kv_start, scale, softcap, use_triton: bool):
+        """One decode step, on the device (kernels/static_decode.py ``lserve_static_decode``). A compiled step has
+        no host-side step counter, so the selection is made every step here (``reuse_steps`` applies to the
+        dynamic cache only): the static form reads what ``reuse_steps=1`` reads."""
+        from accel.kernels.static_decode import lserve_static_decode
+
+        if kv_start is not None:
+            raise ValueError("policy 'lserve' does not support left-padded batches (streaming heads' sink tokens "
+                             "would be padding); run prompts one at a time or with equal lengths")
+        return lserve_static_decode(q, layer, budget=self.budget, page_size=self.page_size,
+                                    physical_page_size=self.physical_page_size, scale=scale, softcap=softcap,
+                                    use_triton=use_triton)
 
     def plan(self, q, k, ctx):
         if ctx.sliding_window is not None:
