@@ -224,6 +224,36 @@ class PagedKVLayer(_BatchOps, DynamicLayer):
         return None
 
 
+def _fold_decode_key(kmin: torch.Tensor, kmax: torch.Tensor, page: torch.Tensor, keys: torch.Tensor) -> None:
+    """One decode token's keys [B, H, 1, D] folded into page ``page`` (a 1-element device tensor) of the bounds:
+    read-modify-write on the device, no sync."""
+    kmin.index_copy_(2, page, torch.minimum(kmin.index_select(2, page), keys))
+    kmax.index_copy_(2, page, torch.maximum(kmax.index_select(2, page), keys))
+
+
+def _empty_bounds(layer, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """+inf / -inf page bounds [B, heads, ceil(max_cache_len / page_size), D] at static addresses (CUDA graphs)."""
+    shape = (layer.batch_size, heads, -(-layer.max_cache_len // layer.page_size), layer.k_head_dim)
+    kmin = torch.full(shape, float("inf"), dtype=layer.dtype, device=layer.device)
+    kmax = torch.full(shape, float("-inf"), dtype=layer.dtype, device=layer.device)
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(kmin)
+        torch._dynamo.mark_static_address(kmax)
+    return kmin, kmax
+
+
+def _recompute_pages(kmin: torch.Tensor, kmax: torch.Tensor, buffer: torch.Tensor, start: int, end: int,
+                     page_size: int) -> None:
+    """Bounds of every page that positions [start, end) of ``buffer`` [B, H, S, D] touch, recomputed from it."""
+    P, first = page_size, start // page_size
+    seg = buffer[:, :, first * P : end]
+    pad = (-seg.shape[2]) % P
+    lo = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("inf")).unflatten(2, (-1, P)).amin(3)
+    hi = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("-inf")).unflatten(2, (-1, P)).amax(3)
+    kmin[:, :, first : first + lo.shape[2]] = lo
+    kmax[:, :, first : first + hi.shape[2]] = hi
+
+
 class PagedStaticLayer(StaticLayer):
     """transformers' StaticLayer (preallocated K/V, compile-friendly) plus per-page key bounds for Quest.
 
@@ -249,13 +279,7 @@ class PagedStaticLayer(StaticLayer):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
-        n_pages = -(-self.max_cache_len // self.page_size)
-        shape = (self.batch_size, self.num_heads, n_pages, self.k_head_dim)
-        self.kmin = torch.full(shape, float("inf"), dtype=self.dtype, device=self.device)
-        self.kmax = torch.full(shape, float("-inf"), dtype=self.dtype, device=self.device)
-        if not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.kmin)
-            torch._dynamo.mark_static_address(self.kmax)
+        self.kmin, self.kmax = _empty_bounds(self, self.num_heads)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -264,21 +288,12 @@ class PagedStaticLayer(StaticLayer):
         if n == 1:  # a decode step: read-modify-write the one page it touches, on the device
             page = self.cumulative_length.reshape(1) // self.page_size
             keys, values = super().update(key_states, value_states, *args, **kwargs)
-            key_states = key_states.to(self.dtype)
-            self.kmin.index_copy_(2, page, torch.minimum(self.kmin.index_select(2, page), key_states))
-            self.kmax.index_copy_(2, page, torch.maximum(self.kmax.index_select(2, page), key_states))
+            _fold_decode_key(self.kmin, self.kmax, page, key_states.to(self.dtype))
             return keys, values
         # prefill / chunks (eager): recompute the bounds of every page the new keys touch from the buffer
         start = int(self.cumulative_length)
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        P, end = self.page_size, start + n
-        first = start // P
-        seg = self.keys[:, :, first * P : end]
-        pad = (-seg.shape[2]) % P
-        lo = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("inf")).unflatten(2, (-1, P)).amin(3)
-        hi = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("-inf")).unflatten(2, (-1, P)).amax(3)
-        self.kmin[:, :, first : first + lo.shape[2]] = lo
-        self.kmax[:, :, first : first + hi.shape[2]] = hi
+        _recompute_pages(self.kmin, self.kmax, self.keys, start, start + n, self.page_size)
         return keys, values
 
     def extra_tensors(self) -> tuple:
@@ -386,13 +401,7 @@ class LServeStaticLayer(DuoStaticLayer):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
-        n_pages = -(-self.max_cache_len // self.page_size)
-        shape = (self.batch_size, self.retrieval_idx.numel(), n_pages, self.k_head_dim)
-        self.kmin = torch.full(shape, float("inf"), dtype=self.dtype, device=self.device)
-        self.kmax = torch.full(shape, float("-inf"), dtype=self.dtype, device=self.device)
-        if not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.kmin)
-            torch._dynamo.mark_static_address(self.kmax)
+        self.kmin, self.kmax = _empty_bounds(self, self.retrieval_idx.numel())  # the retrieval heads only
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -401,20 +410,11 @@ class LServeStaticLayer(DuoStaticLayer):
         if n == 1:  # a decode step: fold the new retrieval keys into their page, on the device
             page = self.cumulative_length.reshape(1) // self.page_size
             out = super().update(key_states, value_states, *args, **kwargs)
-            kr = key_states.index_select(1, self.retrieval_idx).to(self.dtype)
-            self.kmin.index_copy_(2, page, torch.minimum(self.kmin.index_select(2, page), kr))
-            self.kmax.index_copy_(2, page, torch.maximum(self.kmax.index_select(2, page), kr))
+            _fold_decode_key(self.kmin, self.kmax, page, key_states.index_select(1, self.retrieval_idx).to(self.dtype))
             return out
         start = int(self.cumulative_length)  # eager prefill / chunk
         out = super().update(key_states, value_states, *args, **kwargs)
-        P, end = self.page_size, start + n
-        first = start // P
-        seg = self.keys[:, :, first * P : end]
-        pad = (-seg.shape[2]) % P
-        lo = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("inf")).unflatten(2, (-1, P)).amin(3)
-        hi = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("-inf")).unflatten(2, (-1, P)).amax(3)
-        self.kmin[:, :, first : first + lo.shape[2]] = lo
-        self.kmax[:, :, first : first + hi.shape[2]] = hi
+        _recompute_pages(self.kmin, self.kmax, self.keys, start, start + n, self.page_size)  # the retrieval buffer
         return out
 
     def extra_tensors(self) -> tuple:

@@ -44,6 +44,11 @@ def _generate(model, x, **kw):
         return model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
 
 
+def _generate_static(model, x):
+    """Static-cache generate (eager steps), with the cache returned for inspection."""
+    return _generate(model, x, cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_static_cache_matches_dynamic(family, policy):
     model = tiny_model(family)
@@ -114,9 +119,7 @@ def test_lserve_over_static_cache_matches_dynamic(fam, tmp_path):
     x = ids(batch=2, length=200)
     dynamic = _generate(model, x)
     accel.reset_stats(model)
-    with torch.no_grad():
-        out = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
-                             cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    out = _generate_static(model, x)
     assert torch.equal(out.sequences, dynamic)
     layers = out.past_key_values.layers
     split = [layer for layer in layers if isinstance(layer, accel.cache.LServeStaticLayer)]
@@ -125,9 +128,7 @@ def test_lserve_over_static_cache_matches_dynamic(fam, tmp_path):
     assert all(layer.kmin.shape[1] == layer.retrieval_idx.numel() for layer in split)
     assert accel.stats(model)["backends_used"]["static-paged"] == 11 * (len(split) + len(paged))
     accel.unpatch(model)
-    with torch.no_grad():
-        dense = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
-                               cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    dense = _generate_static(model, x)
     if fam == "llama":  # every layer global: half the KV heads in a 16-slot ring
         assert accel.cache_bytes(out.past_key_values) < 0.75 * accel.cache_bytes(dense.past_key_values)
 
@@ -233,17 +234,13 @@ def test_duo_over_static_cache_matches_dynamic(fam, tmp_path):
     x = ids(batch=2, length=200)
     dynamic = _generate(model, x)
     accel.reset_stats(model)
-    with torch.no_grad():
-        out = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
-                             cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    out = _generate_static(model, x)
     assert torch.equal(out.sequences, dynamic)
     split = [layer for layer in out.past_key_values.layers if isinstance(layer, accel.cache.DuoStaticLayer)]
     assert split and all(layer.skeys.shape[2] == 16 for layer in split)  # sink 4 + recent 12
     assert accel.stats(model)["backends_used"]["static-paged"] == 11 * len(split)
     accel.unpatch(model)
-    with torch.no_grad():
-        dense = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
-                               cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    dense = _generate_static(model, x)
     assert accel.cache_bytes(out.past_key_values) < 0.6 * accel.cache_bytes(dense.past_key_values)
 
 
@@ -269,9 +266,7 @@ def test_streaming_over_static_cache_matches_dynamic(fam):
     accel.patch(model, "streaming", sink=4, window=16, backend="reference")
     x = ids(batch=2, length=200)
     dynamic = _generate(model, x)
-    with torch.no_grad():
-        out = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
-                             cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
+    out = _generate_static(model, x)
     assert torch.equal(out.sequences, dynamic)
     rings = [layer for layer in out.past_key_values.layers if isinstance(layer, accel.cache.DuoStaticLayer)]
     assert rings and all(layer.skeys.shape[2] == 20 and layer.keys.shape[1] == 0 for layer in rings)
