@@ -7,7 +7,7 @@ A Llama-3.1-8B-shaped model with random weights (speed depends on shapes only). 
 context filled with random keys/values written through the layers' own ``update`` (so Quest's page bounds are
 built the way decode builds them), a warm-up, then ``--steps`` timed steps, each feeding its greedy token back.
 Runs: ``sdpa`` (transformers' own attention), ``dense`` (accel, dense decode) and decode policies with a static
-form (``quest``, ``tidal``, ``duo`` with random gates at ``ratio`` 0.5, ``quest:budget=2048``). Tokens/s = batch * steps / time.
+form (``quest``, ``tidal``, ``duo`` and ``lserve`` with random gates at ``ratio`` 0.5, ``quest:budget=2048``). Tokens/s = batch * steps / time.
 
     python scripts/bench_static_decode.py --contexts 131072 --batches 1 4 --out results/bench_static_decode
 """
@@ -55,7 +55,7 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     try:
         if patched:
             name, opts = parse_spec(run)
-            if name == "duo" and "duo_map" not in opts:  # random weights: which heads stream does not matter
+            if name in ("duo", "lserve") and "duo_map" not in opts:  # random weights: any heads may stream
                 opts["duo_map"] = speed_head_map(model, f"/tmp/accel_duo_{args.model}.json")
             accel.patch(model, {"prefill": "dense", "decode": name}, backend="auto", **opts)
         else:
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="llama8b")
     ap.add_argument("--contexts", type=int, nargs="+", default=[131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--runs", nargs="+", default=["sdpa", "dense", "quest", "tidal", "duo"])
+    ap.add_argument("--runs", nargs="+", default=["sdpa", "dense", "quest", "tidal", "duo", "lserve"])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--mode", choices=("graph", "compile"), default="graph")
     ap.add_argument("--out", default=None)

@@ -79,7 +79,7 @@ for stage in "$@"; do
       timeout 240 python3 scripts/bench_static_decode.py --contexts 32768 131072 --batches 1 4 \
         --out "$OUT/bench_static_decode" | tail -20
       timeout 300 python3 scripts/bench_static_decode.py --mode compile --contexts 131072 --batches 1 4 \
-        --runs dense quest tidal duo --steps 16 --out "$OUT/bench_static_decode_compile" | tail -12 ;;
+        --runs dense quest tidal duo lserve --steps 16 --out "$OUT/bench_static_decode_compile" | tail -12 ;;
     e2e_llama8b)
       timeout 420 python3 scripts/bench_e2e.py --model llama8b --contexts 32768 131072 --decode 16 \
         --runs sdpa flash_attention_4 flexprefill xattention proxy xattention+quest quest duo lserve tidal \
