@@ -49,17 +49,24 @@ def test_auto_picks_a_gpu_backend():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("policy", ["quest", "tidal"])
-def test_static_cache_compiled_matches_dynamic(family, policy):
+@pytest.mark.parametrize("policy", ["quest", "tidal", "lserve"])
+def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path):
     """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
-    the Triton static decode (Quest's op, TidalDecode's shared positions) must give the dynamic-cache tokens
-    (float32 so the selections agree exactly)."""
+    the Triton static decode (Quest's op, TidalDecode's shared positions, LServe's page selection) must give the
+    dynamic-cache tokens (float32 so the selections agree exactly)."""
     torch._dynamo.reset()
     model = tiny_model(family).cuda()
     x = _ids(300, batch=2)
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
-    opts = dict(budget=64, page_size=16, dense_layers=0) if policy == "quest" else dict(
-        budget=64, select_layer=0 if family == "llama" else 2, reselect_layer=None)
+    if policy == "quest":
+        opts = dict(budget=64, page_size=16, dense_layers=0)
+    elif policy == "tidal":
+        opts = dict(budget=64, select_layer=0 if family == "llama" else 2, reselect_layer=None)
+    else:  # selection every step, as the static form makes it
+        from test_policy_duo import _head_map
+
+        opts = dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12, page_size=16,
+                    physical_page_size=32, budget=64, reuse_steps=1)
     with torch.no_grad():
         accel.patch(model, policy, backend="triton", **opts)
         dynamic = model.generate(x, **kw)
