@@ -124,13 +124,14 @@ def test_lserve_over_static_cache_matches_dynamic(fam, tmp_path):
     layers = out.past_key_values.layers
     split = [layer for layer in layers if isinstance(layer, accel.cache.LServeStaticLayer)]
     paged = [layer for layer in layers if type(layer) is accel.cache.PagedStaticLayer]
-    assert split and all(layer.skeys.shape[2] == 16 for layer in split)  # sink 4 + recent 12
+    # streaming heads: a ring of sink 4 + recent 12 slots, however many tokens the cache holds (212 here)
+    assert split and all(layer.skeys.shape[2] == 16 < int(layer.cumulative_length) for layer in split)
     assert all(layer.kmin.shape[1] == layer.retrieval_idx.numel() for layer in split)
     assert accel.stats(model)["backends_used"]["static-paged"] == 11 * (len(split) + len(paged))
     accel.unpatch(model)
     dense = _generate_static(model, x)
-    if fam == "llama":  # every layer global: half the KV heads in a 16-slot ring
-        assert accel.cache_bytes(out.past_key_values) < 0.75 * accel.cache_bytes(dense.past_key_values)
+    if fam == "llama":  # every layer global: half the KV heads in a 16-slot ring (plus the bounds, 1/16 of keys)
+        assert accel.cache_bytes(out.past_key_values) < 0.6 * accel.cache_bytes(dense.past_key_values)
 
 
 def test_lserve_static_budget_above_context_is_dense_over_retrieval_heads(tmp_path):
