@@ -73,16 +73,23 @@ def split_static_decode(q: torch.Tensor, layer, mask: torch.Tensor, scale: float
     group = q.shape[1] // layer.num_heads
     ar = torch.arange(group, device=q.device)
     q_r = (layer.retrieval_idx[:, None] * group + ar).flatten()
-    q_s = (layer.stream_idx[:, None] * group + ar).flatten()
     out = q.new_empty(*q.shape[:3], layer.v_head_dim)
     if q_r.numel():
         out.index_copy_(1, q_r, dense_static_decode(q.index_select(1, q_r), layer.keys, layer.values, mask, scale,
                                                     softcap))
-    ring = layer.skeys.shape[2]
-    filled = (torch.arange(ring, device=q.device) < layer.cumulative_length).expand(q.shape[0], 1, 1, ring)
-    out.index_copy_(1, q_s, dense_static_decode(q.index_select(1, q_s), layer.skeys, layer.svalues, filled, scale,
-                                                softcap))
+    q_s, out_s = _ring_decode(q, layer, group, ar, layer.cumulative_length, scale, softcap)
+    out.index_copy_(1, q_s, out_s)
     return out
+
+
+def _ring_decode(q: torch.Tensor, layer, group: int, ar: torch.Tensor, length: torch.Tensor, scale: float | None,
+                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The streaming KV heads of a DuoStaticLayer over the filled slots of their sink + recent ring: (their query
+    head indices, their outputs)."""
+    q_s = (layer.stream_idx[:, None] * group + ar).flatten()
+    ring = layer.skeys.shape[2]
+    filled = (torch.arange(ring, device=q.device) < length).expand(q.shape[0], 1, 1, ring)
+    return q_s, dense_static_decode(q.index_select(1, q_s), layer.skeys, layer.svalues, filled, scale, softcap)
 
 
 def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int, physical_page_size: int,
@@ -95,10 +102,6 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
     budget above the context is dense."""
     from accel.kernels import reference_decode as R
 
-    if use_triton:
-        from accel.kernels.triton.decode_attention import paged_decode_attention
-    else:
-        paged_decode_attention = R.paged_decode_attention
     split = hasattr(layer, "retrieval_idx")
     if split and layer.retrieval_idx.numel() == 0:  # every KV head of this layer streams
         return split_static_decode(q, layer, None, scale, softcap)
@@ -108,31 +111,44 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
     q_r = (layer.retrieval_idx[:, None] * group + ar).flatten() if split else None
     qr = q.index_select(1, q_r) if split else q
     length = layer.cumulative_length
-    s = R.quest_scores(qr, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size)  # [B, Hr, n_log]
-    n_log = s.shape[-1]
-    s = torch.where(torch.arange(n_log, device=q.device) * page_size < length, s, float("-inf"))
     r = physical_page_size // page_size
-    pad = (-n_log) % r
-    if pad:
-        s = torch.nn.functional.pad(s, (0, pad), value=float("-inf"))
-    s = s.unflatten(-1, (-1, r)).amax(-1)  # [B, Hr, n_phys]
-    newest = (length - 1) // physical_page_size
-    s = torch.where(torch.arange(s.shape[-1], device=q.device) == newest, float("inf"), s)
-    n_keep = min(budget // physical_page_size, s.shape[-1])
-    pages = s.topk(n_keep, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
-    counts = torch.full(pages.shape[:2], n_keep, dtype=torch.int32, device=q.device)
+    if use_triton:  # Triton scoring and top-k: pages past the length score NaN and are never chosen
+        from accel.kernels.triton.decode_attention import paged_decode_attention
+        from accel.kernels.triton.decode_score import quest_scores
+        from accel.kernels.triton.decode_topk import select_pages
+
+        s = quest_scores(qr, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size)  # [B, Hr, n_log]
+        s = _physical_max(s, r)
+        n_keep = min(budget // physical_page_size, s.shape[-1])
+        pages, counts = select_pages(s, n_keep, kv_len=length, page_size=physical_page_size)
+    else:
+        paged_decode_attention = R.paged_decode_attention
+        s = R.quest_scores(qr, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size)
+        s = torch.where(torch.arange(s.shape[-1], device=q.device) * page_size < length, s, float("-inf"))
+        s = _physical_max(s, r)
+        newest = (length - 1) // physical_page_size
+        s = torch.where(torch.arange(s.shape[-1], device=q.device) == newest, float("inf"), s)
+        n_keep = min(budget // physical_page_size, s.shape[-1])
+        pages = s.topk(n_keep, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
+        counts = torch.full(pages.shape[:2], n_keep, dtype=torch.int32, device=q.device)
     out_r = paged_decode_attention(qr, layer.keys, layer.values, pages, counts, physical_page_size, scale=scale,
                                    softcap=softcap, kv_end=length.reshape(1).expand(q.shape[0]))
     if not split:
         return out_r
     out = q.new_empty(*q.shape[:3], layer.v_head_dim)
     out.index_copy_(1, q_r, out_r.to(out.dtype))
-    q_s = (layer.stream_idx[:, None] * group + ar).flatten()
-    ring = layer.skeys.shape[2]
-    filled = (torch.arange(ring, device=q.device) < length).expand(q.shape[0], 1, 1, ring)
-    out.index_copy_(1, q_s, dense_static_decode(q.index_select(1, q_s), layer.skeys, layer.svalues, filled, scale,
-                                                softcap))
+    q_s, out_s = _ring_decode(q, layer, group, ar, length, scale, softcap)
+    out.index_copy_(1, q_s, out_s)
     return out
+
+
+def _physical_max(s: torch.Tensor, r: int) -> torch.Tensor:
+    """Logical page scores [B, H, n_log] -> physical page scores [B, H, ceil(n_log / r)]: the max of each run of
+    ``r`` (a NaN of an unfilled logical page only reaches the newest physical page, which is always kept)."""
+    pad = (-s.shape[-1]) % r
+    if pad:
+        s = torch.nn.functional.pad(s, (0, pad), value=float("-inf"))
+    return s.unflatten(-1, (-1, r)).amax(-1)
 
 
 @torch.library.custom_op("accel::quest_static_decode", mutates_args=())

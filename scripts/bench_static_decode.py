@@ -3,7 +3,7 @@ captured once as a CUDA graph (``--mode graph``, eager kernels) or compiled by `
 "reduce-overhead")`` (``--mode compile``, what ``generate`` does with a static cache), then replayed.
 
 A Llama-3.1-8B-shaped model with random weights (speed depends on shapes only). Each run: a StaticCache of
-``context + steps + 8`` slots, a 16-token eager prefill (installs the policy's cache layers), the rest of the
+``context + steps + 16`` slots, a 16-token eager prefill (installs the policy's cache layers), the rest of the
 context filled with random keys/values written through the layers' own ``update`` (so Quest's page bounds are
 built the way decode builds them), a warm-up, then ``--steps`` timed steps, each feeding its greedy token back.
 Runs: ``sdpa`` (transformers' own attention), ``dense`` (accel, dense decode) and decode policies with a static
@@ -62,7 +62,7 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
             model.set_attn_implementation("sdpa")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        cache = StaticCache(config=model.config, max_cache_len=ctx + args.steps + 8)
+        cache = StaticCache(config=model.config, max_cache_len=ctx + args.steps + 16)
         tok = torch.randint(10, 1000, (batch, 16), device="cuda")
         with torch.no_grad():
             out = model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)  # eager: installs layers
@@ -106,6 +106,8 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
                 step()
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
+            if args.profile:
+                row["profile"] = profile_steps(step, args, f"{run}_{ctx // 1024}k_b{batch}")
         row["step_ms"] = dt / args.steps * 1e3
         row["tok_s"] = batch * args.steps / dt
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -122,6 +124,27 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
         torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
     return row
+
+
+def profile_steps(step, args, tag: str, n: int = 4) -> str:
+    """Kernel table (CUDA time per step, top rows) of ``n`` replayed steps; written next to ``--out``. Returns the
+    path (or the table when there is no ``--out``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    total = sum(e.self_device_time_total for e in prof.key_averages()) / n / 1e3
+    text = f"# {tag}: {n} steps, {total:.3f} ms of kernel time per step\n{table}"
+    print(text, flush=True)
+    if not args.out:
+        return text
+    path = f"{args.out}_profile_{tag}.txt"
+    with open(path, "w") as f:
+        f.write(text)
+    return os.path.relpath(path, ROOT)
 
 
 def write(results: dict, out: str) -> None:
@@ -155,12 +178,13 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--mode", choices=("graph", "compile"), default="graph")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="also write each run's kernel table (torch profiler)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_static_decode needs a CUDA GPU")
     torch._dynamo.config.recompile_limit = 64
     t0 = time.time()
-    model = build_model(model_config(args.model, max(args.contexts) + args.steps + 8))
+    model = build_model(model_config(args.model, max(args.contexts) + args.steps + 16))
     rows = [run_one(model, run, ctx, b, args) for ctx in args.contexts for b in args.batches for run in args.runs]
     import transformers
     import triton
