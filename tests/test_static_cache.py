@@ -104,6 +104,21 @@ def test_compiled_static_decode_matches_dynamic(policy, tmp_path):
     assert layer0["calls"] == {"prefill": 1, "decode": 0} and layer0["static_cache"]
 
 
+@pytest.mark.parametrize("policy", ["quest", "tidal"])
+def test_compiled_static_decode_triton_kernels(policy):
+    """The Triton kernels (interpreted here) inside a fullgraph-compiled decode step: their launch wrappers sit
+    behind custom ops, so dynamo never traces them (tracing ``type()`` of a kernel failed on the GPU)."""
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    opts = {"quest": dict(budget=64, page_size=16, dense_layers=1),
+            "tidal": dict(budget=48, select_layer=0, reselect_layer=None)}[policy]
+    accel.patch(model, policy, backend="triton", **opts)
+    x = ids()
+    dynamic = _generate(model, x)
+    compiled = _generate(model, x, cache_implementation="static", compile_config=_compile_config())
+    assert torch.equal(compiled, dynamic)
+
+
 def _lserve_opts(model, tmp_path, budget=64):
     # selection every step (reuse_steps=1): what the static form reads, which has no host-side step counter
     return dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12, page_size=16,

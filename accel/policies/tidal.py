@@ -184,13 +184,17 @@ class TidalPolicy(Policy):
             s = torch.where(pos == length - 1, float("inf"), s)  # the newest token, always
             positions.copy_(s.topk(positions.shape[-1], dim=-1).indices)
             return None
-        if use_triton:
-            from accel.kernels.triton.decode_attention import paged_decode_attention
-        else:
-            from accel.kernels.reference_decode import paged_decode_attention
         counts = torch.full(positions.shape[:2], positions.shape[-1], dtype=torch.int32, device=q.device)
+        kv_end = length.reshape(1).expand(q.shape[0])
+        if use_triton:  # an opaque op: a fullgraph compile does not trace the Triton launch wrapper
+            from accel.kernels.paged_decode_op import paged_decode
+
+            scale = float(scale if scale is not None else q.shape[-1] ** -0.5)
+            return paged_decode(q, k, v, positions, counts, 1, scale, float(softcap or 0.0), kv_start, kv_end)
+        from accel.kernels.reference_decode import paged_decode_attention
+
         return paged_decode_attention(q, k, v, positions, counts, 1, scale=scale, softcap=softcap, kv_start=kv_start,
-                                      kv_end=length.reshape(1).expand(q.shape[0]))
+                                      kv_end=kv_end)
 
     # --------------------------------------------------------------------------------------------- plan
     def _store(self):

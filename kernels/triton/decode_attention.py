@@ -135,8 +135,13 @@ def _combine_kernel(OP, LP, OUT, LSE, soutb, southq, soutd, Hq, NS, RETURN_LSE: 
         tl.store(LSE + row, tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf")))
 
 
+# decided once, when Triton wrapped the kernel: ``type()`` of a kernel inside torch.compile's trace is an error
+# ("TritonKernelVariable() has no type"), which broke TidalDecode's compiled static decode
+_INTERPRETED = type(_split_kernel).__name__ == "InterpretedFunction"
+
+
 def _interpreting() -> bool:
-    return type(_split_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 def _sm_count(device) -> int:

@@ -58,8 +58,13 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, OUT,
     tl.store(OUT + b * sob + h * soh + offs_p * sop, score, mask=p_ok)
 
 
+# decided once, when Triton wrapped the kernel: ``type()`` of a kernel inside torch.compile's trace is an error
+# ("TritonKernelVariable() has no type"), which broke TidalDecode's compiled static decode
+_INTERPRETED = type(_quest_score_kernel).__name__ == "InterpretedFunction"
+
+
 def _interpreting() -> bool:
-    return type(_quest_score_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group_reduce: str = "max",

@@ -214,8 +214,13 @@ def _flash_fwd_kernel(
         tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
 
 
+# decided once, when Triton wrapped the kernel: ``type()`` of a kernel inside torch.compile's trace is an error
+# ("TritonKernelVariable() has no type"), which broke TidalDecode's compiled static decode
+_INTERPRETED = type(_flash_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def _interpreting() -> bool:
-    return type(_flash_fwd_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, edge_stages]) per head_dim for Sq > 64, 16 < Sq <= 64 and
