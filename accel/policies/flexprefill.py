@@ -21,41 +21,28 @@ def top_n_mask(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(rank_keep).scatter(-1, order, rank_keep)
 
 
-# Rows longer than this take the sort-free path on the GPU. Measured: FlexPrefill's plan went from 4.5 to 6.5 ms at
-# 32K and, net of the last-query fix, from ~14 to 16.9 ms at 128K with bisection on every long row (its ~60 small
-# launches per call cost more than torch's radix sort of 32 x 128K), so the sort stays up to 4M entries per row.
-SORT_FREE_MIN = 1 << 22
-
-
 def tokens_to_cover(x: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Fewest top entries of each row of ``x`` (a distribution) whose sum reaches ``gamma`` of the row sum."""
-    if x.is_cuda and x.shape[-1] > SORT_FREE_MIN:
-        return tokens_to_cover_bisect(x, gamma)
+    """Fewest top entries of each row of ``x`` (a distribution) whose sum reaches ``gamma`` of the row sum. On CUDA
+    the sort-free cut of kernels/triton/mass_threshold.py (equal but for exact ties at the cut: all kept)."""
+    if x.is_cuda and gamma < 1.0:
+        return (x.float().clamp_min(0).view(torch.int32) >= _mass_cut(x, gamma)[..., None]).sum(-1)
     vals = x.sort(dim=-1, descending=True).values
     csum = vals.cumsum(-1)
     return ((csum - vals) < gamma * csum[..., -1:]).sum(-1)
 
 
-def tokens_to_cover_bisect(x: torch.Tensor, gamma: float, steps: int = 31) -> torch.Tensor:
-    """``tokens_to_cover`` without sorting, for long rows of non-negative scores: bisect the cut over the int32 bit
-    patterns of the float32 values (monotone for non-negative floats, so 31 steps are exact): the largest cut whose
-    entries at or above it still sum to ``gamma`` of the row; the count is how many entries that is. Equal to the sort
-    version except on exact ties at the cut (all tied entries count). Memory-light, but ~60 small launches: slower
-    than the sort at 32K-128K keys on the GPU (see SORT_FREE_MIN)."""
-    xf = x.float().clamp_min(0)
-    if gamma >= 1.0:  # every entry with mass (the sort version, up to rounding of its running sum)
-        return (xf > 0).sum(-1)
-    bits = xf.view(torch.int32)
-    target = gamma * xf.sum(-1, keepdim=True)
-    lo = torch.zeros_like(target, dtype=torch.int32)  # mass at or above lo reaches the target
-    hi = bits.amax(-1, keepdim=True) + 1  # mass at or above hi does not (for target > 0)
-    for _ in range(steps):
-        mid = lo + (hi - lo) // 2
-        ok = (xf * (bits >= mid)).sum(-1, keepdim=True) >= target
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid)
-    count = (bits >= lo).sum(-1, keepdim=True)
-    return torch.where(target > 0, count, 0).squeeze(-1)
+def keep_by_mass(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``keep_by_threshold`` for long rows (FlexPrefill's whole query-aware block map, 1M entries per head at 128K):
+    sort-free on CUDA, where sorting cost 5 ms per plan; else the sort."""
+    if x.is_cuda and gamma < 1.0:
+        return x.float().clamp_min(0).view(torch.int32) >= _mass_cut(x, gamma)[..., None]
+    return keep_by_threshold(x, gamma)
+
+
+def _mass_cut(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    from accel.kernels.triton.mass_threshold import mass_cut
+
+    return mass_cut(x, gamma)
 
 
 def slash_block_mask(sel: torch.Tensor, q_len: int, kv_len: int, block: int) -> torch.Tensor:
@@ -186,6 +173,6 @@ class FlexPrefillPolicy(Policy):
         selected = cols[:, :, None, :] | slash_block_mask(diags, Sq, Sk, bs)
         if bool(query_aware.any()):
             probs = pooled_probs(pooled_means(q, bs), k_pool, Sq, Sk, bs, scale)  # [B, H, nq, nk]
-            qa = keep_by_threshold(probs.flatten(-2), self.gamma).reshape(probs.shape)
+            qa = keep_by_mass(probs.flatten(-2), self.gamma).reshape(probs.shape)
             selected = selected | (qa & query_aware[..., None, None])
         return selected & causal

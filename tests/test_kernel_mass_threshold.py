@@ -1,0 +1,38 @@
+"""The sort-free cumulative-mass cut (kernels/triton/mass_threshold.py) against its torch twin and the sort."""
+
+import pytest
+import torch
+
+from accel.kernels.triton.mass_threshold import mass_cut, mass_cut_torch
+from accel.policies.block_select import keep_by_threshold_torch
+from accel.policies.flexprefill import tokens_to_cover
+
+
+def _rows(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(*shape, generator=g) ** 6  # peaked rows, no ties
+    x[0, 0] = 0.0  # a row without mass keeps nothing
+    return x
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.9, 0.95])
+@pytest.mark.parametrize("n", [1, 700, 3000])
+def test_mass_cut_matches_twin_and_sort(gamma, n):
+    x = _rows((2, 3, n), seed=n)
+    cut = mass_cut(x, gamma, block=512)
+    assert cut.shape == (2, 3) and cut.dtype == torch.int32
+    assert torch.equal(cut, mass_cut_torch(x, gamma))
+    keep = x.view(torch.int32) >= cut[..., None]
+    assert torch.equal(keep, keep_by_threshold_torch(x, gamma))  # no ties: the fewest top entries, exactly
+    assert torch.equal(keep.sum(-1), tokens_to_cover(x, gamma))
+    assert not keep[0, 0].any()
+
+
+def test_mass_cut_keeps_ties_and_ignores_negatives():
+    x = torch.tensor([[0.5, 0.25, 0.25, 0.0, -3.0], [0.1, 0.1, 0.1, 0.1, 0.1]])
+    cut = mass_cut(x, 0.6, block=16)
+    keep = x.view(torch.int32) >= cut[:, None]
+    # row 0: 0.5 alone is 0.5 < 0.6 of 1.0, so the cut falls on the tied 0.25s: both kept
+    assert keep[0].tolist() == [True, True, True, False, False]
+    assert keep[1].all()  # all tied
+    assert torch.equal(cut, mass_cut_torch(x, 0.6))
