@@ -36,3 +36,9 @@ def test_mass_cut_keeps_ties_and_ignores_negatives():
     assert keep[0].tolist() == [True, True, True, False, False]
     assert keep[1].all()  # all tied
     assert torch.equal(cut, mass_cut_torch(x, 0.6))
+
+
+def test_mass_cut_programs_spanning_several_blocks():
+    x = _rows((2, 3, 9000), seed=3)  # 563 blocks of 16 x 6 rows > 2048: each program sums two blocks
+    cut = mass_cut(x, 0.9, block=16)
+    assert torch.equal(cut, mass_cut_torch(x, 0.9))

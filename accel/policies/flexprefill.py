@@ -79,11 +79,9 @@ def pooled_means(x: torch.Tensor, block: int) -> torch.Tensor:
 def pooled_probs(q_pool: torch.Tensor, k_pool: torch.Tensor, q_len: int, kv_len: int, block: int,
                  scale: float) -> torch.Tensor:
     """FlexPrefill's query-aware estimate from pooled q [B, Hq, nq, D] and pooled k [B, Hkv, nk, D]: causal softmax
-    over key blocks, float32 [B, Hq, nq, nk]. The Triton kernel on CUDA, else its torch twin."""
-    if _use_triton(q_pool):
-        from accel.kernels.triton.pooled_score import pooled_block_scores
-
-        return pooled_block_scores(q_pool, k_pool, q_len=q_len, kv_len=kv_len, block=block, scale=scale)
+    over key blocks, float32 [B, Hq, nq, nk]. A grouped float32 cuBLAS matmul and torch's softmax on every device:
+    on the H200 at 128K (32 heads, 1K x 1K blocks) 0.58 ms against 2.08 ms for the Triton kernel
+    (kernels/triton/pooled_score.py, whose float32 dots run as FMAs), for the same output size."""
     return pooled_scores_from_pooled(q_pool, k_pool, q_len, kv_len, block, scale)
 
 

@@ -39,15 +39,18 @@ def _narrow(SUMS, TARGET, HI0, r, R, n_pass, NC: tl.constexpr):
 
 
 @triton.jit
-def _mass_above_kernel(X, SUMS, TARGET, HI0, n, R, sxr, n_pass, NC: tl.constexpr, BLOCK: tl.constexpr):
+def _mass_above_kernel(X, SUMS, TARGET, HI0, n, R, sxr, n_pass, span, NC: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     lo, hi = _narrow(SUMS, TARGET, HI0, r, R, n_pass, NC)
     j = tl.arange(1, NC + 1).to(tl.int64)
     cuts = (lo + ((hi - lo) * j) // (NC + 1)).to(tl.int32)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.maximum(tl.load(X + r * sxr + offs, mask=offs < n, other=0.0).to(tl.float32), 0.0)
-    bits = x.to(tl.int32, bitcast=True)
-    mass = tl.sum(tl.where(bits[:, None] >= cuts[None, :], x[:, None], 0.0), axis=0)
+    mass = tl.zeros([NC], tl.float32)
+    start = tl.program_id(1) * span  # a span of several blocks per program: one atomic add per span, not per block
+    for off in range(start, tl.minimum(start + span, n), BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        x = tl.maximum(tl.load(X + r * sxr + offs, mask=offs < n, other=0.0).to(tl.float32), 0.0)
+        bits = x.to(tl.int32, bitcast=True)
+        mass += tl.sum(tl.where(bits[:, None] >= cuts[None, :], x[:, None], 0.0), axis=0)
     tl.atomic_add(SUMS + (n_pass * R + r) * NC + tl.arange(0, NC), mass)
 
 
@@ -69,9 +72,13 @@ def mass_cut(x: torch.Tensor, gamma: float, block: int = 1024) -> torch.Tensor:
     target = (gamma * pos.sum(-1)).contiguous()  # [R]
     hi0 = (pos.view(torch.int32).amax(-1) + 1).contiguous()
     sums = torch.zeros(PASSES, rows, N_CUTS, dtype=torch.float32, device=x.device)
-    grid = (rows, triton.cdiv(n, block))
+    # about 2048 programs whatever the shape (32K programs adding to 16 sums per row contended on the atomics)
+    blocks = triton.cdiv(n, block)
+    span = block * triton.cdiv(blocks * rows, 2048) if blocks * rows > 2048 else block
+    span = min(span, block * blocks)
+    grid = (rows, triton.cdiv(n, span))
     for p in range(PASSES):
-        _mass_above_kernel[grid](xf, sums, target, hi0, n, rows, xf.stride(0), p, NC=N_CUTS, BLOCK=block)
+        _mass_above_kernel[grid](xf, sums, target, hi0, n, rows, xf.stride(0), p, span, NC=N_CUTS, BLOCK=block)
     cut = torch.empty(rows, dtype=torch.int32, device=x.device)
     _cut_kernel[(rows,)](sums, target, hi0, cut, rows, PASSES, NC=N_CUTS)
     return cut.reshape(lead)
