@@ -61,7 +61,7 @@ def _cut_kernel(SUMS, TARGET, HI0, CUT, R, n_pass, NC: tl.constexpr):
     tl.store(CUT + r, tl.where(tl.load(TARGET + r) > 0, lo, 1).to(tl.int32))
 
 
-def mass_cut(x: torch.Tensor, gamma: float, block: int = 1024) -> torch.Tensor:
+def mass_cut(x: torch.Tensor, gamma: float, block: int = 1024, programs: int = 2048) -> torch.Tensor:
     """x [..., n] non-negative (negatives count as 0) -> int32 [...]: the bit pattern of the cut; keep
     ``x.float().view(int32) >= cut``. Rows with no mass get cut 1 (keep only entries with mass: none).
     Eleven launches whatever the row length: no host work or sync between the passes."""
@@ -72,9 +72,9 @@ def mass_cut(x: torch.Tensor, gamma: float, block: int = 1024) -> torch.Tensor:
     target = (gamma * pos.sum(-1)).contiguous()  # [R]
     hi0 = (pos.view(torch.int32).amax(-1) + 1).contiguous()
     sums = torch.zeros(PASSES, rows, N_CUTS, dtype=torch.float32, device=x.device)
-    # about 2048 programs whatever the shape (32K programs adding to 16 sums per row contended on the atomics)
+    # about ``programs`` programs whatever the shape (32K programs adding to 16 sums per row contended on atomics)
     blocks = triton.cdiv(n, block)
-    span = block * triton.cdiv(blocks * rows, 2048) if blocks * rows > 2048 else block
+    span = block * triton.cdiv(blocks * rows, programs)
     span = min(span, block * blocks)
     grid = (rows, triton.cdiv(n, span))
     for p in range(PASSES):
