@@ -314,13 +314,26 @@ def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
 def profile_prefill(model, ids, path: str, top: int = 25) -> dict:
     """One prefill under ``torch.profiler``: the ops by total GPU time written to ``path``; returns the shares of
     the GPU time in attention kernels, estimation (accel plan kernels) and the rest (linear layers, norms, RoPE ...)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from transformers import AttentionInterface
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _sync_time(lambda: prefill(model, ids))
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
-    with open(path, "w") as f:
-        f.write(table + "\n")
+    from accel.attention import IMPL_NAME, accel_attention
+
+    def traced(*a, **kw):  # everything accel does per layer (plan, layout, kernels, copies) under one range
+        with record_function("accel_attention"):
+            return accel_attention(*a, **kw)
+
+    AttentionInterface.register(IMPL_NAME, traced)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            _sync_time(lambda: prefill(model, ids))
+    finally:
+        AttentionInterface.register(IMPL_NAME, accel_attention)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="cuda_time_total", row_limit=top)
+
+    def device_total(key: str) -> float:  # ms of GPU time launched inside ops / ranges named ``key``
+        return sum(getattr(e, "device_time_total", 0.0) for e in averages if e.key == key) / 1e3
     # kernel-level split of device time (names of our Triton kernels and torch's flash kernels)
     total = attn = est = 0.0
     for e in prof.key_averages():
@@ -333,8 +346,18 @@ def profile_prefill(model, ids, path: str, top: int = 25) -> dict:
             attn += t
         elif any(w in n for w in ("antidiag", "score", "topk", "pooled", "lastq", "proxy", "select", "sort")):
             est += t
+    # by who launched it: accel's attention hook, the linear layers, and the rest (transformers' RoPE, norms, MLP
+    # activation, residual adds, embedding, lm head, copies)
+    accel_ms = device_total("accel_attention")
+    linear_ms = device_total("aten::linear")
+    split = {"accel_attention_ms": accel_ms, "linear_ms": linear_ms,
+             "transformers_other_ms": total / 1e3 - accel_ms - linear_ms}
+    with open(path, "w") as f:
+        f.write(f"GPU time {total / 1e3:.1f} ms: accel attention hook {accel_ms:.1f} ms (plan, layouts, kernels, "
+                f"copies), linear layers {linear_ms:.1f} ms, other transformers ops {split['transformers_other_ms']:.1f}"
+                " ms\n\n" + table + "\n")
     return {"gpu_ms": total / 1e3, "attention_share": attn / total if total else None,
-            "estimation_share": est / total if total else None, "table": os.path.basename(path)}
+            "estimation_share": est / total if total else None, **split, "table": os.path.basename(path)}
 
 
 def write(results, out):
