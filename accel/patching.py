@@ -150,7 +150,8 @@ def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
     batch = hidden.shape[0]
     param = next(mod.parameters())
     state.static_layer = decode.static_prepare(cache, layers, state.layer_idx, state.sliding_window, batch=batch,
-                                               kv_heads=mod.config.num_key_value_heads, device=param.device)
+                                               kv_heads=mod.config.num_key_value_heads, device=param.device,
+                                               tokens=hidden.shape[1])
     return layers[state.layer_idx]
 
 

@@ -93,13 +93,19 @@ def _ring_decode(q: torch.Tensor, layer, group: int, ar: torch.Tensor, length: t
 
 
 def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int, physical_page_size: int,
-                         scale: float | None, softcap: float | None, use_triton: bool) -> torch.Tensor:
+                         scale: float | None, softcap: float | None, use_triton: bool,
+                         reuse=None) -> torch.Tensor:
     """One LServe decode step over a static cache layer, on the device. ``layer`` is a PagedStaticLayer (every KV
     head selects) or an LServeStaticLayer (streaming heads over their sink + recent ring, the others select).
-    Selection as in the dynamic policy with ``reuse_steps=1``: Quest criticality per logical page (group max),
-    each physical page the max of its logical pages, the newest physical page always, the top
-    ``budget // physical_page_size``; pages past the filled length score -inf and keys past it are masked, so a
-    budget above the context is dense."""
+    Selection as in the dynamic policy: Quest criticality per logical page (group max), each physical page the max
+    of its logical pages, the newest physical page always, the top ``budget // physical_page_size``; pages past the
+    filled length are never chosen and keys past it are masked, so a budget above the context is dense.
+
+    ``reuse`` (an ``LServeReuse``: persistent selection buffers, the length at the last selection, ``steps``): the
+    selection is made only when ``steps`` tokens have been added since the last one (or on the first step), as the
+    dynamic policy's ``reuse_steps``; in between, the scoring and top-k kernels return at once on a device-side
+    flag (the graph stays fixed) and the kept pages are reused, plus the physical page begun since, if any.
+    Without it the selection is made every step."""
     from accel.kernels import reference_decode as R
 
     split = hasattr(layer, "retrieval_idx")
@@ -112,15 +118,21 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
     qr = q.index_select(1, q_r) if split else q
     length = layer.cumulative_length
     r = physical_page_size // page_size
+    n_phys = -(-layer.kmin.shape[2] // r)
+    n_keep = min(budget // physical_page_size, n_phys)
+    skip = None
+    if reuse is not None:
+        reselect = (reuse.sel_len == 0) | (length - reuse.sel_len >= reuse.steps)
+        skip = (~reselect).to(torch.int32).reshape(1)
     if use_triton:  # Triton scoring and top-k: pages past the length score NaN and are never chosen
         from accel.kernels.triton.decode_attention import paged_decode_attention
         from accel.kernels.triton.decode_score import quest_scores
         from accel.kernels.triton.decode_topk import select_pages
 
-        s = quest_scores(qr, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size)  # [B, Hr, n_log]
-        s = _physical_max(s, r)
-        n_keep = min(budget // physical_page_size, s.shape[-1])
-        pages, counts = select_pages(s, n_keep, kv_len=length, page_size=physical_page_size)
+        s = quest_scores(qr, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size, skip=skip)
+        s = _physical_max(s, r)  # [B, Hr, n_phys]
+        out = None if reuse is None else (reuse.pages, reuse.counts)
+        pages, counts = select_pages(s, n_keep, kv_len=length, page_size=physical_page_size, skip=skip, out=out)
     else:
         paged_decode_attention = R.paged_decode_attention
         s = R.quest_scores(qr, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size)
@@ -128,9 +140,21 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
         s = _physical_max(s, r)
         newest = (length - 1) // physical_page_size
         s = torch.where(torch.arange(s.shape[-1], device=q.device) == newest, float("inf"), s)
-        n_keep = min(budget // physical_page_size, s.shape[-1])
         pages = s.topk(n_keep, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
         counts = torch.full(pages.shape[:2], n_keep, dtype=torch.int32, device=q.device)
+        if reuse is not None:  # the same bookkeeping as the kernels' skip flag, with torch.where
+            reuse.pages[..., :n_keep].copy_(torch.where(reselect, pages, reuse.pages[..., :n_keep]))
+            reuse.counts.copy_(torch.where(reselect, counts, reuse.counts))
+            pages, counts = reuse.pages, reuse.counts
+    if reuse is not None:
+        reuse.sel_len.copy_(torch.where(reselect, length, reuse.sel_len))
+        # the physical page begun since the selection (at most one: steps <= physical page size), in the slot
+        # after the kept ones; counted only when it is not among them
+        newest = ((length - 1) // physical_page_size).to(torch.int32)
+        begun = newest > (reuse.sel_len - 1) // physical_page_size
+        pages = reuse.pages
+        pages.scatter_(-1, counts[..., None].long(), newest.expand(*counts.shape, 1))
+        counts = counts + begun.to(torch.int32)
     out_r = paged_decode_attention(qr, layer.keys, layer.values, pages, counts, physical_page_size, scale=scale,
                                    softcap=softcap, kv_end=length.reshape(1).expand(q.shape[0]))
     if not split:
@@ -140,6 +164,20 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
     q_s, out_s = _ring_decode(q, layer, group, ar, length, scale, softcap)
     out.index_copy_(1, q_s, out_s)
     return out
+
+
+class LServeReuse:
+    """LServe's selection state over a static cache, at fixed addresses for a captured step: the kept physical
+    pages (one spare slot for a page begun since) and their counts per (row, retrieval KV head), and the length at
+    the last selection (0: select at the next step)."""
+
+    def __init__(self, batch: int, heads: int, n_keep: int, steps: int, device):
+        self.steps = steps
+        self.pages = torch.zeros(batch, heads, n_keep + 1, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(batch, heads, dtype=torch.int32, device=device)
+        self.sel_len = torch.zeros((), dtype=torch.long, device=device)
+        for t in (self.pages, self.counts, self.sel_len):
+            torch._dynamo.mark_static_address(t)
 
 
 def _physical_max(s: torch.Tensor, r: int) -> torch.Tensor:
@@ -167,4 +205,5 @@ def _(q, k, v, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, sc
     return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
 
 
-__all__ = ["quest_static_decode", "dense_static_decode", "split_static_decode", "lserve_static_decode"]
+__all__ = ["quest_static_decode", "dense_static_decode", "split_static_decode", "lserve_static_decode",
+           "LServeReuse"]

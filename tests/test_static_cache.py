@@ -82,7 +82,7 @@ def _compile_config():
     return cc
 
 
-@pytest.mark.parametrize("policy", ["xattention", "quest", "tidal", "duo", "lserve"])
+@pytest.mark.parametrize("policy", ["xattention", "quest", "tidal", "duo", "lserve", "lserve_reuse"])
 def test_compiled_static_decode_matches_dynamic(policy, tmp_path):
     """Static cache -> compiled decode step; fullgraph=True proves the patched step has no graph break. The
     compiled tokens equal the dynamic cache's (xattention: sparse prefill, dense decode)."""
@@ -91,8 +91,9 @@ def test_compiled_static_decode_matches_dynamic(policy, tmp_path):
     opts = {"xattention": dict(block_size=64, threshold=0.5), "quest": dict(budget=64, page_size=16, dense_layers=1),
             "tidal": dict(budget=48, select_layer=0, reselect_layer=None),
             "duo": dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12),
-            "lserve": _lserve_opts(model, tmp_path)}[policy]
-    accel.patch(model, policy, backend="reference", **opts)
+            "lserve": _lserve_opts(model, tmp_path),
+            "lserve_reuse": _lserve_opts(model, tmp_path, reuse_steps=4)}[policy]
+    accel.patch(model, policy.removesuffix("_reuse"), backend="reference", **opts)
     x = ids()
     dynamic = _generate(model, x)
     accel.reset_stats(model)
@@ -119,18 +120,19 @@ def test_compiled_static_decode_triton_kernels(policy):
     assert torch.equal(compiled, dynamic)
 
 
-def _lserve_opts(model, tmp_path, budget=64):
-    # selection every step (reuse_steps=1): what the static form reads, which has no host-side step counter
+def _lserve_opts(model, tmp_path, budget=64, reuse_steps=1):
     return dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12, page_size=16,
-                physical_page_size=32, budget=budget, reuse_steps=1)
+                physical_page_size=32, budget=budget, reuse_steps=reuse_steps)
 
 
+@pytest.mark.parametrize("reuse", [1, 4])
 @pytest.mark.parametrize("fam", ["llama", "gemma3", "qwen2"])
-def test_lserve_over_static_cache_matches_dynamic(fam, tmp_path):
+def test_lserve_over_static_cache_matches_dynamic(fam, reuse, tmp_path):
     """LServe over a static cache (streaming heads' ring, retrieval heads' buffer with logical-page bounds and a
-    device-side physical-page selection): the dynamic cache's tokens, less KV memory than the dense static cache."""
+    device-side physical-page selection, made every ``reuse`` steps with the begun page added in between, as the
+    dynamic form): the dynamic cache's tokens, less KV memory than the dense static cache."""
     model = tiny_model(fam)
-    accel.patch(model, "lserve", backend="reference", **_lserve_opts(model, tmp_path))
+    accel.patch(model, "lserve", backend="reference", **_lserve_opts(model, tmp_path, reuse_steps=reuse))
     x = ids(batch=2, length=200)
     dynamic = _generate(model, x)
     accel.reset_stats(model)
@@ -328,3 +330,32 @@ def test_lserve_static_decode_op_matches_reference(use_triton):
     torch.testing.assert_close(out[0, :, 0], ref, atol=1e-5, rtol=1e-5)
     dense = attend(q[0, 2, 0], k[0, 1], v[0, 1], torch.ones(n, dtype=torch.bool))
     assert keep.sum() < n and not torch.allclose(out[0, 2, 0], dense, atol=1e-3)
+
+
+def test_lserve_static_reuse_kernels_match_torch():
+    """The reuse bookkeeping on the Triton path (the scoring and top-k kernels return at once on the device-side
+    flag, the kept pages stay, the begun page is added) against the same steps in torch, over ten decode steps
+    that cross physical pages; and the spare slot really carries the begun page."""
+    from transformers.cache_utils import StaticLayer
+
+    from accel.kernels.static_decode import LServeReuse, lserve_static_decode
+
+    torch.manual_seed(1)
+    B, D, S, lp, pp, budget = 1, 16, 120, 16, 16, 48
+    layer = accel.cache.LServeStaticLayer.from_layer(StaticLayer(max_cache_len=256), [True, False], 4, 12, lp)
+    layer.update(torch.randn(B, 2, S, D), torch.randn(B, 2, S, D))
+    states = {t: LServeReuse(B, 1, budget // pp, 3, "cpu") for t in (False, True)}  # selects at 121, 124, 127, 130
+    begun_seen = False
+    for _ in range(10):
+        layer.update(torch.randn(B, 2, 1, D), torch.randn(B, 2, 1, D))
+        q = torch.randn(B, 4, 1, D)
+        outs = {t: lserve_static_decode(q, layer, budget=budget, page_size=lp, physical_page_size=pp, scale=None,
+                                        softcap=None, use_triton=t, reuse=states[t]) for t in (False, True)}
+        torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+        assert int(states[True].sel_len) == int(states[False].sel_len)
+        n = int(layer.cumulative_length)
+        newest = (n - 1) // pp
+        if (int(states[True].sel_len) - 1) // pp < newest:  # a page begun since the selection, in the spare slot
+            begun_seen = True
+            assert states[True].pages[0, 0, int(states[True].counts[0, 0])] == newest
+    assert begun_seen

@@ -30,7 +30,7 @@ class LServePolicy(DuoPolicy):
     prefill, or under the prefill policy of a composition (``"xattention+lserve"``). A budget at or above the
     context attends to every retrieval key (density 1.0 in ``accel.stats``); ``ratio=0`` needs no head map and
     with such a budget is exactly dense. Over a transformers StaticCache (and torch.compile) the layer becomes an
-    LServeStaticLayer and the selection runs on the device every step (``static_decode``)."""
+    LServeStaticLayer and the selection runs on the device every ``reuse_steps`` (``static_decode``)."""
 
     name = "lserve"
     phases = ("prefill", "decode")
@@ -78,12 +78,20 @@ class LServePolicy(DuoPolicy):
                                      "page_size": self.page_size}
         return PagedKVLayer, {"page_size": self.page_size}
 
-    def static_prepare(self, cache, layers, layer_idx: int, sliding_window, **_):
+    def static_prepare(self, cache, layers, layer_idx: int, sliding_window, *, batch: int, kv_heads: int, device,
+                       tokens: int = 1, **_):
         """At the (eager) prefill over a transformers StaticCache: an LServeStaticLayer (streaming heads' ring,
         retrieval heads' buffer with logical-page bounds) where this layer has streaming heads, a PagedStaticLayer
-        where it has none; None for sliding-window layers (their own window, dense)."""
+        where it has none; None for sliding-window layers (their own window, dense). With ``reuse_steps`` > 1 the
+        layer also gets its selection buffers (``LServeReuse``; this runs before every eager forward), cleared by
+        any multi-token forward (a prefill or a chunk): the next decode step selects afresh."""
+        from accel.kernels.static_decode import LServeReuse
+
         if sliding_window is not None:
             return None
+        if self.reuse_steps > self.physical_page_size:
+            raise ValueError(f"policy 'lserve' over a static cache takes reuse_steps <= physical_page_size "
+                             f"({self.physical_page_size}), got {self.reuse_steps}: lower reuse_steps")
         stream = self._stream_heads(layer_idx)
         layer = layers[layer_idx]
         if bool(stream.any()):
@@ -91,12 +99,24 @@ class LServePolicy(DuoPolicy):
                 layers[layer_idx] = LServeStaticLayer.from_layer(layer, stream, self.sink, self.recent, self.page_size)
         elif not isinstance(layer, PagedStaticLayer) or layer.page_size != self.page_size:
             layers[layer_idx] = PagedStaticLayer.from_layer(layer, self.page_size)
-        return layers[layer_idx]
+        layer = layers[layer_idx]
+        if self.reuse_steps == 1:
+            layer.lserve_reuse = None
+            return layer
+        n_phys = -(-(-(-layer.max_cache_len // self.page_size)) // (self.physical_page_size // self.page_size))
+        heads = int((~stream).sum()) if bool(stream.any()) else kv_heads
+        n_keep = min(self.budget // self.physical_page_size, n_phys)
+        reuse = getattr(layer, "lserve_reuse", None)
+        if reuse is None or reuse.pages.shape != (batch, heads, n_keep + 1) or reuse.steps != self.reuse_steps:
+            layer.lserve_reuse = LServeReuse(batch, heads, n_keep, self.reuse_steps, device)
+        elif tokens > 1:
+            reuse.sel_len.zero_()
+        return layer
 
     def static_decode(self, q, k, v, layer, *, mask, kv_start, scale, softcap, use_triton: bool):
-        """One decode step, on the device (kernels/static_decode.py ``lserve_static_decode``). A compiled step has
-        no host-side step counter, so the selection is made every step here (``reuse_steps`` applies to the
-        dynamic cache only): the static form reads what ``reuse_steps=1`` reads."""
+        """One decode step, on the device (kernels/static_decode.py ``lserve_static_decode``): the selection is
+        made every ``reuse_steps`` tokens as in the dynamic form, gated by a device-side flag so the compiled step
+        stays one fixed graph."""
         from accel.kernels.static_decode import lserve_static_decode
 
         if kv_start is not None:
@@ -104,7 +124,7 @@ class LServePolicy(DuoPolicy):
                              "would be padding); run prompts one at a time or with equal lengths")
         return lserve_static_decode(q, layer, budget=self.budget, page_size=self.page_size,
                                     physical_page_size=self.physical_page_size, scale=scale, softcap=softcap,
-                                    use_triton=use_triton)
+                                    use_triton=use_triton, reuse=getattr(layer, "lserve_reuse", None))
 
     def plan(self, q, k, ctx):
         if ctx.sliding_window is not None:

@@ -153,7 +153,8 @@ class TidalPolicy(Policy):
         return pos, torch.full(pos.shape[:2], n, dtype=torch.int32, device=pos.device)
 
     # ------------------------------------------------------------------------------------- static cache
-    def static_prepare(self, cache, layers, layer_idx: int, sliding_window, *, batch: int, kv_heads: int, device):
+    def static_prepare(self, cache, layers, layer_idx: int, sliding_window, *, batch: int, kv_heads: int, device,
+                       **_):
         """At the (eager) prefill over a transformers StaticCache. Selection layers and the layers reusing their
         positions get a handle: the cache layer (its device-side length) and the selection buffer of their
         selection layer, int32 [batch, kv_heads, min(budget, cache length)], shared through the cache (a static

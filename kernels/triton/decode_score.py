@@ -14,11 +14,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _quest_score_kernel(Q, KMIN, KMAX, KV_START, OUT,
+def _quest_score_kernel(Q, KMIN, KMAX, KV_START, OUT, SKIP,
                         sqb, sqh, sqd, smb, smh, smp, smd, sxb, sxh, sxp, sxd, sob, soh, sop,
                         Hkv, G, P, PAGE,
                         REDUCE_MAX: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_F32: tl.constexpr,
-                        IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                        IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HAS_SKIP: tl.constexpr):
+    if HAS_SKIP:  # a device-side flag: LServe's static form re-scores only every few steps, in a fixed graph
+        if tl.load(SKIP) != 0:
+            return
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
@@ -68,9 +72,10 @@ def _interpreting() -> bool:
 
 
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group_reduce: str = "max",
-                 page_size: int = 16, kv_start: torch.Tensor | None = None, block_p: int | None = None
-                 ) -> torch.Tensor:
-    """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any strides). Returns float32 scores [B, Hkv, P]."""
+                 page_size: int = 16, kv_start: torch.Tensor | None = None, block_p: int | None = None,
+                 skip: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any strides). Returns float32 scores [B, Hkv, P]. ``skip``: a
+    device-side int32 flag; when nonzero the kernel returns at once and the scores are left unwritten."""
     if q.dim() == 4:
         q = q[:, :, -1]
     B, Hq, D = q.shape
@@ -92,12 +97,12 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
     q = q.to(kmin.dtype)
     grid = (B * Hkv, triton.cdiv(P, block_p))
     _quest_score_kernel[grid](
-        q, kmin, kmax, kv_start if kv_start is not None else out, out,
+        q, kmin, kmax, kv_start if kv_start is not None else out, out, skip if skip is not None else out,
         *q.stride(), *kmin.stride(), *kmax.stride(), *out.stride(),
         Hkv, G, P, page_size,
         REDUCE_MAX=group_reduce == "max", HAS_KV_START=kv_start is not None,
         DOT_F32=interp and kmin.dtype != torch.float32, IEEE=kmin.dtype == torch.float32 and not interp,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D, HAS_SKIP=skip is not None,
     )
     return out
 

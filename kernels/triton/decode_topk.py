@@ -17,8 +17,12 @@ MAX_PAGES = 65536  # one row per program; beyond this the selection runs through
 
 
 @triton.jit
-def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
-                   LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr):
+def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
+                   LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
+                   HAS_SKIP: tl.constexpr):
+    if HAS_SKIP:  # a device-side flag: keep the previous selection (LServe's reuse in a fixed graph)
+        if tl.load(SKIP) != 0:
+            return
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
@@ -64,10 +68,12 @@ def _warps(block_p: int) -> int:
 
 
 def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, page_size: int,
-                 keep_first: bool = False, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 keep_first: bool = False, num_warps: int | None = None, skip: torch.Tensor | None = None,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
     ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
-    and ``counts`` is below ``k`` when fewer pages are filled."""
+    and ``counts`` is below ``k`` when fewer pages are filled. ``out``: (pages, counts) buffers to write into
+    (pages may be wider than ``k``); ``skip``: a device-side int32 flag, nonzero = leave them as they are."""
     B, H, P = scores.shape
     k = min(int(k), P)
     if k < 1:
@@ -80,13 +86,17 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
 
         return ref(scores, k, kv_len=kv_len, page_size=page_size, keep_first=keep_first)
     scores = scores.float()
-    pages = torch.empty(B, H, k, dtype=torch.int32, device=scores.device)
-    counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
+    if out is not None:
+        pages, counts = out
+    else:
+        pages = torch.empty(B, H, k, dtype=torch.int32, device=scores.device)
+        counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
     length = kv_len.to(device=scores.device, dtype=torch.int32).reshape(1) if on_device else counts
     block_p = max(16, triton.next_power_of_2(P))
-    _select_kernel[(B * H,)](scores, pages, counts, length, *scores.stride(), *pages.stride(), H, P, k,
+    _select_kernel[(B * H,)](scores, pages, counts, length, skip if skip is not None else counts, *scores.stride(),
+                             *pages.stride(), H, P, k,
                              0 if on_device else (kv_len - 1) // page_size, page_size, LEN_ON_DEVICE=on_device,
-                             KEEP_FIRST=bool(keep_first), BLOCK_P=block_p,
+                             KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, HAS_SKIP=skip is not None,
                              num_warps=num_warps or _warps(block_p))
     return pages, counts
 
