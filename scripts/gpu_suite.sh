@@ -78,8 +78,12 @@ for stage in "$@"; do
     static_decode)
       timeout 240 python3 scripts/bench_static_decode.py --contexts 32768 131072 --batches 1 4 \
         --out "$OUT/bench_static_decode" | tail -20
-      timeout 300 python3 scripts/bench_static_decode.py --mode compile --contexts 131072 --batches 1 4 \
-        --runs dense quest tidal duo lserve --steps 16 --out "$OUT/bench_static_decode_compile" | tail -12 ;;
+      # compiled: one run per batch (each compiles every policy: about 45 s apiece)
+      for b in 1 4; do
+        timeout 580 python3 scripts/bench_static_decode.py --mode compile --contexts 131072 --batches $b \
+          --runs dense quest tidal duo lserve lserve:reuse_steps=1 --steps 16 \
+          --out "$OUT/bench_static_decode_compile_b$b" | tail -8
+      done ;;
     e2e_llama8b)
       timeout 420 python3 scripts/bench_e2e.py --model llama8b --contexts 32768 131072 --decode 16 \
         --runs sdpa flash_attention_4 flexprefill xattention proxy xattention+quest quest duo lserve tidal \
@@ -87,7 +91,7 @@ for stage in "$@"; do
     e2e_llama8b_planted)
       timeout 420 python3 scripts/bench_e2e.py --model llama8b --attention planted --contexts 32768 131072 --decode 8 \
         --runs sdpa flash_attention_4 flex_attention xattention flexprefill proxy vertical_slash xattention+quest \
-        --out "$OUT/bench_e2e_llama8b_planted" | grep "^|" | tail -16 ;;
+        flexprefill+lserve --out "$OUT/bench_e2e_llama8b_planted" | grep "^|" | tail -18 ;;
     profile_128k)
       timeout 170 python3 scripts/bench_e2e.py --model llama8b --attention planted --contexts 131072 --no-density \
         --profile --runs flexprefill --out "$OUT/bench_e2e_llama8b_profile" | tail -3 ;;
