@@ -94,7 +94,7 @@ def _ring_decode(q: torch.Tensor, layer, group: int, ar: torch.Tensor, length: t
 
 def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int, physical_page_size: int,
                          scale: float | None, softcap: float | None, use_triton: bool,
-                         reuse=None) -> torch.Tensor:
+                         reuse: "LServeReuse | None" = None) -> torch.Tensor:
     """One LServe decode step over a static cache layer, on the device. ``layer`` is a PagedStaticLayer (every KV
     head selects) or an LServeStaticLayer (streaming heads over their sink + recent ring, the others select).
     Selection as in the dynamic policy: Quest criticality per logical page (group max), each physical page the max

@@ -103,7 +103,8 @@ class LServePolicy(DuoPolicy):
         if self.reuse_steps == 1:
             layer.lserve_reuse = None
             return layer
-        n_phys = -(-(-(-layer.max_cache_len // self.page_size)) // (self.physical_page_size // self.page_size))
+        n_log = -(-layer.max_cache_len // self.page_size)  # ceil: logical pages of the buffer
+        n_phys = -(-n_log // (self.physical_page_size // self.page_size))
         heads = int((~stream).sum()) if bool(stream.any()) else kv_heads
         n_keep = min(self.budget // self.physical_page_size, n_phys)
         reuse = getattr(layer, "lserve_reuse", None)
