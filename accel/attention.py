@@ -265,6 +265,13 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, slid
     return out.transpose(1, 2).contiguous(), None
 
 
+def _decode_kernels_take(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Triton decode kernels (kernels/triton/decode_*.py) run these heads: power-of-two head dims from
+    16 to 256, float16/bfloat16/float32."""
+    dims_ok = all(16 <= d <= 256 and not d & (d - 1) for d in (q.shape[-1], v.shape[-1]))
+    return dims_ok and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
     """One-token decode over a static cache (transformers' StaticCache, usually under torch.compile), with no host
     sync and no per-step Python state, so the compiled step captures as one CUDA graph. Layers with a handle from
@@ -285,7 +292,10 @@ def _static_decode(state: LayerState, q, k, v, mask, scale, softcap):
         if state.static_padded:
             row = mask[:, 0, 0]
             kv_start = ((~row).sum(-1) - (row.shape[-1] - handle.cumulative_length)).to(torch.int32)
-        use_triton = q.device.type == "cuda" and state.backend in ("auto", "triton")
+        # the Triton decode kernels: asked for (on the CPU that means the interpreter: patch refuses triton there
+        # otherwise), or auto on the GPU when they take the head dims and dtype (else the torch path runs)
+        use_triton = state.backend == "triton" or (state.backend == "auto" and q.device.type == "cuda"
+                                                   and _decode_kernels_take(q, v))
         # None back: the policy only took what it needed (TidalDecode's selection layer) and the layer is dense
         out = policy.static_decode(q, k, v, handle, mask=mask, kv_start=kv_start, scale=scale, softcap=softcap,
                                    use_triton=use_triton)

@@ -4,7 +4,10 @@ top-k page selection within a token budget, and attention over selected pages.
 Conventions (accel.layouts): keys 0..Sk-1; page ``p`` covers keys ``p*page .. min((p+1)*page, Sk) - 1``; the one
 decode query sits at key index ``Sk - 1``. GQA: query head ``h`` reads KV head ``h // group``; one selection per KV
 head serves its whole query group (the kernel loads each selected page once per group). ``kv_start`` ([B] int,
-left padding): keys before it are masked, pages entirely before it are never selected.
+left padding): keys before it are masked, pages entirely before it are never selected. A KV-head map
+(``kv_heads`` [Hsel] with ``group``): K/V or the page bounds hold only those KV heads of the layer while q (and the
+attention output) are the full layer's, query head ``kv_heads[j] * group + g`` reading head ``j``; here a gather
+and a scatter, in the kernels an index.
 """
 
 from __future__ import annotations
@@ -29,15 +32,25 @@ def page_bounds(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch
     return (lo.unflatten(-2, (n_pages, page_size)).amin(-2), hi.unflatten(-2, (n_pages, page_size)).amax(-2))
 
 
+def _mapped_heads(kv_heads: torch.Tensor, group: int | None, device) -> torch.Tensor:
+    """The query heads of a KV-head map, in its order: kv_heads[j] * group + g."""
+    if group is None:
+        raise ValueError("kv_heads needs group (query heads per KV head)")
+    return (kv_heads.to(device).long()[:, None] * group + torch.arange(group, device=device)).flatten()
+
+
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group_reduce: str = "max",
-                 page_size: int = 16, kv_start: torch.Tensor | None = None) -> torch.Tensor:
+                 page_size: int = 16, kv_start: torch.Tensor | None = None, kv_heads: torch.Tensor | None = None,
+                 group: int | None = None) -> torch.Tensor:
     """Quest criticality per (batch, KV head, page): for each query head ``sum_d max(q_d * max_d, q_d * min_d)``
     (an upper bound of q.k over the page), reduced over the query heads of the KV group by ``max`` or ``sum``.
 
     q: [B, Hq, 1, D] (or [B, Hq, D]); kmin/kmax: [B, Hkv, P, D]. Returns float32 [B, Hkv, P]; pages entirely in
-    the left padding get -inf."""
+    the left padding get -inf. ``kv_heads``/``group``: kmin/kmax hold those KV heads of the layer, q is full."""
     if q.dim() == 4:
         q = q[:, :, -1]
+    if kv_heads is not None:
+        q = q.index_select(1, _mapped_heads(kv_heads, group, q.device))
     B, Hq, D = q.shape
     Hkv, P = kmin.shape[1], kmin.shape[2]
     g = Hq // Hkv
@@ -71,10 +84,30 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int, page_size: int, k
 
 
 def paged_decode_attention(q, k, v, pages, counts, page_size: int, *, scale=None, softcap=None, kv_start=None,
-                           kv_end=None, return_lse: bool = False):
+                           kv_end=None, return_lse: bool = False, kv_heads: torch.Tensor | None = None,
+                           group: int | None = None, out: torch.Tensor | None = None):
     """Attention of the newest query over the selected pages. q: [B, Hq, 1, D]; k, v: [B, Hkv, Sk, D];
     pages [B, Hkv, n] int32 (the first ``counts`` entries valid). ``pages=None`` means every key (dense decode).
-    Keys past Sk (or ``kv_end`` [B], a static cache's filled length) and before ``kv_start`` are masked. Returns out [B, Hq, 1, Dv] in q's dtype (and float32 lse)."""
+    Keys past Sk (or ``kv_end`` [B], a static cache's filled length) and before ``kv_start`` are masked. Returns out
+    [B, Hq, 1, Dv] in q's dtype (and float32 lse). ``kv_heads``/``group``: k/v hold those KV heads of the layer, q is
+    the full layer's and only their query heads are written (others 0, lse -inf); ``out``: write into it."""
+    if kv_heads is not None:
+        B, Hq = q.shape[:2]
+        qh = _mapped_heads(kv_heads, group, q.device)
+        o, l = paged_decode_attention(q.index_select(1, qh), k, v, pages, counts, page_size, scale=scale,
+                                      softcap=softcap, kv_start=kv_start, kv_end=kv_end, return_lse=True)
+        if out is None:
+            out = q.new_zeros(B, Hq, 1, v.shape[-1])
+        out.index_copy_(1, qh, o.to(out.dtype))
+        if not return_lse:
+            return out
+        return out, torch.full((B, Hq, 1), -math.inf, device=q.device).index_copy_(1, qh, l)
+    if out is not None:
+        res = paged_decode_attention(q, k, v, pages, counts, page_size, scale=scale, softcap=softcap,
+                                     kv_start=kv_start, kv_end=kv_end, return_lse=return_lse)
+        o = res[0] if return_lse else res
+        out.copy_(o)
+        return (out, res[1]) if return_lse else out
     B, Hq, Sq, D = q.shape
     if Sq != 1:
         raise ValueError(f"paged decode attention takes one query per row, got {Sq}")
@@ -91,9 +124,9 @@ def paged_decode_attention(q, k, v, pages, counts, page_size: int, *, scale=None
         valid = slot_ok[..., None].expand(B, Hkv, n, page_size).flatten(-2) & (idx < Sk)
         idx = idx.clamp_max(Sk - 1)
     if kv_start is not None:
-        valid = valid & (idx >= kv_start.to(q.device).long()[:, None, None])
+        valid = valid & (idx >= kv_start.to(q.device).long().reshape(-1).expand(B)[:, None, None])
     if kv_end is not None:
-        valid = valid & (idx < kv_end.to(q.device).long().expand(B)[:, None, None])
+        valid = valid & (idx < kv_end.to(q.device).long().reshape(-1).expand(B)[:, None, None])
     ks = torch.gather(k.float(), 2, idx[..., None].expand(-1, -1, -1, D))
     vs = torch.gather(v.float(), 2, idx[..., None].expand(-1, -1, -1, v.shape[-1]))
     qf = q.float().reshape(B, Hkv, g, D)

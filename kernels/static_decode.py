@@ -65,12 +65,22 @@ def dense_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return torch.matmul(torch.softmax(s.float(), -1).to(v.dtype), v.repeat_interleave(g, 1))
 
 
-def split_static_decode(q: torch.Tensor, layer, mask: torch.Tensor, scale: float | None,
-                        softcap: float | None) -> torch.Tensor:
-    """One-token attention over a DuoStaticLayer (accel.cache): retrieval KV heads over their whole buffer with
-    transformers' mask, streaming KV heads over the filled slots of their sink + recent ring; outputs scattered back
-    to the query heads. Device-side, no sync."""
+def split_static_decode(q: torch.Tensor, layer, mask: torch.Tensor | None, scale: float | None,
+                        softcap: float | None, *, kv_start: torch.Tensor | None = None,
+                        use_triton: bool = False) -> torch.Tensor:
+    """One-token attention over a DuoStaticLayer (accel.cache): retrieval KV heads over their whole buffer up to the
+    filled length, streaming KV heads over the filled slots of their sink + recent ring. Device-side, no sync.
+
+    ``use_triton``: the split-KV kernel with a KV-head map, once per part, each writing its query heads of one
+    output (no gather of q, no scatter of outputs); the retrieval part masks by ``layer.cumulative_length`` and
+    ``kv_start`` (left padding). Otherwise torch SDPA with transformers' ``mask`` (which covers the padding)."""
     group = q.shape[1] // layer.num_heads
+    if use_triton:
+        out = q.new_empty(*q.shape[:3], layer.v_head_dim)
+        if layer.retrieval_idx.numel():
+            _mapped_attention(q, layer.keys, layer.values, layer.retrieval_idx, group, out, scale=scale,
+                              softcap=softcap, kv_start=kv_start, kv_end=layer.cumulative_length)
+        return _ring_decode_triton(q, layer, group, out, scale, softcap)
     ar = torch.arange(group, device=q.device)
     q_r = (layer.retrieval_idx[:, None] * group + ar).flatten()
     out = q.new_empty(*q.shape[:3], layer.v_head_dim)
@@ -79,6 +89,25 @@ def split_static_decode(q: torch.Tensor, layer, mask: torch.Tensor, scale: float
                                                     softcap))
     q_s, out_s = _ring_decode(q, layer, group, ar, layer.cumulative_length, scale, softcap)
     out.index_copy_(1, q_s, out_s)
+    return out
+
+
+def _mapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: torch.Tensor, group: int,
+                      out: torch.Tensor, pages=None, counts=None, page_size: int = 16, **kw) -> None:
+    """The Triton split-KV kernel over the KV heads ``kv_heads`` of a layer (k, v hold only those), reading and
+    writing their query heads of the full ``q`` / ``out``."""
+    from .triton.decode_attention import paged_decode_attention
+
+    paged_decode_attention(q, k, v, pages, counts, page_size, kv_heads=kv_heads, group=group, out=out, **kw)
+
+
+def _ring_decode_triton(q: torch.Tensor, layer, group: int, out: torch.Tensor, scale: float | None,
+                        softcap: float | None) -> torch.Tensor:
+    """The streaming KV heads into their query heads of ``out``: attention is order-free, so the ring's filled
+    slots are its first min(length, ring) (the kernel clips ``kv_end`` to the ring size)."""
+    if layer.stream_idx.numel():
+        _mapped_attention(q, layer.skeys, layer.svalues, layer.stream_idx, group, out, scale=scale, softcap=softcap,
+                          kv_end=layer.cumulative_length)
     return out
 
 
@@ -105,17 +134,15 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
     selection is made only when ``steps`` tokens have been added since the last one (or on the first step), as the
     dynamic policy's ``reuse_steps``; in between, the scoring and top-k kernels return at once on a device-side
     flag (the graph stays fixed) and the kept pages are reused, plus the physical page begun since, if any.
-    Without it the selection is made every step."""
+    Without it the selection is made every step. With ``use_triton`` the retrieval heads' scoring and attention
+    read the full query through a KV-head map and write their heads of one output, as the ring does."""
     from accel.kernels import reference_decode as R
 
     split = hasattr(layer, "retrieval_idx")
     if split and layer.retrieval_idx.numel() == 0:  # every KV head of this layer streams
-        return split_static_decode(q, layer, None, scale, softcap)
+        return split_static_decode(q, layer, None, scale, softcap, use_triton=use_triton)
     hkv = layer.num_heads
     group = q.shape[1] // hkv
-    ar = torch.arange(group, device=q.device)
-    q_r = (layer.retrieval_idx[:, None] * group + ar).flatten() if split else None
-    qr = q.index_select(1, q_r) if split else q
     length = layer.cumulative_length
     r = physical_page_size // page_size
     n_phys = -(-layer.kmin.shape[2] // r)
@@ -125,16 +152,18 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
         reselect = (reuse.sel_len == 0) | (length - reuse.sel_len >= reuse.steps)
         skip = (~reselect).to(torch.int32).reshape(1)
     if use_triton:  # Triton scoring and top-k: pages past the length score NaN and are never chosen
-        from accel.kernels.triton.decode_attention import paged_decode_attention
         from accel.kernels.triton.decode_score import quest_scores
         from accel.kernels.triton.decode_topk import select_pages
 
-        s = quest_scores(qr, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size, skip=skip)
+        heads = dict(kv_heads=layer.retrieval_idx, group=group) if split else {}
+        s = quest_scores(q, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size, skip=skip, **heads)
         s = _physical_max(s, r)  # [B, Hr, n_phys]
         out = None if reuse is None else (reuse.pages, reuse.counts)
         pages, counts = select_pages(s, n_keep, kv_len=length, page_size=physical_page_size, skip=skip, out=out)
     else:
-        paged_decode_attention = R.paged_decode_attention
+        ar = torch.arange(group, device=q.device)
+        q_r = (layer.retrieval_idx[:, None] * group + ar).flatten() if split else None
+        qr = q.index_select(1, q_r) if split else q
         s = R.quest_scores(qr, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size)
         s = torch.where(torch.arange(s.shape[-1], device=q.device) * page_size < length, s, float("-inf"))
         s = _physical_max(s, r)
@@ -155,8 +184,18 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
         pages = reuse.pages
         pages.scatter_(-1, counts[..., None].long(), newest.expand(*counts.shape, 1))
         counts = counts + begun.to(torch.int32)
-    out_r = paged_decode_attention(qr, layer.keys, layer.values, pages, counts, physical_page_size, scale=scale,
-                                   softcap=softcap, kv_end=length.reshape(1).expand(q.shape[0]))
+    if use_triton:
+        kw = dict(scale=scale, softcap=softcap, kv_end=length)
+        if not split:
+            from accel.kernels.triton.decode_attention import paged_decode_attention
+
+            return paged_decode_attention(q, layer.keys, layer.values, pages, counts, physical_page_size, **kw)
+        out = q.new_empty(*q.shape[:3], layer.v_head_dim)
+        _mapped_attention(q, layer.keys, layer.values, layer.retrieval_idx, group, out, pages, counts,
+                          physical_page_size, **kw)
+        return _ring_decode_triton(q, layer, group, out, scale, softcap)
+    out_r = R.paged_decode_attention(qr, layer.keys, layer.values, pages, counts, physical_page_size, scale=scale,
+                                     softcap=softcap, kv_end=length.reshape(1).expand(q.shape[0]))
     if not split:
         return out_r
     out = q.new_empty(*q.shape[:3], layer.v_head_dim)

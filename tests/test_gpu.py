@@ -49,11 +49,11 @@ def test_auto_picks_a_gpu_backend():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("policy", ["quest", "tidal", "lserve"])
+@pytest.mark.parametrize("policy", ["quest", "tidal", "duo", "lserve", "lserve-mixed"])
 def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path):
     """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
-    the Triton static decode (Quest's op, TidalDecode's shared positions, LServe's page selection) must give the
-    dynamic-cache tokens (float32 so the selections agree exactly)."""
+    the Triton static decode (Quest's op, TidalDecode's shared positions, DuoAttention's and LServe's KV-head maps,
+    LServe's page selection) must give the dynamic-cache tokens (float32 so the selections agree exactly)."""
     torch._dynamo.reset()
     model = tiny_model(family).cuda()
     x = _ids(300, batch=2)
@@ -62,13 +62,17 @@ def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path):
         opts = dict(budget=64, page_size=16, dense_layers=0)
     elif policy == "tidal":
         opts = dict(budget=64, select_layer=0 if family == "llama" else 2, reselect_layer=None)
-    else:  # selection every step, as the static form makes it
+    else:
         from test_policy_duo import _head_map
 
-        opts = dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12, page_size=16,
-                    physical_page_size=32, budget=64, reuse_steps=1)
+        # seed 1: layers with both a streaming and a retrieval KV head (both KV-head maps); lserve's seed 0 gives
+        # llama a dense layer (PagedStaticLayer, every head selects) and an all-streaming one
+        seed = 0 if policy == "lserve" else 1
+        opts = dict(duo_map=_head_map(model, tmp_path / "m.json", seed=seed), ratio=0.5, sink=4, recent=12)
+        if policy.startswith("lserve"):  # selection every step, as the static form makes it
+            opts.update(page_size=16, physical_page_size=32, budget=64, reuse_steps=1)
     with torch.no_grad():
-        accel.patch(model, policy, backend="triton", **opts)
+        accel.patch(model, policy.split("-")[0], backend="triton", **opts)
         dynamic = model.generate(x, **kw)
         static = model.generate(x, cache_implementation="static", **kw)  # compiled by transformers on CUDA
     assert torch.equal(static, dynamic)

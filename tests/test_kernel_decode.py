@@ -175,3 +175,79 @@ def test_quest_static_op_triton_matches_torch(padded):
     args = (q, k, v, kmin, kmax, length, start, 4, 16, "max", 0.25, 0.0)
     torch.testing.assert_close(quest_static_decode(*args, True), quest_static_decode(*args, False), atol=1e-5,
                                rtol=1e-5)
+
+
+def _mapped(group):
+    """Query heads of the KV-head map [2, 0] (out of order on purpose) in a layer of 3 KV heads."""
+    heads = torch.tensor([2, 0], dtype=torch.int32)
+    qh = (heads.long()[:, None] * group + torch.arange(group)).flatten()
+    return heads, qh
+
+
+BOUNDS = {"none": {}, "start": {"kv_start": torch.tensor([0, 19], dtype=torch.int32)},
+          "end": {"kv_end": torch.tensor([70, 41], dtype=torch.int32)},
+          # a static cache's length: one 0-d int64 value for every row
+          "start+end": {"kv_start": torch.tensor([5, 19], dtype=torch.int32), "kv_end": torch.tensor(58)}}
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("bounds", list(BOUNDS))
+def test_paged_attention_head_map(group, dtype, paged, bounds):
+    """k/v hold KV heads 2 and 0 of a 3-head layer, q is the full layer's: the kernel writes exactly those query
+    heads of ``out`` (the rest untouched), equal to its twin and to the no-map call on gathered inputs."""
+    q, k, v = _qkv(2, 3, group, 70, D=16, dtype=dtype, seed=group)
+    heads, qh = _mapped(group)
+    ks, vs = k[:, heads.long()], v[:, heads.long()]  # what a split cache stores
+    pages = counts = None
+    if paged:
+        mn, mx = R.page_bounds(ks, 16)
+        pages, counts = R.select_pages(R.quest_scores(q[:, qh], mn, mx), 3, kv_len=70, page_size=16)
+        counts[1, 0] = 2
+    kw = dict(scale=0.3, softcap=None if bounds != "end" else 2.0, **BOUNDS[bounds])
+    out = torch.full((2, 3 * group, 1, 16), 7.0, dtype=dtype)
+    got, lse = paged_decode_attention(q, ks, vs, pages, counts, 16, kv_heads=heads, group=group, out=out,
+                                      return_lse=True, **kw)
+    assert got is out
+    others = torch.ones(3 * group, dtype=torch.bool)
+    others[qh] = False
+    assert (out[:, others] == 7.0).all() and torch.isinf(lse[:, others]).all()
+    ref, rlse = R.paged_decode_attention(q, ks, vs, pages, counts, 16, kv_heads=heads, group=group,
+                                         return_lse=True, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got[:, qh].float(), ref[:, qh].float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse[:, qh], rlse[:, qh], atol=1e-4, rtol=1e-4)
+    plain, plse = paged_decode_attention(q[:, qh], ks, vs, pages, counts, 16, return_lse=True, **kw)
+    assert torch.equal(got[:, qh], plain) and torch.equal(lse[:, qh], plse)
+
+
+def test_paged_attention_head_map_checks():
+    q, k, v = _qkv(1, 2, 2, 32, D=16)
+    heads = torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="needs group"):
+        paged_decode_attention(q, k[:, 1:], v[:, 1:], kv_heads=heads)
+    with pytest.raises(ValueError, match="kv_heads must be"):
+        paged_decode_attention(q, k, v, kv_heads=heads, group=2)
+    out = torch.full((1, 4, 1, 16), 3.0)  # no KV head selected: nothing launched, out untouched
+    paged_decode_attention(q, k[:, :0], v[:, :0], kv_heads=heads[:0], group=2, out=out)
+    assert (out == 3.0).all()
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_quest_scores_head_map(group, dtype, padded):
+    """Bounds of KV heads 2 and 0 of a 3-head layer, q the full layer's: the twin's scores, and the no-map call's on
+    the gathered query heads."""
+    q, k, _ = _qkv(2, 3, group, 75, D=16, dtype=dtype, seed=7)
+    heads, qh = _mapped(group)
+    mn, mx = R.page_bounds(k[:, heads.long()], 16)
+    start = torch.tensor([0, 40]) if padded else None
+    for reduce in ("max", "sum"):
+        got = quest_scores(q, mn, mx, group_reduce=reduce, kv_start=start, kv_heads=heads, group=group)
+        assert got.shape == (2, 2, 5)
+        ref = R.quest_scores(q, mn, mx, group_reduce=reduce, kv_start=start, kv_heads=heads, group=group)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+        assert torch.equal(got, quest_scores(q[:, qh], mn, mx, group_reduce=reduce, kv_start=start))

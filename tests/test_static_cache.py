@@ -120,27 +120,53 @@ def test_compiled_static_decode_triton_kernels(policy):
     assert torch.equal(compiled, dynamic)
 
 
-def _lserve_opts(model, tmp_path, budget=64, reuse_steps=1):
-    return dict(duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12, page_size=16,
+def _lserve_opts(model, tmp_path, budget=64, reuse_steps=1, seed=0):
+    return dict(duo_map=_head_map(model, tmp_path / "m.json", seed=seed), ratio=0.5, sink=4, recent=12, page_size=16,
                 physical_page_size=32, budget=budget, reuse_steps=reuse_steps)
 
 
-@pytest.mark.parametrize("reuse", [1, 4])
-@pytest.mark.parametrize("fam", ["llama", "gemma3", "qwen2"])
-def test_lserve_over_static_cache_matches_dynamic(fam, reuse, tmp_path):
+def _count_mapped_launches(monkeypatch) -> list:
+    """Record the split-KV kernel's calls with a KV-head map (kernels/static_decode.py imports it at call time)."""
+    from accel.kernels.triton import decode_attention
+
+    calls, kernel = [], decode_attention.paged_decode_attention
+
+    def spy(*args, **kw):
+        if kw.get("kv_heads") is not None:
+            calls.append(kw["kv_heads"].numel())
+        return kernel(*args, **kw)
+
+    monkeypatch.setattr(decode_attention, "paged_decode_attention", spy)
+    return calls
+
+
+def _parts(layers) -> int:
+    """Mapped kernel calls per step: one for the retrieval heads, one for the streaming heads, where a layer has
+    them."""
+    return sum(bool(layer.retrieval_idx.numel()) + bool(layer.stream_idx.numel()) for layer in layers)
+
+
+@pytest.mark.parametrize("fam,backend,reuse", [(f, "reference", r) for f in ("llama", "gemma3", "qwen2") for r in (1, 4)]
+                         + [("llama", "triton", 4)])
+def test_lserve_over_static_cache_matches_dynamic(fam, backend, reuse, tmp_path, monkeypatch):
     """LServe over a static cache (streaming heads' ring, retrieval heads' buffer with logical-page bounds and a
     device-side physical-page selection, made every ``reuse`` steps with the begun page added in between, as the
-    dynamic form): the dynamic cache's tokens, less KV memory than the dense static cache."""
+    dynamic form): the dynamic cache's tokens, less KV memory than the dense static cache. ``triton``: the
+    interpreter runs the scoring, top-k and split-KV kernels with KV-head maps."""
     model = tiny_model(fam)
-    accel.patch(model, "lserve", backend="reference", **_lserve_opts(model, tmp_path, reuse_steps=reuse))
+    opts = _lserve_opts(model, tmp_path, reuse_steps=reuse, seed=int(backend == "triton"))  # triton: both parts
+    accel.patch(model, "lserve", backend="reference", **opts)
     x = ids(batch=2, length=200)
-    dynamic = _generate(model, x)
+    dynamic = _generate(model, x)  # the reference backend's tokens (the interpreter is slow; triton's are equal)
+    accel.patch(model, "lserve", backend=backend, **opts)
     accel.reset_stats(model)
+    mapped = _count_mapped_launches(monkeypatch)
     out = _generate_static(model, x)
     assert torch.equal(out.sequences, dynamic)
     layers = out.past_key_values.layers
     split = [layer for layer in layers if isinstance(layer, accel.cache.LServeStaticLayer)]
     paged = [layer for layer in layers if type(layer) is accel.cache.PagedStaticLayer]
+    assert len(mapped) == (11 * _parts(split) if backend == "triton" else 0)
     # streaming heads: a ring of sink 4 + recent 12 slots, however many tokens the cache holds (212 here)
     assert split and all(layer.skeys.shape[2] == 16 < int(layer.cumulative_length) for layer in split)
     assert all(layer.kmin.shape[1] == layer.retrieval_idx.numel() for layer in split)
@@ -242,20 +268,26 @@ def test_chunked_prefill_over_static_cache(policy):
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fam", ["llama", "qwen3"])
-def test_duo_over_static_cache_matches_dynamic(fam, tmp_path):
+@pytest.mark.parametrize("fam,backend", [("llama", "reference"), ("qwen3", "reference"), ("llama", "triton")])
+def test_duo_over_static_cache_matches_dynamic(fam, backend, tmp_path, monkeypatch):
     """DuoAttention over a static cache (retrieval heads' buffer, streaming heads' ring of sink + recent slots):
-    the dynamic cache's tokens, and less KV memory than the dense static cache."""
+    the dynamic cache's tokens, and less KV memory than the dense static cache. ``triton``: the interpreter runs the
+    split-KV kernel with KV-head maps in the static steps."""
     model = tiny_model(fam)
-    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12,
-                backend="reference")
+    # triton: a map with a streaming and a retrieval head in each layer, so both mapped launches run
+    opts = dict(duo_map=_head_map(model, tmp_path / "m.json", seed=int(backend == "triton")), ratio=0.5, sink=4,
+                recent=12)
+    accel.patch(model, "duo", backend="reference", **opts)
     x = ids(batch=2, length=200)
-    dynamic = _generate(model, x)
-    accel.reset_stats(model)
+    dynamic = _generate(model, x)  # the reference backend's tokens (the interpreter is slow; triton's are equal)
+    accel.patch(model, "duo", backend=backend, **opts)
+    mapped = _count_mapped_launches(monkeypatch)
     out = _generate_static(model, x)
     assert torch.equal(out.sequences, dynamic)
     split = [layer for layer in out.past_key_values.layers if isinstance(layer, accel.cache.DuoStaticLayer)]
     assert split and all(layer.skeys.shape[2] == 16 for layer in split)  # sink 4 + recent 12
+    # triton: one kernel call per part (retrieval buffer, streaming ring) per layer and step
+    assert len(mapped) == (11 * _parts(split) if backend == "triton" else 0)
     assert accel.stats(model)["backends_used"]["static-paged"] == 11 * len(split)
     accel.unpatch(model)
     dense = _generate_static(model, x)
@@ -359,3 +391,73 @@ def test_lserve_static_reuse_kernels_match_torch():
             begun_seen = True
             assert states[True].pages[0, 0, int(states[True].counts[0, 0])] == newest
     assert begun_seen
+
+
+def _split_layer(stream, group, dtype, fill, B=2, D=16, seed=0):
+    """A DuoStaticLayer of 128 slots (ring: sink 4 + recent 12) holding ``fill`` prefill tokens and one decode
+    token, and a query for it."""
+    from transformers.cache_utils import StaticLayer
+
+    g = torch.Generator().manual_seed(seed)
+    hkv = len(stream)
+    layer = accel.cache.DuoStaticLayer.from_layer(StaticLayer(max_cache_len=128), stream, 4, 12)
+    k, v = (torch.randn(B, hkv, fill + 1, D, generator=g).to(dtype) for _ in range(2))
+    layer.update(k[:, :, :fill], v[:, :, :fill])
+    layer.update(k[:, :, fill:], v[:, :, fill:])
+    return layer, torch.randn(B, hkv * group, 1, D, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fill", [9, 70])  # the ring partly filled / wrapped around
+@pytest.mark.parametrize("case", ["plain", "softcap", "padded", "all_stream"])
+def test_split_static_decode_triton_matches_torch(group, dtype, fill, case):
+    """DuoAttention's static step on the Triton path (the split-KV kernel with KV-head maps, writing one output)
+    equals the torch path (gathered query heads, SDPA with transformers' mask, scattered outputs), and launches no
+    gather, scatter or SDPA."""
+    from accel.kernels.static_decode import split_static_decode
+
+    stream = [True] * 3 if case == "all_stream" else [False, True, False]  # retrieval heads 0 and 2
+    layer, q = _split_layer(stream, group, dtype, fill)
+    n = int(layer.cumulative_length)
+    kv_start = torch.tensor([0, 3], dtype=torch.int32) if case == "padded" else None
+    pos = torch.arange(128)
+    mask = (pos < n).expand(2, 1, 1, 128)
+    if kv_start is not None:  # transformers' mask covers the left padding too
+        mask = mask & (pos[None, :] >= kv_start[:, None])[:, None, None, :]
+    softcap = 2.0 if case == "softcap" else None
+    want = split_static_decode(q, layer, mask, 0.25, softcap, kv_start=kv_start, use_triton=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = split_static_decode(q, layer, mask, 0.25, softcap, kv_start=kv_start, use_triton=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    ops = {e.name for e in prof.events()}
+    assert not ops & {"aten::index_select", "aten::index_copy_", "aten::scaled_dot_product_attention"}, ops
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("stream", [[False, True, False], [False, False, False]])
+def test_lserve_static_decode_triton_matches_torch(group, stream):
+    """LServe's static step on the Triton path (scoring and split-KV attention through the retrieval heads' map,
+    the ring through the streaming heads') equals the torch path, with no gather or scatter launched. float32: the
+    two paths' page choices agree exactly."""
+    from transformers.cache_utils import StaticLayer
+
+    from accel.kernels.static_decode import lserve_static_decode
+
+    g = torch.Generator().manual_seed(group)
+    B, D, fill = 2, 16, 100
+    if any(stream):
+        layer = accel.cache.LServeStaticLayer.from_layer(StaticLayer(max_cache_len=160), stream, 4, 12, 16)
+    else:  # no streaming head: lserve's PagedStaticLayer, every KV head selects (no map)
+        layer = accel.cache.PagedStaticLayer.from_layer(StaticLayer(max_cache_len=160), 16)
+    k, v = (torch.randn(B, 3, fill + 1, D, generator=g) for _ in range(2))
+    layer.update(k[:, :, :fill], v[:, :, :fill])
+    layer.update(k[:, :, fill:], v[:, :, fill:])
+    q = torch.randn(B, 3 * group, 1, D, generator=g)
+    kw = dict(budget=64, page_size=16, physical_page_size=32, scale=0.25, softcap=None)
+    want = lserve_static_decode(q, layer, use_triton=False, **kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = lserve_static_decode(q, layer, use_triton=True, **kw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not {e.name for e in prof.events()} & {"aten::index_select", "aten::index_copy_"}

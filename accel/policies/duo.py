@@ -137,7 +137,7 @@ class DuoPolicy(Policy):
         if kv_start is not None:
             raise ValueError("policy 'duo' does not support left-padded batches (streaming heads' sink tokens would "
                              "be padding); run prompts one at a time or with equal lengths")
-        return split_static_decode(q, layer, mask, scale, softcap)
+        return split_static_decode(q, layer, mask, scale, softcap, kv_start=kv_start, use_triton=use_triton)
 
     def plan(self, q, k, ctx):
         if ctx.sliding_window is not None:

@@ -54,4 +54,4 @@ class StreamingPolicy(Policy):
         """One decode step over the ring: sink + the newest ``window`` tokens. Device-side, no sync."""
         from accel.kernels.static_decode import split_static_decode
 
-        return split_static_decode(q, layer, mask, scale, softcap)
+        return split_static_decode(q, layer, mask, scale, softcap, use_triton=use_triton)

@@ -8,6 +8,11 @@ key ``t``). Each program writes a normalised partial output and its log-sum-exp;
 (out = sum_s exp(lse_s - lse) o_s). Softmax in base 2, soft-capping through exp2-based tanh, left padding by
 ``kv_start``, keys at or past ``kv_end`` (a device-side length: static caches) masked. Rows that see no key give 0
 output.
+
+A KV-head map (``kv_heads``, ``group``) lets K/V hold a subset of a layer's KV heads (DuoAttention's retrieval heads,
+or its streaming heads' ring) while q and the output stay the full layer's: program ``j`` reads query heads
+``kv_heads[j] * group + g`` and the combine writes those heads of ``out``, so no gather of q nor scatter of the
+output is launched around the kernel.
 """
 
 from __future__ import annotations
@@ -29,11 +34,11 @@ def _tanh(x):
 
 
 @triton.jit
-def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, OP, LP,
-                  sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, sps,
+def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
+                  sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, sps, s_start, s_end,
                   Hkv, G, Sk, NS, TOK_PER_SPLIT, qk_scale, cap_in, cap_out,
                   PAGE: tl.constexpr, PAGED: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_END: tl.constexpr,
-                  SOFTCAP: tl.constexpr,
+                  HAS_HEADS: tl.constexpr, SOFTCAP: tl.constexpr,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # float scalars arrive as fp64 when torch.compile (inductor) launches this kernel inside a compiled decode step
@@ -44,27 +49,32 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, OP, LP,
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
-    h = pid % Hkv
+    h = pid % Hkv  # the KV head of K/V (of the map, with HAS_HEADS)
+    hq0 = h * G  # its first query head
+    if HAS_HEADS:
+        hq0 = tl.load(HEADS + h).to(tl.int32) * G
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
     g_ok = offs_g < G
-    q = tl.load(Q + b * sqb + (h * G + offs_g)[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + (hq0 + offs_g)[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
     if PAGED:
         total = tl.load(COUNTS + pid) * PAGE
     else:
         total = Sk
-    lo = split * TOK_PER_SPLIT
-    hi = tl.minimum(lo + TOK_PER_SPLIT, total)
     start = 0
     if HAS_KV_START:
-        start = tl.load(KV_START + b)
+        start = tl.load(KV_START + b * s_start).to(tl.int32)
     end = Sk
     if HAS_KV_END:
-        end = tl.minimum(tl.load(KV_END + b), Sk)
+        end = tl.minimum(tl.load(KV_END + b * s_end).to(tl.int32), Sk)
+    if HAS_KV_END and not PAGED:  # token t is key t: a static buffer's unfilled tail costs no loop trips
+        total = tl.minimum(total, end)
+    lo = split * TOK_PER_SPLIT
+    hi = tl.minimum(lo + TOK_PER_SPLIT, total)
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -109,15 +119,20 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, OP, LP,
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row = (b * Hkv + h) * G + offs_g  # = b * Hq + query head
+    row = (b * Hkv + h) * G + offs_g  # without a head map: b * Hq + query head
     tl.store(OP + (row[:, None] * NS + split) * BLOCK_DV + offs_dv[None, :], o, mask=g_ok[:, None])
     tl.store(LP + row * NS + split, lse, mask=g_ok)
 
 
 @triton.jit
-def _combine_kernel(OP, LP, OUT, LSE, soutb, southq, soutd, Hq, NS, RETURN_LSE: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, DV):
-    row = tl.program_id(0)  # b * Hq + hq
+def _combine_kernel(OP, LP, HEADS, OUT, LSE, soutb, southq, soutd, slb, slh, R, G, NS, RETURN_LSE: tl.constexpr,
+                    HAS_HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, DV):
+    row = tl.program_id(0)  # b * R + r, with R = (KV heads of K/V) * G rows per batch row
+    b = row // R
+    r = row % R
+    hq = r  # without a head map, row r is query head r
+    if HAS_HEADS:
+        hq = tl.load(HEADS + r // G).to(tl.int32) * G + r % G
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < NS
@@ -128,11 +143,10 @@ def _combine_kernel(OP, LP, OUT, LSE, soutb, southq, soutd, Hq, NS, RETURN_LSE: 
     o = tl.load(OP + (row * NS + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
     den = tl.sum(w, axis=0)
     out = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
-    b = row // Hq
-    hq = row % Hq
     tl.store(OUT + b * soutb + hq * southq + offs_dv * soutd, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
     if RETURN_LSE:
-        tl.store(LSE + row, tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf")))
+        row_lse = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
+        tl.store(LSE + b * slb + hq * slh, row_lse)
 
 
 # decided once, when Triton wrapped the kernel: ``type()`` of a kernel inside torch.compile's trace is an error
@@ -151,19 +165,59 @@ def _sm_count(device) -> int:
         return 8
 
 
-def paged_decode_attention(q, k, v, pages=None, counts=None, page_size: int = 16, *, scale=None, softcap=None,
-                           kv_start=None, kv_end=None, return_lse: bool = False, n_splits: int | None = None,
-                           block_n: int | None = None):
+def _per_row(t: torch.Tensor, B: int, device, name: str) -> tuple[torch.Tensor, int]:
+    """A per-row int bound ([B], or one value for every row, e.g. a static cache's 0-d length) and its row stride.
+    int32/int64 are read as they are: no cast or broadcast copy launched before the kernel."""
+    t = t.to(device=device)
+    if t.dtype not in (torch.int32, torch.int64):
+        t = t.to(torch.int32)
+    t = t.reshape(-1)
+    if t.numel() == 1:
+        return t, 0
+    if t.numel() != B:
+        raise ValueError(f"paged_decode_attention: {name} must hold one value or one per batch row ({B}), got "
+                         f"{t.numel()}")
+    return t, t.stride(0)
+
+
+def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor | None = None,
+                           counts: torch.Tensor | None = None, page_size: int = 16, *, scale: float | None = None,
+                           softcap: float | None = None, kv_start: torch.Tensor | None = None,
+                           kv_end: torch.Tensor | None = None, return_lse: bool = False, n_splits: int | None = None,
+                           block_n: int | None = None, kv_heads: torch.Tensor | None = None, group: int | None = None,
+                           out: torch.Tensor | None = None):
     """q [B, Hq, 1, D]; k, v [B, Hkv, Sk, D] (any strides: cache views work); ``pages`` int32 [B, Hkv, n] with
-    ``counts`` int32 [B, Hkv] (None: every key); ``kv_start`` / ``kv_end`` int [B]: the first real key (left
-    padding) / one past the last filled slot (a static cache's length, read on the device). Returns out [B, Hq, 1, Dv] in q's dtype (and lse float32
-    [B, Hq, 1])."""
+    ``counts`` int32 [B, Hkv] (None: every key); ``kv_start`` / ``kv_end`` int [B] (or one value for all rows): the
+    first real key (left padding) / one past the last filled slot (a static cache's length, read on the device).
+    Returns out [B, Hq, 1, Dv] in q's dtype, or ``out`` (and lse float32 [B, Hq, 1]).
+
+    Head map: ``kv_heads`` (int32 or int64 [Hkv], on q's device) names the layer KV head each of k/v's heads is,
+    and ``group`` (required with it) the query heads per KV head; q is the full layer's query (Hq = group * the
+    layer's KV heads) and only query heads ``kv_heads[j] * group + g`` are read and written. ``out``: a preallocated
+    [B, Hq, 1, Dv] output to write into (any float dtype); heads outside the map are left untouched (without
+    ``out`` they are 0, and their lse -inf). Head ids are not range-checked (that would sync)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     if Sq != 1:
         raise ValueError(f"paged_decode_attention takes one query per row, got {Sq}")
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if kv_heads is not None:
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+            raise ValueError(f"paged_decode_attention: kv_heads needs group, a positive int (got {group!r})")
+        if kv_heads.dim() != 1 or kv_heads.numel() != Hkv:
+            raise ValueError(f"paged_decode_attention: kv_heads must be [{Hkv}] (one id per KV head of k/v), got "
+                             f"{tuple(kv_heads.shape)}")
+        if Hq % group:
+            raise ValueError(f"query heads ({Hq}) must be a multiple of group ({group})")
+        if kv_heads.dtype not in (torch.int32, torch.int64):
+            kv_heads = kv_heads.to(torch.int32)
+        kv_heads = kv_heads.to(q.device).contiguous()
+        G = group
+    else:
+        if Hq % Hkv:
+            raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+        G = Hq // Hkv
+        if group is not None and group != G:
+            raise ValueError(f"paged_decode_attention: group {group} does not match {Hq} query / {Hkv} KV heads")
     for name, d in (("head_dim", D), ("value head_dim", Dv)):
         if d < 16 or d > 256 or d & (d - 1):
             raise ValueError(f"paged_decode_attention: {name} {d} must be a power of two from 16 to 256")
@@ -172,11 +226,19 @@ def paged_decode_attention(q, k, v, pages=None, counts=None, page_size: int = 16
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"paged_decode_attention: q, k, v must share float16/bfloat16/float32, got {q.dtype}, "
                         f"{k.dtype}, {v.dtype}")
-    G = Hq // Hkv
-    scale = D**-0.5 if scale is None else float(scale)
-    out = torch.empty(B, Hq, 1, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=q.device) if return_lse else out
-    if B * Hq == 0:
+    mapped = kv_heads is not None
+    if out is None:
+        out = q.new_zeros(B, Hq, 1, Dv) if mapped else q.new_empty(B, Hq, 1, Dv)
+    elif tuple(out.shape) != (B, Hq, 1, Dv) or out.device != q.device:
+        raise ValueError(f"paged_decode_attention: out must be [{B}, {Hq}, 1, {Dv}] on {q.device}, got "
+                         f"{tuple(out.shape)} on {out.device}")
+    if return_lse:
+        lse = (torch.full((B, Hq, 1), float("-inf"), device=q.device) if mapped
+               else torch.empty(B, Hq, 1, dtype=torch.float32, device=q.device))
+    else:
+        lse = out
+    rows = Hkv * G  # output rows per batch row: every query head, or the mapped heads' groups
+    if B * rows == 0:
         return (out, lse) if return_lse else out
     interp = _interpreting()
     block_n = block_n or (32 if interp else 64)
@@ -192,12 +254,14 @@ def paged_decode_attention(q, k, v, pages=None, counts=None, page_size: int = 16
     n_splits = max(1, min(n_splits, n_blocks))
     tok_per_split = triton.cdiv(n_blocks, n_splits) * block_n
     n_splits = triton.cdiv(width, tok_per_split)
-    part_o = torch.empty(B * Hq * n_splits * Dv, dtype=torch.float32, device=q.device)
-    part_l = torch.empty(B * Hq * n_splits, dtype=torch.float32, device=q.device)
+    part_o = torch.empty(B * rows * n_splits * Dv, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(B * rows * n_splits, dtype=torch.float32, device=q.device)
+    s_start = s_end = 0
     if kv_start is not None:
-        kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
+        kv_start, s_start = _per_row(kv_start, B, q.device, "kv_start")
     if kv_end is not None:
-        kv_end = kv_end.to(device=q.device, dtype=torch.int32).expand(B).contiguous()
+        kv_end, s_end = _per_row(kv_end, B, q.device, "kv_end")
+    scale = D**-0.5 if scale is None else float(scale)
     if softcap is not None:
         cap_in, cap_out, qk_scale = scale / softcap, softcap * LOG2E, 0.0
     else:
@@ -206,17 +270,20 @@ def paged_decode_attention(q, k, v, pages=None, counts=None, page_size: int = 16
     dummy = part_l
     _split_kernel[(B * Hkv, n_splits)](
         q, k, v, pages if pages is not None else dummy, counts if counts is not None else dummy,
-        kv_start if kv_start is not None else dummy, kv_end if kv_end is not None else dummy, part_o, part_l,
+        kv_start if kv_start is not None else dummy, kv_end if kv_end is not None else dummy,
+        kv_heads if mapped else dummy, part_o, part_l,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
-        *(pages.stride() if pages is not None else (0, 0, 0)),
+        *(pages.stride() if pages is not None else (0, 0, 0)), s_start, s_end,
         Hkv, G, Sk, n_splits, tok_per_split, qk_scale, cap_in, cap_out,
         PAGE=page_size if pages is not None else 1, PAGED=pages is not None, HAS_KV_START=kv_start is not None,
-        HAS_KV_END=kv_end is not None, SOFTCAP=softcap is not None, DOT_F32=interp and not f32, IEEE=f32 and not interp,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv,
+        HAS_KV_END=kv_end is not None, HAS_HEADS=mapped, SOFTCAP=softcap is not None, DOT_F32=interp and not f32,
+        IEEE=f32 and not interp, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv,
     )
-    _combine_kernel[(B * Hq,)](part_o, part_l, out, lse, out.stride(0), out.stride(1), out.stride(3), Hq, n_splits,
-                               RETURN_LSE=bool(return_lse), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
-                               BLOCK_DV=Dv, DV=Dv)
+    _combine_kernel[(B * rows,)](part_o, part_l, kv_heads if mapped else dummy, out, lse,
+                                 out.stride(0), out.stride(1), out.stride(3),
+                                 *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)), rows, G, n_splits,
+                                 RETURN_LSE=bool(return_lse), HAS_HEADS=mapped,
+                                 BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=Dv, DV=Dv)
     return (out, lse) if return_lse else out
 
 

@@ -4,6 +4,10 @@ Same function as ``kernels.reference_decode.quest_scores``. For each query head 
 ``sum_d max(q_d * max_d, q_d * min_d) = relu(q) . kmax + min(q, 0) . kmin`` — two small matmuls per tile. The query
 heads of one KV group are packed into the M rows of those matmuls (padded to 16) and reduced by ``max`` (default)
 or ``sum``, so the page metadata is read once per KV head. Grid: (B * Hkv, cdiv(n_pages, BLOCK_P)).
+
+With a KV-head map (``kv_heads``, ``group``) the bounds hold a subset of the layer's KV heads (LServe's retrieval
+heads) and q stays the full layer's query: program ``j`` reads query heads ``kv_heads[j] * group + g``, so the
+query heads of the subset are never gathered into a new tensor first.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _quest_score_kernel(Q, KMIN, KMAX, KV_START, OUT, SKIP,
+def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SKIP,
                         sqb, sqh, sqd, smb, smh, smp, smd, sxb, sxh, sxp, sxd, sob, soh, sop,
                         Hkv, G, P, PAGE,
-                        REDUCE_MAX: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_F32: tl.constexpr,
+                        REDUCE_MAX: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_HEADS: tl.constexpr,
+                        DOT_F32: tl.constexpr,
                         IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_SKIP: tl.constexpr):
     if HAS_SKIP:  # a device-side flag: LServe's static form re-scores only every few steps, in a fixed graph
@@ -25,21 +30,26 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, OUT, SKIP,
             return
     pid = tl.program_id(0)
     b = pid // Hkv
-    h = pid % Hkv
+    h = pid % Hkv  # the KV head of the bounds (of the map, with HAS_HEADS)
+    hq0 = h * G  # its first query head
+    if HAS_HEADS:
+        hq0 = tl.load(HEADS + h).to(tl.int32) * G
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     g_ok = offs_g < G
-    q = tl.load(Q + b * sqb + (h * G + offs_g)[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + (hq0 + offs_g)[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
     p_ok = offs_p < P
     kmax = tl.load(KMAX + b * sxb + h * sxh + offs_p[:, None] * sxp + offs_d[None, :] * sxd, mask=p_ok[:, None],
                    other=0.0)
     kmin = tl.load(KMIN + b * smb + h * smh + offs_p[:, None] * smp + offs_d[None, :] * smd, mask=p_ok[:, None],
                    other=0.0)
-    zero = tl.zeros_like(q)
-    # triton 3.6 returns float32 from maximum/minimum on bf16 tiles: cast back so both dot operands match
-    q_pos = tl.maximum(q, zero).to(kmax.dtype)
-    q_neg = tl.minimum(q, zero).to(kmin.dtype)
+    # the sign split in float32 (exact, then cast back so both dot operands match): the interpreter compares bf16
+    # tiles by their raw bits in maximum/minimum (negative values win), and triton 3.6 on the GPU returns float32
+    # from them anyway
+    qf = q.to(tl.float32)
+    q_pos = tl.maximum(qf, 0.0).to(kmax.dtype)
+    q_neg = tl.minimum(qf, 0.0).to(kmin.dtype)
     if DOT_F32:
         q_pos = q_pos.to(tl.float32)
         q_neg = q_neg.to(tl.float32)
@@ -73,20 +83,40 @@ def _interpreting() -> bool:
 
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group_reduce: str = "max",
                  page_size: int = 16, kv_start: torch.Tensor | None = None, block_p: int | None = None,
+                 kv_heads: torch.Tensor | None = None, group: int | None = None,
                  skip: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any strides). Returns float32 scores [B, Hkv, P]. ``skip``: a
-    device-side int32 flag; when nonzero the kernel returns at once and the scores are left unwritten."""
+    """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any strides). Returns float32 scores [B, Hkv, P].
+
+    Head map: ``kv_heads`` (int32 or int64 [Hkv], on q's device) names the layer KV head each head of the bounds
+    is, ``group`` (required with it) the query heads per KV head; q is the full layer's query and only query heads
+    ``kv_heads[j] * group + g`` are read. Head ids are not range-checked (that would sync). ``skip``: a device-side
+    int32 flag; when nonzero the kernel returns at once and the scores are left unwritten."""
     if q.dim() == 4:
         q = q[:, :, -1]
     B, Hq, D = q.shape
     Hkv, P = kmin.shape[1], kmin.shape[2]
     if group_reduce not in ("max", "sum"):
         raise ValueError(f"group_reduce must be 'max' or 'sum', got {group_reduce!r}")
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if kv_heads is not None:
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+            raise ValueError(f"quest_scores: kv_heads needs group, a positive int (got {group!r})")
+        if kv_heads.dim() != 1 or kv_heads.numel() != Hkv:
+            raise ValueError(f"quest_scores: kv_heads must be [{Hkv}] (one id per KV head of kmin/kmax), got "
+                             f"{tuple(kv_heads.shape)}")
+        if Hq % group:
+            raise ValueError(f"query heads ({Hq}) must be a multiple of group ({group})")
+        if kv_heads.dtype not in (torch.int32, torch.int64):
+            kv_heads = kv_heads.to(torch.int32)
+        kv_heads = kv_heads.to(q.device).contiguous()
+        G = group
+    else:
+        if Hq % Hkv:
+            raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+        G = Hq // Hkv
+        if group is not None and group != G:
+            raise ValueError(f"quest_scores: group {group} does not match {Hq} query / {Hkv} KV heads")
     if D < 16 or D & (D - 1):
         raise ValueError(f"quest_scores: head_dim {D} must be a power of two >= 16")
-    G = Hq // Hkv
     out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
     if B * Hkv * P == 0:
         return out
@@ -97,10 +127,11 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
     q = q.to(kmin.dtype)
     grid = (B * Hkv, triton.cdiv(P, block_p))
     _quest_score_kernel[grid](
-        q, kmin, kmax, kv_start if kv_start is not None else out, out, skip if skip is not None else out,
+        q, kmin, kmax, kv_start if kv_start is not None else out, kv_heads if kv_heads is not None else out, out,
+        skip if skip is not None else out,
         *q.stride(), *kmin.stride(), *kmax.stride(), *out.stride(),
         Hkv, G, P, page_size,
-        REDUCE_MAX=group_reduce == "max", HAS_KV_START=kv_start is not None,
+        REDUCE_MAX=group_reduce == "max", HAS_KV_START=kv_start is not None, HAS_HEADS=kv_heads is not None,
         DOT_F32=interp and kmin.dtype != torch.float32, IEEE=kmin.dtype == torch.float32 and not interp,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D, HAS_SKIP=skip is not None,
     )
