@@ -77,9 +77,10 @@ def split_static_decode(q: torch.Tensor, layer, mask: torch.Tensor | None, scale
     group = q.shape[1] // layer.num_heads
     if use_triton:
         out = q.new_empty(*q.shape[:3], layer.v_head_dim)
-        if layer.retrieval_idx.numel():
+        if layer.retrieval_idx.numel():  # retrieval heads and the ring in one launch
             _mapped_attention(q, layer.keys, layer.values, layer.retrieval_idx, group, out, scale=scale,
-                              softcap=softcap, kv_start=kv_start, kv_end=layer.cumulative_length)
+                              softcap=softcap, kv_start=kv_start, kv_end=layer.cumulative_length, ring=_ring(layer))
+            return out
         return _ring_decode_triton(q, layer, group, out, scale, softcap)
     ar = torch.arange(group, device=q.device)
     q_r = (layer.retrieval_idx[:, None] * group + ar).flatten()
@@ -99,6 +100,11 @@ def _mapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_head
     from .triton.decode_attention import paged_decode_attention
 
     paged_decode_attention(q, k, v, pages, counts, page_size, kv_heads=kv_heads, group=group, out=out, **kw)
+
+
+def _ring(layer) -> tuple | None:
+    """The streaming heads' ring as the split-KV kernel's second source, or None when no head streams."""
+    return (layer.skeys, layer.svalues, layer.stream_idx) if layer.stream_idx.numel() else None
 
 
 def _ring_decode_triton(q: torch.Tensor, layer, group: int, out: torch.Tensor, scale: float | None,
@@ -156,8 +162,8 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
         from accel.kernels.triton.decode_topk import select_pages
 
         heads = dict(kv_heads=layer.retrieval_idx, group=group) if split else {}
-        s = quest_scores(q, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size, skip=skip, **heads)
-        s = _physical_max(s, r)  # [B, Hr, n_phys]
+        s = quest_scores(q, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size, skip=skip, merge=r,
+                         **heads)  # [B, Hr, n_phys]: each physical page the max of its logical pages
         out = None if reuse is None else (reuse.pages, reuse.counts)
         pages, counts = select_pages(s, n_keep, kv_len=length, page_size=physical_page_size, skip=skip, out=out)
     else:
@@ -192,8 +198,8 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
             return paged_decode_attention(q, layer.keys, layer.values, pages, counts, physical_page_size, **kw)
         out = q.new_empty(*q.shape[:3], layer.v_head_dim)
         _mapped_attention(q, layer.keys, layer.values, layer.retrieval_idx, group, out, pages, counts,
-                          physical_page_size, **kw)
-        return _ring_decode_triton(q, layer, group, out, scale, softcap)
+                          physical_page_size, ring=_ring(layer), **kw)
+        return out
     out_r = R.paged_decode_attention(qr, layer.keys, layer.values, pages, counts, physical_page_size, scale=scale,
                                      softcap=softcap, kv_end=length.reshape(1).expand(q.shape[0]))
     if not split:

@@ -39,6 +39,22 @@ def test_quest_scores_match_reference(group, reduce):
     assert torch.isinf(got[1, :, :2]).all()  # pages entirely in the padding are never chosen
 
 
+@pytest.mark.parametrize("merge,block_p", [(2, None), (4, None), (4, 16), (8, 8)])
+def test_quest_scores_merge_physical_pages(merge, block_p):
+    """``merge``: each output the max of ``merge`` consecutive page scores (LServe's physical page) in the same
+    launch, a ragged last run included (31 pages), across program tiles, with a head map."""
+    q, k, _ = _qkv(2, 3, 4, 31 * 16 - 5, seed=3)
+    mn, mx = R.page_bounds(k, 16)
+    heads = torch.tensor([2, 0, 1])
+    got = quest_scores(q, mn, mx, merge=merge, block_p=block_p, kv_heads=heads, group=4)
+    ref = R.quest_scores(q, mn, mx, kv_heads=heads, group=4)
+    ref = torch.nn.functional.pad(ref, (0, (-31) % merge), value=float("-inf")).unflatten(-1, (-1, merge)).amax(-1)
+    assert got.shape == (2, 3, -(-31 // merge))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="power of two"):
+        quest_scores(q, mn, mx, merge=3)
+
+
 def test_quest_score_bounds_every_key():
     """The criticality is an upper bound of q.k for every key of the page (per query head)."""
     q, k, _ = _qkv(1, 1, 1, 64)
@@ -220,6 +236,33 @@ def test_paged_attention_head_map(group, dtype, paged, bounds):
     torch.testing.assert_close(lse[:, qh], rlse[:, qh], atol=1e-4, rtol=1e-4)
     plain, plse = paged_decode_attention(q[:, qh], ks, vs, pages, counts, 16, return_lse=True, **kw)
     assert torch.equal(got[:, qh], plain) and torch.equal(lse[:, qh], plse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("ring_len,fill", [(24, 70), (200, 70), (200, 150)])  # ring narrower / wider than pages
+def test_paged_attention_with_ring(dtype, paged, ring_len, fill):
+    """One launch over KV heads 2 and 0 of a 3-head layer (paged or not) and, as a second source, head 1's ring
+    (slots [0, min(kv_end, ring))): each part equals its own twin call, and every query head is written."""
+    group = 2
+    q, k, v = _qkv(2, 3, group, 256, D=16, dtype=dtype, seed=ring_len)
+    heads, qh = _mapped(group)
+    ks, vs = k[:, heads.long()], v[:, heads.long()]
+    rk, rv = k[:, 1:2, :ring_len], v[:, 1:2, :ring_len]
+    ring_heads = torch.tensor([1], dtype=torch.int32)
+    pages = counts = None
+    if paged:
+        mn, mx = R.page_bounds(ks[:, :, :fill], 16)
+        pages, counts = R.select_pages(R.quest_scores(q[:, qh], mn, mx), 2, kv_len=fill, page_size=16)
+    kw = dict(scale=0.3, kv_end=torch.tensor(fill))
+    got = paged_decode_attention(q, ks, vs, pages, counts, 16, kv_heads=heads, group=group,
+                                 ring=(rk, rv, ring_heads), **kw)
+    want = R.paged_decode_attention(q, ks, vs, pages, counts, 16, kv_heads=heads, group=group, **kw)
+    want = R.paged_decode_attention(q, rk, rv, None, None, 16, kv_heads=ring_heads, group=group, out=want, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="ring needs a head map"):
+        paged_decode_attention(q, k, v, ring=(rk, rv, ring_heads))
 
 
 def test_paged_attention_head_map_checks():

@@ -37,10 +37,11 @@ def _tanh(x):
 def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
                   sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, sps, s_start, s_end,
                   Hkv, G, Sk, NS, TOK_PER_SPLIT, qk_scale, cap_in, cap_out,
+                  K2, V2, HEADS2, sk2b, sk2h, sk2n, sk2d, sv2b, sv2h, sv2n, sv2d, H2, Sk2, TOK2,
                   PAGE: tl.constexpr, PAGED: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_END: tl.constexpr,
                   HAS_HEADS: tl.constexpr, SOFTCAP: tl.constexpr,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TWO: tl.constexpr):
     # float scalars arrive as fp64 when torch.compile (inductor) launches this kernel inside a compiled decode step
     # (TidalDecode over a static cache); a dot needs one dtype, so pin them to fp32
     qk_scale = tl.full([], qk_scale, tl.float32)
@@ -48,11 +49,22 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
     cap_out = tl.full([], cap_out, tl.float32)
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid // Hkv
-    h = pid % Hkv  # the KV head of K/V (of the map, with HAS_HEADS)
+    HT = Hkv
+    if TWO:  # a second, unpaged source (the streaming heads' ring) in the same launch: heads Hkv.. of the grid
+        HT = Hkv + H2
+    b = pid // HT
+    hh = pid % HT  # the head of the grid: K/V's heads, then (TWO) the second source's
+    sec = hh >= Hkv
+    h = tl.where(sec, hh - Hkv, hh)  # the KV head of its source (of the map, with HAS_HEADS)
     hq0 = h * G  # its first query head
     if HAS_HEADS:
-        hq0 = tl.load(HEADS + h).to(tl.int32) * G
+        if TWO:
+            if sec:
+                hq0 = tl.load(HEADS2 + h).to(tl.int32) * G
+            else:
+                hq0 = tl.load(HEADS + h).to(tl.int32) * G
+        else:
+            hq0 = tl.load(HEADS + h).to(tl.int32) * G
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -62,7 +74,7 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
     if DOT_F32:
         q = q.to(tl.float32)
     if PAGED:
-        total = tl.load(COUNTS + pid) * PAGE
+        total = tl.load(COUNTS + b * Hkv + tl.minimum(h, Hkv - 1)) * PAGE  # (TWO: the ring's is set below)
     else:
         total = Sk
     start = 0
@@ -73,10 +85,29 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
         end = tl.minimum(tl.load(KV_END + b * s_end).to(tl.int32), Sk)
     if HAS_KV_END and not PAGED:  # token t is key t: a static buffer's unfilled tail costs no loop trips
         total = tl.minimum(total, end)
-    lo = split * TOK_PER_SPLIT
-    hi = tl.minimum(lo + TOK_PER_SPLIT, total)
+    tps = TOK_PER_SPLIT
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    kn = skn
+    kd = skd
+    vn = svn
+    vd = svd
+    if TWO:
+        if sec:  # the ring: keys are slots [0, min(length, ring)), no paging, no left padding
+            end = Sk2
+            if HAS_KV_END:
+                end = tl.minimum(tl.load(KV_END + b * s_end).to(tl.int32), Sk2)
+            total = end
+            start = 0
+            tps = TOK2
+            k_base = K2 + b.to(tl.int64) * sk2b + h.to(tl.int64) * sk2h
+            v_base = V2 + b.to(tl.int64) * sv2b + h.to(tl.int64) * sv2h
+            kn = sk2n
+            kd = sk2d
+            vn = sv2n
+            vd = sv2d
+    lo = split * tps
+    hi = tl.minimum(lo + tps, total)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
@@ -84,16 +115,22 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
         t = t0 + offs_n
         ok = t < hi
         if PAGED:
-            page = tl.load(PAGES + b * spb + h * sph + (t // PAGE) * sps, mask=ok, other=0)
-            tok = page * PAGE + t % PAGE
+            if TWO:  # the ring's programs read no page table
+                hp = tl.minimum(h, Hkv - 1)  # a real row of the page table (read and discarded by the ring's)
+                pg = tl.where(sec, 0, t // PAGE)  # the ring may be wider than the page table
+                page = tl.load(PAGES + b * spb + hp * sph + pg * sps, mask=ok, other=0)
+                tok = tl.where(sec, t, page * PAGE + t % PAGE)
+            else:
+                page = tl.load(PAGES + b * spb + h * sph + (t // PAGE) * sps, mask=ok, other=0)
+                tok = page * PAGE + t % PAGE
         else:
             tok = t
         ok = ok & (tok < end)
         if HAS_KV_START:
             ok = ok & (tok >= start)
         tok = tok.to(tl.int64)
-        kt = tl.load(k_base + tok[None, :] * skn + offs_d[:, None] * skd, mask=ok[None, :], other=0.0)
-        vv = tl.load(v_base + tok[:, None] * svn + offs_dv[None, :] * svd, mask=ok[:, None], other=0.0)
+        kt = tl.load(k_base + tok[None, :] * kn + offs_d[:, None] * kd, mask=ok[None, :], other=0.0)
+        vv = tl.load(v_base + tok[:, None] * vn + offs_dv[None, :] * vd, mask=ok[:, None], other=0.0)
         if DOT_F32:
             kt = kt.to(tl.float32)
             vv = vv.to(tl.float32)
@@ -119,20 +156,28 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row = (b * Hkv + h) * G + offs_g  # without a head map: b * Hq + query head
+    row = (b * HT + hh) * G + offs_g  # without a head map: b * Hq + query head
     tl.store(OP + (row[:, None] * NS + split) * BLOCK_DV + offs_dv[None, :], o, mask=g_ok[:, None])
     tl.store(LP + row * NS + split, lse, mask=g_ok)
 
 
 @triton.jit
-def _combine_kernel(OP, LP, HEADS, OUT, LSE, soutb, southq, soutd, slb, slh, R, G, NS, RETURN_LSE: tl.constexpr,
-                    HAS_HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, DV):
-    row = tl.program_id(0)  # b * R + r, with R = (KV heads of K/V) * G rows per batch row
+def _combine_kernel(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, R, G, NS, H1,
+                    RETURN_LSE: tl.constexpr, HAS_HEADS: tl.constexpr, TWO: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, DV):
+    row = tl.program_id(0)  # b * R + r, with R = (KV heads of K/V [+ of the second source]) * G rows per batch row
     b = row // R
     r = row % R
     hq = r  # without a head map, row r is query head r
     if HAS_HEADS:
-        hq = tl.load(HEADS + r // G).to(tl.int32) * G + r % G
+        j = r // G
+        if TWO:
+            if j >= H1:
+                hq = tl.load(HEADS2 + j - H1).to(tl.int32) * G + r % G
+            else:
+                hq = tl.load(HEADS + j).to(tl.int32) * G + r % G
+        else:
+            hq = tl.load(HEADS + j).to(tl.int32) * G + r % G
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < NS
@@ -185,7 +230,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
                            softcap: float | None = None, kv_start: torch.Tensor | None = None,
                            kv_end: torch.Tensor | None = None, return_lse: bool = False, n_splits: int | None = None,
                            block_n: int | None = None, kv_heads: torch.Tensor | None = None, group: int | None = None,
-                           out: torch.Tensor | None = None):
+                           out: torch.Tensor | None = None,
+                           ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """q [B, Hq, 1, D]; k, v [B, Hkv, Sk, D] (any strides: cache views work); ``pages`` int32 [B, Hkv, n] with
     ``counts`` int32 [B, Hkv] (None: every key); ``kv_start`` / ``kv_end`` int [B] (or one value for all rows): the
     first real key (left padding) / one past the last filled slot (a static cache's length, read on the device).
@@ -195,7 +241,11 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     and ``group`` (required with it) the query heads per KV head; q is the full layer's query (Hq = group * the
     layer's KV heads) and only query heads ``kv_heads[j] * group + g`` are read and written. ``out``: a preallocated
     [B, Hq, 1, Dv] output to write into (any float dtype); heads outside the map are left untouched (without
-    ``out`` they are 0, and their lse -inf). Head ids are not range-checked (that would sync)."""
+    ``out`` they are 0, and their lse -inf). Head ids are not range-checked (that would sync).
+
+    ``ring`` (with a head map): ``(k2, v2, kv_heads2)``, a second source of other KV heads of the same layer,
+    unpaged, whose keys are slots ``[0, min(kv_end, k2.shape[2]))`` (DuoAttention's streaming heads' sink + recent
+    ring: attention is order-free), attended in the same launch and combine: one pair of launches per layer."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     if Sq != 1:
@@ -227,6 +277,20 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         raise TypeError(f"paged_decode_attention: q, k, v must share float16/bfloat16/float32, got {q.dtype}, "
                         f"{k.dtype}, {v.dtype}")
     mapped = kv_heads is not None
+    H2 = Sk2 = 0
+    if ring is not None:
+        k2, v2, heads2 = ring
+        if not mapped:
+            raise ValueError("paged_decode_attention: ring needs a head map (kv_heads, group) for both sources")
+        H2, Sk2 = k2.shape[1], k2.shape[2]
+        if (k2.shape[0] != B or k2.shape[-1] != D or tuple(v2.shape[:3]) != tuple(k2.shape[:3])
+                or v2.shape[-1] != Dv or heads2.dim() != 1 or heads2.numel() != H2):
+            raise ValueError(f"paged_decode_attention: ring k/v must be [{B}, H2, S2, {D}] / [{B}, H2, S2, {Dv}] "
+                             f"with kv_heads2 [H2], got {tuple(k2.shape)}, {tuple(v2.shape)}, "
+                             f"{tuple(heads2.shape)}")
+        if k2.dtype != q.dtype or v2.dtype != q.dtype:
+            raise TypeError("paged_decode_attention: ring k/v must have q's dtype")
+        heads2 = heads2.to(q.device).contiguous()
     if out is None:
         out = q.new_zeros(B, Hq, 1, Dv) if mapped else q.new_empty(B, Hq, 1, Dv)
     elif tuple(out.shape) != (B, Hq, 1, Dv) or out.device != q.device:
@@ -237,7 +301,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
                else torch.empty(B, Hq, 1, dtype=torch.float32, device=q.device))
     else:
         lse = out
-    rows = Hkv * G  # output rows per batch row: every query head, or the mapped heads' groups
+    HT = Hkv + H2  # program heads: K/V's, then the ring's
+    rows = HT * G  # output rows per batch row: every query head, or the mapped heads' groups
     if B * rows == 0:
         return (out, lse) if return_lse else out
     interp = _interpreting()
@@ -250,10 +315,11 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         width = Sk
     n_blocks = max(1, triton.cdiv(width, block_n))
     if n_splits is None:
-        n_splits = 4 if interp else max(1, triton.cdiv(2 * _sm_count(q.device), B * Hkv))
+        n_splits = 4 if interp else max(1, triton.cdiv(2 * _sm_count(q.device), B * HT))
     n_splits = max(1, min(n_splits, n_blocks))
     tok_per_split = triton.cdiv(n_blocks, n_splits) * block_n
     n_splits = triton.cdiv(width, tok_per_split)
+    tok2 = triton.cdiv(triton.cdiv(Sk2, block_n), n_splits) * block_n if H2 else 0  # the ring over the same splits
     part_o = torch.empty(B * rows * n_splits * Dv, dtype=torch.float32, device=q.device)
     part_l = torch.empty(B * rows * n_splits, dtype=torch.float32, device=q.device)
     s_start = s_end = 0
@@ -268,21 +334,24 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         cap_in, cap_out, qk_scale = 0.0, 0.0, scale * LOG2E
     f32 = q.dtype == torch.float32
     dummy = part_l
-    _split_kernel[(B * Hkv, n_splits)](
+    two = dict(K2=k2, V2=v2, HEADS2=heads2, strides=(*k2.stride(), *v2.stride())) if H2 else None
+    _split_kernel[(B * HT, n_splits)](
         q, k, v, pages if pages is not None else dummy, counts if counts is not None else dummy,
         kv_start if kv_start is not None else dummy, kv_end if kv_end is not None else dummy,
         kv_heads if mapped else dummy, part_o, part_l,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         *(pages.stride() if pages is not None else (0, 0, 0)), s_start, s_end,
         Hkv, G, Sk, n_splits, tok_per_split, qk_scale, cap_in, cap_out,
+        *((two["K2"], two["V2"], two["HEADS2"], *two["strides"]) if two else (dummy,) * 3 + (0,) * 8), H2, Sk2, tok2,
         PAGE=page_size if pages is not None else 1, PAGED=pages is not None, HAS_KV_START=kv_start is not None,
         HAS_KV_END=kv_end is not None, HAS_HEADS=mapped, SOFTCAP=softcap is not None, DOT_F32=interp and not f32,
         IEEE=f32 and not interp, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv,
+        TWO=bool(H2),
     )
-    _combine_kernel[(B * rows,)](part_o, part_l, kv_heads if mapped else dummy, out, lse,
-                                 out.stride(0), out.stride(1), out.stride(3),
-                                 *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)), rows, G, n_splits,
-                                 RETURN_LSE=bool(return_lse), HAS_HEADS=mapped,
+    _combine_kernel[(B * rows,)](part_o, part_l, kv_heads if mapped else dummy, two["HEADS2"] if two else dummy, out,
+                                 lse, out.stride(0), out.stride(1), out.stride(3),
+                                 *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0)), rows, G, n_splits, Hkv,
+                                 RETURN_LSE=bool(return_lse), HAS_HEADS=mapped, TWO=bool(H2),
                                  BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=Dv, DV=Dv)
     return (out, lse) if return_lse else out
 

@@ -24,7 +24,7 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SKIP,
                         REDUCE_MAX: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_HEADS: tl.constexpr,
                         DOT_F32: tl.constexpr,
                         IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HAS_SKIP: tl.constexpr):
+                        HAS_SKIP: tl.constexpr, MERGE: tl.constexpr):
     if HAS_SKIP:  # a device-side flag: LServe's static form re-scores only every few steps, in a fixed graph
         if tl.load(SKIP) != 0:
             return
@@ -69,7 +69,12 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SKIP,
     if HAS_KV_START:
         start = tl.load(KV_START + b)
         score = tl.where((offs_p + 1) * PAGE <= start, float("-inf"), score)
-    tl.store(OUT + b * sob + h * soh + offs_p * sop, score, mask=p_ok)
+    if MERGE == 1:
+        tl.store(OUT + b * sob + h * soh + offs_p * sop, score, mask=p_ok)
+    else:  # LServe: a physical page scores the max of its MERGE logical pages (no separate launch for it)
+        score = tl.max(tl.reshape(tl.where(p_ok, score, float("-inf")), (BLOCK_P // MERGE, MERGE)), axis=1)
+        offs_m = tl.program_id(1) * (BLOCK_P // MERGE) + tl.arange(0, BLOCK_P // MERGE)
+        tl.store(OUT + b * sob + h * soh + offs_m * sop, score, mask=offs_m * MERGE < P)
 
 
 # decided once, when Triton wrapped the kernel: ``type()`` of a kernel inside torch.compile's trace is an error
@@ -84,8 +89,10 @@ def _interpreting() -> bool:
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group_reduce: str = "max",
                  page_size: int = 16, kv_start: torch.Tensor | None = None, block_p: int | None = None,
                  kv_heads: torch.Tensor | None = None, group: int | None = None,
-                 skip: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any strides). Returns float32 scores [B, Hkv, P].
+                 skip: torch.Tensor | None = None, merge: int = 1) -> torch.Tensor:
+    """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any strides). Returns float32 scores [B, Hkv, P], or with
+    ``merge`` (a power of two) [B, Hkv, ceil(P / merge)]: the max over each run of ``merge`` pages (LServe's
+    physical page over its logical pages).
 
     Head map: ``kv_heads`` (int32 or int64 [Hkv], on q's device) names the layer KV head each head of the bounds
     is, ``group`` (required with it) the query heads per KV head; q is the full layer's query and only query heads
@@ -117,11 +124,13 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
             raise ValueError(f"quest_scores: group {group} does not match {Hq} query / {Hkv} KV heads")
     if D < 16 or D & (D - 1):
         raise ValueError(f"quest_scores: head_dim {D} must be a power of two >= 16")
-    out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
+    if merge < 1 or merge & (merge - 1):
+        raise ValueError(f"quest_scores: merge must be a power of two, got {merge}")
+    out = torch.empty(B, Hkv, -(-P // merge), dtype=torch.float32, device=q.device)
     if B * Hkv * P == 0:
         return out
     interp = _interpreting()
-    block_p = block_p or (32 if interp else 64)
+    block_p = max(block_p or (32 if interp else 64), merge)
     if kv_start is not None:
         kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
     q = q.to(kmin.dtype)
@@ -134,6 +143,7 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
         REDUCE_MAX=group_reduce == "max", HAS_KV_START=kv_start is not None, HAS_HEADS=kv_heads is not None,
         DOT_F32=interp and kmin.dtype != torch.float32, IEEE=kmin.dtype == torch.float32 and not interp,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D, HAS_SKIP=skip is not None,
+        MERGE=merge,
     )
     return out
 
