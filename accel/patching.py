@@ -19,6 +19,13 @@ from .spec import PolicySpec, parse_policy
 _ATTR = "_accel_patch"
 
 
+def cache_argument(kwargs: Mapping[str, Any]):
+    """The KV cache handed to an attention or model call: ``cache=`` since transformers 5.24 (renamed from
+    ``past_key_values``, kept as a deprecated alias), ``past_key_values=`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 class _PatchRecord:
     def __init__(self, original_impl: str | None, spec: PolicySpec, backend: str):
         self.original_impl = original_impl
@@ -69,7 +76,7 @@ def _position_guard(model: nn.Module):
             ids = kwargs.get("inputs_embeds")
         if ids is None:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         total = int(past) + ids.shape[1]  # a static cache's length is a tensor
         if total > limit:
@@ -93,7 +100,7 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
             # compiled / graph-captured decode over a static cache: nothing to swap (done at the eager prefill or
             # warm-up step), and the attention function takes what it needs from transformers' mask
             return None
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         state.set_cache(cache, None)
         if cache is None:
             state.past_len, state.static_cache = 0, False

@@ -90,6 +90,46 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
                              "reused": t["sdpa"][tn] / t["quest_attn_only"][tn]} for tn in timers}}
 
 
+def topk_sweep(contexts, batches, hkv, budget, page, out) -> None:
+    """Top-k page selection alone (graph-replayed median ms) over the k-ary search's cuts per pass and warps: picks
+    decode_topk.N_CUTS / _warps. Every setting is checked against the torch twin first."""
+    from triton.testing import do_bench_cudagraph
+
+    from accel.kernels import reference_decode as R
+    from accel.kernels.triton.decode_topk import select_pages
+
+    rows = []
+    for B in batches:
+        for ctx in contexts:
+            s = torch.randn(B, hkv, ctx // page, device="cuda")
+            n_keep = budget // page
+            ref = R.select_pages(s, n_keep, kv_len=ctx, page_size=page)
+            for nc in (1, 2, 4, 8, 16, 32):
+                for w in (4, 8, 16, 32):
+                    got = select_pages(s, n_keep, kv_len=ctx, page_size=page, n_cuts=nc, num_warps=w)
+                    assert torch.equal(got[0], ref[0]), (nc, w)
+                    ms = do_bench_cudagraph(lambda: select_pages(s, n_keep, kv_len=ctx, page_size=page, n_cuts=nc,
+                                                                 num_warps=w))
+                    rows.append({"batch": B, "context": ctx, "n_cuts": nc, "warps": w, "ms": ms})
+                    print(json.dumps(rows[-1]))
+    md = [f"# Top-k page selection: k-ary search sweep ({torch.cuda.get_device_name()}, {hkv} KV heads, page {page}, "
+          f"budget {budget})", "", f"`python scripts/bench_decode.py --topk-sweep --contexts "
+          f"{','.join(map(str, contexts))} --batches {','.join(map(str, batches))}`; graph-replayed median us", "",
+          "| batch | context | cuts per pass | 4 warps | 8 | 16 | 32 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for B in batches:
+        for ctx in contexts:
+            for nc in (1, 2, 4, 8, 16, 32):
+                cells = [f"{r['ms'] * 1e3:.1f}" for r in rows
+                         if (r["batch"], r["context"], r["n_cuts"]) == (B, ctx, nc)]
+                md.append(f"| {B} | {ctx} | {nc} | " + " | ".join(cells) + " |")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_decode_topk.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, "bench_decode_topk.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32768,131072")
@@ -98,10 +138,15 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--out", default="results")
+    ap.add_argument("--topk-sweep", action="store_true", help="only sweep the top-k kernel's cuts per pass / warps")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.topk_sweep:
+        topk_sweep([int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],
+                   int(args.heads.split(",")[1]), args.budget, args.page, args.out)
+        return 0
     import triton
     from triton.testing import do_bench, do_bench_cudagraph
 

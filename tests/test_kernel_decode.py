@@ -66,13 +66,14 @@ def test_quest_score_bounds_every_key():
 
 @pytest.mark.parametrize("k_pages", [1, 3, 7, 40])
 @pytest.mark.parametrize("keep_first", [False, True])
-def test_select_pages_matches_reference(k_pages, keep_first):
+@pytest.mark.parametrize("n_cuts", [1, 4, 16])
+def test_select_pages_matches_reference(k_pages, keep_first, n_cuts):
     g = torch.Generator().manual_seed(k_pages)
     s = torch.randn(2, 3, 33, generator=g)
     s[0, 0, 5:9] = 0.25  # ties
     s[1, 2, :4] = float("-inf")
     kv_len = 33 * 16 - 5
-    got = select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first)
+    got = select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first, n_cuts=n_cuts)
     ref = R.select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     if k_pages >= 2 or not keep_first:
@@ -161,15 +162,24 @@ def test_triton_backend_dense_decode_uses_split_kv(window, padded):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_search_passes_cover_every_int32_key():
+    from accel.kernels.triton.decode_topk import search_passes
+
+    assert [search_passes(n) for n in (1, 3, 15, 16)] == [32, 16, 8, 8]
+    with pytest.raises(ValueError, match="power of two"):
+        select_pages(torch.randn(1, 1, 8), 2, kv_len=128, page_size=16, n_cuts=3)
+
+
 @pytest.mark.parametrize("length", [1, 37, 130, 160])
-def test_select_pages_with_device_length(length):
+@pytest.mark.parametrize("n_cuts", [1, 16])
+def test_select_pages_with_device_length(length, n_cuts):
     """A static cache's length read on the device: pages past it (NaN scores from +-inf bounds) are never chosen and
     the rest matches the host-length selection over the filled pages."""
     g = torch.Generator().manual_seed(length)
     scores = torch.randn(2, 3, 10, generator=g)
     n_filled = -(-length // 16)
     scores[..., n_filled:] = float("nan")
-    pages, counts = select_pages(scores, 4, kv_len=torch.tensor(length), page_size=16)
+    pages, counts = select_pages(scores, 4, kv_len=torch.tensor(length), page_size=16, n_cuts=n_cuts)
     want_p, want_c = R.select_pages(scores[..., :n_filled], 4, kv_len=length, page_size=16)
     assert torch.equal(counts, want_c)
     for b in range(2):

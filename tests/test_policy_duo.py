@@ -152,3 +152,13 @@ def test_shipped_gemma3_head_map_fits_its_architecture():
     src, data = load_head_map("", cfg)
     assert src.endswith("duo_gemma3.json")
     assert len(data["gates"]) == 18 and all(len(g) == 1 for g in data["gates"])
+
+
+def test_assignment_follows_the_gate_quantile():
+    """DuoAttention's rule: heads below the ratio quantile stream, so with 3 heads at 0.5 only one does (the
+    median head keeps full attention); ratio 1 streams every head, ratio 0 none."""
+    gates = [[0.3], [0.1], [0.7]]
+    count = lambda r: sum(int(v.sum()) for v in streaming_assignment(gates, r, [0, 1, 2]).values())  # noqa: E731
+    assert streaming_assignment(gates, 0.5, [0, 1, 2])[1].tolist() == [True]
+    assert [count(r) for r in (0.0, 0.5, 0.75, 1.0)] == [0, 1, 2, 3]
+    assert count(0.5) == 1 and not streaming_assignment(gates, 0.5, [0, 2])[1].any()  # layer 1 not a candidate

@@ -54,11 +54,16 @@ def load_head_map(name: str, config=None) -> tuple[str, dict]:
 
 
 def streaming_assignment(gates: list[list[float]], ratio: float, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Bool [Hkv] per layer: the ``ratio`` share of KV heads (over ``layers``) with the lowest gates stream."""
-    cand = [(gates[i][h], i, h) for i in layers for h in range(len(gates[i]))]
-    n_stream = int(round(ratio * len(cand)))
+    """Bool [Hkv] per layer: the KV heads (over ``layers``) whose gate lies below the ``ratio`` quantile of the
+    gates stream, as in DuoAttention's code (``np.quantile``, linear interpolation; heads at the quantile keep full
+    attention). With few heads this rounds down: 1 of 3 streams at 0.5, not 2. ``ratio=1`` streams every head."""
+    cand = sorted((gates[i][h], i, h) for i in layers for h in range(len(gates[i])))
     out = {i: torch.zeros(len(gates[i]), dtype=torch.bool) for i in range(len(gates))}
-    for _, i, h in sorted(cand)[:n_stream]:
+    if not cand:
+        return out
+    vals = torch.tensor([c[0] for c in cand], dtype=torch.float64)
+    n_stream = len(cand) if ratio >= 1.0 else int((vals < torch.quantile(vals, ratio)).sum())
+    for _, i, h in cand[:n_stream]:
         out[i][h] = True
     return out
 
@@ -69,9 +74,9 @@ class DuoPolicy(Policy):
     only an attention sink and the recent tokens, in prefill and decode.
 
     Which KV heads stream comes from a head map: per-head gate values from scripts/calibrate_duo.py (the gate
-    optimisation of the paper on synthetic passkey data, weights frozen); the ``ratio`` share of heads with the
-    lowest gates stream. The streaming heads' cache (DuoSplitLayer) holds ``sink + recent - 1`` tokens, so their
-    KV memory is constant. Sliding-window layers keep the model's own window. ``ratio=0`` is dense."""
+    optimisation of the paper on synthetic passkey data, weights frozen); heads whose gate lies below the
+    ``ratio`` quantile of all gates stream (the paper's rule). The streaming heads' cache (DuoSplitLayer) holds
+    ``sink + recent - 1`` tokens, so their KV memory is constant. Sliding-window layers keep the model's own window. ``ratio=0`` is dense."""
 
     name = "duo"
     phases = ("prefill", "decode")

@@ -19,7 +19,7 @@ MAX_PAGES = 65536  # one row per program; beyond this the selection runs through
 @triton.jit
 def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
                    LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
-                   HAS_SKIP: tl.constexpr):
+                   HAS_SKIP: tl.constexpr, NC: tl.constexpr, PASSES: tl.constexpr):
     if HAS_SKIP:  # a device-side flag: keep the previous selection (LServe's reuse in a fixed graph)
         if tl.load(SKIP) != 0:
             return
@@ -42,14 +42,19 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
     key = tl.where(ok, key, -2147483647 - 1)  # INT32_MIN: below every non-NaN score; never selected (lo >= min)
     lo = tl.min(tl.where(ok, key, 2147483647), axis=0).to(tl.int64)  # scalars in int64: hi - lo may pass 2^31
     hi = tl.max(key, axis=0).to(tl.int64)
-    # largest t with count(key >= t) >= K: the K-th largest key. (A four-pass radix select on tl.histogram was
-    # measured slower on the H200: 29 / 56 us against 20 / 41 us for 8K / 16K-wide rows.)
-    for _ in range(33):
-        mid = lo + (hi - lo + 1) // 2
-        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-        take = c >= K
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
+    # largest t with count(key >= t) >= K: the K-th largest key. Invariant: count(key >= lo) >= K and
+    # count(key > hi) < K. Each pass counts the keys above NC evenly spaced cuts at once (one cross-warp reduction
+    # of NC counts), shrinking [lo, hi] by NC + 1: NC = 1 is plain bisection (33 passes); NC = 16 takes 8. (A
+    # four-pass radix select on tl.histogram was measured slower on the H200: 29 / 56 us against 20 / 41 us for
+    # bisection over 8K / 16K-wide rows.)
+    j = tl.arange(1, NC + 1).to(tl.int64)
+    for _ in range(PASSES):
+        cuts = lo + ((hi - lo + 1) * j) // (NC + 1)  # nondecreasing, in (lo, hi]; degenerate once hi == lo
+        c = tl.sum((key[:, None] >= cuts[None, :].to(tl.int32)).to(tl.int32), axis=0)  # [NC]
+        take = (c >= K) & (cuts > lo)
+        new_lo = tl.max(tl.where(take, cuts, lo), axis=0)
+        hi = tl.min(tl.where((c < K) & (cuts > lo), cuts - 1, hi), axis=0)
+        lo = new_lo
     lo = lo.to(tl.int32)
     gt = key > lo
     need = K - tl.sum(gt.to(tl.int32), axis=0)
@@ -62,6 +67,18 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
     tl.store(COUNTS + pid, tl.sum(sel_i, axis=0))
 
 
+N_CUTS = 1  # cuts per pass of the k-ary search (see _select_kernel); chosen by scripts/bench_decode.py --topk-sweep
+
+
+def search_passes(n_cuts: int) -> int:
+    """Passes of an (n_cuts + 1)-ary search that always narrow an interval of 2^32 int32 keys to one value."""
+    passes, width = 0, 2**32
+    while width > 1:
+        width = -(-width // (n_cuts + 1))  # the widest of the n_cuts + 1 pieces
+        passes += 1
+    return passes
+
+
 def _warps(block_p: int) -> int:
     """About 32 keys per thread (H200, 128K context: 8 warps best for 8K pages, 16 for 16K)."""
     return max(4, min(16, block_p // 1024))
@@ -69,7 +86,7 @@ def _warps(block_p: int) -> int:
 
 def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, page_size: int,
                  keep_first: bool = False, num_warps: int | None = None, skip: torch.Tensor | None = None,
-                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 n_cuts: int | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
     ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
     and ``counts`` is below ``k`` when fewer pages are filled. ``out``: (pages, counts) buffers to write into
@@ -93,10 +110,14 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
         counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
     length = kv_len.to(device=scores.device, dtype=torch.int32).reshape(1) if on_device else counts
     block_p = max(16, triton.next_power_of_2(P))
+    nc = n_cuts or N_CUTS
+    if nc & (nc - 1):
+        raise ValueError(f"select_pages: n_cuts must be a power of two, got {nc}")
     _select_kernel[(B * H,)](scores, pages, counts, length, skip if skip is not None else counts, *scores.stride(),
                              *pages.stride(), H, P, k,
                              0 if on_device else (kv_len - 1) // page_size, page_size, LEN_ON_DEVICE=on_device,
                              KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, HAS_SKIP=skip is not None,
+                             NC=nc, PASSES=search_passes(nc),
                              num_warps=num_warps or _warps(block_p))
     return pages, counts
 
