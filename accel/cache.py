@@ -279,6 +279,7 @@ class PagedStaticLayer(StaticLayer):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype  # transformers >= 5.24's StaticLayer no longer records it
         self.kmin, self.kmax = _empty_bounds(self, self.num_heads)
 
     def update(self, key_states, value_states, *args, **kwargs):
