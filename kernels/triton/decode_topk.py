@@ -67,7 +67,10 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
     tl.store(COUNTS + pid, tl.sum(sel_i, axis=0))
 
 
-N_CUTS = 1  # cuts per pass of the k-ary search (see _select_kernel); chosen by scripts/bench_decode.py --topk-sweep
+# Cuts per pass of the k-ary search (see _select_kernel). Bisection stays the default: on the H200
+# (results/bench_decode_topk.md) more cuts per pass cost more in the [BLOCK_P, NC] compare tile than the passes they
+# save: 8K-page rows (128K context) take 18.9 us with 1 cut, 22.1 with 4, 30.3 with 8, 122.9+ with 16 (best warps).
+N_CUTS = 1
 
 
 def search_passes(n_cuts: int) -> int:
