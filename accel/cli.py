@@ -237,8 +237,14 @@ def generate_timed(model, input_ids, max_new_tokens: int, tokenizer, cache: str 
         "total_s": total,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
-        "kv_cache_bytes": kv_cache_bytes(out.past_key_values),
+        "kv_cache_bytes": kv_cache_bytes(_output_cache(out)),
     }
+
+
+def _output_cache(out):
+    """generate's cache: ``out.cache`` since transformers 5.24 (``past_key_values`` is a deprecated alias there)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _cache_kwargs(cache: str) -> dict[str, Any]:
