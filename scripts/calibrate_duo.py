@@ -31,19 +31,36 @@ def _gated_attention_fn(gates: dict[int, torch.Tensor], sink: int, recent: int):
     def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, sliding_window=None,
            **kwargs):
         S, hq, hkv = query.shape[2], query.shape[1], key.shape[1]
+        if sliding_window is not None:
+            # the model's own sliding layers are not calibrated, but must keep their window: plain causal attention
+            # there (past the window, 512 tokens on Gemma-3) moves every hidden state away from the targets by an
+            # amount no gate can undo, and that error then steers the gates of the global layers
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            extra = {"softcap": softcap} if softcap is not None else {}
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                          sliding_window=sliding_window, **extra, **kwargs)
         full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=hq != hkv)
         if S not in masks:
             pos = torch.arange(S, device=query.device)
             d = pos[:, None] - pos[None, :]
             masks[S] = (d >= 0) & ((d < recent) | (pos[None, :] < sink))
-        if sliding_window is not None:  # the model's own sliding layers are not calibrated
-            return full.transpose(1, 2), None
         stream = F.scaled_dot_product_attention(query, key, value, attn_mask=masks[S], scale=scaling,
                                                 enable_gqa=hq != hkv)
         a = gates[module.layer_idx].repeat_interleave(hq // hkv)[None, :, None, None]
         return (a * full + (1 - a) * stream).transpose(1, 2), None
 
     return fn
+
+
+def register(name: str, gates: dict[int, torch.Tensor], sink: int, recent: int) -> None:
+    """Register the gated attention under ``name``, with transformers' SDPA masks: a custom attention name gets no
+    mask otherwise, and the sliding-window layers need theirs."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, _gated_attention_fn(gates, sink, recent))
+    AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def samples(tokenizer, n: int, length: int, seed: int):
@@ -60,13 +77,11 @@ def samples(tokenizer, n: int, length: int, seed: int):
 
 def calibrate(model, tokenizer, *, steps: int, n_samples: int, length: int, sink: int, recent: int, lr: float,
               reg: float, seed: int, log=print) -> list[list[float]]:
-    from transformers import AttentionInterface
-
     cfg = getattr(model.config, "text_config", None) or model.config
     for p in model.parameters():
         p.requires_grad_(False)
     gates = {i: torch.ones(cfg.num_key_value_heads, requires_grad=True) for i in range(cfg.num_hidden_layers)}
-    AttentionInterface.register("duo_calib", _gated_attention_fn(gates, sink, recent))
+    register("duo_calib", gates, sink, recent)
     data = samples(tokenizer, n_samples, length, seed)
     original = model.config._attn_implementation
     targets = []

@@ -162,3 +162,30 @@ def test_assignment_follows_the_gate_quantile():
     assert streaming_assignment(gates, 0.5, [0, 1, 2])[1].tolist() == [True]
     assert [count(r) for r in (0.0, 0.5, 0.75, 1.0)] == [0, 1, 2, 3]
     assert count(0.5) == 1 and not streaming_assignment(gates, 0.5, [0, 2])[1].any()  # layer 1 not a candidate
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_calibration_gates_at_one_reproduce_the_model(family):
+    """scripts/calibrate_duo.py's gated attention with every gate at 1 is the model itself, also on models with
+    sliding-window layers and a sequence longer than their window (24 here): those layers keep their window."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "calibrate_duo.py"
+    spec = importlib.util.spec_from_file_location("calibrate_duo", path)
+    calib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calib)
+    model = tiny_model(family)
+    cfg = model.config
+    gates = {i: torch.ones(cfg.num_key_value_heads) for i in range(cfg.num_hidden_layers)}
+    calib.register("duo_calib_test", gates, sink=2, recent=4)
+    x = ids(length=60)
+    with torch.no_grad():
+        want = model(x).logits
+        model.set_attn_implementation("duo_calib_test")
+        got = model(x).logits
+        for g in gates.values():
+            g.zero_()
+        streamed = model(x).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(streamed, want, atol=1e-3)  # gates at 0 do stream the global layers
