@@ -76,7 +76,8 @@ class DuoPolicy(Policy):
     Which KV heads stream comes from a head map: per-head gate values from scripts/calibrate_duo.py (the gate
     optimisation of the paper on synthetic passkey data, weights frozen); heads whose gate lies below the
     ``ratio`` quantile of all gates stream (the paper's rule). The streaming heads' cache (DuoSplitLayer) holds
-    ``sink + recent - 1`` tokens, so their KV memory is constant. Sliding-window layers keep the model's own window. ``ratio=0`` is dense."""
+    ``sink + recent - 1`` tokens, so their KV memory is constant. Sliding-window layers keep the model's own
+    window. ``ratio=0`` is dense."""
 
     name = "duo"
     phases = ("prefill", "decode")

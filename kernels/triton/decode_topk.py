@@ -44,9 +44,9 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
     hi = tl.max(key, axis=0).to(tl.int64)
     # largest t with count(key >= t) >= K: the K-th largest key. Invariant: count(key >= lo) >= K and
     # count(key > hi) < K. Each pass counts the keys above NC evenly spaced cuts at once (one cross-warp reduction
-    # of NC counts), shrinking [lo, hi] by NC + 1: NC = 1 is plain bisection (33 passes); NC = 16 takes 8. (A
-    # four-pass radix select on tl.histogram was measured slower on the H200: 29 / 56 us against 20 / 41 us for
-    # bisection over 8K / 16K-wide rows.)
+    # of NC counts), shrinking [lo, hi] by NC + 1: NC = 1 is plain bisection (32 passes, search_passes); NC = 16
+    # takes 8. (A four-pass radix select on tl.histogram was measured slower on the H200: 29 / 56 us against
+    # 20 / 41 us for bisection over 8K / 16K-wide rows.)
     j = tl.arange(1, NC + 1).to(tl.int64)
     for _ in range(PASSES):
         cuts = lo + ((hi - lo + 1) * j) // (NC + 1)  # nondecreasing, in (lo, hi]; degenerate once hi == lo
@@ -89,10 +89,12 @@ def _warps(block_p: int) -> int:
 
 def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, page_size: int,
                  keep_first: bool = False, num_warps: int | None = None, skip: torch.Tensor | None = None,
-                 n_cuts: int | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 n_cuts: int | None = None,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
     ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
-    and ``counts`` is below ``k`` when fewer pages are filled. ``out``: (pages, counts) buffers to write into
+    and ``counts`` is below ``k`` when fewer pages are filled. ``n_cuts``: cuts per search pass (power of two;
+    default N_CUTS). ``out``: (pages, counts) buffers to write into
     (pages may be wider than ``k``); ``skip``: a device-side int32 flag, nonzero = leave them as they are."""
     B, H, P = scores.shape
     k = min(int(k), P)
