@@ -130,6 +130,75 @@ def topk_sweep(contexts, batches, hkv, budget, page, out) -> None:
     print("\n".join(md))
 
 
+def split_sweep(batches, hkv, budget, out) -> None:
+    """The split-KV attention alone (graph-replayed median us) over splits, warps and stages, for the three decode
+    shapes of a 128K step: dense (every key), Quest (``budget`` tokens in pages of 16) and LServe (half of the KV
+    heads over ``budget`` tokens in pages of 64 plus one spare, the other half over a 320-slot ring, one launch).
+    Picks the split heuristic of decode_attention.py. Each setting is checked against the auto setting first."""
+    from triton.testing import do_bench_cudagraph
+
+    from accel.kernels.triton.decode_attention import paged_decode_attention
+
+    ctx, d, G = 131072, 128, 4
+    rows = []
+    for B in batches:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        k = torch.randn(B, hkv, ctx, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn_like(k)
+        q = torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        end = torch.tensor(ctx, device="cuda")
+        hr = hkv // 2
+        ring_k = torch.randn(B, hkv - hr, 320, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        ring_v = torch.randn_like(ring_k)
+        heads_r = torch.arange(hr, device="cuda", dtype=torch.int32)
+        heads_s = torch.arange(hr, hkv, device="cuda", dtype=torch.int32)
+        n16, n64 = budget // 16, budget // 64 + 1
+        p16 = torch.stack([torch.randperm(ctx // 16, device="cuda")[:n16].sort().values for _ in range(B * hkv)])
+        p64 = torch.stack([torch.randperm(ctx // 64, device="cuda")[:n64].sort().values for _ in range(B * hr)])
+        p16 = p16.view(B, hkv, n16).to(torch.int32)
+        p64 = p64.view(B, hr, n64).to(torch.int32)
+        c16 = torch.full((B, hkv), n16, device="cuda", dtype=torch.int32)
+        c64 = torch.full((B, hr), n64, device="cuda", dtype=torch.int32)
+        o = torch.empty_like(q)
+        cases = {
+            "dense": lambda **kw: paged_decode_attention(q, k, v, kv_end=end, **kw),
+            "quest": lambda **kw: paged_decode_attention(q, k, v, p16, c16, 16, kv_end=end, **kw),
+            "lserve": lambda **kw: paged_decode_attention(q, k[:, :hr], v[:, :hr], p64, c64, 64, kv_end=end,
+                                                          kv_heads=heads_r,
+                                                          group=G, out=o, ring=(ring_k, ring_v, heads_s), **kw),
+        }
+        for name, fn in cases.items():
+            ref = fn().clone()
+            for ns in (None, 4, 8, 16, 32, 64, 128):
+                for w in (4, 8):
+                    for st in (2, 3, 4):
+                        kw = dict(n_splits=ns, num_warps=w, num_stages=st)
+                        torch.testing.assert_close(fn(**kw), ref, atol=2e-2, rtol=2e-2)
+                        ms = do_bench_cudagraph(lambda: fn(**kw))
+                        rows.append({"batch": B, "case": name, "n_splits": ns or "auto", "warps": w, "stages": st,
+                                     "us": ms * 1e3})
+                        print(json.dumps(rows[-1]), flush=True)
+    md = [f"# Split-KV decode attention: splits / warps / stages sweep ({torch.cuda.get_device_name()}, 128K, "
+          f"{hkv * G}/{hkv}/{d}, budget {budget})", "",
+          f"`python scripts/bench_decode.py --split-sweep --batches {','.join(map(str, batches))}`; graph-replayed "
+          "median us; lserve = half the KV heads over the selected 64-token pages + the other half over a 320-slot "
+          "ring in one launch", "", "| batch | case | splits | warps | stages 2 | 3 | 4 |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for B in batches:
+        for name in ("dense", "quest", "lserve"):
+            for ns in ("auto", 4, 8, 16, 32, 64, 128):
+                for w in (4, 8):
+                    cells = [f"{r['us']:.1f}" for r in rows if (r["batch"], r["case"], r["n_splits"], r["warps"])
+                             == (B, name, ns, w)]
+                    md.append(f"| {B} | {name} | {ns} | {w} | " + " | ".join(cells) + " |")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_decode_splits.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, "bench_decode_splits.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32768,131072")
@@ -139,10 +208,14 @@ def main(argv=None) -> int:
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--out", default="results")
     ap.add_argument("--topk-sweep", action="store_true", help="only sweep the top-k kernel's cuts per pass / warps")
+    ap.add_argument("--split-sweep", action="store_true", help="only sweep the split-KV kernel's splits / warps")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.split_sweep:
+        split_sweep([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
+        return 0
     if args.topk_sweep:
         topk_sweep([int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],
                    int(args.heads.split(",")[1]), args.budget, args.page, args.out)

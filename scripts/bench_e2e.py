@@ -280,6 +280,8 @@ def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
                     row["needle_found"] = all(o in text for o in prompt_info["outputs"])
             row["kv_cache_bytes"] = accel.cache_bytes(cache)
             del out, cache
+        if args.static_decode and patched:
+            row.update(static_decode(model, ids, args))
         if args.profile:  # one more prefill under the torch profiler: where the time goes, by op
             row["profile"] = profile_prefill(model, ids, f"{args.out_path}_profile_{run.replace('+', '_')}.txt")
         row["ttft_s"] = statistics.median(times)
@@ -309,6 +311,36 @@ def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
         torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
     return row
+
+
+def static_decode(model, ids, args) -> dict:
+    """The run's own prefill of ``ids`` repeated ``--decode-batch`` times into a transformers StaticCache (eager, one
+    forward, or chunks of ``--prefill-chunk`` tokens per row for the policies that allow chunked prefill over a
+    static cache: not duo / lserve), then ``--static-decode`` compiled greedy steps (bench_utils.compiled_decode). Returns the step time, tokens/s,
+    compile time and the static cache's bytes, prefixed ``static_``."""
+    from transformers import StaticCache
+
+    from bench_utils import compiled_decode
+
+    B, S = args.decode_batch, ids.shape[1]
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    cache = StaticCache(config=model.config, max_cache_len=S + args.static_decode + 16)
+    x = ids.expand(B, -1)
+    with torch.no_grad():
+        t = time.perf_counter()
+        chunk = args.prefill_chunk or S
+        for lo in range(0, S, chunk):
+            out = model(x[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        _sync()
+        prefill_s = time.perf_counter() - t
+    r = compiled_decode(model, cache, out.logits[:, -1:].argmax(-1), args.static_decode)
+    res = {f"static_{k}": v for k, v in r.items()}
+    res.update(static_batch=B, static_prefill_s=prefill_s, static_kv_cache_bytes=accel.cache_bytes(cache))
+    del cache, out
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return res
 
 
 def profile_prefill(model, ids, path: str, top: int = 25) -> dict:
@@ -405,6 +437,23 @@ def write(results, out):
                 found = r.get("needle_found")
                 line += f" {'—' if found is None else ('yes' if found else 'no')} |"
             lines.append(line)
+    static = [r for r in results["rows"] if "static_tok_s" in r]
+    if static:
+        chunk = m.get("prefill_chunk")
+        how = f"in chunks of {chunk} tokens" if chunk else "in one forward"
+        lines += ["", f"Compiled decode over a static cache (`--static-decode {m.get('static_decode')}`): the run's own "
+                  f"prefill of the prompt repeated to batch {static[0]['static_batch']} ({how}), then "
+                  "torch.compile(mode=\"reduce-overhead\") greedy steps; speedup against accel `dense` (dense prefill "
+                  "and decode) of the same run (transformers' own sdpa static decode repeats K/V per step: "
+                  "results/bench_static_decode.md)", "",
+                  "| context | run | batch | step ms | tokens/s | vs dense | KV GiB | compile s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in static:
+            base = next((b for b in static if b["run"] == "dense" and b["context"] == r["context"]), None)
+            ratio = f"{r['static_tok_s'] / base['static_tok_s']:.2f}x" if base else "—"
+            lines.append(f"| {r['context'] // 1024}K | {r['run']} | {r['static_batch']} | {r['static_step_ms']:.2f} | "
+                         f"{r['static_tok_s']:.1f} | {ratio} | {r['static_kv_cache_bytes'] / 2**30:.2f} | "
+                         f"{r['static_compile_s']:.0f} |")
     notes = [f"- {r['context'] // 1024}K {r['run']}: backends {r.get('backends')}" for r in results["rows"]
              if r.get("backends")]
     if notes:
@@ -430,6 +479,14 @@ def main(argv=None):
                          "accel policy specs")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--decode", type=int, default=0, help="greedy decode steps after the prefill (tokens/s)")
+    ap.add_argument("--static-decode", type=int, default=0,
+                    help="accel runs: also time this many greedy steps compiled over a transformers StaticCache "
+                         "(torch.compile reduce-overhead) after the run's own prefill of the prompt")
+    ap.add_argument("--decode-batch", type=int, default=1, help="rows of the --static-decode batch (the prompt "
+                    "repeated)")
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="tokens per row per forward of the --static-decode prefill (0: the whole prompt at once; "
+                         "duo and lserve take one prefill over a static cache)")
     ap.add_argument("--no-density", dest="density", action="store_false",
                     help="skip the extra untimed prefill that measures density and recall of accel runs")
     ap.add_argument("--weights", choices=("random", "real"), default="random",
@@ -486,7 +543,8 @@ def main(argv=None):
             "gpus": args.gpus, "repeats": args.repeats,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
-            "weights": args.weights, "attention": args.attention, "load_s": round(load_s, 1)}
+            "weights": args.weights, "attention": args.attention, "load_s": round(load_s, 1),
+            "static_decode": args.static_decode, "prefill_chunk": args.prefill_chunk}
     if args.attention == "planted":
         meta["weights_note"] = ("random weights with planted attention structure (scripts/planted_attention.py: a sink "
                                 "at position 0, 15 heavy tokens, RoPE locality; q/k/v/o biases on); density and "

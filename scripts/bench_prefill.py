@@ -93,6 +93,8 @@ def run_context(args, S: int, policies, device) -> dict:
             row["density"] = density(layout, S)
             row["recall"] = float(layout_recall(layout, q, k, scale=scale))
             row["plan_ms"] = bench(lambda: pol.plan(q, k, ctx), rep=50)
+            if args.profile_plan:
+                row["plan_profile"] = profile_plan(lambda: pol.plan(q, k, ctx), f"{args.out}_plan_{label}_{S // 1024}k")
             times = {}
             for bname in ("triton", "flash"):
                 b = get_backend(bname)
@@ -119,6 +121,26 @@ def run_context(args, S: int, policies, device) -> dict:
         print(S, json.dumps(row), flush=True)
     res["reference_dense_ms"] = ref_dense
     return res
+
+
+def profile_plan(fn, path: str, n: int = 5) -> str:
+    """Kernel table (device time per plan, top rows) of ``n`` plans, written to ``path``.txt; returns the path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    total = sum(e.self_device_time_total for e in ev) / n / 1e3
+    text = (f"# {os.path.basename(path)}: {n} plans, {total:.3f} ms of device time per plan\n"
+            + ev.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=80))
+    print(text, flush=True)
+    with open(path + ".txt", "w") as f:
+        f.write(text)
+    return path + ".txt"
 
 
 def _f(x, nd=2):
@@ -165,6 +187,7 @@ def main(argv=None):
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--out", default="results/bench_prefill")
+    ap.add_argument("--profile-plan", action="store_true", help="also write each plan's kernel table (torch profiler)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_prefill needs a CUDA GPU")

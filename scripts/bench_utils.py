@@ -45,3 +45,34 @@ def meta_lines(m: dict) -> list[str]:
     """The markdown header bullets every results file carries: command, device and date, versions."""
     return [f"- command: `{m['command']}`", f"- device: {m['device']}; date: {m['date']}; wall {m.get('wall_s', 0):.0f} s",
             f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}"]
+
+
+def compiled_decode(model, cache, tok, steps: int) -> dict:
+    """Greedy decode over a static ``cache`` with the step compiled by ``torch.compile(mode="reduce-overhead",
+    fullgraph=True)`` (what ``generate`` does with a static cache on a GPU): two eager steps (the policy's hooks
+    install their layers, kernels compile), three compiled warm-ups (compilation and CUDA-graph capture, timed as
+    ``compile_s``), two replays, then ``steps`` timed replays each feeding its greedy token back. ``tok`` [B, 1]."""
+    import time
+
+    import torch
+
+    kw = dict(past_key_values=cache, use_cache=True, logits_to_keep=1)
+    with torch.no_grad():
+        for _ in range(2):
+            tok = model(tok, **kw).logits.argmax(-1)
+        torch.cuda.synchronize()
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            tok = compiled(tok, **kw).logits.argmax(-1).clone()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        for _ in range(2):
+            tok = compiled(tok, **kw).logits.argmax(-1).clone()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = compiled(tok, **kw).logits.argmax(-1).clone()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+    return {"step_ms": dt / steps * 1e3, "tok_s": tok.shape[0] * steps / dt, "compile_s": compile_s}

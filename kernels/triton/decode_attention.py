@@ -231,7 +231,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
                            kv_end: torch.Tensor | None = None, return_lse: bool = False, n_splits: int | None = None,
                            block_n: int | None = None, kv_heads: torch.Tensor | None = None, group: int | None = None,
                            out: torch.Tensor | None = None,
-                           ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                           ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None):
     """q [B, Hq, 1, D]; k, v [B, Hkv, Sk, D] (any strides: cache views work); ``pages`` int32 [B, Hkv, n] with
     ``counts`` int32 [B, Hkv] (None: every key); ``kv_start`` / ``kv_end`` int [B] (or one value for all rows): the
     first real key (left padding) / one past the last filled slot (a static cache's length, read on the device).
@@ -348,7 +349,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         PAGE=page_size if pages is not None else 1, PAGED=pages is not None, HAS_KV_START=kv_start is not None,
         HAS_KV_END=kv_end is not None, HAS_HEADS=mapped, SOFTCAP=softcap is not None, DOT_F32=interp and not f32,
         IEEE=f32 and not interp, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv,
-        TWO=bool(H2),
+        TWO=bool(H2), **({"num_warps": num_warps} if num_warps else {}),
+        **({"num_stages": num_stages} if num_stages else {}),
     )
     _combine_kernel[(B * rows,)](part_o, part_l, kv_heads if mapped else dummy, two["HEADS2"] if two else dummy, out,
                                  lse, out.stride(0), out.stride(1), out.stride(3),
