@@ -114,3 +114,30 @@ def test_longbench_task_in_grid(capsys, tiny_dir, tmp_path):
     assert code == 0, err
     cell = json.loads((out / "eval.json").read_text())["cells"][0]
     assert cell["task"] == "longbench:hotpotqa" and cell["n"] == 2
+
+
+def test_recalibrated_head_map_is_not_reused(capsys, tiny_dir, tmp_path):
+    """A duo cell's key carries the digest of the head map's gates: after a recalibration (same path, new gates)
+    its cells are recomputed, not silently reused."""
+    from accel.policies.duo import model_signature
+
+    cfg = transformers.AutoConfig.from_pretrained(tiny_dir)
+    path = tmp_path / "map.json"
+
+    def write_map(gates):
+        path.write_text(json.dumps({"format": "accel-duo-headmap/1", "model": model_signature(cfg),
+                                    "gates": gates}))
+
+    out = tmp_path / "ev"
+    argv = ["--model", str(tiny_dir), "--out", str(out), "--policy", f"duo:duo_map={path},sink=4,recent=32",
+            "--lengths", "300", "--tasks", "niah_single", "--samples", "1", "--max-new-tokens", "2", "--backend",
+            "reference", "--device", "cpu", "--quiet", "--no-plots"]
+    write_map([[0.9, 0.1], [0.8, 0.2]])
+    assert _run(capsys, argv)[0] == 0
+    assert json.loads((out / "eval.json").read_text())["meta"]["cells_computed"] == 1
+    assert _run(capsys, argv)[0] == 0  # same map: reused
+    assert json.loads((out / "eval.json").read_text())["meta"]["cells_reused"] == 1
+    write_map([[0.1, 0.9], [0.2, 0.8]])  # recalibrated: the other heads stream
+    assert _run(capsys, argv)[0] == 0
+    meta = json.loads((out / "eval.json").read_text())["meta"]
+    assert meta["cells_computed"] == 1 and meta["cells_recomputed"]

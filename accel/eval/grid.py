@@ -193,7 +193,7 @@ def run_grid(model, tokenizer, cfg: GridConfig, out_dir: Path, quiet: bool = Fal
     todo: list[tuple[Cell, dict]] = []
     recomputed: list[str] = []
     for c in cells:
-        key = _cell_key(c, cfg)
+        key = _cell_key(c, cfg, model)
         path = cells_dir / c.filename()
         if path.exists():
             try:
@@ -246,11 +246,29 @@ def run_grid(model, tokenizer, cfg: GridConfig, out_dir: Path, quiet: bool = Fal
     return {"cells": ordered, "reused": len(cells) - len(todo), "computed": len(todo), "recomputed": recomputed}
 
 
-def _cell_key(c: Cell, cfg: GridConfig) -> dict:
-    return {"model": cfg.model_name, "task": c.task, "policy": c.policy.label, "policy_name": c.policy.policy,
-            "options": c.policy.options, "length": c.length, "samples": cfg.samples, "seed": cfg.seed,
-            "depths": list(cfg.depths) if cfg.depths else None, "backend": cfg.backend,
-            "max_new_tokens": cfg.max_new_tokens}
+def _cell_key(c: Cell, cfg: GridConfig, model=None) -> dict:
+    key = {"model": cfg.model_name, "task": c.task, "policy": c.policy.label, "policy_name": c.policy.policy,
+           "options": c.policy.options, "length": c.length, "samples": cfg.samples, "seed": cfg.seed,
+           "depths": list(cfg.depths) if cfg.depths else None, "backend": cfg.backend,
+           "max_new_tokens": cfg.max_new_tokens}
+    digest = _head_map_digest(c.policy, model)
+    if digest is not None:  # a recalibrated head map is another setting: its cells are not reused
+        key["head_map"] = digest
+    return key
+
+
+def _head_map_digest(entry: PolicyEntry, model) -> str | None:
+    """sha256 of the DuoAttention gates a duo / lserve entry reads (its ``duo_map`` or the shipped map that fits
+    ``model``); None for other policies, or when no map resolves (patching then raises the error)."""
+    if model is None or not {"duo", "lserve"} & set(entry.policy.split("+")):
+        return None
+    from accel.policies.duo import load_head_map
+
+    try:
+        _, data = load_head_map(str(entry.options.get("duo_map", "")), model.config)
+    except (ValueError, OSError):
+        return None
+    return _digest(data.get("gates"))
 
 
 def summarize(cells: list[dict], policies: list[str], lengths: list[int], tasks: list[str]) -> str:
