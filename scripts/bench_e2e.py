@@ -556,8 +556,9 @@ def main(argv=None):
                                 f"with the shipped head map configs/duo_{args.model}.json")
     results = {"meta": meta, "rows": []}
     for S in args.contexts:
-        if S + args.decode + 1 > cfg.max_position_embeddings:  # the prompt and the decoded tokens must fit
-            S = cfg.max_position_embeddings - args.decode - 1
+        extra = max(args.decode, args.static_decode + 8 if args.static_decode else 0)  # + compiled warm-up steps
+        if S + extra + 1 > cfg.max_position_embeddings:  # the prompt and the decoded tokens must fit
+            S = cfg.max_position_embeddings - extra - 1
             print(f"context {S}: the model's limit ({cfg.max_position_embeddings}) less the decoded tokens", flush=True)
         info = None
         if args.weights == "real":
