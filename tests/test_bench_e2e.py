@@ -44,3 +44,41 @@ def test_profile_prefill_traces_accel_attention_and_restores_it(tmp_path):
     assert {"accel_attention_ms", "linear_ms", "transformers_other_ms"} <= set(out)
     assert (tmp_path / "p.txt").read_text().startswith("GPU time")
     assert ALL_ATTENTION_FUNCTIONS[IMPL_NAME] is accel_attention  # the tracing wrapper is gone again
+
+
+def test_static_decode_after_the_runs_own_prefill(tmp_path, monkeypatch):
+    """--static-decode on a tiny Llama on the CPU (CUDA syncs stubbed): the composition prefills into a StaticCache
+    with its own policy, its compiled steps run, its cache (streaming heads in a ring) is smaller than dense's, and
+    the markdown gets the decode table with the ratio against `dense`."""
+    import argparse
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import accel
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(bench_e2e, "_sync", lambda: None)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (1, 1024))
+    args = argparse.Namespace(decode_batch=2, static_decode=3, prefill_chunk=0)
+    rows = []
+    for run in ("dense", "flexprefill+lserve"):
+        extra = {"duo_map": bench_e2e.speed_head_map(model, str(tmp_path / "duo.json"))} if "lserve" in run else {}
+        accel.patch(model, run, **extra)
+        try:
+            rows.append({"run": run, "context": 1024, "ttft_s": 1.0, "peak_gib": 0.0,
+                         **bench_e2e.static_decode(model, ids, args)})
+        finally:
+            accel.unpatch(model)
+    dense, comp = rows
+    assert dense["static_tok_s"] > 0 and comp["static_tok_s"] > 0 and comp["static_batch"] == 2
+    assert comp["static_kv_cache_bytes"] < dense["static_kv_cache_bytes"]
+    meta = {"model": "tiny", "shape": "2 layers", "command": "x", "device": "cpu", "date": "d", "versions": {},
+            "repeats": 1, "static_decode": 3, "prefill_chunk": 0}
+    bench_e2e.write({"meta": meta, "rows": rows}, str(tmp_path / "out"))
+    md = (tmp_path / "out.md").read_text()
+    assert "| 1K | dense | 2 |" in md and "| 1K | flexprefill+lserve | 2 |" in md and "1.00x" in md
