@@ -90,6 +90,16 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
                              "reused": t["sdpa"][tn] / t["quest_attn_only"][tn]} for tn in timers}}
 
 
+def _write_sweep(out: str, stem: str, rows: list, md: list[str]) -> None:
+    """A sweep's rows as ``out/stem.json`` and its table as ``out/stem.md`` (printed too)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def topk_sweep(contexts, batches, hkv, budget, page, out) -> None:
     """Top-k page selection alone (graph-replayed median ms) over the k-ary search's cuts per pass and warps: picks
     decode_topk.N_CUTS / _warps. Every setting is checked against the torch twin first."""
@@ -122,12 +132,7 @@ def topk_sweep(contexts, batches, hkv, budget, page, out) -> None:
                 cells = [f"{r['ms'] * 1e3:.1f}" for r in rows
                          if (r["batch"], r["context"], r["n_cuts"]) == (B, ctx, nc)]
                 md.append(f"| {B} | {ctx} | {nc} | " + " | ".join(cells) + " |")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench_decode_topk.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out, "bench_decode_topk.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    _write_sweep(out, "bench_decode_topk", rows, md)
 
 
 def split_sweep(batches, hkv, budget, out) -> None:
@@ -191,12 +196,7 @@ def split_sweep(batches, hkv, budget, out) -> None:
                     cells = [f"{r['us']:.1f}" for r in rows if (r["batch"], r["case"], r["n_splits"], r["warps"])
                              == (B, name, ns, w)]
                     md.append(f"| {B} | {name} | {ns} | {w} | " + " | ".join(cells) + " |")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench_decode_splits.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out, "bench_decode_splits.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    print("\n".join(md))
+    _write_sweep(out, "bench_decode_splits", rows, md)
 
 
 def main(argv=None) -> int:
