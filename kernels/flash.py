@@ -130,12 +130,27 @@ class FlashBackend:
 
 
 def fa4_block_sparse(layout: BlockLayout, batch: int, heads: int, q_len: int, kv_len: int):
-    """Our BlockLayout as FA4's ``BlockSparseTensorsTorch``, on the GPU: blocks crossing the causal diagonal (or the
-    end of the keys) go to the "mask" lists, the rest to the "full" lists (no mask applied); FA4 wants one entry per
-    query head and index tensors as wide as the number of key blocks."""
-    import torch
+    """Our BlockLayout as FA4's ``BlockSparseTensorsTorch`` (see ``fa4_tensors``)."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
+    mc, mi, fc, fi = fa4_tensors(layout, batch, heads, q_len, kv_len)
+    return BlockSparseTensorsTorch(mc, mi, fc, fi, block_size=(layout.block_q, layout.block_k))
+
+
+def fa4_tensors(layout: BlockLayout, batch: int, heads: int, q_len: int, kv_len: int, *,
+                use_triton: bool | None = None):
+    """(mask_counts, mask_indices, full_counts, full_indices) for FA4: blocks crossing the causal diagonal (or the end
+    of the keys) go to the "mask" lists, the rest to the "full" lists (no mask applied); FA4 wants one entry per
+    query head and index tensors as wide as the number of key blocks. On CUDA one Triton launch
+    (kernels/triton/fa4_layout.py), else (or ``use_triton=False``) the torch ops it replaces; equal outputs."""
+    import torch
+
+    if use_triton is None:
+        use_triton = layout.counts.is_cuda
+    if use_triton:
+        from .triton.fa4_layout import fa4_split
+
+        return fa4_split(layout, batch, heads, q_len, kv_len)
     from .reference_sparse import _layout_heads, split_full_partial
 
     mc, mi, fc, fi = split_full_partial(layout, q_len, kv_len)
@@ -151,8 +166,7 @@ def fa4_block_sparse(layout: BlockLayout, batch: int, heads: int, q_len: int, kv
             return idx[..., :nk].contiguous()
         return torch.nn.functional.pad(idx, (0, nk - idx.shape[-1])).contiguous()
 
-    return BlockSparseTensorsTorch(mc.contiguous(), width(mi), fc.contiguous(), width(fi),
-                                   block_size=(layout.block_q, layout.block_k))
+    return mc.contiguous(), width(mi), fc.contiguous(), width(fi)
 
 
-__all__ = ["FlashBackend", "fa4_block_sparse"]
+__all__ = ["FlashBackend", "fa4_block_sparse", "fa4_tensors"]

@@ -7,7 +7,7 @@ import torch
 
 from accel.kernels.reference_estimation import block_means, block_sums, pooled_scores_from_pooled
 from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
-from accel.layouts import DenseLayout
+from accel.layouts import BlockLayout, DenseLayout
 
 from .base import Policy
 from .block_select import check_block_size, check_fraction, keep_by_threshold
@@ -136,25 +136,30 @@ class FlexPrefillPolicy(Policy):
         causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
         if self.gamma >= 1.0:
             return build_block_layout(causal.expand(q.shape[0], q.shape[1], *causal.shape), q_len, kv_len, bs, bs)
+        if _use_triton(q) and causal.shape[1] <= _max_layout_blocks():
+            return self.select_layout(q, k)
         return build_block_layout(self.select(q, k, causal), q_len, kv_len, bs, bs)
 
-    def select(self, q, k, causal):
+    def estimate(self, q, k, nk: int) -> dict:
+        """The per-head estimates both selection paths share: column- and offset-block mass of the last query block
+        (``v_blk``, ``s_blk``, the sink block and the local band set to inf so they always count), how many blocks
+        of each to keep (``n_vert``, ``n_slash``), the pattern choice (``query_aware``) and the pooled keys."""
         B, Hq, Sq, D = q.shape
-        Sk, Hkv = k.shape[2], k.shape[1]
-        g = Hq // Hkv
-        bs, nk = self.block_size, causal.shape[1]
+        g = Hq // k.shape[1]
+        bs = self.block_size
         scale = D**-0.5
         n_last = min(bs, Sq)  # the last query block's exact attention: column / diagonal mass, mean over queries
         vertical, slash = last_query_scores(q, k, bs, scale)
         vertical, slash = vertical / n_last, slash / n_last
         min_blocks = min(nk, math.ceil(self.min_budget / bs))
-        n_vert = (tokens_to_cover(vertical, self.gamma) / bs).ceil().long().clamp(min_blocks, nk)
-        n_slash = (tokens_to_cover(slash, self.gamma) / bs).ceil().long().clamp(min_blocks, nk)
+        n_vert, n_slash = _cover_counts(vertical, slash, self.gamma)
+        n_vert = (n_vert / bs).ceil().long().clamp(min_blocks, nk)
+        n_slash = (n_slash / bs).ceil().long().clamp(min_blocks, nk)
         v_blk, s_blk = block_sums(vertical, bs), block_sums(slash, bs)
 
         # pattern choice: pooled estimate of the last block vs its true block distribution
         k_pool = pooled_means(k, bs)  # [B, Hkv, nk, D] (pooled keys are tiny; GQA: not repeated)
-        q_last = q[:, :, -n_last:].float().mean(-2).reshape(B, Hkv, g, 1, D)
+        q_last = q[:, :, -n_last:].float().mean(-2).reshape(B, k.shape[1], g, 1, D)
         est = torch.matmul(q_last, k_pool[:, :, None].transpose(-1, -2)).reshape(B, Hq, nk)
         est = torch.softmax(est * scale, dim=-1)
         mid = (est + v_blk) / 2
@@ -163,14 +168,56 @@ class FlexPrefillPolicy(Policy):
         query_aware = js.clamp_min(0).sqrt() < self.tau  # [B, H]
         n_vert = torch.where(query_aware, min_blocks, n_vert)
         n_slash = torch.where(query_aware, min_blocks, n_slash)
-
         v_blk[..., 0] = float("inf")  # the sink column block and the local diagonal band always count
         s_blk[..., 0] = float("inf")
-        cols = top_n_mask(v_blk, n_vert)
-        diags = top_n_mask(s_blk, n_slash)
+        return dict(v_blk=v_blk, s_blk=s_blk, n_vert=n_vert, n_slash=n_slash, query_aware=query_aware,
+                    k_pool=k_pool, scale=scale)
+
+    def select(self, q, k, causal):
+        """The selection as a bool block mask [B, H, n_q_blocks, n_k_blocks] in torch ops (any device)."""
+        Sq, Sk, bs = q.shape[2], k.shape[2], self.block_size
+        e = self.estimate(q, k, causal.shape[1])
+        cols = top_n_mask(e["v_blk"], e["n_vert"])
+        diags = top_n_mask(e["s_blk"], e["n_slash"])
         selected = cols[:, :, None, :] | slash_block_mask(diags, Sq, Sk, bs)
+        query_aware = e["query_aware"]
         if bool(query_aware.any()):
-            probs = pooled_probs(pooled_means(q, bs), k_pool, Sq, Sk, bs, scale)  # [B, H, nq, nk]
+            probs = pooled_probs(pooled_means(q, bs), e["k_pool"], Sq, Sk, bs, e["scale"])  # [B, H, nq, nk]
             qa = keep_by_mass(probs.flatten(-2), self.gamma).reshape(probs.shape)
             selected = selected | (qa & query_aware[..., None, None])
         return selected & causal
+
+    def select_layout(self, q, k) -> BlockLayout:
+        """The same selection straight to a BlockLayout with the Triton kernels (CUDA, or the interpreter): top-n by
+        kernels/triton/block_topk.py, the query-aware cut by mass_threshold.py, and the union of columns, crossed
+        diagonal blocks, query-aware blocks, sink and diagonal blocks compacted by flex_layout.py. No block-sized
+        bool maps in between (those cost ~2 ms of elementwise ops and a sort per plan at 128K)."""
+        from accel.kernels.triton.block_topk import topn_mask
+        from accel.kernels.triton.flex_layout import flex_layout
+
+        Sq, Sk, bs = q.shape[2], k.shape[2], self.block_size
+        e = self.estimate(q, k, -(-Sk // bs))
+        cols = topn_mask(e["v_blk"], e["n_vert"])
+        diags = topn_mask(e["s_blk"], e["n_slash"])
+        query_aware = e["query_aware"]
+        if not bool(query_aware.any()):
+            return flex_layout(cols, diags, Sq, Sk, bs)
+        probs = pooled_probs(pooled_means(q, bs), e["k_pool"], Sq, Sk, bs, e["scale"]).contiguous()
+        cut = _mass_cut(probs.flatten(-2), self.gamma)
+        return flex_layout(cols, diags, Sq, Sk, bs, probs=probs, cut=cut, query_aware=query_aware)
+
+
+def _max_layout_blocks() -> int:
+    from accel.kernels.triton.block_topk import MAX_N
+
+    return MAX_N
+
+
+def _cover_counts(vertical: torch.Tensor, slash: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens_to_cover`` of both last-query distributions; on CUDA one mass-cut search over both (8 launches
+    instead of 16)."""
+    if vertical.is_cuda and gamma < 1.0 and vertical.shape == slash.shape:
+        x = torch.stack((vertical, slash)).float().clamp_min(0)
+        n = (x.view(torch.int32) >= _mass_cut(x, gamma)[..., None]).sum(-1)
+        return n[0], n[1]
+    return tokens_to_cover(vertical, gamma), tokens_to_cover(slash, gamma)

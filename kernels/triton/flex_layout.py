@@ -1,0 +1,121 @@
+"""FlexPrefill's block layout in two launches: the union of the head's kept column blocks, the blocks crossed by its
+kept diagonal-offset blocks, its query-aware blocks (pooled probabilities at or above the head's mass cut), the sink
+and diagonal blocks, limited to causal blocks, written straight as a ``BlockLayout``.
+
+Torch twin: ``cols | slash_block_mask(diags) | (probs >= cut) & query_aware`` then ``build_block_layout`` (in
+``accel.policies.flexprefill``). That path materialises a dozen bool maps of [B, H, n_q_blocks, n_k_blocks] (32M
+entries per layer at 128K) and sorts one of them to compact the indices: about 2 ms of elementwise ops and a radix
+sort per plan on the H200. Here one program owns one (batch, head, query block) row with the whole row in registers
+(``n_k_blocks <= MAX_N``, as kernels/triton/block_topk.py):
+
+- the diagonal test reads a per-head prefix count of kept offset blocks (``dcs[x]`` = kept offset blocks below x):
+  a block (m, n) holds pairs with offsets in [lo, hi], so it is crossed iff ``dcs[hi // bs + 1] > dcs[lo // bs]``
+  (two gathers per entry from a table of n_k_blocks + 1 ints);
+- query-aware heads compare the float32 bit pattern of their pooled probability to the head's cut
+  (kernels/triton/mass_threshold.py); other heads never read the probabilities;
+- phase 0 stores the row count; the host reads the largest (one sync, as ``block_mask_to_layout``); phase 1
+  compacts with a prefix sum: kept blocks ascending, then the others ascending as padding, truncated to that width:
+  exactly ``block_mask_to_layout``'s format, so the result compares with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from accel.layouts import BlockLayout
+
+from .block_topk import MAX_N, _block_n, _warps
+
+
+@triton.jit
+def _kept(COLS, DCS, PROBS, CUT, QA, row, offs, spb, sph, spm, H, NQ, NK, ND, Sq, OFF, BS, HAS_QA: tl.constexpr):
+    m = row % NQ
+    bh = row // NQ
+    ok = offs < NK
+    first = OFF + m * BS  # key position of the block's first query
+    last = OFF + tl.minimum((m + 1) * BS, Sq) - 1  # and of its last
+    causal = ok & (offs * BS <= last)
+    kept = (offs == 0) | ((offs >= first // BS) & (offs <= last // BS))
+    kept = kept | (tl.load(COLS + bh.to(tl.int64) * NK + offs, mask=ok, other=0) != 0)
+    # offsets of the block's causal pairs: [lo, hi]; hi >= 0 on causal entries, so // is a floor there
+    hi = tl.where(causal, last - offs * BS, 0)
+    lo = tl.maximum(first - (offs + 1) * BS + 1, 0)
+    ohi = tl.minimum(hi // BS, ND - 1)
+    olo = tl.minimum(lo // BS, ND)
+    table = DCS + bh.to(tl.int64) * (ND + 1)
+    crossed = tl.load(table + ohi + 1, mask=causal, other=0) > tl.load(table + olo, mask=causal, other=0)
+    kept = kept | crossed
+    if HAS_QA:
+        if tl.load(QA + bh) != 0:
+            b = bh // H
+            h = bh % H
+            x = tl.load(PROBS + b.to(tl.int64) * spb + h.to(tl.int64) * sph + m.to(tl.int64) * spm + offs,
+                        mask=causal, other=0.0).to(tl.float32)
+            bits = tl.maximum(x, 0.0).to(tl.int32, bitcast=True)
+            kept = kept | (bits >= tl.load(CUT + bh))
+    return kept & causal
+
+
+@triton.jit
+def _flex_layout_kernel(COLS, DCS, PROBS, CUT, QA, COUNT, IDX, MB, spb, sph, spm, H, NQ, NK, ND, Sq, OFF, BS,
+                        PHASE: tl.constexpr, HAS_QA: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    kept = _kept(COLS, DCS, PROBS, CUT, QA, row, offs, spb, sph, spm, H, NQ, NK, ND, Sq, OFF, BS, HAS_QA)
+    kk = kept.to(tl.int32)
+    if PHASE == 0:
+        tl.store(COUNT + row, tl.sum(kk, 0))
+    else:
+        count = tl.load(COUNT + row)
+        before = tl.cumsum(kk, 0) - kk  # kept entries before each index
+        dest = tl.where(kept, before, count + offs - before)  # kept first, then the rest, each ascending
+        tl.store(IDX + row.to(tl.int64) * MB + dest, offs, mask=(offs < NK) & (dest < MB))
+
+
+def flex_layout(cols: torch.Tensor, diags: torch.Tensor, q_len: int, kv_len: int, block: int, *,
+                probs: torch.Tensor | None = None, cut: torch.Tensor | None = None,
+                query_aware: torch.Tensor | None = None) -> BlockLayout:
+    """BlockLayout of FlexPrefill's selection. ``cols`` bool [B, H, n_k_blocks] (kept column blocks), ``diags`` bool
+    [B, H, n_offset_blocks] (kept diagonal-offset blocks: offsets d*block .. d*block+block-1); optionally ``probs``
+    float [B, H, n_q_blocks, n_k_blocks] with ``cut`` int32 [B, H] (keep ``probs.float().view(int32) >= cut``) on
+    the heads where ``query_aware`` (bool [B, H]) is set. The sink and diagonal blocks are always kept; everything
+    is limited to causal blocks. Equal to the torch composition in ``FlexPrefillPolicy.select`` +
+    ``build_block_layout``."""
+    B, H, nk = cols.shape
+    nq = -(-q_len // block)
+    if nk != -(-kv_len // block):
+        raise ValueError(f"cols has {nk} key blocks; kv_len={kv_len} with block {block} needs {-(-kv_len // block)}")
+    if nk > MAX_N:
+        raise ValueError(f"{nk} key blocks per row; the Triton layout supports at most MAX_N={MAX_N}")
+    if diags.shape[:2] != (B, H):
+        raise ValueError(f"diags must be [{B}, {H}, n_offset_blocks], got {tuple(diags.shape)}")
+    nd = diags.shape[-1]
+    dev = cols.device
+    dcs = torch.nn.functional.pad(diags.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0)).contiguous()
+    cols8 = cols.to(torch.int8).contiguous()
+    has_qa = probs is not None
+    if has_qa:
+        if probs.shape != (B, H, nq, nk) or probs.stride(-1) != 1:
+            raise ValueError(f"probs must be [{B}, {H}, {nq}, {nk}] with unit last stride, got {tuple(probs.shape)}")
+        qa8 = query_aware.to(torch.int8).contiguous()
+        cut32 = cut.to(torch.int32).contiguous()
+        strides = probs.stride()[:3]
+    else:
+        probs, qa8, cut32, strides = cols8, cols8, cols8, (0, 0, 0)
+    R = B * H * nq
+    count = torch.empty(R, dtype=torch.int32, device=dev)
+    bn = _block_n(nk)
+    args = (cols8, dcs, probs, cut32, qa8, count)
+    geo = (*strides, H, nq, nk, nd, q_len, kv_len - q_len, block)
+    if R:
+        _flex_layout_kernel[(R,)](*args, count, 0, *geo, PHASE=0, HAS_QA=has_qa, BLOCK_N=bn, num_warps=_warps(bn))
+    mb = int(count.max()) if R else 0
+    idx = torch.empty(B, H, nq, mb, dtype=torch.int32, device=dev)
+    if R and mb:
+        _flex_layout_kernel[(R,)](*args, idx, mb, *geo, PHASE=1, HAS_QA=has_qa, BLOCK_N=bn, num_warps=_warps(bn))
+    return BlockLayout(counts=count.reshape(B, H, nq), indices=idx, block_q=block, block_k=block, ascending=True)
+
+
+__all__ = ["flex_layout"]
