@@ -37,3 +37,13 @@ def test_fa4_split_rejects_mismatched_heads():
     layout = random_block_layout(1, 3, 64, 64, 16, 16)
     with pytest.raises(ValueError, match="cannot serve"):
         fa4_tensors(layout, 1, 4, 64, 64, use_triton=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fa4_split_on_gpu_matches_torch():
+    layout = random_block_layout(1, 8, 32768, 32768, 128, 128, keep=0.08, device="cuda")
+    want = fa4_tensors(layout, 1, 32, 32768, 32768, use_triton=False)
+    got = fa4_tensors(layout, 1, 32, 32768, 32768, use_triton=True)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
