@@ -36,7 +36,9 @@ column/diagonal mass; also FlexPrefill's last-block variant, n_last = block) as 
 vertical-slash attention on the layout VerticalSlashPolicy builds from it (vertical 1000, slash 6096), and
 ``accel.kernels.triton.pooled_score.pooled_scores`` (FlexPrefill's pooled q/k block softmax) as a share of the Triton
 block-sparse attention on the layout FlexPrefillPolicy plans (gamma ``--flex-gamma``, tau ``--flex-tau``). Each
-also reports the whole plan time (estimation + selection + layout) and, with ``--tune``, other tile configs.
+also reports the whole plan time (estimation + selection + layout) and, with ``--tune``, other tile configs. The
+lastq section also times both diagonal methods of ``lastq_scores`` (``method="gather"`` vs the default
+``"scratch"``) at n_last 64 and 128, with their differences ("lastq_score diagonal methods" table).
 
 Section ``proxy_score`` times ``accel.kernels.triton.proxy_score.proxy_scores`` (ProxyAttn: one proxy per KV head,
 sampled rows every ``--proxy-stride``; TFLOP/s over both passes) as a share of the Triton block-sparse attention on
@@ -70,7 +72,8 @@ from bench_utils import bench  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
 from accel.kernels.triton.antidiag_score import antidiagonal_scores  # noqa: E402
 from accel.kernels.reference_estimation import lastq_scores_reference, pooled_scores_reference  # noqa: E402
-from accel.kernels.triton.lastq_score import lastq_scores  # noqa: E402
+from accel.kernels.triton.lastq_score import DEFAULT_SCRATCH_BYTES as LASTQ_SCRATCH_BYTES  # noqa: E402
+from accel.kernels.triton.lastq_score import lastq_scores, scratch_bytes_per_kv_head  # noqa: E402
 from accel.kernels.triton.pooled_score import pooled_scores  # noqa: E402
 from accel.kernels.triton.block_sparse import block_sparse_attention  # noqa: E402
 from accel.policies.block_select import keep_by_threshold  # noqa: E402
@@ -306,6 +309,8 @@ LASTQ_TUNE = [  # lastq_scores configs (rows = query heads x padded queries per 
     dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=1056),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS=264),
+    dict(BLOCK_O=128, BLOCK_R=32),  # the scratch method's diagonal pass (default 128 offsets x 16 rows, 4 warps)
+    dict(BLOCK_O=256, BLOCK_R=32, slash_warps=8),
 ]
 POOLED_TUNE = [  # pooled_scores configs (ROWS per pooling load; pooled score tiles; dot precision); default excluded
     dict(ROWS=64, BLOCK_M=64, BLOCK_N=32, PREC="ieee", num_warps=4, num_stages=2),
@@ -353,6 +358,7 @@ def run_lastq(args, S, device, q, k, v) -> dict:
         row["estimation_last_block_ms"] = bench(lambda: lastq_scores(q, k, args.block))
     except Exception as e:  # noqa: BLE001
         row["estimation_last_block_error"] = _err(e)
+    row["methods"] = [_lastq_methods(q, k, n) for n in (64, 128)]
     if args.tune:
         _tune(row, lambda cfg: lastq_scores(q, k, args.last_q, config=cfg), LASTQ_TUNE)
     layout = None
@@ -381,6 +387,52 @@ def run_lastq(args, S, device, q, k, v) -> dict:
         except Exception as e:  # noqa: BLE001
             row["reference_estimation_error"] = _err(e)
     return row
+
+
+def _lastq_methods(q, k, n) -> dict:
+    """lastq_scores' two diagonal methods at default tiles: "gather" (in-register skew, 64 queries per launch) vs
+    "scratch" (float16 probability scratch + a diagonal pass, the default), timings and how far apart they are."""
+    out = {"n_last": n}
+    for method in ("gather", "scratch"):
+        try:
+            out[f"{method}_ms"] = bench(lambda method=method: lastq_scores(q, k, n, method=method))
+        except Exception as e:  # noqa: BLE001
+            out[f"{method}_error"] = _err(e)
+    if "gather_ms" in out and "scratch_ms" in out:
+        out["speedup"] = out["gather_ms"] / out["scratch_ms"]
+    try:
+        per_pair = scratch_bytes_per_kv_head(q, k, n)
+        out["scratch_mb"] = per_pair * max(1, min(q.shape[0] * k.shape[1], LASTQ_SCRATCH_BYTES // per_pair)) / 1e6
+        vg, sg = lastq_scores(q, k, n, method="gather")
+        vs, ss = lastq_scores(q, k, n, method="scratch")
+        out["max_abs_diff_vertical"] = float((vs - vg).abs().max())
+        out["max_abs_diff_slash"] = float((ss - sg).abs().max())
+        big = sg > 1e-3  # relative error where it is meaningful
+        out["max_rel_diff_slash"] = float(((ss - sg).abs()[big] / sg[big]).max()) if big.any() else 0.0
+        del vg, sg, vs, ss
+    except Exception as e:  # noqa: BLE001
+        out["diff_error"] = _err(e)
+    return out
+
+
+def _lastq_methods_lines(rows):
+    """Markdown: lastq_scores' gather vs scratch diagonal methods at n = 64 and 128."""
+    rows = [(r["context"], m) for r in rows for m in r.get("methods", [])]
+    if not rows:
+        return []
+    head = ["context", "n_last", "gather", "scratch (default)", "speedup", "scratch MB", "max abs diff vertical",
+            "max abs diff slash", "max rel diff slash (> 1e-3)"]
+    lines = ["", "lastq_score diagonal methods (kernels/triton/lastq_score.py; default tiles; ms): in-register gather "
+             "vs float16 scratch + diagonal pass", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for ctx, m in rows:
+        lines.append("| " + " | ".join([
+            f"{ctx // 1024}K", str(m["n_last"]), _fmt(m.get("gather_ms"), 3), _fmt(m.get("scratch_ms"), 3),
+            _fmt(m.get("speedup")), _fmt(m.get("scratch_mb"), 0),
+            *[f"{m[key]:.1e}" if key in m else "—" for key in ("max_abs_diff_vertical", "max_abs_diff_slash",
+                                                                "max_rel_diff_slash")]]) + " |")
+    errors = [f"- {ctx} n={m['n_last']}: {key} = {val}" for ctx, m in rows for key, val in m.items()
+              if key.endswith("error")]
+    return lines + (["", "Errors:", *errors] if errors else [])
 
 
 def run_pooled(args, S, device, q, k, v) -> dict:
@@ -671,6 +723,7 @@ def write(results, out):
                                 "mass (Triton) vs the vertical-slash attention it feeds", results["lastq_score"],
                                 [("est. TFLOP/s", "estimation_tflops"), ("K read TB/s", "k_read_tb_s"),
                                  ("last-block (n=block) est.", "estimation_last_block_ms")])
+        lines += _lastq_methods_lines(results["lastq_score"])
     if results.get("pooled_score"):
         lines += _section_lines("pooled_score: FlexPrefill mean-pooled block softmax (Triton) vs the block-sparse "
                                 "attention of FlexPrefill's layout", results["pooled_score"],

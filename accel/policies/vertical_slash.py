@@ -28,8 +28,9 @@ def _use_triton(q: torch.Tensor) -> bool:
 def last_query_scores(q: torch.Tensor, k: torch.Tensor, n_last: int,
                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MInference's estimate: the last ``min(n_last, Sq)`` queries' causal softmax mass summed per key column and per
-    diagonal offset (query position - key), float32 ``(vertical, slash)`` [B, Hq, Sk] each. On CUDA the fused Triton
-    kernel (no [n, Sk] attention in memory), else its torch twin ``lastq_scores_reference``."""
+    diagonal offset (query position - key), float32 ``(vertical, slash)`` [B, Hq, Sk] each. On CUDA the Triton
+    kernels (the diagonal sums read the probabilities back from a float16 scratch of at most 1.5 GiB, processed in
+    chunks of KV heads), else its torch twin ``lastq_scores_reference``."""
     if _use_triton(q):
         from accel.kernels.triton.lastq_score import lastq_scores
 
