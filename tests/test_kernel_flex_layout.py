@@ -11,11 +11,14 @@ from accel.kernels.triton.mass_threshold import mass_cut
 from accel.policies.flexprefill import FlexPrefillPolicy, slash_block_mask
 
 
-def _torch_layout(cols, diags, q_len, kv_len, bs, probs=None, cut=None, qa=None):
+def _torch_layout(cols, diags, q_len, kv_len, bs, probs=None, cut=None, slots=None):
     sel = cols[:, :, None, :] | slash_block_mask(diags, q_len, kv_len, bs)
     if probs is not None:
-        keep = probs.float().clamp_min(0).view(torch.int32) >= cut[..., None, None]
-        sel = sel | (keep & qa[..., None, None])
+        keep = probs.float().clamp_min(0).view(torch.int32) >= cut[..., None, None]  # [n_qa, nq, nk]
+        qa = slots >= 0
+        full = torch.zeros(*slots.shape, *probs.shape[1:], dtype=torch.bool)
+        full[qa] = keep[slots[qa].long()]
+        sel = sel | full
     causal, _ = causal_block_mask(q_len, kv_len, bs, bs)
     return build_block_layout(sel & causal, q_len, kv_len, bs, bs)
 
@@ -31,12 +34,12 @@ def test_flex_layout_matches_torch(q_len, kv_len, bs, with_qa):
     kw = {}
     if with_qa:
         causal, _ = causal_block_mask(q_len, kv_len, bs, bs)
-        probs = torch.rand(B, H, nq, nk, generator=g) ** 4 * causal
+        probs = torch.rand(4, nq, nk, generator=g) ** 4 * causal  # rows of the four query-aware heads
         cut = mass_cut(probs.flatten(-2), 0.9)
-        qa = torch.tensor([[True, False, True], [False, True, True]])
-        kw = dict(probs=probs, cut=cut, query_aware=qa)
+        slots = torch.tensor([[2, -1, 0], [-1, 3, 1]])
+        kw = dict(probs=probs, cut=cut, slots=slots)
     got = flex_layout(cols, diags, q_len, kv_len, bs, **kw)
-    want = _torch_layout(cols, diags, q_len, kv_len, bs, kw.get("probs"), kw.get("cut"), kw.get("query_aware"))
+    want = _torch_layout(cols, diags, q_len, kv_len, bs, kw.get("probs"), kw.get("cut"), kw.get("slots"))
     assert torch.equal(got.counts, want.counts)
     assert torch.equal(got.indices, want.indices)
     assert got.ascending
@@ -47,8 +50,8 @@ def test_flex_layout_rejects_bad_shapes():
     with pytest.raises(ValueError, match="key blocks"):
         flex_layout(cols, cols, 64, 100, 16)
     with pytest.raises(ValueError, match="probs must be"):
-        flex_layout(cols, cols, 64, 64, 16, probs=torch.zeros(1, 2, 3, 4), cut=torch.zeros(1, 2, dtype=torch.int32),
-                    query_aware=torch.ones(1, 2, dtype=torch.bool))
+        flex_layout(cols, cols, 64, 64, 16, probs=torch.zeros(2, 3, 4), cut=torch.zeros(2, dtype=torch.int32),
+                    slots=torch.tensor([[0, 1]]))
 
 
 def _qk(S=768, D=16, heads=4, kv_heads=2):
@@ -60,11 +63,12 @@ def _qk(S=768, D=16, heads=4, kv_heads=2):
     return q, k
 
 
-@pytest.mark.parametrize("tau", [0.0, 1.0])  # no head query-aware / every head query-aware
+@pytest.mark.parametrize("tau", [0.0, 0.4, 1.0])  # no head / two of four heads / every head query-aware
 def test_policy_triton_layout_matches_torch_path(tau):
     q, k = _qk()
     pol = FlexPrefillPolicy.from_options(block_size=64, min_budget=64, gamma=0.9, tau=tau)
     causal, _ = causal_block_mask(q.shape[2], k.shape[2], 64, 64)
+    assert int(pol.estimate(q, k, causal.shape[1])["query_aware"].sum()) == {0.0: 0, 0.4: 2, 1.0: 4}[tau]
     want = build_block_layout(pol.select(q, k, causal), q.shape[2], k.shape[2], 64, 64)
     got = pol.select_layout(q, k)
     assert torch.equal(got.counts, want.counts)

@@ -135,3 +135,13 @@ def test_gpu_matches_reference(dtype, Hq, Hkv, Sq, Sk, D, block, config):
     got = pooled_scores(q, k, block=block, config=config)
     want = pooled_scores_reference(q, k, block)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+def test_mean_pool_of_a_head_subset():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 70, 16)
+    heads = torch.tensor([4, 0, 5])  # flat batch * H + head, any order
+    got = mean_pool(x, 32, heads=heads)
+    want = block_means(x.flatten(0, 1)[heads][None], 32)
+    assert got.shape == (1, 3, 3, 16)
+    torch.testing.assert_close(got, want)

@@ -199,12 +199,28 @@ class FlexPrefillPolicy(Policy):
         e = self.estimate(q, k, -(-Sk // bs))
         cols = topn_mask(e["v_blk"], e["n_vert"])
         diags = topn_mask(e["s_blk"], e["n_slash"])
-        query_aware = e["query_aware"]
-        if not bool(query_aware.any()):
+        sel = e["query_aware"].flatten().nonzero().squeeze(1)  # flat (batch * H + head) of the query-aware heads
+        if sel.numel() == 0:
             return flex_layout(cols, diags, Sq, Sk, bs)
-        probs = pooled_probs(pooled_means(q, bs), e["k_pool"], Sq, Sk, bs, e["scale"]).contiguous()
+        # pooled probabilities of the query-aware heads only (each is [nq, nk]: 4 MB and a mass-cut row of 1M
+        # entries at 128K), their keys' pooled KV head picked per head
+        B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
+        kv_rows = (sel // Hq) * Hkv + (sel % Hq) // (Hq // Hkv)
+        k_sel = e["k_pool"].flatten(0, 1).index_select(0, kv_rows)[None]
+        probs = pooled_probs(_pool_heads(q, bs, sel), k_sel, Sq, Sk, bs, e["scale"])[0].contiguous()
         cut = _mass_cut(probs.flatten(-2), self.gamma)
-        return flex_layout(cols, diags, Sq, Sk, bs, probs=probs, cut=cut, query_aware=query_aware)
+        slots = torch.full((B * Hq,), -1, dtype=torch.int32, device=q.device)
+        slots[sel] = torch.arange(sel.numel(), dtype=torch.int32, device=q.device)
+        return flex_layout(cols, diags, Sq, Sk, bs, probs=probs, cut=cut, slots=slots.reshape(B, Hq))
+
+
+def _pool_heads(x: torch.Tensor, block: int, heads: torch.Tensor) -> torch.Tensor:
+    """Mean-pooled blocks of the flat (batch * H + head) ``heads`` of x [B, H, S, D]: float32 [1, n, nb, D]."""
+    if _use_triton(x):
+        from accel.kernels.triton.pooled_score import mean_pool
+
+        return mean_pool(x, block, heads=heads)
+    return block_means(x.flatten(0, 1).index_select(0, heads)[None], block)
 
 
 def _max_layout_blocks() -> int:

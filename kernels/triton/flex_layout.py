@@ -30,7 +30,7 @@ from .block_topk import MAX_N, _block_n, _warps
 
 
 @triton.jit
-def _kept(COLS, DCS, PROBS, CUT, QA, row, offs, spb, sph, spm, H, NQ, NK, ND, Sq, OFF, BS, HAS_QA: tl.constexpr):
+def _kept(COLS, DCS, PROBS, CUT, SLOT, row, offs, sps, spm, NQ, NK, ND, Sq, OFF, BS, HAS_QA: tl.constexpr):
     m = row % NQ
     bh = row // NQ
     ok = offs < NK
@@ -48,22 +48,21 @@ def _kept(COLS, DCS, PROBS, CUT, QA, row, offs, spb, sph, spm, H, NQ, NK, ND, Sq
     crossed = tl.load(table + ohi + 1, mask=causal, other=0) > tl.load(table + olo, mask=causal, other=0)
     kept = kept | crossed
     if HAS_QA:
-        if tl.load(QA + bh) != 0:
-            b = bh // H
-            h = bh % H
-            x = tl.load(PROBS + b.to(tl.int64) * spb + h.to(tl.int64) * sph + m.to(tl.int64) * spm + offs,
-                        mask=causal, other=0.0).to(tl.float32)
+        slot = tl.load(SLOT + bh)
+        if slot >= 0:  # a query-aware head: its pooled probabilities are row ``slot`` of PROBS
+            x = tl.load(PROBS + slot.to(tl.int64) * sps + m.to(tl.int64) * spm + offs, mask=causal,
+                        other=0.0).to(tl.float32)
             bits = tl.maximum(x, 0.0).to(tl.int32, bitcast=True)
-            kept = kept | (bits >= tl.load(CUT + bh))
+            kept = kept | (bits >= tl.load(CUT + slot))
     return kept & causal
 
 
 @triton.jit
-def _flex_layout_kernel(COLS, DCS, PROBS, CUT, QA, COUNT, IDX, MB, spb, sph, spm, H, NQ, NK, ND, Sq, OFF, BS,
+def _flex_layout_kernel(COLS, DCS, PROBS, CUT, SLOT, COUNT, IDX, MB, sps, spm, NQ, NK, ND, Sq, OFF, BS,
                         PHASE: tl.constexpr, HAS_QA: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
-    kept = _kept(COLS, DCS, PROBS, CUT, QA, row, offs, spb, sph, spm, H, NQ, NK, ND, Sq, OFF, BS, HAS_QA)
+    kept = _kept(COLS, DCS, PROBS, CUT, SLOT, row, offs, sps, spm, NQ, NK, ND, Sq, OFF, BS, HAS_QA)
     kk = kept.to(tl.int32)
     if PHASE == 0:
         tl.store(COUNT + row, tl.sum(kk, 0))
@@ -76,13 +75,14 @@ def _flex_layout_kernel(COLS, DCS, PROBS, CUT, QA, COUNT, IDX, MB, spb, sph, spm
 
 def flex_layout(cols: torch.Tensor, diags: torch.Tensor, q_len: int, kv_len: int, block: int, *,
                 probs: torch.Tensor | None = None, cut: torch.Tensor | None = None,
-                query_aware: torch.Tensor | None = None) -> BlockLayout:
+                slots: torch.Tensor | None = None) -> BlockLayout:
     """BlockLayout of FlexPrefill's selection. ``cols`` bool [B, H, n_k_blocks] (kept column blocks), ``diags`` bool
-    [B, H, n_offset_blocks] (kept diagonal-offset blocks: offsets d*block .. d*block+block-1); optionally ``probs``
-    float [B, H, n_q_blocks, n_k_blocks] with ``cut`` int32 [B, H] (keep ``probs.float().view(int32) >= cut``) on
-    the heads where ``query_aware`` (bool [B, H]) is set. The sink and diagonal blocks are always kept; everything
-    is limited to causal blocks. Equal to the torch composition in ``FlexPrefillPolicy.select`` +
-    ``build_block_layout``."""
+    [B, H, n_offset_blocks] (kept diagonal-offset blocks: offsets d*block .. d*block+block-1); optionally the
+    query-aware heads' pooled probabilities ``probs`` float [n_qa, n_q_blocks, n_k_blocks] with their cuts ``cut``
+    int32 [n_qa] (keep ``probs.float().view(int32) >= cut``) and ``slots`` int [B, H]: the row of ``probs`` of each
+    head, -1 for heads that are not query-aware (only those heads' probabilities are ever computed). The sink and
+    diagonal blocks are always kept; everything is limited to causal blocks. Equal to the torch composition in
+    ``FlexPrefillPolicy.select`` + ``build_block_layout``."""
     B, H, nk = cols.shape
     nq = -(-q_len // block)
     if nk != -(-kv_len // block):
@@ -97,18 +97,21 @@ def flex_layout(cols: torch.Tensor, diags: torch.Tensor, q_len: int, kv_len: int
     cols8 = cols.to(torch.int8).contiguous()
     has_qa = probs is not None
     if has_qa:
-        if probs.shape != (B, H, nq, nk) or probs.stride(-1) != 1:
-            raise ValueError(f"probs must be [{B}, {H}, {nq}, {nk}] with unit last stride, got {tuple(probs.shape)}")
-        qa8 = query_aware.to(torch.int8).contiguous()
-        cut32 = cut.to(torch.int32).contiguous()
-        strides = probs.stride()[:3]
+        if probs.dim() != 3 or probs.shape[1:] != (nq, nk) or probs.stride(-1) != 1:
+            raise ValueError(f"probs must be [n_query_aware, {nq}, {nk}] with unit last stride, got "
+                             f"{tuple(probs.shape)}")
+        if cut is None or slots is None or tuple(slots.shape) != (B, H) or cut.numel() != probs.shape[0]:
+            raise ValueError("probs needs cut [n_query_aware] and slots [batch, heads] (row of probs or -1)")
+        slot32 = slots.to(torch.int32).contiguous()
+        cut32 = cut.reshape(-1).to(torch.int32).contiguous()
+        strides = probs.stride()[:2]
     else:
-        probs, qa8, cut32, strides = cols8, cols8, cols8, (0, 0, 0)
+        probs, slot32, cut32, strides = cols8, cols8, cols8, (0, 0)
     R = B * H * nq
     count = torch.empty(R, dtype=torch.int32, device=dev)
     bn = _block_n(nk)
-    args = (cols8, dcs, probs, cut32, qa8, count)
-    geo = (*strides, H, nq, nk, nd, q_len, kv_len - q_len, block)
+    args = (cols8, dcs, probs, cut32, slot32, count)
+    geo = (*strides, nq, nk, nd, q_len, kv_len - q_len, block)
     if R:
         _flex_layout_kernel[(R,)](*args, count, 0, *geo, PHASE=0, HAS_QA=has_qa, BLOCK_N=bn, num_warps=_warps(bn))
     mb = int(count.max()) if R else 0

@@ -34,11 +34,12 @@ def _mean_pool_fwd(
     X, OUT,
     stride_xb, stride_xh, stride_xs, stride_xd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, S,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, S, HEADS,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SUBSET: tl.constexpr,
 ):
     n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_out = tl.program_id(1)
+    pid_bh = tl.load(HEADS + pid_out) if SUBSET else pid_out  # flat (batch * H + head) of the pooled head
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     base = X + b * stride_xb + h * stride_xh
@@ -52,7 +53,9 @@ def _mean_pool_fwd(
                     mask=(rows[:, None] < S) & (offs_r[:, None] < BLOCK), other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)
     count = tl.minimum(S - s0, BLOCK).to(tl.float32)
-    tl.store(OUT + b * stride_ob + h * stride_oh + n * stride_on + offs_d * stride_od, acc / count)
+    ob = tl.where(SUBSET, 0, b)
+    oh = tl.where(SUBSET, pid_out, h).to(tl.int64)
+    tl.store(OUT + ob * stride_ob + oh * stride_oh + n * stride_on + offs_d * stride_od, acc / count)
 
 
 @triton.jit
@@ -174,22 +177,33 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, block: int) -> None:
     _check_block(block)
 
 
-def mean_pool(x: torch.Tensor, block: int, *, config: dict | None = None) -> torch.Tensor:
+def mean_pool(x: torch.Tensor, block: int, *, heads: torch.Tensor | None = None,
+              config: dict | None = None) -> torch.Tensor:
     """Mean over sequence blocks: x [B, H, S, D] (any strides, float16/bfloat16/float32) -> float32
-    [B, H, ceil(S/block), D]; the last partial block averages its real rows. Twin: ``block_means``."""
+    [B, H, ceil(S/block), D]; the last partial block averages its real rows. Twin: ``block_means``.
+
+    ``heads`` (int tensor of flat ``batch * H + head`` indices): pool only those heads, in that order, into
+    [1, len(heads), ceil(S/block), D], reading nothing else (FlexPrefill pools the queries of its query-aware heads
+    only)."""
     _check_tensor(x, "x", SUPPORTED_DTYPES)
     _check_block(block)
     B, H, S, D = x.shape
     n = -(-S // block)
-    out = torch.empty(B, H, n, D, dtype=torch.float32, device=x.device)
+    subset = heads is not None
+    if subset:
+        heads = heads.to(device=x.device, dtype=torch.int64).reshape(-1).contiguous()
+        out = torch.empty(1, heads.numel(), n, D, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(B, H, n, D, dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out
     cfg = _default_config(x)
     if config:
         cfg.update(config)
     rows = min(cfg["ROWS"], 1 << (block - 1).bit_length())
-    _mean_pool_fwd[(n, B * H)](x, out, *x.stride(), *out.stride(), H, S, BLOCK=block, ROWS=rows, BLOCK_D=D,
-                               num_warps=4)
+    _mean_pool_fwd[(n, out.shape[0] * out.shape[1])](x, out, *x.stride(), *out.stride(), H, S,
+                                                     heads if subset else out, BLOCK=block, ROWS=rows, BLOCK_D=D,
+                                                     SUBSET=subset, num_warps=4)
     return out
 
 
