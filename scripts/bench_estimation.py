@@ -89,9 +89,11 @@ TUNE_CONFIGS = [  # (BLOCK_R, BLOCK_C: strided rows x columns per tile, num_warp
     dict(BLOCK_R=64, BLOCK_C=128, num_warps=8, num_stages=3),
 ]
 ONEPASS_TUNE = [  # one-pass configs (kernels/triton/antidiag_score_onepass.py; EPI_KB: key blocks per epilogue step);
-    # default (128 x 128, 8 warps, 3 stages, EPI_KB 32) excluded; all compile for sm_90 without spills (NOTES.md)
+    # default (128 x 256, 8 warps, 2 stages, EPI_KB 32) excluded; all compile for sm_90 without spills (NOTES.md)
     dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=2),
+    dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=3),
     dict(BLOCK_R=128, BLOCK_C=64, num_warps=8, num_stages=3),
+    dict(BLOCK_R=128, BLOCK_C=256, num_warps=16, num_stages=2),
     dict(BLOCK_R=256, BLOCK_C=128, num_warps=16, num_stages=2),
     dict(BLOCK_R=256, BLOCK_C=64, num_warps=8, num_stages=2),
     dict(BLOCK_R=128, BLOCK_C=64, num_warps=8, num_stages=4),

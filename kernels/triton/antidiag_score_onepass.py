@@ -113,15 +113,16 @@ def _antidiag_onepass_fwd(
 
 def default_config(q: torch.Tensor) -> dict:
     """Tiles (strided rows x strided columns), epilogue key blocks per step, launch parameters. GPU choices come
-    from the sm_90 register report in NOTES.md (no spills) and the H200 sweep at 128K (bf16, head_dim 128:
-    128x128/8/3 21.7 ms, 128x128/8/2 25.4, 128x64/8/3 27.4, 256x128/16/2 28.1); interpreter: small tiles."""
+    from the sm_90 register report in NOTES.md (no spills) and the H200 sweeps at 128K (bf16, head_dim 128, one
+    run: 128x256/8/2 20.6 ms, 128x256/16/2 21.9, 128x128/8/3 24.8, 128x128/8/2 25.1, 128x64/8/3 34.3); interpreter:
+    small tiles."""
     D = q.shape[-1]
     if not q.is_cuda:
         return dict(BLOCK_R=16, BLOCK_C=16, EPI_KB=8, num_warps=4, num_stages=1)
     if q.dtype == torch.float32:
         return dict(BLOCK_R=64, BLOCK_C=32, EPI_KB=32, num_warps=4, num_stages=2)
-    if D <= 128:  # the wider column tile halves the q re-reads from L2 per FLOP (see NOTES.md)
-        return dict(BLOCK_R=128, BLOCK_C=128, EPI_KB=32, num_warps=8, num_stages=3)
+    if D <= 128:  # wider column tiles: fewer q re-reads from L2 per FLOP (see NOTES.md)
+        return dict(BLOCK_R=128, BLOCK_C=256, EPI_KB=32, num_warps=8, num_stages=2)
     return dict(BLOCK_R=64, BLOCK_C=64, EPI_KB=32, num_warps=8, num_stages=2)
 
 

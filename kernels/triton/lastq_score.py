@@ -319,13 +319,14 @@ def _default_config(q: torch.Tensor, method: str) -> dict:
             return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=3, ROWS=64)
         # head_dim 256: 128 queries in one launch (128-key tiles) needed 256 KB of shared memory on the H200
         return dict(BLOCK_M=64, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=2, ROWS=64)
-    # scratch: BLOCK_N no longer has to cover the queries, so 128 queries run in one launch (1 head x 128 rows; 64
-    # queries: 2 heads x 64). bf16 head_dim 128, 128 x 64 tiles, 8 warps, 3 stages: 89 / 126 regs (n=128), 89 / 149
+    # scratch: BLOCK_N no longer has to cover the queries, so 128 queries can run in one launch (1 head x 128 rows);
+    # measured slower than two launches of 2 heads x 64 for bf16 head_dim <= 128 (K shared by two heads), so ROWS 64
+    # there. bf16 head_dim 128, 128 x 64 tiles, 8 warps, 3 stages: 89 / 126 regs (n=128), 89 / 149
     # (n=64), 80 / 96 KB smem; diagonal pass 128 offsets x 16 rows, 4 warps: 56 regs. No spills anywhere.
     if q.dtype == torch.float32:  # 134 / 140 regs, 176 KB at 128 rows (4 warps spill; 2 heads x 64: 255 regs)
         return dict(BLOCK_M=64, BLOCK_N=32, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=2, ROWS=128, **slash)
-    if D <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=3, ROWS=128, **slash)
+    if D <= 128:  # H200, 128K, n=128: two launches of 2 heads x 64 rows 1.95 ms, one of 1 x 128 2.11, 2 x 128 2.18
+        return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=3, ROWS=64, **slash)
     # head_dim 256: 64-key tiles keep 128 rows at 97 / 150 regs, 128 / 144 KB smem
     return dict(BLOCK_M=128, BLOCK_N=64, CHUNK=0, PROGRAMS=528, num_warps=8, num_stages=2, ROWS=128, **slash)
 
