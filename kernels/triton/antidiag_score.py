@@ -153,12 +153,15 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> N
 METHODS = ("auto", "two_pass", "one_pass")
 
 
-# The one-pass kernel reads more than it computes at 128x64 tiles (about 43 FLOP per byte of L2 traffic), so larger
-# tiles may win on some GPUs; all three compile without spills for sm_90 (kernels/triton/NOTES.md).
+# The one-pass kernel reads more than it computes at 128x64 tiles (about 43 FLOP per byte of L2 traffic), so wider
+# column tiles win: on the H200 at 128K 128x256/8/2 20.6 ms, 128x256/16/2 21.9, 128x128/8/3 21.7-24.8, 128x64/8/3
+# 27.4-34.3 (results/bench_estimation_xattn.md, bench_estimation_tune.md); all compile without spills for sm_90
+# (kernels/triton/NOTES.md). The first call per shape bucket times them and keeps the fastest.
 ONEPASS_CANDIDATES = [
+    dict(BLOCK_R=128, BLOCK_C=256, num_warps=8, num_stages=2),
+    dict(BLOCK_R=128, BLOCK_C=256, num_warps=16, num_stages=2),
+    dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=3),
     dict(BLOCK_R=128, BLOCK_C=64, num_warps=8, num_stages=3),
-    dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=2),
-    dict(BLOCK_R=256, BLOCK_C=128, num_warps=16, num_stages=2),
 ]
 
 
