@@ -203,7 +203,18 @@ def compare_methods(args, S, q, k) -> dict:
         row["one_pass_same_selection"] = bool(torch.equal(
             keep_by_threshold(one.masked_fill(~causal, 0), args.threshold),
             keep_by_threshold(two.masked_fill(~causal, 0), args.threshold)))
-        del one, two
+        del two
+        # the one-pass kernel on FP8 operands (XAttentionPolicy's estimate_dtype="auto" on Hopper), quantisation
+        # of q and centred k included; against the bf16 one-pass on the same inputs
+        row["fp8_ms"] = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride, fp8=True))
+        row["fp8_tflops"] = one_pass_flops / (row["fp8_ms"] * 1e-3) / 1e12
+        f8 = antidiagonal_scores(q, k, block=args.block, stride=args.stride, fp8=True)
+        row["fp8_max_abs_diff"] = float((f8 - one).abs().max())
+        keep1 = keep_by_threshold(one.masked_fill(~causal, 0), args.threshold)
+        keep8 = keep_by_threshold(f8.masked_fill(~causal, 0), args.threshold)
+        row["fp8_kept_blocks_ratio"] = float(keep8.sum()) / max(1.0, float(keep1.sum()))
+        row["fp8_selection_agreement"] = float((keep8 == keep1)[causal.expand_as(keep1)].float().mean())
+        del one, f8
     except Exception as e:  # noqa: BLE001
         row["one_pass_compare_error"] = _err(e)
     return row
@@ -611,6 +622,19 @@ def _onepass_lines(rows):
             f"{r['one_pass_max_abs_diff']:.1e}" if "one_pass_max_abs_diff" in r else "—",
             str(r.get("one_pass_same_selection", "—")), _fmt(r.get("one_pass_scratch_mb_per_head"), 0),
             _fmt(r.get("one_pass_scratch_mb"), 0)]) + " |")
+    f8 = [r for r in rows if "fp8_ms" in r]
+    if f8:
+        head = ["context", "one-pass bf16", "one-pass fp8 (quantisation incl.)", "TFLOP/s", "speedup",
+                "max abs diff", "kept blocks fp8 / bf16", "selection agreement"]
+        lines += ["", "xattention FP8 operands (kernels/triton/fp8_quant.py: per-head e4m3 copies of q and "
+                  "mean-centred k) vs bf16, both one-pass, ms:", "",
+                  "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for r in f8:
+            lines.append("| " + " | ".join([
+                f"{r['context'] // 1024}K", _fmt(r.get("one_pass_ms")), _fmt(r.get("fp8_ms")),
+                _fmt(r.get("fp8_tflops"), 0), _fmt(r["one_pass_ms"] / r["fp8_ms"]) if "one_pass_ms" in r else "—",
+                f"{r['fp8_max_abs_diff']:.1e}", _fmt(r.get("fp8_kept_blocks_ratio"), 3),
+                _fmt(r.get("fp8_selection_agreement"), 4)]) + " |")
     return lines
 
 

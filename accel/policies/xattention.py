@@ -49,6 +49,9 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, stri
     return out
 
 
+ESTIMATE_DTYPES = ("auto", "fp8", "input")
+
+
 @dataclass
 class XAttentionPolicy(BlockSelectPolicy):
     """XAttention (Xu et al. 2025, arXiv 2503.16428): antidiagonal sums inside strided sub-blocks score each
@@ -66,17 +69,36 @@ class XAttentionPolicy(BlockSelectPolicy):
 
     stride: int = 8
     threshold: float = 0.96  # paper: 0.9 (see the docstring)
+    # "fp8": the strided scoring GEMM on per-head float8_e4m3 copies of q and mean-centred k (twice Hopper's bf16
+    # tensor rate, half the operand traffic; kernels/triton/fp8_quant.py); on the CPU the torch estimate runs on
+    # the same quantised values. "input": the inputs' dtype. "auto": fp8 on GPUs with FP8 tensor cores
+    # (compute capability >= 8.9), else input.
+    estimate_dtype: str = "auto"
 
     def validate(self) -> None:
         super().validate()
         require_positive(self, "stride")
         if self.block_size % self.stride:
             raise ValueError(f"option 'stride' ({self.stride}) must divide block_size ({self.block_size})")
+        if self.estimate_dtype not in ESTIMATE_DTYPES:
+            raise ValueError(f"option 'estimate_dtype' of policy 'xattention' must be one of {ESTIMATE_DTYPES}, "
+                             f"got {self.estimate_dtype!r}")
+
+    def uses_fp8(self, q: torch.Tensor) -> bool:
+        """Whether the estimate of ``q`` runs on FP8 copies."""
+        if self.estimate_dtype == "auto":
+            return q.is_cuda and q.dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 9)
+        return self.estimate_dtype == "fp8"
 
     def score(self, q, k, causal):
+        fp8 = self.uses_fp8(q)
         if q.is_cuda:
             # fused Triton twin: O(output) memory instead of O(Sq/stride x Sk/stride) per chunk
             from accel.kernels.triton.antidiag_score import antidiagonal_scores
 
-            return antidiagonal_scores(q, k, block=self.block_size, stride=self.stride)
+            return antidiagonal_scores(q, k, block=self.block_size, stride=self.stride, fp8=fp8)
+        if fp8:  # the same quantised operands, in torch (k's centring shifts each row by a constant)
+            from accel.kernels.triton.fp8_quant import dequantize_fp8, quantize_fp8_reference
+
+            q, k = dequantize_fp8(*quantize_fp8_reference(q)), dequantize_fp8(*quantize_fp8_reference(k, center=True))
         return antidiagonal_block_scores(q, k, self.block_size, self.stride)

@@ -165,21 +165,21 @@ ONEPASS_CANDIDATES = [
 ]
 
 
-def _measured_onepass_config(q, k, block, stride, scratch_bytes) -> dict:
+def _measured_onepass_config(q, k, block, stride, scratch_bytes, fp8: bool = False) -> dict:
     """The fastest of ONEPASS_CANDIDATES for this shape bucket, timed once per process (accel.autopick)."""
     from accel.autopick import _bucket, fastest_config
 
     from . import antidiag_score_onepass as op
 
     key = ("antidiag_onepass", q.shape[1], k.shape[1], q.shape[-1], q.dtype, block, stride,
-           _bucket(q.shape[2]), _bucket(k.shape[2]), str(q.device))
+           _bucket(q.shape[2]), _bucket(k.shape[2]), str(q.device), fp8)
     return fastest_config(key, ONEPASS_CANDIDATES, lambda c: op.antidiagonal_scores_onepass(
-        q, k, block=block, stride=stride, config=c, scratch_bytes=scratch_bytes))
+        q, k, block=block, stride=stride, config=c, scratch_bytes=scratch_bytes, fp8=fp8))
 
 
 def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, stride: int = 8,
                         config: dict | None = None, method: str = "auto",
-                        scratch_bytes: int | None = None) -> torch.Tensor:
+                        scratch_bytes: int | None = None, fp8: bool = False) -> torch.Tensor:
     """XAttention block scores. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sq <= Sk, any strides); returns float32
     [B, Hq, ceil(Sq/block), ceil(Sk/block)], equal to ``antidiagonal_block_scores(q, k, block, stride)``: each
     query-block row sums to its number of strided rows that hold a query. ``config`` overrides the tiles / launch
@@ -188,20 +188,25 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, s
     ``method``: "two_pass" (this file's kernel: row statistics, then probabilities; memory = output), "one_pass"
     (antidiag_score_onepass.py: half the tensor-core work, float32 scratch of at most ``scratch_bytes``, default
     512 MB, at least one head's: (Sq/stride) x (Sk/block) x 4 B), "auto" = one_pass on CUDA when one head's
-    scratch fits the budget, else two_pass (always two_pass under the CPU interpreter)."""
+    scratch fits the budget, else two_pass (always two_pass under the CPU interpreter).
+
+    ``fp8``: the one-pass kernel on per-head FP8 copies of q and centred k (``antidiagonal_scores_onepass``);
+    needs the one-pass method (auto picks it; two_pass raises)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if fp8 and method == "two_pass":
+        raise ValueError("fp8 estimation runs on the one-pass kernel: use method='auto' or 'one_pass'")
     if method != "two_pass":
         check_inputs(q, k, block, stride)
         from . import antidiag_score_onepass as op
 
         budget = op.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-        if method == "one_pass" or (q.is_cuda and op.scratch_bytes_per_head(q, k, block=block, stride=stride,
-                                                                            config=config) <= budget):
+        if fp8 or method == "one_pass" or (q.is_cuda and op.scratch_bytes_per_head(
+                q, k, block=block, stride=stride, config=config) <= budget):
             if config is None and q.is_cuda and q.dtype != torch.float32 and q.shape[-1] <= 128:
-                config = _measured_onepass_config(q, k, block, stride, scratch_bytes)
+                config = _measured_onepass_config(q, k, block, stride, scratch_bytes, fp8)
             return op.antidiagonal_scores_onepass(q, k, block=block, stride=stride, config=config,
-                                                  scratch_bytes=scratch_bytes)
+                                                  scratch_bytes=scratch_bytes, fp8=fp8)
     check_inputs(q, k, block, stride)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]

@@ -35,7 +35,7 @@ DEFAULT_SCRATCH_BYTES = 512 << 20
 
 @triton.jit
 def _antidiag_onepass_fwd(
-    Q, K, OUT, SCR,
+    Q, K, OUT, SCR, DQ,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -44,6 +44,7 @@ def _antidiag_onepass_fwd(
     BH0, H, GROUP, Sq, Sk, LQ, LK, DIAG, NQ, NK, N_R_TILES,
     STRIDE: tl.constexpr, RPB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr, EPI_KB: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DQ: tl.constexpr,
 ):
     NKB_T: tl.constexpr = BLOCK_C // RPB  # key blocks per column tile
     pid_r = N_R_TILES - 1 - tl.program_id(0)  # longest rows first
@@ -55,6 +56,8 @@ def _antidiag_onepass_fwd(
     Q_base = Q + b * stride_qb + h * stride_qh
     K_base = K + b * stride_kb + kvh * stride_kh
     S_base = SCR + pid_s.to(tl.int64) * stride_sh
+    if HAS_DQ:  # FP8 operands: the head's dequantisation factor (q scale x k scale) folds into the logit scale
+        qk_scale = qk_scale * tl.load(DQ + bh)
 
     r0 = pid_r * BLOCK_R
     offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -151,11 +154,17 @@ def scratch_bytes_per_head(q: torch.Tensor, k: torch.Tensor, *, block: int = 128
 
 
 def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, stride: int = 8,
-                                config: dict | None = None, scratch_bytes: int | None = None) -> torch.Tensor:
+                                config: dict | None = None, scratch_bytes: int | None = None,
+                                fp8: bool = False) -> torch.Tensor:
     """Same contract as ``antidiag_score.antidiagonal_scores`` (float32 [B, Hq, ceil(Sq/block), ceil(Sk/block)]),
     one pass over the strided GEMM. ``scratch_bytes`` bounds the float32 scratch (default DEFAULT_SCRATCH_BYTES):
     (batch, head) pairs run in chunks of ``scratch_bytes // scratch_bytes_per_head`` (at least one) per launch.
-    ``config``: BLOCK_R, BLOCK_C (powers of two), EPI_KB (key blocks per epilogue step), num_warps, num_stages."""
+    ``config``: BLOCK_R, BLOCK_C (powers of two), EPI_KB (key blocks per epilogue step), num_warps, num_stages.
+
+    ``fp8``: the strided GEMM on float8_e4m3 copies of q and of the mean-centred k, each head scaled to the e4m3
+    range (kernels/triton/fp8_quant.py); the dequantisation factors multiply the logits. Centring k shifts each
+    row's logits by a constant, which the row softmax cancels. Twin: the torch estimate on ``dequantize_fp8`` of
+    the same copies (``fp8_operands``)."""
     check_inputs(q, k, block, stride)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -179,18 +188,32 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     chunk = max(1, min(n_bh, budget // per_head))
     scratch = torch.empty(chunk, nkp, lqp, dtype=torch.float32, device=q.device)
     upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+    dq = out  # unused pointer unless fp8
+    if fp8:
+        (q, sq), (k, sk) = fp8_operands(q, k)
+        dq = (sq * sk.repeat_interleave(Hq // Hkv, dim=1)).contiguous()  # [B, Hq]
+        upcast, prec = False, "tf32"
     for bh0 in range(0, n_bh, chunk):
         n = min(chunk, n_bh - bh0)
         _antidiag_onepass_fwd[(n_r_tiles, n)](
-            q, k, out, scratch,
+            q, k, out, scratch, dq,
             _LOG2E / (D**0.5) / stride,
             *q.stride(), *k.stride(), *out.stride(), scratch.stride(0), scratch.stride(1),
             bh0, Hq, Hq // Hkv, Sq, Sk, lq, lk, diag, nq, nk, n_r_tiles,
             STRIDE=stride, RPB=rpb, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=D, EPI_KB=cfg["EPI_KB"],
-            PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+            PREC=prec, UPCAST=upcast, HAS_DQ=fp8,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out
 
 
-__all__ = ["antidiagonal_scores_onepass", "scratch_bytes_per_head", "DEFAULT_SCRATCH_BYTES", "default_config"]
+def fp8_operands(q: torch.Tensor, k: torch.Tensor):
+    """((q8, q_scale), (k8, k_scale)): the FP8 copies the ``fp8`` estimate multiplies (k centred on its mean)."""
+    from .fp8_quant import quantize_fp8
+
+    return quantize_fp8(q), quantize_fp8(k, center=True)
+
+
+__all__ = ["antidiagonal_scores_onepass", "fp8_operands", "scratch_bytes_per_head", "DEFAULT_SCRATCH_BYTES",
+           "default_config"]

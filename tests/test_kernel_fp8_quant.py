@@ -1,0 +1,78 @@
+"""FP8 estimation operands (kernels/triton/fp8_quant.py) and XAttention's fp8 estimate: the Triton quantiser
+against its torch twin, the one-pass kernel on FP8 operands against the torch estimate on the same dequantised
+values, the softmax invariance of centring the keys, and the policy option."""
+
+import pytest
+import torch
+
+from accel.kernels.triton.antidiag_score_onepass import antidiagonal_scores_onepass, fp8_operands
+from accel.kernels.triton.fp8_quant import FP8_MAX, dequantize_fp8, quantize_fp8, quantize_fp8_reference
+from accel.policies.xattention import XAttentionPolicy, antidiagonal_block_scores
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_matches_reference(center, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 70, 32) * 3 + 5).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # odd strides
+    x8, scale = quantize_fp8(x, center=center)
+    r8, rscale = quantize_fp8_reference(x, center=center)
+    assert x8.dtype == torch.float8_e4m3fn and x8.is_contiguous() and x8.shape == x.shape
+    torch.testing.assert_close(scale, rscale)
+    a, b = dequantize_fp8(x8, scale), dequantize_fp8(r8, rscale)
+    # multiply-by-inverse vs divide: at most one e4m3 step apart (relative 2^-3), and nearly always equal
+    step = scale[..., None, None] * 2**-9  # e4m3's subnormal step, scaled
+    assert ((a - b).abs() <= 0.13 * b.abs() + step).all() and (a == b).float().mean() > 0.99
+    assert x8.float().abs().max() <= FP8_MAX
+    want = x.float() - (x.float().mean(2, keepdim=True) if center else 0)
+    assert ((a - want).abs() <= 0.07 * want.abs() + step).all()
+
+
+def _qk(S=300, D=32):
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, S, D) * 2
+    k = torch.randn(1, 2, S, D) * 2 + 3  # a large shared key component: centring removes it
+    return q, k
+
+
+def test_onepass_fp8_matches_torch_on_the_same_operands():
+    q, k = _qk()
+    got = antidiagonal_scores_onepass(q, k, block=32, stride=8, fp8=True)
+    (q8, sq), (k8, sk) = fp8_operands(q, k)
+    want = antidiagonal_block_scores(dequantize_fp8(q8, sq), dequantize_fp8(k8, sk), 32, 8)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_centring_keys_leaves_the_estimate_unchanged():
+    # exact when every strided column holds real keys (a partial last column mixes in zero padding)
+    q, k = _qk(S=320)
+    a = antidiagonal_block_scores(q, k, 32, 8)
+    b = antidiagonal_block_scores(q, k - k.mean(2, keepdim=True), 32, 8)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fp8_estimate_is_close_to_the_exact_one():
+    q, k = _qk()
+    exact = antidiagonal_block_scores(q, k, 64, 8)  # each query-block row sums to its 8 strided rows
+    got = XAttentionPolicy.from_options(block_size=64, estimate_dtype="fp8").score(q, k, None)
+    assert (got - exact).abs().max() < 0.25 and (got - exact).abs().mean() < 0.02
+    torch.testing.assert_close(got.sum(-1), exact.sum(-1))
+
+
+def test_estimate_dtype_option():
+    assert not XAttentionPolicy.from_options().uses_fp8(torch.zeros(1, 1, 1, 8))  # auto on the CPU: input dtype
+    assert XAttentionPolicy.from_options(estimate_dtype="fp8").uses_fp8(torch.zeros(1, 1, 1, 8))
+    with pytest.raises(ValueError, match="estimate_dtype"):
+        XAttentionPolicy.from_options(estimate_dtype="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_onepass_fp8_on_gpu_matches_torch_twin():
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 8192, 128, device="cuda", dtype=torch.bfloat16) + 1
+    got = antidiagonal_scores_onepass(q, k, block=128, stride=8, fp8=True)
+    (q8, sq), (k8, sk) = fp8_operands(q, k)
+    want = antidiagonal_block_scores(dequantize_fp8(q8, sq), dequantize_fp8(k8, sk), 128, 8)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
