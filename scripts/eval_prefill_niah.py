@@ -8,7 +8,9 @@ reports accuracy (needle found), mean attention recall and mean prefill density 
     python scripts/eval_prefill_niah.py                       # smollm2 2K/4K + gemma3 4K, 3 depths (~25 min CPU)
     python scripts/eval_prefill_niah.py --model smollm2 --lengths 4096 --depths 0.5 --policies dense,flexprefill
 
-Policy names are accel policies; ``NAME@map`` adds ``head_map=vertical_slash_<model>`` (the shipped head map)."""
+Policy names are accel policies; ``NAME@map`` adds ``head_map=vertical_slash_<model>`` (the shipped head map),
+``NAME@fp8`` ``estimate_dtype="fp8"`` (XAttention's FP8 estimate, which the GPU takes by default; on the CPU the
+torch estimate runs on the same quantised values)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ DEFAULT_LENGTHS = {"smollm2": [2048, 4096], "gemma3": [4096]}
 def policy_spec(name: str, model_name: str) -> tuple[str, dict]:
     if name.endswith("@map"):
         return name[:-4], {"head_map": f"vertical_slash_{model_name}"}
+    if name.endswith("@fp8"):
+        return name[:-4], {"estimate_dtype": "fp8"}
     return name, {}
 
 
