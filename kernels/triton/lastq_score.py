@@ -140,6 +140,24 @@ def _row_norm(M_IN, L_IN, b, head, i, row_valid, Hq, NCH, N_PAD: tl.constexpr, N
 
 
 @triton.jit
+def _probs_vertical(q, K_base, VERT, out_rows, head_valid, offs_n, offs_d, stride_kn, stride_kd, end, POS0, row_pos,
+                    j0, qk_scale, m_safe, inv_l, HPT: tl.constexpr, N_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr, ACCUM: tl.constexpr):
+    """Pass 2's common step: the normalised probabilities of the key tile at j0, whose column sums per head (the
+    vertical mass) it stores (one owner per column: plain stores, added to the earlier row chunks' when ACCUM)."""
+    s = _logits(q, K_base, offs_n, offs_d, stride_kn, stride_kd, end, POS0, row_pos, j0, qk_scale,
+                BLOCK_N, PREC, UPCAST)
+    p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]
+    v = tl.sum(tl.reshape(p, [HPT, N_PAD, BLOCK_N]), 1)
+    v_ptr = VERT + out_rows + offs_n[None, :]
+    v_mask = head_valid[:, None] & (offs_n[None, :] < end)
+    if ACCUM:
+        v += tl.load(v_ptr, mask=v_mask, other=0.0)
+    tl.store(v_ptr, v, mask=v_mask)
+    return p
+
+
+@triton.jit
 def _lastq_reduce(
     Q, K, M_IN, L_IN, VERT, SLASH,
     qk_scale,
@@ -173,16 +191,8 @@ def _lastq_reduce(
         obase = POS0 - start - (BLOCK_N - 1)
         for j0 in tl.range(start, end, BLOCK_N):
             offs_n = j0 + offs_b
-            s = _logits(q, K_base, offs_n, offs_d, stride_kn, stride_kd, end, POS0, row_pos, j0, qk_scale,
-                        BLOCK_N, PREC, UPCAST)
-            p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]
-            # vertical: column sums per head
-            v = tl.sum(tl.reshape(p, [HPT, N_PAD, BLOCK_N]), 1)
-            v_ptr = VERT + out_rows + offs_n[None, :]
-            v_mask = head_valid[:, None] & (offs_n[None, :] < end)
-            if ACCUM:
-                v += tl.load(v_ptr, mask=v_mask, other=0.0)
-            tl.store(v_ptr, v, mask=v_mask)
+            p = _probs_vertical(q, K_base, VERT, out_rows, head_valid, offs_n, offs_d, stride_kn, stride_kd, end, POS0,
+                                row_pos, j0, qk_scale, m_safe, inv_l, HPT, N_PAD, BLOCK_N, PREC, UPCAST, ACCUM)
             # slash: skew rows, sum over queries -> 2*BLOCK_N diagonal partial sums per head
             # gather index that skews row i by its index: t = i + BLOCK_N - 1 - jj, t in [0, 2*BLOCK_N)
             g_idx = i[:, None] + (BLOCK_N - 1) - tt[None, :]
@@ -243,15 +253,8 @@ def _lastq_reduce_scratch(
         p_rows = (slot * GROUP + (head - kvh * GROUP)) * stride_ph + i.to(tl.int64) * stride_pm  # [rows]
         for j0 in tl.range(start, end, BLOCK_N):
             offs_n = j0 + offs_b
-            s = _logits(q, K_base, offs_n, offs_d, stride_kn, stride_kd, end, POS0, row_pos, j0, qk_scale,
-                        BLOCK_N, PREC, UPCAST)
-            p = tl.math.exp2(s - m_safe[:, None]) * inv_l[:, None]
-            v = tl.sum(tl.reshape(p, [HPT, N_PAD, BLOCK_N]), 1)
-            v_ptr = VERT + out_rows + offs_n[None, :]
-            v_mask = head_valid[:, None] & (offs_n[None, :] < end)
-            if ACCUM:
-                v += tl.load(v_ptr, mask=v_mask, other=0.0)
-            tl.store(v_ptr, v, mask=v_mask)
+            p = _probs_vertical(q, K_base, VERT, out_rows, head_valid, offs_n, offs_d, stride_kn, stride_kd, end, POS0,
+                                row_pos, j0, qk_scale, m_safe, inv_l, HPT, N_PAD, BLOCK_N, PREC, UPCAST, ACCUM)
             tl.store(P + p_rows[:, None] + offs_n[None, :], (p * P_SCALE).to(tl.float16),
                      mask=row_valid[:, None] & (offs_n[None, :] < end))
 
