@@ -150,9 +150,10 @@ def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
 
 
 def _run_head_split(state: LayerState, layout, q, k, v, scale, softcap, kv_start):
-    """Each part of a HeadSplitLayout on its own backend; outputs scattered back to their query heads."""
+    """Each part of a HeadSplitLayout on its own backend; outputs scattered back to their query heads. Returns the
+    output and the backend of each part."""
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    backend = None
+    backends = []
     for part in layout.parts:
         qq = q.index_select(1, part.q_heads)
         if part.k is not None:
@@ -163,7 +164,8 @@ def _run_head_split(state: LayerState, layout, q, k, v, scale, softcap, kv_start
             kk, vv = k, v
         backend = _resolve(state, part.layout, qq, kv_start)
         out[:, part.q_heads] = backend.run(part.layout, qq, kk, vv, scale=scale, softcap=softcap, kv_start=kv_start)
-    return out, backend
+        backends.append(backend)
+    return out, backends
 
 
 def _left_padding(mask: torch.Tensor, kv_len: int) -> torch.Tensor | None:
@@ -246,13 +248,15 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, slid
                            cache=cache, kv_start=kv_start, scale=scaling, softcap=softcap)
     layout = policy.plan(query, key, ctx)
     if isinstance(layout, HeadSplitLayout):  # heads under different layouts / K/V stores (DuoAttention)
-        out, backend = _run_head_split(state, layout, query, key, value, scaling, softcap, kv_start)
+        out, backends = _run_head_split(state, layout, query, key, value, scaling, softcap, kv_start)
     else:
         backend = _resolve(state, layout, query, kv_start)
         out = backend.run(layout, query, key, value, scale=scaling, softcap=softcap, kv_start=kv_start)
+        backends = [backend]
 
     state.calls[phase] += 1
-    state.backends_used[backend.name] = state.backends_used.get(backend.name, 0) + 1
+    for backend in backends:  # every part of a head split counts: its backends may differ
+        state.backends_used[backend.name] = state.backends_used.get(backend.name, 0) + 1
     total = max(kv_len, state.past_len + q_len)
     # density against the full causal context (a compacted cache holds fewer keys than were seen)
     d = _density(layout, q_len, total, state.collect)

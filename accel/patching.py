@@ -234,7 +234,10 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def stats(model: nn.Module) -> dict[str, Any]:
-    """Per-layer policy, backend(s) used, call counts and density (share of causal pairs computed)."""
+    """Per-layer policy, backend(s) used, call counts and density (share of causal pairs computed).
+
+    ``backends_used`` counts kernel runs per backend: a call whose heads are split (DuoAttention, LServe) counts once
+    per part, so a part on another backend shows."""
     record = getattr(model, _ATTR, None)
     if record is None:
         raise ValueError("model is not patched; call accel.patch(model, ...) first")

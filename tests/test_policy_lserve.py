@@ -197,3 +197,16 @@ def test_head_map_checks(tmp_path):
         accel.patch(qwen, "lserve")  # streaming heads need a head map; ratio=0 does not
     assert not accel.is_patched(qwen)
     accel.patch(qwen, "lserve", ratio=0.0)
+
+
+def test_stats_count_every_part_of_a_head_split(tmp_path):
+    """A split layer's decode runs two parts (streaming heads, selected pages), each on its own backend: stats
+    count both, so a part on another backend is never hidden behind the last one."""
+    model = tiny_model("llama")
+    path = tmp_path / "m.json"  # one streaming and one retrieval KV head in each layer
+    path.write_text(json.dumps({"model": model_signature(model.config), "gates": [[0.9, 0.1], [0.1, 0.9]]}))
+    accel.patch(model, "lserve", duo_map=str(path), ratio=0.5, sink=4, recent=12, backend="reference", **SMALL)
+    with torch.no_grad():
+        _gen(model, ids(length=90), n=4)
+    for lay in accel.stats(model)["layers"]:  # the prefill and each of the 3 decode steps: two parts each
+        assert lay["calls"] == {"prefill": 1, "decode": 3} and lay["backends"] == {"reference": 2 * 4}
