@@ -152,7 +152,8 @@ class FlexPrefillPolicy(Policy):
         vertical, slash = last_query_scores(q, k, bs, scale)
         vertical, slash = vertical / n_last, slash / n_last
         min_blocks = min(nk, math.ceil(self.min_budget / bs))
-        n_vert, n_slash = _cover_counts(vertical, slash, self.gamma)
+        # both distributions in one call (on CUDA one mass-cut search: 8 launches instead of 16)
+        n_vert, n_slash = tokens_to_cover(torch.stack((vertical, slash)), self.gamma)
         n_vert = (n_vert / bs).ceil().long().clamp(min_blocks, nk)
         n_slash = (n_slash / bs).ceil().long().clamp(min_blocks, nk)
         v_blk, s_blk = block_sums(vertical, bs), block_sums(slash, bs)
@@ -227,13 +228,3 @@ def _max_layout_blocks() -> int:
     from accel.kernels.triton.block_topk import MAX_N
 
     return MAX_N
-
-
-def _cover_counts(vertical: torch.Tensor, slash: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``tokens_to_cover`` of both last-query distributions; on CUDA one mass-cut search over both (8 launches
-    instead of 16)."""
-    if vertical.is_cuda and gamma < 1.0 and vertical.shape == slash.shape:
-        x = torch.stack((vertical, slash)).float().clamp_min(0)
-        n = (x.view(torch.int32) >= _mass_cut(x, gamma)[..., None]).sum(-1)
-        return n[0], n[1]
-    return tokens_to_cover(vertical, gamma), tokens_to_cover(slash, gamma)

@@ -409,11 +409,10 @@ def lastq_scores(q: torch.Tensor, k: torch.Tensor, n_last: int = 64, *, scale: f
     n_bk = B * Hkv
     if method == "scratch":
         # one buffer for every launch: (batch, KV head) pairs per chunk x their query heads x rows x keys
-        ldp = _scratch_row_stride(Sk)
-        per_pair = group * min(rows, n) * ldp * 2
         budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
-        pairs = max(1, min(n_bk, budget // per_pair))
-        scratch = torch.empty(pairs * group, min(rows, n), ldp, dtype=torch.float16, device=q.device)
+        pairs = max(1, min(n_bk, budget // scratch_bytes_per_kv_head(q, k, n, config=config)))
+        scratch = torch.empty(pairs * group, min(rows, n), _scratch_row_stride(Sk), dtype=torch.float16,
+                              device=q.device)
     for r0 in range(0, n, rows):  # row chunks: independent softmaxes, summed into the outputs
         nr = min(rows, n - r0)
         n_pad = max(16, _next_pow2(nr))
