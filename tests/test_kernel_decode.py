@@ -80,6 +80,18 @@ def test_select_pages_matches_reference(k_pages, keep_first, n_cuts):
         assert (got[0] == 32).any(-1).all()  # the newest page is always kept
 
 
+@pytest.mark.parametrize("k_pages", [1, 17, 60, 199])
+@pytest.mark.parametrize("n_cuts", [1, 4])
+def test_select_pages_heavy_ties_and_early_stop(k_pages, n_cuts):
+    # integer scores: most cuts land inside a run of equal keys, so the search's stop at a cut with exactly k keys
+    # above it and the tie ranking after it both decide the result; continuous rows stop early instead
+    g = torch.Generator().manual_seed(k_pages + n_cuts)
+    s = torch.cat([torch.randint(0, 6, (2, 2, 200), generator=g).float(), torch.randn(2, 2, 200, generator=g)], 1)
+    got = select_pages(s, k_pages, kv_len=200 * 16, page_size=16, n_cuts=n_cuts)
+    ref = R.select_pages(s, k_pages, kv_len=200 * 16, page_size=16)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 @pytest.mark.parametrize("group", [1, 4, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_matches_reference(group, dtype):

@@ -72,7 +72,9 @@ def test_policy_triton_layout_matches_torch_path(tau):
     want = build_block_layout(pol.select(q, k, causal), q.shape[2], k.shape[2], 64, 64)
     got = pol.select_layout(q, k)
     assert torch.equal(got.counts, want.counts)
-    assert torch.equal(got.indices, want.indices)
+    # the policy builds short rows at full width (no host sync); its first entries are the torch layout's
+    assert got.indices.shape[-1] == causal.shape[1]
+    assert torch.equal(got.indices[..., : want.indices.shape[-1]], want.indices)
     assert (got.counts < causal.sum(-1)).any()  # something was skipped
 
 

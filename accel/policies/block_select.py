@@ -17,6 +17,18 @@ from .base import Policy
 
 SUPPORTED_BLOCKS = (64, 128)
 
+# Up to this many key blocks the Triton selections build a layout at its full width (rows padded to every key block)
+# instead of the widest row's: reading the widest row is a host sync that holds the CPU until the estimate has run,
+# and at 32K (256 blocks) that stall cost ~0.5 ms of a ~1.6 ms plan, which is launch-bound there. Beyond it the GPU
+# dominates the plan and the narrower layout saves memory (a full-width layout is 128 MB of int32 at 128K, 32 heads).
+SYNC_FREE_BLOCKS = 512
+
+
+def layout_width(n_k_blocks: int) -> int | None:
+    """``max_blocks`` for the Triton layout builders: the full width (no host sync) up to SYNC_FREE_BLOCKS key
+    blocks, else None (the widest row's, read from the device)."""
+    return n_k_blocks if n_k_blocks <= SYNC_FREE_BLOCKS else None
+
 
 def check_block_size(policy: Policy) -> None:
     if policy.block_size not in SUPPORTED_BLOCKS:
@@ -94,6 +106,7 @@ class BlockSelectPolicy(Policy):
                 # one Triton pass: threshold over causal blocks + sink + diagonal, straight to the layout
                 from accel.kernels.triton.block_topk import threshold_layout
 
-                return threshold_layout(scores, self.threshold, q_len, kv_len, bs, bs)
+                return threshold_layout(scores, self.threshold, q_len, kv_len, bs, bs,
+                                        max_blocks=layout_width(scores.shape[-1]))
             selected = keep_by_threshold(scores.masked_fill(~causal, 0), self.threshold)
         return build_block_layout(selected, q_len, kv_len, bs, bs)

@@ -10,7 +10,7 @@ from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
 from accel.layouts import BlockLayout, DenseLayout
 
 from .base import Policy
-from .block_select import check_block_size, check_fraction, keep_by_threshold
+from .block_select import check_block_size, check_fraction, keep_by_threshold, layout_width
 from .vertical_slash import _use_triton, last_query_scores
 
 
@@ -198,11 +198,12 @@ class FlexPrefillPolicy(Policy):
 
         Sq, Sk, bs = q.shape[2], k.shape[2], self.block_size
         e = self.estimate(q, k, -(-Sk // bs))
+        width = layout_width(-(-Sk // bs))
         cols = topn_mask(e["v_blk"], e["n_vert"])
         diags = topn_mask(e["s_blk"], e["n_slash"])
         sel = e["query_aware"].flatten().nonzero().squeeze(1)  # flat (batch * H + head) of the query-aware heads
         if sel.numel() == 0:
-            return flex_layout(cols, diags, Sq, Sk, bs)
+            return flex_layout(cols, diags, Sq, Sk, bs, max_blocks=width)
         # pooled probabilities of the query-aware heads only (each is [nq, nk]: 4 MB and a mass-cut row of 1M
         # entries at 128K), their keys' pooled KV head picked per head
         B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
@@ -212,7 +213,8 @@ class FlexPrefillPolicy(Policy):
         cut = _mass_cut(probs.flatten(-2), self.gamma)
         slots = torch.full((B * Hq,), -1, dtype=torch.int32, device=q.device)
         slots[sel] = torch.arange(sel.numel(), dtype=torch.int32, device=q.device)
-        return flex_layout(cols, diags, Sq, Sk, bs, probs=probs, cut=cut, slots=slots.reshape(B, Hq))
+        return flex_layout(cols, diags, Sq, Sk, bs, probs=probs, cut=cut, slots=slots.reshape(B, Hq),
+                           max_blocks=width)
 
 
 def _pool_heads(x: torch.Tensor, block: int, heads: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,8 @@ from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
 from accel.layouts import DenseLayout
 
 from .base import Policy, require_positive
-from .block_select import check_block_size, check_fraction, fast_selection
-from .flexprefill import tokens_to_cover, top_n_mask
-from .vertical_slash import block_means
+from .block_select import check_block_size, check_fraction, fast_selection, layout_width
+from .flexprefill import pooled_means, tokens_to_cover, top_n_mask
 
 
 def proxy_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, heads_per_proxy: int, stride: int,
@@ -122,8 +121,8 @@ class ProxyPolicy(Policy):
     def _own_distribution(self, q, k, causal):
         """Each head's cheap block-level estimate: mean-pooled query blocks against mean-pooled key blocks."""
         Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
-        q_pool = block_means(q, self.block_size)
-        k_pool = block_means(k, self.block_size).repeat_interleave(Hq // Hkv, dim=1)
+        q_pool = pooled_means(q, self.block_size)  # the Triton mean-pool on CUDA: no float32 copy of q
+        k_pool = pooled_means(k, self.block_size).repeat_interleave(Hq // Hkv, dim=1)
         logits = torch.matmul(q_pool, k_pool.transpose(-1, -2)) * D**-0.5
         return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)  # [B, Hq, nq, nk]
 
@@ -150,4 +149,4 @@ class ProxyPolicy(Policy):
         proxy_budget = threshold_counts(ranking.masked_fill(~causal, 0.0), self.gamma).repeat_interleave(per, dim=1)
         own_budget = threshold_counts(self._own_distribution(q, k, causal), self.gamma)
         budget = torch.maximum(own_budget, proxy_budget)
-        return topn_layout(ranking, budget, q.shape[2], k.shape[2], bs, bs)
+        return topn_layout(ranking, budget, q.shape[2], k.shape[2], bs, bs, max_blocks=layout_width(ranking.shape[-1]))

@@ -75,14 +75,15 @@ def _flex_layout_kernel(COLS, DCS, PROBS, CUT, SLOT, COUNT, IDX, MB, sps, spm, N
 
 def flex_layout(cols: torch.Tensor, diags: torch.Tensor, q_len: int, kv_len: int, block: int, *,
                 probs: torch.Tensor | None = None, cut: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None) -> BlockLayout:
+                slots: torch.Tensor | None = None, max_blocks: int | None = None) -> BlockLayout:
     """BlockLayout of FlexPrefill's selection. ``cols`` bool [B, H, n_k_blocks] (kept column blocks), ``diags`` bool
     [B, H, n_offset_blocks] (kept diagonal-offset blocks: offsets d*block .. d*block+block-1); optionally the
     query-aware heads' pooled probabilities ``probs`` float [n_qa, n_q_blocks, n_k_blocks] with their cuts ``cut``
     int32 [n_qa] (keep ``probs.float().view(int32) >= cut``) and ``slots`` int [B, H]: the row of ``probs`` of each
     head, -1 for heads that are not query-aware (only those heads' probabilities are ever computed). The sink and
     diagonal blocks are always kept; everything is limited to causal blocks. Equal to the torch composition in
-    ``FlexPrefillPolicy.select`` + ``build_block_layout``."""
+    ``FlexPrefillPolicy.select`` + ``build_block_layout``. ``max_blocks``: the indices' width (None: the widest
+    row's, read from the device: a host sync), as ``block_topk.threshold_layout``."""
     B, H, nk = cols.shape
     nq = -(-q_len // block)
     if nk != -(-kv_len // block):
@@ -114,7 +115,7 @@ def flex_layout(cols: torch.Tensor, diags: torch.Tensor, q_len: int, kv_len: int
     geo = (*strides, nq, nk, nd, q_len, kv_len - q_len, block)
     if R:
         _flex_layout_kernel[(R,)](*args, count, 0, *geo, PHASE=0, HAS_QA=has_qa, BLOCK_N=bn, num_warps=_warps(bn))
-    mb = int(count.max()) if R else 0
+    mb = min(max(int(max_blocks), 0), nk) if max_blocks is not None else (int(count.max()) if R else 0)
     idx = torch.empty(B, H, nq, mb, dtype=torch.int32, device=dev)
     if R and mb:
         _flex_layout_kernel[(R,)](*args, idx, mb, *geo, PHASE=1, HAS_QA=has_qa, BLOCK_N=bn, num_warps=_warps(bn))
