@@ -15,11 +15,11 @@ from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .autopick import Fastest
-from .cache import DuoStaticLayer
 from .kernels.static_decode import dense_static_decode
 from .kernels import BackendUnavailable, get_backend
 from .layouts import BlockLayout, HeadSplitLayout, PageSelection, VerticalSlashLayout
 from .policies import AttentionContext
+from .policies.duo import DuoPolicy, split_chunk
 from .spec import PolicySpec
 
 IMPL_NAME = "accel"
@@ -226,12 +226,14 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, slid
         return _static_decode(state, query, key, value, attention_mask, scaling, softcap)
     q_len = query.shape[2]
     cache, cache_layer = state.cache_and_layer()
-    if q_len > 1 and state.past_len and isinstance(cache_layer, DuoStaticLayer):
-        raise RuntimeError("DuoAttention over a static cache takes one prefill and then one-token decode steps; "
-                           "chunked prefill (or a prompt on top of a filled cache) needs the default dynamic cache")
     if isinstance(cache_layer, StaticLayer) and key.shape[2] > state.past_len + q_len:
         # a static cache hands over its whole preallocated buffer: attend to the filled part only
         key, value = key[:, :, : state.past_len + q_len], value[:, :, : state.past_len + q_len]
+    if (q_len > 1 and attention_mask is not None and split_chunk(cache_layer)
+            and _left_padding(attention_mask, state.past_len + q_len) is not None):
+        raise ValueError("a chunk (or a prompt on top of a filled cache) over DuoAttention's or StreamingLLM's split "
+                         "cache does not take left-padded batches (the streaming heads' sink tokens would be "
+                         "padding); run prompts one at a time or with equal lengths")
     kv_len = key.shape[2]
     phase = "prefill" if q_len > 1 else "decode"
     policy = state.spec.prefill if phase == "prefill" else state.spec.decode
@@ -246,7 +248,14 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, slid
     window = sliding_window if sliding_window is not None else state.sliding_window
     ctx = AttentionContext(layer_idx=state.layer_idx, phase=phase, sliding_window=window, cache_layer=cache_layer,
                            cache=cache, kv_start=kv_start, scale=scaling, softcap=softcap)
-    layout = policy.plan(query, key, ctx)
+    decode = state.spec.decode
+    if (phase == "prefill" and isinstance(decode, DuoPolicy) and not isinstance(policy, DuoPolicy)
+            and split_chunk(cache_layer)):
+        # a composition's chunk on top of DuoAttention's split cache (dynamic or static): the cache returned the
+        # retrieval heads only; the decode policy splits the heads and the prefill policy plans the retrieval ones
+        layout = decode.chunk_plan(query, key, ctx, policy)
+    else:
+        layout = policy.plan(query, key, ctx)
     if isinstance(layout, HeadSplitLayout):  # heads under different layouts / K/V stores (DuoAttention)
         out, backends = _run_head_split(state, layout, query, key, value, scaling, softcap, kv_start)
     else:

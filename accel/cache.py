@@ -313,9 +313,16 @@ class DuoStaticLayer(StaticLayer):
     (``skeys``/``svalues``): positions below ``sink`` keep their slot, later ones cycle through the other ``recent``
     slots. So the streaming heads' memory is constant here too, and a decode step writes one slot, chosen on the
     device from ``cumulative_length`` (no sync, compiles into a CUDA graph). Attention is order-free once RoPE is
-    applied, so the ring needs no reordering. A multi-token update returns that call's K/V of every head, for the
-    prefill policy: right for the first fill; a prefill on top of a filled layer (chunked prefill) would miss the
-    streaming heads' past, and the attention function refuses it."""
+    applied, so the ring needs no reordering.
+
+    A multi-token update on an empty layer (the first fill) returns that call's K/V of every head, for the prefill
+    policy. On a filled layer (chunked prefill, a prompt on top of a filled cache; eager, one host read of the
+    length) it presents what the dynamic twin ``DuoSplitLayer`` presents: the retrieval heads' K/V up to the new
+    length, and in ``stream_kv`` the streaming heads' past as that layer would hold it (the sink positions and the
+    last ``recent - 1``, read back from their ring slots in position order) followed by the chunk, in the index
+    space of accel.layouts; ``full_call`` tells the two apart. A layer whose heads all stream (policy
+    ``streaming``) returns ``stream_kv`` itself, as ``SinkWindowLayer`` does. The chunk is then written into the
+    buffer and the ring as a first fill's tokens are."""
 
     def __init__(self, max_cache_len: int, stream_heads, sink: int, recent: int):
         super().__init__(max_cache_len=max_cache_len)
@@ -324,6 +331,8 @@ class DuoStaticLayer(StaticLayer):
         self.retrieval_idx = (~mask).nonzero()[:, 0]
         self.sink, self.recent = sink, recent
         self.skeys = self.svalues = None
+        self.stream_kv = None  # a chunk's streaming heads' visible K/V (compacted past + the chunk), else None
+        self.full_call = True  # the last multi-token update was a first fill (every head's K/V returned)
 
     @classmethod
     def from_layer(cls, layer: StaticLayer, stream_heads, sink: int, recent: int) -> "DuoStaticLayer":
@@ -352,29 +361,53 @@ class DuoStaticLayer(StaticLayer):
     def _slots(self, pos: torch.Tensor) -> torch.Tensor:
         return torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % self.recent)
 
+    def past_positions(self, length: int) -> torch.Tensor:
+        """Positions (ascending) of the streaming heads' past that the dynamic ``DuoSplitLayer`` keeps after
+        ``length`` tokens: all of them up to ``sink + recent - 1``, else the sink positions and the last
+        ``recent - 1``. The ring holds each of them (in ``_slots(pos)``)."""
+        keep = self.recent - 1
+        if length <= self.sink + keep:
+            return torch.arange(length, device=self.device)
+        return torch.cat([torch.arange(self.sink, device=self.device),
+                          torch.arange(length - keep, length, device=self.device)])
+
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
+        ks, vs = key_states.index_select(1, self.stream_idx), value_states.index_select(1, self.stream_idx)
+        past = 0
+        if n > 1:  # eager (a prefill or a chunk): the length on the host
+            past = int(self.cumulative_length)
+            self.full_call = past == 0
+            self.stream_kv = None
+            if past:  # the ring's past as the dynamic layer holds it, read before the chunk overwrites its slots
+                slots = self._slots(self.past_positions(past))
+                self.stream_kv = (torch.cat([self.skeys.index_select(2, slots), ks], dim=-2),
+                                  torch.cat([self.svalues.index_select(2, slots), vs], dim=-2))
         pos = torch.arange(n, device=self.device) + self.cumulative_length
         self.keys.index_copy_(2, pos, key_states.index_select(1, self.retrieval_idx))
         self.values.index_copy_(2, pos, value_states.index_select(1, self.retrieval_idx))
-        ks, vs = key_states.index_select(1, self.stream_idx), value_states.index_select(1, self.stream_idx)
         if n > 1:  # several tokens (eager): the sink positions and the last `recent` ones, distinct ring slots
             keep = (pos < self.sink) | (torch.arange(n, device=self.device) >= n - self.recent)
             pos, ks, vs = pos[keep], ks[:, :, keep], vs[:, :, keep]
         self.skeys.index_copy_(2, self._slots(pos), ks)
         self.svalues.index_copy_(2, self._slots(pos), vs)
         self.cumulative_length.add_(n)
-        if n > 1:
+        if n == 1:
+            return self.keys, self.values
+        if self.full_call:
             return key_states, value_states  # every head, for the prefill policy
-        return self.keys, self.values
+        if self.retrieval_idx.numel() == 0:
+            return self.stream_kv  # every head streams: what SinkWindowLayer returns
+        return self.keys[:, :, : past + n], self.values[:, :, : past + n]
 
     def extra_tensors(self) -> tuple:
         return (self.skeys, self.svalues)
 
     def reset(self) -> None:
         super().reset()
+        self.stream_kv, self.full_call = None, True
         if self.skeys is not None:
             self.skeys.zero_()
             self.svalues.zero_()

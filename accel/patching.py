@@ -205,6 +205,8 @@ def patch(
             kind = spec.decode.cache_kind(window, mod.layer_idx)
             record.handles.append(mod.register_forward_pre_hook(_cache_hook(state, limit, kind), with_kwargs=True))
         record.handles.append(model.register_forward_pre_hook(_position_guard(model), with_kwargs=True))
+        if callable(getattr(type(model), "get_compiled_call", None)):
+            model.get_compiled_call = _eager_prefill_chunks(model)
         model.set_attn_implementation(IMPL_NAME)
         setattr(model, _ATTR, record)
     except Exception:
@@ -213,7 +215,33 @@ def patch(
     return model
 
 
+def _eager_prefill_chunks(model: nn.Module):
+    """``get_compiled_call`` for the patched model: transformers' generate compiles the forward of the prefill
+    chunks (``prefill_chunk_size``) over a static cache, not only the one-token decode steps. accel's prefill runs
+    eagerly (its hooks read cache lengths on the host and skip compiled calls), so the compiled forward it returns
+    sends calls of several tokens to the eager forward and compiles the one-token steps as before."""
+    original = type(model).get_compiled_call
+
+    def get_compiled_call(compile_config=None):
+        compiled = original(model, compile_config)
+
+        def call(*args, **kwargs):
+            ids = kwargs.get("input_ids")
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            if ids is None and args:
+                ids = args[0]
+            if isinstance(ids, torch.Tensor) and ids.dim() > 1 and ids.shape[1] > 1:
+                return model(*args, **kwargs)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    return get_compiled_call
+
+
 def _undo(model: nn.Module, record: _PatchRecord) -> None:
+    model.__dict__.pop("get_compiled_call", None)
     for h in record.handles:
         h.remove()
     for mod in record.modules:

@@ -315,9 +315,10 @@ def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
 
 def static_decode(model, ids, args) -> dict:
     """The run's own prefill of ``ids`` repeated ``--decode-batch`` times into a transformers StaticCache (eager, one
-    forward, or chunks of ``--prefill-chunk`` tokens per row for the policies that allow chunked prefill over a
-    static cache: not duo / lserve), then ``--static-decode`` compiled greedy steps (bench_utils.compiled_decode). Returns the step time, tokens/s,
-    compile time and the static cache's bytes, prefixed ``static_``."""
+    forward, or chunks of ``--prefill-chunk`` tokens per row: every policy takes chunks over a static cache, duo /
+    lserve / streaming through their ring), then ``--static-decode`` compiled greedy steps
+    (bench_utils.compiled_decode). Returns the step time, tokens/s, compile time and the static cache's bytes,
+    prefixed ``static_``."""
     from transformers import StaticCache
 
     from bench_utils import compiled_decode
@@ -398,7 +399,12 @@ def write(results, out):
     lines = [f"# End to end: {m['model']} ({m['shape']})", "", *meta_lines(m),
              f"- {m.get('weights_note', 'random weights')}, bf16, batch 1; time to first token = prefill with "
              f"logits_to_keep=1 (median of {m['repeats']}, after a warm-up at the same length); speedups against the "
-             "dense baselines of the same run", ""]
+             "dense baselines of the same run"]
+    if m.get("static_decode"):
+        chunk = m.get("prefill_chunk")
+        how = f"chunked, {chunk} tokens per row per forward (`--prefill-chunk {chunk}`)" if chunk else "one forward"
+        lines.append(f"- `--static-decode` prefill: {how}")
+    lines.append("")
     has_decode = any("decode_tok_s" in r for r in results["rows"])
     has_answer = any("needle_found" in r for r in results["rows"])
     peak_head = "peak GiB (busiest GPU)" if m.get("gpus", 1) > 1 else "peak GiB"
@@ -485,8 +491,9 @@ def main(argv=None):
     ap.add_argument("--decode-batch", type=int, default=1, help="rows of the --static-decode batch (the prompt "
                     "repeated)")
     ap.add_argument("--prefill-chunk", type=int, default=0,
-                    help="tokens per row per forward of the --static-decode prefill (0: the whole prompt at once; "
-                         "duo and lserve take one prefill over a static cache)")
+                    help="tokens per row per forward of the --static-decode prefill (0: the whole prompt at once). "
+                         "Chunks keep the activations of a long batch small, e.g. --decode-batch 4 at 128K with "
+                         "--prefill-chunk 16384; the timed batch-1 TTFT prefill stays one forward")
     ap.add_argument("--no-density", dest="density", action="store_false",
                     help="skip the extra untimed prefill that measures density and recall of accel runs")
     ap.add_argument("--weights", choices=("random", "real"), default="random",

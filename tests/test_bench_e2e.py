@@ -48,8 +48,9 @@ def test_profile_prefill_traces_accel_attention_and_restores_it(tmp_path):
 
 def test_static_decode_after_the_runs_own_prefill(tmp_path, monkeypatch):
     """--static-decode on a tiny Llama on the CPU (CUDA syncs stubbed): the composition prefills into a StaticCache
-    with its own policy, its compiled steps run, its cache (streaming heads in a ring) is smaller than dense's, and
-    the markdown gets the decode table with the ratio against `dense`."""
+    with its own policy, in chunks (--prefill-chunk; the streaming heads' ring takes them), its compiled steps run,
+    its cache (streaming heads in a ring) is smaller than dense's, and the markdown says the prefill was chunked and
+    gets the decode table with the ratio against `dense`."""
     import argparse
 
     import torch
@@ -64,7 +65,7 @@ def test_static_decode_after_the_runs_own_prefill(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 300, (1, 1024))
-    args = argparse.Namespace(decode_batch=2, static_decode=3, prefill_chunk=0)
+    args = argparse.Namespace(decode_batch=2, static_decode=3, prefill_chunk=400)  # chunks of 400, 400, 224
     rows = []
     for run in ("dense", "flexprefill+lserve"):
         extra = {"duo_map": bench_e2e.speed_head_map(model, str(tmp_path / "duo.json"))} if "lserve" in run else {}
@@ -78,7 +79,8 @@ def test_static_decode_after_the_runs_own_prefill(tmp_path, monkeypatch):
     assert dense["static_tok_s"] > 0 and comp["static_tok_s"] > 0 and comp["static_batch"] == 2
     assert comp["static_kv_cache_bytes"] < dense["static_kv_cache_bytes"]
     meta = {"model": "tiny", "shape": "2 layers", "command": "x", "device": "cpu", "date": "d", "versions": {},
-            "repeats": 1, "static_decode": 3, "prefill_chunk": 0}
+            "repeats": 1, "static_decode": 3, "prefill_chunk": 400}
     bench_e2e.write({"meta": meta, "rows": rows}, str(tmp_path / "out"))
     md = (tmp_path / "out.md").read_text()
     assert "| 1K | dense | 2 |" in md and "| 1K | flexprefill+lserve | 2 |" in md and "1.00x" in md
+    assert "chunked, 400 tokens per row per forward" in md and "(in chunks of 400 tokens)" in md

@@ -294,20 +294,6 @@ def test_duo_over_static_cache_matches_dynamic(fam, backend, tmp_path, monkeypat
     assert accel.cache_bytes(out.past_key_values) < 0.6 * accel.cache_bytes(dense.past_key_values)
 
 
-def test_duo_static_cache_refuses_chunked_prefill(tmp_path):
-    from transformers import StaticCache
-
-    model = tiny_model("llama")
-    accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=4, recent=12,
-                backend="reference")
-    cache = StaticCache(config=model.config, max_cache_len=256)
-    x = ids(length=200)
-    with torch.no_grad():
-        model(x[:, :120], past_key_values=cache, use_cache=True)
-        with pytest.raises(RuntimeError, match="chunked prefill"):
-            model(x[:, 120:], past_key_values=cache, use_cache=True)
-
-
 @pytest.mark.parametrize("fam", ["llama", "gemma3"])
 def test_streaming_over_static_cache_matches_dynamic(fam):
     """StreamingLLM over a static cache: a ring of sink + window slots per layer, the dynamic cache's tokens, and

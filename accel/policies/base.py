@@ -21,6 +21,9 @@ class AttentionContext:
     kv_start: Any = None  # [B] int32 first real key per row for left-padded batches, else None
     scale: float | None = None  # the model's attention scale (None: head_dim ** -0.5), for policies scoring softmax
     softcap: float | None = None  # the model's logit soft-capping (Gemma 2), or None
+    # the layer's query head ids that q holds when a policy plans a subset of them (a composition's retrieval heads
+    # on a chunk over DuoAttention's split cache), else None: q holds every head
+    q_heads: Any = None
 
 
 @dataclass

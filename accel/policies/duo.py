@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -146,14 +147,27 @@ class DuoPolicy(Policy):
         return split_static_decode(q, layer, mask, scale, softcap, kv_start=kv_start, use_triton=use_triton)
 
     def plan(self, q, k, ctx):
+        return self._split_plan(q, k, ctx, None)
+
+    def chunk_plan(self, q, k, ctx, prefill: Policy):
+        """A composition's prefill (``"xattention+duo"``) on top of a filled split cache (a later chunk of a chunked
+        prefill, a prompt after a filled cache): the cache returned the retrieval heads only and the streaming
+        heads' compacted past in ``stream_kv``, so the retrieval heads run the ``prefill`` policy's plan over their
+        full K/V and the streaming heads sink + recent over their store, as in this policy's own chunks. (A first
+        fill has every head's K/V, and there the prefill policy plans all heads.)"""
+        if not split_chunk(ctx.cache_layer) or ctx.sliding_window is not None:
+            return prefill.plan(q, k, ctx)
+        return self._split_plan(q, k, ctx, prefill)
+
+    def _split_plan(self, q, k, ctx, prefill: Policy | None):
         if ctx.sliding_window is not None:
             return DenseLayout(window=ctx.sliding_window)
         stream = self._stream_heads(ctx.layer_idx)
         if not bool(stream.any()):
             return DenseLayout()
         if ctx.kv_start is not None:
-            raise ValueError("policy 'duo' does not support left-padded batches (streaming heads' sink tokens would "
-                             "be padding); run prompts one at a time or with equal lengths")
+            raise ValueError(f"policy {self.name!r} does not support left-padded batches (streaming heads' sink "
+                             "tokens would be padding); run prompts one at a time or with equal lengths")
         hkv = stream.numel()
         group = q.shape[1] // hkv
         dev = q.device
@@ -162,9 +176,25 @@ class DuoPolicy(Policy):
         q_s, q_r = (s_idx[:, None] * group + ar).flatten(), (r_idx[:, None] * group + ar).flatten()
         window = StreamingLayout(sink=self.sink, window=self.recent)
         layer = ctx.cache_layer
-        if isinstance(layer, DuoSplitLayer) and not layer.full_call:
-            sk, sv = layer.stream_kv  # compacted past + this call's tokens (accel.layouts index space)
-            parts = [HeadPart(q_r, DenseLayout()), HeadPart(q_s, window, k=sk, v=sv)]
+        if split_chunk(layer):
+            # the retrieval heads' K/V (k, v) and the streaming heads' compacted past + this call's tokens
+            # (accel.layouts index space), from DuoSplitLayer or DuoStaticLayer alike
+            sk, sv = layer.stream_kv
+            retrieval = DenseLayout()
+            if prefill is not None and q_r.numel():
+                retrieval = prefill.plan(q.index_select(1, q_r), k, dataclasses.replace(ctx, q_heads=q_r))
+                if isinstance(retrieval, HeadSplitLayout):
+                    raise TypeError(f"prefill policy {prefill.name!r} splits heads itself and cannot plan the "
+                                    f"retrieval heads of {self.name!r}'s chunks")
+            parts = [HeadPart(q_r, retrieval), HeadPart(q_s, window, k=sk, v=sv)]
         else:  # every head's K/V is here (first fill, or no cache)
             parts = [HeadPart(q_r, DenseLayout(), kv_heads=r_idx), HeadPart(q_s, window, kv_heads=s_idx)]
         return HeadSplitLayout([p for p in parts if p.q_heads.numel()])
+
+
+def split_chunk(layer) -> bool:
+    """Whether this call's cache layer split its heads (a DuoAttention layer on top of filled tokens): it returned
+    the retrieval heads' K/V only (all of a StaticLayer's streaming-only ring: the store itself) and left the
+    streaming heads' visible K/V in ``stream_kv``."""
+    return (isinstance(layer, (DuoSplitLayer, DuoStaticLayer)) and not layer.full_call
+            and layer.stream_kv is not None)

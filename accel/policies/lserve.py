@@ -149,6 +149,14 @@ class LServePolicy(DuoPolicy):
             return super().plan(q, k, ctx)  # first fill of the cache is this one-token call: duo's split
         return self._select(q, k.shape[2], layer, memo, ctx)
 
+    def chunk_plan(self, q, k, ctx, prefill):
+        """A composition's chunk on top of a filled cache (``"flexprefill+lserve"``): duo's split (the retrieval
+        heads under ``prefill``, the streaming heads over their store); the next decode step selects afresh."""
+        memo = getattr(ctx.cache_layer, "plan_cache", None)
+        if memo is not None:
+            memo.pop(self.name, None)
+        return super().chunk_plan(q, k, ctx, prefill)
+
     def physical_scores(self, q: torch.Tensor, layer: PagedKVLayer, kv_start=None) -> torch.Tensor:
         """Float32 [B, Hkv, n_physical]: each physical page scores the max Quest criticality of its logical pages."""
         s = quest_scores(q, layer, "max", kv_start)

@@ -125,11 +125,16 @@ class VerticalSlashPolicy(Policy):
         if self.head_map:
             _read_head_map(resolve_head_map(self.head_map))
 
-    def head_patterns(self, layer_idx: int, n_heads: int) -> list[str]:
+    def head_patterns(self, layer_idx: int, n_heads: int, heads: list[int] | None = None) -> list[str]:
+        """The pattern of each of the ``n_heads`` query heads of ``q``; ``heads``: their ids among the layer's heads
+        when ``q`` holds a subset (a composition's retrieval heads on a chunk; check_model matched the map)."""
         if not self.head_map:
             return ["vertical_slash"] * n_heads
         path = resolve_head_map(self.head_map)
         rows = _read_head_map(path)["patterns"]
+        if heads is not None:
+            row = rows[layer_idx] if layer_idx < len(rows) else None
+            return [row[h] for h in heads] if row else ["vertical_slash"] * n_heads
         if layer_idx >= len(rows) or (rows[layer_idx] is not None and len(rows[layer_idx]) != n_heads):
             have = len(rows[layer_idx]) if layer_idx < len(rows) and rows[layer_idx] is not None else None
             raise ValueError(f"head map {self.head_map!r} was made for another model: it has {len(rows)} layers "
@@ -155,7 +160,8 @@ class VerticalSlashPolicy(Policy):
         if ctx.sliding_window is not None:
             return DenseLayout(window=ctx.sliding_window)
         kv_len = k.shape[2]
-        patterns = self.head_patterns(ctx.layer_idx, q.shape[1])
+        heads = None if ctx.q_heads is None else ctx.q_heads.tolist()
+        patterns = self.head_patterns(ctx.layer_idx, q.shape[1], heads)
         covers = {"vertical_slash": self.slash_size >= kv_len, "a_shape": self.a_shape_window >= kv_len,
                   "block_sparse": self.block_count * BS_BLOCK >= kv_len}
         if kv_len <= self.last_q or all(covers[p] for p in patterns):
