@@ -54,7 +54,7 @@ def test_centring_keys_leaves_the_estimate_unchanged():
 def test_fp8_estimate_is_close_to_the_exact_one():
     q, k = _qk()
     exact = antidiagonal_block_scores(q, k, 64, 8)  # each query-block row sums to its 8 strided rows
-    got = XAttentionPolicy.from_options(block_size=64, estimate_dtype="fp8").score(q, k, None)
+    got = XAttentionPolicy.from_options(block_size=64, estimate_dtype="fp8").score(q, k)
     assert (got - exact).abs().max() < 0.25 and (got - exact).abs().mean() < 0.02
     torch.testing.assert_close(got.sum(-1), exact.sum(-1))
 

@@ -86,7 +86,7 @@ class BlockSelectPolicy(Policy):
         check_block_size(self)
         check_fraction(self, "threshold")
 
-    def score(self, q: torch.Tensor, k: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    def score(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def plan(self, q, k, ctx):
@@ -97,16 +97,18 @@ class BlockSelectPolicy(Policy):
             # shorter than one block: nothing to skip; recorded as density 1.0 in stats
             return DenseLayout()
         bs = self.block_size
-        causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
         if self.threshold >= 1.0:
+            causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
             selected = causal.expand(q.shape[0], q.shape[1], *causal.shape)
         else:
-            scores = self.score(q, k, causal)
+            scores = self.score(q, k)
             if scores.dim() == 4 and fast_selection(scores):
-                # one Triton pass: threshold over causal blocks + sink + diagonal, straight to the layout
+                # one Triton pass: threshold over causal blocks + sink + diagonal, straight to the layout (the
+                # kernel derives causality from the lengths: no block mask is built, six launches fewer per plan)
                 from accel.kernels.triton.block_topk import threshold_layout
 
                 return threshold_layout(scores, self.threshold, q_len, kv_len, bs, bs,
                                         max_blocks=layout_width(scores.shape[-1]))
+            causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
             selected = keep_by_threshold(scores.masked_fill(~causal, 0), self.threshold)
         return build_block_layout(selected, q_len, kv_len, bs, bs)

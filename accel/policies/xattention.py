@@ -90,7 +90,7 @@ class XAttentionPolicy(BlockSelectPolicy):
             return q.is_cuda and q.dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 9)
         return self.estimate_dtype == "fp8"
 
-    def score(self, q, k, causal):
+    def score(self, q, k):
         fp8 = self.uses_fp8(q)
         if q.is_cuda:
             # fused Triton twin: O(output) memory instead of O(Sq/stride x Sk/stride) per chunk
