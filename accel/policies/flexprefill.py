@@ -133,11 +133,11 @@ class FlexPrefillPolicy(Policy):
             return DenseLayout(window=ctx.sliding_window)
         if q_len < bs or kv_len <= self.min_budget:
             return DenseLayout()  # nothing to skip; recorded as density 1.0
+        if self.gamma < 1.0 and _use_triton(q) and -(-kv_len // bs) <= _max_layout_blocks():
+            return self.select_layout(q, k)  # causality from the lengths, in the layout kernel: no block mask
         causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
         if self.gamma >= 1.0:
             return build_block_layout(causal.expand(q.shape[0], q.shape[1], *causal.shape), q_len, kv_len, bs, bs)
-        if _use_triton(q) and causal.shape[1] <= _max_layout_blocks():
-            return self.select_layout(q, k)
         return build_block_layout(self.select(q, k, causal), q_len, kv_len, bs, bs)
 
     def estimate(self, q, k, nk: int) -> dict:
