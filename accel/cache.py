@@ -402,6 +402,15 @@ class DuoStaticLayer(StaticLayer):
             return self.stream_kv  # every head streams: what SinkWindowLayer returns
         return self.keys[:, :, : past + n], self.values[:, :, : past + n]
 
+    is_croppable = False
+
+    def crop(self, *args, **kwargs) -> None:
+        # the ring has overwritten the streaming heads' older tokens: rolling the length back (assisted generation)
+        # would attend to tokens that were removed
+        raise RuntimeError("a DuoAttention static cache layer (policies duo / lserve / streaming) cannot be cropped: "
+                           "its streaming heads keep only sink + recent tokens. Use the default dynamic cache for "
+                           "assisted generation")
+
     def extra_tensors(self) -> tuple:
         return (self.skeys, self.svalues)
 

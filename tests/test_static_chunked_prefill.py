@@ -204,3 +204,13 @@ def test_compiled_generate_runs_the_chunks_eagerly(tmp_path):
     assert layer0["calls"]["prefill"] == 3 * 2 and layer0["static_cache"]  # 3 eager chunks in each generate
     accel.unpatch(model)
     assert "get_compiled_call" not in model.__dict__
+
+
+def test_duo_static_layer_refuses_crop():
+    layer = DuoStaticLayer(64, [True, False], sink=4, recent=8)
+    k = torch.randn(1, 2, 20, 16)
+    layer.update(k, k)
+    assert not layer.is_croppable
+    with pytest.raises(RuntimeError, match="cannot be cropped"):
+        layer.crop(-5)
+    assert int(layer.get_seq_length()) == 20  # left as it was
