@@ -10,7 +10,8 @@ reports accuracy (needle found), mean attention recall and mean prefill density 
 
 Policy names are accel policies; ``NAME@map`` adds ``head_map=vertical_slash_<model>`` (the shipped head map),
 ``NAME@fp8`` ``estimate_dtype="fp8"`` (XAttention's FP8 estimate, which the GPU takes by default; on the CPU the
-torch estimate runs on the same quantised values)."""
+torch estimate runs on the same quantised values); ``NAME:key=value,key=value`` sets options (then separate the
+policies with ';': ``--policies "dense;proxy:gamma=0.95"``)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accel  # noqa: E402
 from accel.models import load_model  # noqa: E402
@@ -35,6 +37,12 @@ DEFAULT_LENGTHS = {"smollm2": [2048, 4096], "gemma3": [4096]}
 
 
 def policy_spec(name: str, model_name: str) -> tuple[str, dict]:
+    if ":" in name:
+        from bench_utils import parse_spec
+
+        base, opts = parse_spec(name)
+        extra = policy_spec(base, model_name)
+        return extra[0], {**extra[1], **opts}
     if name.endswith("@map"):
         return name[:-4], {"head_map": f"vertical_slash_{model_name}"}
     if name.endswith("@fp8"):
@@ -144,7 +152,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     models = args.model or ["smollm2", "gemma3"]
     depths = [float(d) for d in args.depths.split(",")]
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = [p.strip() for p in args.policies.split(";" if ";" in args.policies else ",") if p.strip()]
     rows = []
     for name in models:
         model, tok = load_model(name, device="cpu", dtype="float32", quiet=True)
