@@ -102,3 +102,25 @@ def test_two_gpus_match_one(policy):
         accel.patch(split, policy, backend="triton", **opts)
         out = split.generate(x, **kw)
     assert torch.equal(out.cpu(), ref.cpu())
+
+
+@pytest.mark.parametrize("policy", ["xattention", "proxy"])
+def test_plans_run_without_host_sync(policy):
+    # up to block_select.SYNC_FREE_BLOCKS key blocks the plan never waits for the GPU: a sync there stalls the CPU
+    # until the estimate has run, and the plans are launch-bound at these lengths
+    from accel.policies import AttentionContext, policy_class
+
+    torch.manual_seed(0)
+    S = 8192
+    q = torch.randn(1, 8, S, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, S, 128, device="cuda", dtype=torch.bfloat16)
+    pol = policy_class(policy)()
+    ctx = AttentionContext(layer_idx=0, phase="prefill", sliding_window=None, scale=128**-0.5)
+    pol.plan(q, k, ctx)  # first call: kernel compiles and the per-GPU tile race (those do sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layout = pol.plan(q, k, ctx)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert layout.indices.shape[-1] == S // 128  # full width: nothing was read back to size it
