@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
         del model
     import transformers
 
-    meta = {"command": "python scripts/sweep_recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = {"command": "python scripts/sweep_recall.py " + shlex.join(sys.argv[1:] if argv is None else argv),
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
             "seconds": round(time.time() - t_start, 1), "rows": args.rows,
