@@ -31,6 +31,18 @@ def parse_spec(text: str) -> tuple[str, dict]:
     return name, kw
 
 
+def model_policy_spec(entry: str, model_name: str) -> tuple[str, dict]:
+    """A demo-model policy entry ``POLICY[@map|@fp8][:key=value,...]`` -> (policy name, options): ``@map`` adds
+    ``head_map=vertical_slash_<model_name>`` (the shipped MInference head map), ``@fp8`` ``estimate_dtype="fp8"``;
+    options as ``parse_spec`` reads them (they override the suffix's)."""
+    head, opts = parse_spec(entry)
+    if head.endswith("@map"):
+        return head[:-4], {"head_map": f"vertical_slash_{model_name}", **opts}
+    if head.endswith("@fp8"):
+        return head[:-4], {"estimate_dtype": "fp8", **opts}
+    return head, opts
+
+
 def write_json(results: dict, out: str) -> None:
     """``out + ".json"``, creating its folder."""
     import json

@@ -32,23 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accel  # noqa: E402
 from accel.models import load_model  # noqa: E402
 from accel.needle import build_needle_prompt, needle_found  # noqa: E402
+from bench_utils import model_policy_spec  # noqa: E402
 
 DEFAULT_POLICIES = "dense,xattention,flexprefill,proxy,vertical_slash,vertical_slash@map"
 DEFAULT_LENGTHS = {"smollm2": [2048, 4096], "gemma3": [4096]}
-
-
-def policy_spec(name: str, model_name: str) -> tuple[str, dict]:
-    if ":" in name:
-        from bench_utils import parse_spec
-
-        base, opts = parse_spec(name)
-        extra = policy_spec(base, model_name)
-        return extra[0], {**extra[1], **opts}
-    if name.endswith("@map"):
-        return name[:-4], {"head_map": f"vertical_slash_{model_name}"}
-    if name.endswith("@fp8"):
-        return name[:-4], {"estimate_dtype": "fp8"}
-    return name, {}
 
 
 def run_case(model, tok, policy: str, options: dict, prompt, max_new_tokens: int = 6) -> dict:
@@ -162,7 +149,7 @@ def main(argv=None) -> int:
             for i, depth in enumerate(depths):
                 prompt = build_needle_prompt(tok, length, depth=depth, seed=args.seed + i)
                 for pol in policies:
-                    pname, opts = policy_spec(pol, name)
+                    pname, opts = model_policy_spec(pol, name)
                     r = run_case(model, tok, pname, opts, prompt, args.max_new_tokens)
                     r.update(model=name, policy=pol, length=prompt.num_tokens, depth=depth)
                     rows.append(r)

@@ -30,12 +30,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accel.attention import _density  # noqa: E402
 from accel.models import load_model  # noqa: E402
 from accel.needle import build_needle_prompt  # noqa: E402
 from accel.policies import AttentionContext, policy_class  # noqa: E402
 from accel.recall import capture_qk, layout_recall  # noqa: E402
+from bench_utils import model_policy_spec  # noqa: E402
 
 DEFAULT_GRID = " ".join([
     "xattention", "xattention:threshold=0.93", "xattention:threshold=0.95", "xattention:threshold=0.97",
@@ -54,22 +56,7 @@ DEFAULT_PROMPTS = {"smollm2": "2048@0.25,2048@0.75,4096@0.25,4096@0.75",
 
 def parse_entry(entry: str, model_name: str) -> tuple[str, str, dict]:
     """``POLICY[@map][:k=v,...]`` -> (label, policy name, options)."""
-    head, _, rest = entry.partition(":")
-    opts: dict = {}
-    name = head
-    if head.endswith("@map"):
-        name = head[:-4]
-        opts["head_map"] = f"vertical_slash_{model_name}"
-    for kv in filter(None, rest.split(",")):
-        k, _, v = kv.partition("=")
-        try:
-            opts[k] = int(v)
-        except ValueError:
-            try:
-                opts[k] = float(v)
-            except ValueError:
-                opts[k] = v
-    return entry, name, opts
+    return (entry, *model_policy_spec(entry, model_name))
 
 
 def attention_params(model) -> dict[int, tuple[float | None, float | None]]:

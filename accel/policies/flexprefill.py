@@ -197,8 +197,9 @@ class FlexPrefillPolicy(Policy):
         from accel.kernels.triton.flex_layout import flex_layout
 
         Sq, Sk, bs = q.shape[2], k.shape[2], self.block_size
-        e = self.estimate(q, k, -(-Sk // bs))
-        width = layout_width(-(-Sk // bs))
+        nk = -(-Sk // bs)
+        e = self.estimate(q, k, nk)
+        width = layout_width(nk)
         cols = topn_mask(e["v_blk"], e["n_vert"])
         diags = topn_mask(e["s_blk"], e["n_slash"])
         sel = e["query_aware"].flatten().nonzero().squeeze(1)  # flat (batch * H + head) of the query-aware heads
