@@ -37,17 +37,36 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("method", ["lse", "two_pass"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c[:-1]))
-def test_matches_reference(case):
+def test_matches_reference(case, method):
     B, Hq, Hkv, Sq, Sk, D, block, stride, per, dtype, config = case
     q, k = _qk(B, Hq, Hkv, Sq, Sk, D, dtype, seed=Sq + Sk)
-    got = proxy_scores(q, k, block=block, heads_per_proxy=per, stride=stride, config=config)
+    got = proxy_scores(q, k, block=block, heads_per_proxy=per, stride=stride, config=config, method=method)
     want = proxy_block_scores(q, k, block, per, stride)
     assert got.dtype == torch.float32 and got.shape == want.shape == (B, Hq // per, -(-Sq // block), -(-Sk // block))
     torch.testing.assert_close(got, want, **TOL[dtype])
     # each query-block row sums to its number of sampled rows
     torch.testing.assert_close(got.sum(-1), _sampled_rows(Sq, block, stride).expand_as(got[..., 0]),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_lse_scratch_in_proxy_groups(monkeypatch):
+    # a scratch limit below one proxy's rows: every proxy (and batch row) goes through its own launch and softmax
+    import accel.kernels.triton.proxy_score as ps
+
+    q, k = _qk(2, 6, 3, 90, 131, 64, torch.float32, seed=3)
+    whole = proxy_scores(q, k, block=32, heads_per_proxy=2, stride=4, method="lse")
+    monkeypatch.setattr(ps, "LSE_SCRATCH_BYTES", 1)
+    grouped = proxy_scores(q, k, block=32, heads_per_proxy=2, stride=4, method="lse")
+    torch.testing.assert_close(grouped, whole, atol=1e-6, rtol=1e-6)  # torch reductions: shape-dependent rounding
+    torch.testing.assert_close(grouped, proxy_block_scores(q, k, 32, 2, 4), **TOL[torch.float32])
+
+
+def test_bad_method():
+    q, k = _qk(1, 2, 1, 40, 40, 64, torch.float32)
+    with pytest.raises(ValueError, match="method"):
+        proxy_scores(q, k, block=32, stride=4, method="one_pass")
 
 
 def test_default_heads_per_proxy_is_the_group():
@@ -129,9 +148,10 @@ def test_proxy_policy_scores_route_equivalently():
     (torch.float16, 64, 4, 1, 2049, 2049, dict(BLOCK_R=64, BLOCK_C=64, num_warps=4, num_stages=3)),
     (torch.float32, 64, 8, 4, 1500, 2000, None),
 ])
-def test_gpu_matches_reference(dtype, block, stride, per, Sq, Sk, config):
+@pytest.mark.parametrize("method", ["lse", "two_pass"])
+def test_gpu_matches_reference(dtype, block, stride, per, Sq, Sk, config, method):
     q, k = _qk(1, 8, 2, Sq, Sk, 128, dtype, device="cuda", scale=1.5)
-    got = proxy_scores(q, k, block=block, heads_per_proxy=per, stride=stride, config=config)
+    got = proxy_scores(q, k, block=block, heads_per_proxy=per, stride=stride, config=config, method=method)
     want = proxy_block_scores(q, k, block, per, stride)
     # bf16/fp16: the pooled queries are rounded to the input dtype for the tensor-core dots
     torch.testing.assert_close(got, want, atol=5e-3, rtol=1e-2)

@@ -16,6 +16,13 @@ causally visible key tiles, both tensor-core GEMMs of the pooled query tile agai
 Each loop runs the unmasked bulk (keys visible to every row of the tile) without bounds checks or masks, then the
 1-2 key groups that cross the tile's causal edge with the mask. Keys past the last row's position are never read.
 
+Default ``method="lse"`` (single pass): the first loop alone, restarted per key block, writes each sampled row's
+log2-sum-exp2 per key block to a float32 scratch [rows, key blocks] (one proxy's is 64 MB at 128K; proxies go in
+groups under LSE_SCRATCH_BYTES); a softmax over each row's blocks (its normalisation) and a sum over each query
+block's rows give the same scores with the logits computed once. H200, Llama-3.1-8B heads, structured inputs
+(one proxy per KV head / heads_per_proxy=1): 32K 1.24 -> 0.91 ms / 3.45 -> 2.71 ms, 128K 11.53 -> 9.47 ms /
+45.47 -> 37.89 ms, max difference 5e-6 (the scratch's in-place softmax in torch is ~1 ms of the 128K time).
+
 Pooling: a prepass kernel averages the proxy's query heads at the sampled rows only (fp32 sum, scaled by
 log2(e)/sqrt(D), rounded to the input dtype for the dots) into [B, P, Sq/stride, D] -- 1/stride of one query head
 per proxy, and it makes the main kernel's pooled tile a plain load that goes to shared memory for wgmma like any
@@ -35,6 +42,8 @@ import triton.language as tl
 from .checks import check_positive_ints, check_qk
 
 MAX_ROWS_PER_BLOCK = 128  # block // stride: one query block's sampled rows must fit a tile
+METHOD = "lse"  # see proxy_scores
+LSE_SCRATCH_BYTES = 256 << 20  # per launch of the single-pass kernel (proxies are processed in groups under it)
 _LOG2E = 1.4426950408889634
 
 
@@ -155,6 +164,68 @@ def _proxy_score_fwd(
         tl.store(out_base + offs_qb * stride_om + g * stride_on, cells, mask=q_ok)
 
 
+@triton.jit
+def _proxy_lse_fwd(
+    QP, K, LSE,
+    stride_pb, stride_ph, stride_pm, stride_pd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_lc, stride_lr, stride_lk,
+    PC, P0, KV_DIV, Sq, Sk, L, OFF, NK, ROWS, N_R_TILES,
+    STRIDE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Single pass (``method="lse"``): per sampled row and key block, log2 of the sum of exp2(logits) over the
+    block's visible keys, into LSE [B * PC, ROWS, NK] (-inf where the row sees none of the block, 0 on padding
+    rows). Grid (row tiles, B * PC): proxies P0 .. P0 + PC - 1 of the pooled queries."""
+    SUBS: tl.constexpr = BLOCK // BLOCK_C
+    pid_r = N_R_TILES - 1 - tl.program_id(0)  # longest rows first
+    pid_c = tl.program_id(1)
+    b = (pid_c // PC).to(tl.int64)
+    p = (P0 + pid_c % PC).to(tl.int64)
+    K_base = K + b * stride_kb + (p // KV_DIV) * stride_kh
+
+    r0 = pid_r * BLOCK_R
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c0 = tl.arange(0, BLOCK_C)
+    row_valid = offs_r < L
+    qrow = tl.minimum(offs_r * STRIDE + STRIDE - 1, Sq - 1)
+    pos = OFF + qrow
+    qp = tl.load(QP + b * stride_pb + p * stride_ph + offs_r[:, None] * stride_pm + offs_d[None, :] * stride_pd,
+                 mask=row_valid[:, None], other=0.0)
+    r_last = tl.minimum(r0 + BLOCK_R, L) - 1
+    n_keys = OFF + tl.minimum(r_last * STRIDE + STRIDE - 1, Sq - 1) + 1
+    n_full = OFF + tl.minimum(r0 * STRIDE + STRIDE - 1, Sq - 1) + 1
+    g_full = n_full // BLOCK
+    g_all = tl.cdiv(n_keys, BLOCK)
+    out = LSE + pid_c.to(tl.int64) * stride_lc + offs_r * stride_lr
+    st_ok = offs_r < ROWS
+    for g in tl.range(0, g_full):  # every row sees every key of these blocks
+        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for sub in tl.static_range(SUBS):
+            s = _logits(qp, K_base, g * BLOCK + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd,
+                        False, DOT_F32, PREC)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            acc = acc * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+            m = m_new
+        tl.store(out + g * stride_lk, tl.where(row_valid, m + tl.math.log2(acc), 0.0), mask=st_ok)
+    for g in tl.range(g_full, g_all, num_stages=1):  # blocks crossing the tile's causal edge
+        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for sub in tl.static_range(SUBS):
+            s = _logits(qp, K_base, g * BLOCK + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd,
+                        True, DOT_F32, PREC)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
+            acc = acc * tl.math.exp2(m - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+            m = m_new
+        lse = tl.where(acc > 0, m + tl.math.log2(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+        tl.store(out + g * stride_lk, tl.where(row_valid, lse, 0.0), mask=st_ok)
+    for g in tl.range(g_all, NK):  # blocks after the tile's last row
+        tl.store(out + g * stride_lk, tl.where(row_valid, float("-inf"), 0.0), mask=st_ok)
+
+
 def _default_config(q: torch.Tensor) -> dict:
     """Tiles (sampled rows x keys) and launch parameters. On the GPU (bf16/fp16): 128 x 128 with 8 warps and 3
     stages of K tiles in flight for head_dim <= 128 (the flash kernel's best dense tile), 64 x 64 for head_dim 256,
@@ -202,13 +273,17 @@ def pooled_keys(k: torch.Tensor, n_q_heads: int, heads_per_proxy: int, dtype: to
 
 
 def proxy_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, heads_per_proxy: int | None = None,
-                 stride: int = 8, config: dict | None = None) -> torch.Tensor:
+                 stride: int = 8, config: dict | None = None, method: str | None = None) -> torch.Tensor:
     """ProxyAttn block scores. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sq <= Sk, any strides); ``heads_per_proxy``
     (default: the GQA group size, one proxy per KV head) query heads per proxy. Returns float32
     [B, Hq // heads_per_proxy, ceil(Sq/block), ceil(Sk/block)], equal to
     ``proxy_block_scores(q, k, block, heads_per_proxy, stride)`` (up to the rounding of the pooled queries to the
     input dtype for the tensor-core dots). ``config`` overrides the tiles / launch (BLOCK_R sampled rows, BLOCK_C
-    keys per tile, powers of two; num_warps, num_stages) for tuning."""
+    keys per tile, powers of two; num_warps, num_stages) for tuning. ``method``: "two_pass" (the logits twice,
+    no scratch) or "lse" (the logits once, per-row block log-sums in a scratch of at most LSE_SCRATCH_BYTES, then a
+    softmax over blocks per row); default METHOD."""
+    if method not in (None, "two_pass", "lse"):
+        raise ValueError(f"proxy_scores: method must be 'two_pass' or 'lse', got {method!r}")
     if heads_per_proxy is None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) \
             and q.dim() == 4 and k.dim() == 4 and k.shape[1] and q.shape[1] % k.shape[1] == 0:
         heads_per_proxy = q.shape[1] // k.shape[1]
@@ -241,6 +316,8 @@ def proxy_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, heads_pe
         q, qp, _LOG2E / (D**0.5), *q.stride(), *qp.stride(), P, per, Sq, L,
         STRIDE=stride, BLOCK_R=32, BLOCK_D=D, num_warps=4)
     n_r_tiles = triton.cdiv(L, br)
+    if (method or METHOD) == "lse":
+        return _scores_by_lse(qp, k_src, out, kv_div, Sq, Sk, L, rpb, block, br, bc, dot_f32, cfg, n_r_tiles)
     grid = (n_r_tiles, B * P)
     _proxy_score_fwd[grid](
         qp, k_src, out,
@@ -250,6 +327,34 @@ def proxy_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, heads_pe
         DOT_F32=dot_f32, PREC="ieee" if dot_f32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    return out
+
+
+def _scores_by_lse(qp, k_src, out, kv_div, Sq, Sk, L, rpb, block, br, bc, dot_f32, cfg, n_r_tiles):
+    """``method="lse"``: the single-pass kernel writes each sampled row's log2-sum-exp2 per key block; a softmax
+    over the blocks of each row (the row's normalisation, which the two-pass kernel gets from its first pass) and a
+    sum over each query block's rows give the scores. Proxies run in groups whose scratch stays under
+    LSE_SCRATCH_BYTES (at 128K one proxy's is 64 MB)."""
+    B, P, nq, nk = out.shape
+    rows = nq * rpb
+    per_proxy = B * rows * nk * 4
+    pc = max(1, min(P, LSE_SCRATCH_BYTES // max(per_proxy, 1)))
+    scratch = torch.empty(B * pc * rows * nk, dtype=torch.float32, device=out.device)
+    for p0 in range(0, P, pc):
+        n = min(pc, P - p0)
+        lse = scratch[: B * n * rows * nk].view(B * n, rows, nk)
+        _proxy_lse_fwd[(n_r_tiles, B * n)](
+            qp, k_src, lse, *qp.stride(), *k_src.stride(), *lse.stride(),
+            n, p0, kv_div, Sq, Sk, L, Sk - Sq, nk, rows, n_r_tiles,
+            STRIDE=block // rpb, BLOCK=block, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=qp.shape[-1],
+            DOT_F32=dot_f32, PREC="ieee" if dot_f32 else "tf32",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        # in place: the row's max, exp2, normalise (log2 domain, as the kernel wrote it)
+        lse.sub_(lse.amax(-1, keepdim=True)).exp2_()
+        lse.div_(lse.sum(-1, keepdim=True))
+        lse[:, L:] = 0  # padding rows of the last query block
+        out[:, p0:p0 + n] = lse.view(B, n, nq, rpb, nk).sum(3)
     return out
 
 
