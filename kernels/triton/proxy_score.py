@@ -18,10 +18,10 @@ Each loop runs the unmasked bulk (keys visible to every row of the tile) without
 
 Default ``method="lse"`` (single pass): the first loop alone, restarted per key block, writes each sampled row's
 log2-sum-exp2 per key block to a float32 scratch [rows, key blocks] (one proxy's is 64 MB at 128K; proxies go in
-groups under LSE_SCRATCH_BYTES); a softmax over each row's blocks (its normalisation) and a sum over each query
-block's rows give the same scores with the logits computed once. H200, Llama-3.1-8B heads, structured inputs
+groups under LSE_SCRATCH_BYTES); ``_lse_cells`` normalises each row over its blocks and sums each query block's rows:
+the same scores with the logits computed once. H200, Llama-3.1-8B heads, structured inputs
 (one proxy per KV head / heads_per_proxy=1): 32K 1.24 -> 0.91 ms / 3.45 -> 2.71 ms, 128K 11.53 -> 9.47 ms /
-45.47 -> 37.89 ms, max difference 5e-6 (the scratch's in-place softmax in torch is ~1 ms of the 128K time).
+45.47 -> 37.89 ms, max difference 5e-6 (measured with the row softmax in torch ops; now one kernel).
 
 Pooling: a prepass kernel averages the proxy's query heads at the sampled rows only (fp32 sum, scaled by
 log2(e)/sqrt(D), rounded to the input dtype for the dots) into [B, P, Sq/stride, D] -- 1/stride of one query head
@@ -226,6 +226,41 @@ def _proxy_lse_fwd(
         tl.store(out + g * stride_lk, tl.where(row_valid, float("-inf"), 0.0), mask=st_ok)
 
 
+@triton.jit
+def _lse_cells(LSE, OUT, stride_lc, stride_lr, stride_lk, stride_ob, stride_op, stride_om, stride_on,
+               PC, P0, L, NK, RPB: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Scores of one query block from the single pass's log-sums: per sampled row the max and sum of exp2 over all
+    key blocks, then each block's normalised share summed over the query block's rows (padding rows add 0).
+    Grid (query blocks, B * PC); reads the scratch twice, writes the output row once."""
+    qb = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = pid_c // PC
+    p = P0 + pid_c % PC
+    offs_r = qb * RPB + tl.arange(0, RPB)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    row_ok = offs_r < L
+    base = LSE + pid_c.to(tl.int64) * stride_lc + offs_r[:, None] * stride_lr
+    m = tl.full([RPB], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([RPB], dtype=tl.float32)
+    for k0 in range(0, NK, BLOCK_K):
+        offs_k = k0 + offs_k0
+        x = tl.load(base + offs_k[None, :] * stride_lk, mask=row_ok[:, None] & (offs_k < NK)[None, :],
+                    other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.math.exp2(m - m_safe) + tl.sum(tl.math.exp2(x - m_safe[:, None]), 1)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    inv = tl.where(row_ok & (l > 0), 1.0 / tl.where(l > 0, l, 1.0), 0.0)
+    out = OUT + b.to(tl.int64) * stride_ob + p * stride_op + qb * stride_om
+    for k0 in range(0, NK, BLOCK_K):
+        offs_k = k0 + offs_k0
+        x = tl.load(base + offs_k[None, :] * stride_lk, mask=row_ok[:, None] & (offs_k < NK)[None, :],
+                    other=float("-inf"))
+        cells = tl.sum(tl.math.exp2(x - m_safe[:, None]) * inv[:, None], 0)
+        tl.store(out + offs_k * stride_on, cells, mask=offs_k < NK)
+
+
 def _default_config(q: torch.Tensor) -> dict:
     """Tiles (sampled rows x keys) and launch parameters. On the GPU (bf16/fp16): 128 x 128 with 8 warps and 3
     stages of K tiles in flight for head_dim <= 128 (the flash kernel's best dense tile), 64 x 64 for head_dim 256,
@@ -331,9 +366,9 @@ def proxy_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, heads_pe
 
 
 def _scores_by_lse(qp, k_src, out, kv_div, Sq, Sk, L, rpb, block, br, bc, dot_f32, cfg, n_r_tiles):
-    """``method="lse"``: the single-pass kernel writes each sampled row's log2-sum-exp2 per key block; a softmax
-    over the blocks of each row (the row's normalisation, which the two-pass kernel gets from its first pass) and a
-    sum over each query block's rows give the scores. Proxies run in groups whose scratch stays under
+    """``method="lse"``: the single-pass kernel writes each sampled row's log2-sum-exp2 per key block; ``_lse_cells``
+    normalises each row over its blocks (what the two-pass kernel's first pass is for) and sums each query block's
+    rows into the scores. Proxies run in groups whose scratch stays under
     LSE_SCRATCH_BYTES (at 128K one proxy's is 64 MB)."""
     B, P, nq, nk = out.shape
     rows = nq * rpb
@@ -350,11 +385,8 @@ def _scores_by_lse(qp, k_src, out, kv_div, Sq, Sk, L, rpb, block, br, bc, dot_f3
             DOT_F32=dot_f32, PREC="ieee" if dot_f32 else "tf32",
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        # in place: the row's max, exp2, normalise (log2 domain, as the kernel wrote it)
-        lse.sub_(lse.amax(-1, keepdim=True)).exp2_()
-        lse.div_(lse.sum(-1, keepdim=True))
-        lse[:, L:] = 0  # padding rows of the last query block
-        out[:, p0:p0 + n] = lse.view(B, n, nq, rpb, nk).sum(3)
+        _lse_cells[(nq, B * n)](lse, out, *lse.stride(), *out.stride(), n, p0, L, nk, RPB=rpb,
+                                BLOCK_K=min(128, max(16, triton.next_power_of_2(nk))), num_warps=4)
     return out
 
 
