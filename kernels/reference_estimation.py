@@ -89,16 +89,18 @@ def causal_pooled_mask(q_len: int, kv_len: int, block: int, device=None) -> torc
 
 
 def pooled_scores_from_pooled(q_pool: torch.Tensor, k_pool: torch.Tensor, q_len: int, kv_len: int, block: int,
-                              scale: float) -> torch.Tensor:
+                              scale: float, invisible: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q_pool k_pool^T * scale) over the causally visible key blocks, float32 [B, Hq, nq, nk], zeros where
-    invisible. q_pool [B, Hq, nq, D], k_pool [B, Hkv, nk, D] (GQA: grouped matmul, pooled keys not repeated)."""
+    invisible. q_pool [B, Hq, nq, D], k_pool [B, Hkv, nk, D] (GQA: grouped matmul, pooled keys not repeated).
+    ``invisible``: ``~causal_pooled_mask(q_len, kv_len, block)`` if the caller keeps it (saves a dozen small ops)."""
     B, Hq, nq, D = q_pool.shape
     Hkv, nk = k_pool.shape[1], k_pool.shape[2]
     g = Hq // Hkv
     logits = torch.matmul(q_pool.float().reshape(B, Hkv, g, nq, D), k_pool.float()[:, :, None].transpose(-1, -2))
-    logits = logits.reshape(B, Hq, nq, nk) * scale
-    causal = causal_pooled_mask(q_len, kv_len, block, device=q_pool.device)
-    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    if invisible is None:
+        invisible = ~causal_pooled_mask(q_len, kv_len, block, device=q_pool.device)
+    # in place on the fresh matmul output: the same values as out-of-place, two allocations fewer
+    return torch.softmax(logits.reshape(B, Hq, nq, nk).mul_(scale).masked_fill_(invisible, float("-inf")), dim=-1)
 
 
 def pooled_scores_reference(q: torch.Tensor, k: torch.Tensor, block: int = 128,

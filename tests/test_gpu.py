@@ -104,7 +104,7 @@ def test_two_gpus_match_one(policy):
     assert torch.equal(out.cpu(), ref.cpu())
 
 
-@pytest.mark.parametrize("policy", ["xattention", "proxy"])
+@pytest.mark.parametrize("policy", ["xattention", "proxy", "flexprefill"])
 def test_plans_run_without_host_sync(policy):
     # up to block_select.SYNC_FREE_BLOCKS key blocks the plan never waits for the GPU: a sync there stalls the CPU
     # until the estimate has run, and the plans are launch-bound at these lengths

@@ -1,6 +1,7 @@
 """kernels/triton/flex_layout.py against its torch twin (FlexPrefill's mask union + build_block_layout): exact
-equality of counts and indices, with and without query-aware heads; and FlexPrefillPolicy's Triton selection path
-against its torch path."""
+equality of counts and indices, with and without query-aware heads; FlexPrefillPolicy's Triton selection path
+against its torch path, and its sync-free path (every head's pooled map, up to SYNC_FREE_BLOCKS key blocks) against
+its selective one."""
 
 import pytest
 import torch
@@ -76,6 +77,32 @@ def test_policy_triton_layout_matches_torch_path(tau):
     assert got.indices.shape[-1] == causal.shape[1]
     assert torch.equal(got.indices[..., : want.indices.shape[-1]], want.indices)
     assert (got.counts < causal.sum(-1)).any()  # something was skipped
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("S_q, triton_estimate", [(768, False), (500, False), (768, True)])
+def test_sync_free_layout_equals_selective_layout(tau, S_q, triton_estimate, monkeypatch):
+    """Up to SYNC_FREE_BLOCKS key blocks every head's pooled probabilities are cut on the device and the heads that
+    are not query-aware get slot -1; beyond, the query-aware heads are picked on the host. Same layout either way
+    (with the twins or the Triton kernels estimating; queries fewer than keys too)."""
+    from accel.policies import block_select
+    from accel.policies import flexprefill as fp_mod
+    from accel.policies import vertical_slash as vs_mod
+
+    q, k = _qk()
+    q = q[:, :, -S_q:]
+    if triton_estimate:
+        monkeypatch.setattr(fp_mod, "_use_triton", lambda x: True)
+        monkeypatch.setattr(vs_mod, "_use_triton", lambda x: True)
+    pol = FlexPrefillPolicy.from_options(block_size=64, min_budget=64, gamma=0.9, tau=tau)
+    got = pol.select_layout(q, k)
+    with monkeypatch.context() as m:
+        m.setattr(block_select, "SYNC_FREE_BLOCKS", 0)
+        want = pol.select_layout(q, k)
+    nk = -(-k.shape[2] // 64)
+    assert got.indices.shape[-1] == nk  # full width (the selective path: the widest row's)
+    assert torch.equal(got.counts, want.counts)
+    assert torch.equal(got.indices[..., : want.indices.shape[-1]], want.indices)
 
 
 @pytest.mark.gpu

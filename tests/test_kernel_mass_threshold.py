@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from accel.kernels.triton.mass_threshold import mass_cut, mass_cut_torch
+from accel.kernels.triton.mass_threshold import mass_cut, mass_cut_torch, mass_search, search_cuts
 from accel.policies.block_select import keep_by_threshold_torch
 from accel.policies.flexprefill import tokens_to_cover
 
@@ -42,3 +42,17 @@ def test_mass_cut_programs_spanning_several_blocks():
     x = _rows((2, 3, 900), seed=3)  # 57 blocks of 16 x 6 rows over 100 programs: each sums 4 blocks
     cut = mass_cut(x, 0.9, block=16, programs=100)
     assert torch.equal(cut, mass_cut_torch(x, 0.9))
+
+
+def test_one_search_over_two_row_groups():
+    """Two groups of rows of different lengths (FlexPrefill: token-level rows and pooled block maps) in one search:
+    each row's cut as if searched alone; a strided row view is read in place."""
+    a = _rows((5, 300), seed=11)
+    b = _rows((3, 1000), seed=12)
+    wide = _rows((4, 900), seed=13)
+    a_view = wide[:, 100:400]  # [4, 300] with row stride 900
+    for x0, x1 in ((a, b), (b, a), (a_view, b)):
+        got = search_cuts(mass_search([x0, x1], 0.9, block=64, programs=40))
+        assert torch.equal(got, torch.cat((mass_cut_torch(x0, 0.9), mass_cut_torch(x1, 0.9))))
+    with pytest.raises(ValueError, match="unit last stride"):
+        mass_search([a[:, ::2]], 0.9)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from accel.kernels.reference_estimation import block_means, block_sums, pooled_scores_from_pooled
+from accel.kernels.reference_estimation import (block_means, block_sums, causal_pooled_mask,
+                                                lastq_scores_reference, pooled_scores_from_pooled)
 from accel.kernels.reference_sparse import build_block_layout, causal_block_mask
 from accel.layouts import BlockLayout, DenseLayout
 
@@ -16,7 +18,7 @@ from .vertical_slash import _use_triton, last_query_scores
 
 def top_n_mask(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """Bool mask of the ``n`` (per leading index, broadcast over the last dim) highest entries of each row."""
-    order = scores.argsort(dim=-1, descending=True)
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # ties to the lower index, as block_topk.topn_mask
     rank_keep = torch.arange(scores.shape[-1], device=scores.device) < n[..., None]
     return torch.zeros_like(rank_keep).scatter(-1, order, rank_keep)
 
@@ -82,7 +84,19 @@ def pooled_probs(q_pool: torch.Tensor, k_pool: torch.Tensor, q_len: int, kv_len:
     over key blocks, float32 [B, Hq, nq, nk]. A grouped float32 cuBLAS matmul and torch's softmax on every device:
     on the H200 at 128K (32 heads, 1K x 1K blocks) 0.58 ms against 2.08 ms for the Triton kernel
     (kernels/triton/pooled_score.py, whose float32 dots run as FMAs), for the same output size."""
-    return pooled_scores_from_pooled(q_pool, k_pool, q_len, kv_len, block, scale)
+    nq, nk = -(-q_len // block), -(-kv_len // block)
+    keep = nq * nk <= _CACHED_MASK_ENTRIES and not (q_pool.is_cuda and torch.cuda.is_current_stream_capturing())
+    invisible = _invisible_blocks(q_len, kv_len, block, q_pool.device) if keep else None
+    return pooled_scores_from_pooled(q_pool, k_pool, q_len, kv_len, block, scale, invisible=invisible)
+
+
+_CACHED_MASK_ENTRIES = 1 << 20  # up to 1K x 1K blocks (1 MB of bool): kept per shape
+
+
+@functools.lru_cache(maxsize=8)
+def _invisible_blocks(q_len: int, kv_len: int, block: int, device: torch.device) -> torch.Tensor:
+    """``~causal_pooled_mask``, kept: a plan at a repeated shape builds it once instead of a dozen ops per call."""
+    return ~causal_pooled_mask(q_len, kv_len, block, device=device)
 
 
 @dataclass
@@ -143,7 +157,10 @@ class FlexPrefillPolicy(Policy):
     def estimate(self, q, k, nk: int) -> dict:
         """The per-head estimates both selection paths share: column- and offset-block mass of the last query block
         (``v_blk``, ``s_blk``, the sink block and the local band set to inf so they always count), how many blocks
-        of each to keep (``n_vert``, ``n_slash``), the pattern choice (``query_aware``) and the pooled keys."""
+        of each to keep (``n_vert``, ``n_slash``), the pattern choice (``query_aware``) and the pooled keys. With the
+        Triton kernels (CUDA, at most MAX_N key blocks) ``estimate_fused``; else torch ops (its twin)."""
+        if self.gamma < 1.0 and _use_triton(q) and nk <= _max_layout_blocks():
+            return self.estimate_fused(q, k, nk)
         B, Hq, Sq, D = q.shape
         g = Hq // k.shape[1]
         bs = self.block_size
@@ -188,23 +205,57 @@ class FlexPrefillPolicy(Policy):
             selected = selected | (qa & query_aware[..., None, None])
         return selected & causal
 
+    def estimate_fused(self, q, k, nk: int, pooled: bool = False) -> dict:
+        """``estimate`` with the Triton kernels, in a dozen launches and no host sync: the last-query mass
+        (kernels/triton/lastq_score.py, torch twin off CUDA), one mass search over its token rows
+        (mass_threshold.py) and the per-head estimate kernel (flex_estimate.py), which also writes the layout
+        kernel's top-n tables (``cols``, ``dcs``) and per head ``slots`` (own index if query-aware, else -1).
+        ``pooled``: also every head's pooled probabilities (``probs`` [B*H, nq, nk]) with their query-aware cuts
+        (``cut``) from the same search, so that no host sync is needed to pick the query-aware heads."""
+        from accel.kernels.triton.flex_estimate import flex_estimate
+        from accel.kernels.triton.mass_threshold import mass_search
+
+        B, Hq, Sq, D = q.shape
+        Sk, bs = k.shape[2], self.block_size
+        scale = D**-0.5
+        n_last = min(bs, Sq)  # the last query block (a power of two in ``plan``: the kernel's 1/n_last is exact)
+        vs = _last_query_stacked(q, k, n_last, scale)  # [2, B, Hq, Sk], sums over the n_last queries
+        k_pool = pooled_means(k, bs)  # [B, Hkv, nk, D] (pooled keys are tiny; GQA: not repeated)
+        rows = [vs.view(2 * B * Hq, Sk)]
+        probs = None
+        if pooled:
+            probs = pooled_probs(pooled_means(q, bs), k_pool, Sq, Sk, bs, scale).view(B * Hq, -1, nk)
+            rows.append(probs.view(B * Hq, -1))
+        search = mass_search(rows, self.gamma)
+        est = flex_estimate(vs, search, q, k_pool, block=bs, n_last=n_last, tau=self.tau,
+                            min_blocks=min(nk, math.ceil(self.min_budget / bs)), scale=scale, pooled_rows=pooled)
+        v_blk, s_blk, _ = est.blk.unbind(0)
+        n_vert, n_slash, slots, cut = est.ints.unbind(0)
+        return dict(v_blk=v_blk, s_blk=s_blk, n_vert=n_vert, n_slash=n_slash, query_aware=slots >= 0,
+                    k_pool=k_pool, scale=scale, slots=slots, cols=est.cols, dcs=est.dcs, probs=probs,
+                    cut=cut if pooled else None)
+
     def select_layout(self, q, k) -> BlockLayout:
-        """The same selection straight to a BlockLayout with the Triton kernels (CUDA, or the interpreter): top-n by
-        kernels/triton/block_topk.py, the query-aware cut by mass_threshold.py, and the union of columns, crossed
-        diagonal blocks, query-aware blocks, sink and diagonal blocks compacted by flex_layout.py. No block-sized
-        bool maps in between (those cost ~2 ms of elementwise ops and a sort per plan at 128K)."""
-        from accel.kernels.triton.block_topk import topn_mask
-        from accel.kernels.triton.flex_layout import flex_layout
+        """The same selection straight to a BlockLayout with the Triton kernels (CUDA, or the interpreter): the
+        estimate and the top-n tables by ``estimate_fused``, the query-aware cut by mass_threshold.py, and the union
+        of columns, crossed diagonal blocks, query-aware blocks, sink and diagonal blocks compacted by
+        flex_layout.py. No block-sized bool maps in between (those cost ~2 ms of elementwise ops and a sort per plan
+        at 128K). Up to block_select.SYNC_FREE_BLOCKS key blocks every head's pooled probabilities are computed
+        (32 x 256 x 256 floats at 32K) and the heads that are not query-aware are left out on the device (slot
+        -1): no host sync; beyond, only the query-aware heads' (a host read picks them: 4 MB per head at 128K)."""
+        from accel.kernels.triton.flex_layout import flex_layout_tables
 
         Sq, Sk, bs = q.shape[2], k.shape[2], self.block_size
         nk = -(-Sk // bs)
-        e = self.estimate(q, k, nk)
         width = layout_width(nk)
-        cols = topn_mask(e["v_blk"], e["n_vert"])
-        diags = topn_mask(e["s_blk"], e["n_slash"])
+        sync_free = width is not None
+        e = self.estimate_fused(q, k, nk, pooled=sync_free)
+        if sync_free:
+            return flex_layout_tables(e["cols"], e["dcs"], Sq, Sk, bs, probs=e["probs"], cut=e["cut"],
+                                      slots=e["slots"], max_blocks=width)
         sel = e["query_aware"].flatten().nonzero().squeeze(1)  # flat (batch * H + head) of the query-aware heads
         if sel.numel() == 0:
-            return flex_layout(cols, diags, Sq, Sk, bs, max_blocks=width)
+            return flex_layout_tables(e["cols"], e["dcs"], Sq, Sk, bs, max_blocks=width)
         # pooled probabilities of the query-aware heads only (each is [nq, nk]: 4 MB and a mass-cut row of 1M
         # entries at 128K), their keys' pooled KV head picked per head
         B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
@@ -214,8 +265,17 @@ class FlexPrefillPolicy(Policy):
         cut = _mass_cut(probs.flatten(-2), self.gamma)
         slots = torch.full((B * Hq,), -1, dtype=torch.int32, device=q.device)
         slots[sel] = torch.arange(sel.numel(), dtype=torch.int32, device=q.device)
-        return flex_layout(cols, diags, Sq, Sk, bs, probs=probs, cut=cut, slots=slots.reshape(B, Hq),
-                           max_blocks=width)
+        return flex_layout_tables(e["cols"], e["dcs"], Sq, Sk, bs, probs=probs, cut=cut, slots=slots.reshape(B, Hq),
+                                  max_blocks=width)
+
+
+def _last_query_stacked(q: torch.Tensor, k: torch.Tensor, n_last: int, scale: float) -> torch.Tensor:
+    """``last_query_scores`` as one float32 tensor [2, B, Hq, Sk] (vertical, slash), not divided by the queries."""
+    if _use_triton(q):
+        from accel.kernels.triton.lastq_score import lastq_scores
+
+        return lastq_scores(q, k, n_last, scale=scale, stacked=True)
+    return torch.stack(lastq_scores_reference(q, k, n_last, scale))
 
 
 def _pool_heads(x: torch.Tensor, block: int, heads: torch.Tensor) -> torch.Tensor:

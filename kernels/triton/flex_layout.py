@@ -15,7 +15,11 @@ sort per plan on the H200. Here one program owns one (batch, head, query block) 
   (kernels/triton/mass_threshold.py); other heads never read the probabilities;
 - phase 0 stores the row count; the host reads the largest (one sync, as ``block_mask_to_layout``); phase 1
   compacts with a prefix sum: kept blocks ascending, then the others ascending as padding, truncated to that width:
-  exactly ``block_mask_to_layout``'s format, so the result compares with ``torch.equal``.
+  exactly ``block_mask_to_layout``'s format, so the result compares with ``torch.equal``. Given the width
+  (``max_blocks``) one launch does both.
+
+``flex_layout_tables`` takes the kept columns and the offset prefix counts as they come from
+kernels/triton/flex_estimate.py (no torch ops to build them).
 """
 
 from __future__ import annotations
@@ -64,10 +68,12 @@ def _flex_layout_kernel(COLS, DCS, PROBS, CUT, SLOT, COUNT, IDX, MB, sps, spm, N
     offs = tl.arange(0, BLOCK_N)
     kept = _kept(COLS, DCS, PROBS, CUT, SLOT, row, offs, sps, spm, NQ, NK, ND, Sq, OFF, BS, HAS_QA)
     kk = kept.to(tl.int32)
-    if PHASE == 0:
-        tl.store(COUNT + row, tl.sum(kk, 0))
+    if PHASE != 1:
+        count = tl.sum(kk, 0)
+        tl.store(COUNT + row, count)
     else:
         count = tl.load(COUNT + row)
+    if PHASE != 0:  # 1: after the host read the width; 2: width given, count and indices in one launch
         before = tl.cumsum(kk, 0) - kk  # kept entries before each index
         dest = tl.where(kept, before, count + offs - before)  # kept first, then the rest, each ascending
         tl.store(IDX + row.to(tl.int64) * MB + dest, offs, mask=(offs < NK) & (dest < MB))
@@ -84,18 +90,31 @@ def flex_layout(cols: torch.Tensor, diags: torch.Tensor, q_len: int, kv_len: int
     diagonal blocks are always kept; everything is limited to causal blocks. Equal to the torch composition in
     ``FlexPrefillPolicy.select`` + ``build_block_layout``. ``max_blocks``: the indices' width (None: the widest
     row's, read from the device: a host sync), as ``block_topk.threshold_layout``."""
-    B, H, nk = cols.shape
+    if diags.shape[:2] != cols.shape[:2]:
+        raise ValueError(f"diags must be [{cols.shape[0]}, {cols.shape[1]}, n_offset_blocks], got "
+                         f"{tuple(diags.shape)}")
+    dcs = torch.nn.functional.pad(diags.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0)).contiguous()
+    return flex_layout_tables(cols.to(torch.int8).contiguous(), dcs, q_len, kv_len, block, probs=probs, cut=cut,
+                              slots=slots, max_blocks=max_blocks)
+
+
+def flex_layout_tables(cols8: torch.Tensor, dcs: torch.Tensor, q_len: int, kv_len: int, block: int, *,
+                       probs: torch.Tensor | None = None, cut: torch.Tensor | None = None,
+                       slots: torch.Tensor | None = None, max_blocks: int | None = None) -> BlockLayout:
+    """``flex_layout`` from its tables: ``cols8`` int8 [B, H, n_k_blocks] (kept columns, contiguous) and ``dcs``
+    int32 [B, H, n_offset_blocks + 1] (contiguous; ``dcs[..., x]`` = kept offset blocks below x), as
+    ``flex_estimate`` writes them. Other arguments as ``flex_layout``."""
+    B, H, nk = cols8.shape
     nq = -(-q_len // block)
     if nk != -(-kv_len // block):
         raise ValueError(f"cols has {nk} key blocks; kv_len={kv_len} with block {block} needs {-(-kv_len // block)}")
     if nk > MAX_N:
         raise ValueError(f"{nk} key blocks per row; the Triton layout supports at most MAX_N={MAX_N}")
-    if diags.shape[:2] != (B, H):
-        raise ValueError(f"diags must be [{B}, {H}, n_offset_blocks], got {tuple(diags.shape)}")
-    nd = diags.shape[-1]
-    dev = cols.device
-    dcs = torch.nn.functional.pad(diags.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0)).contiguous()
-    cols8 = cols.to(torch.int8).contiguous()
+    if cols8.dtype != torch.int8 or dcs.dtype != torch.int32 or dcs.shape[:2] != (B, H) or dcs.shape[-1] < 1:
+        raise ValueError(f"cols8 must be int8 [B, H, n_k_blocks] and dcs int32 [{B}, {H}, n_offset_blocks + 1], got "
+                         f"{cols8.dtype} {tuple(cols8.shape)}, {dcs.dtype} {tuple(dcs.shape)}")
+    nd = dcs.shape[-1] - 1
+    dev = cols8.device
     has_qa = probs is not None
     if has_qa:
         if probs.dim() != 3 or probs.shape[1:] != (nq, nk) or probs.stride(-1) != 1:
@@ -113,13 +132,20 @@ def flex_layout(cols: torch.Tensor, diags: torch.Tensor, q_len: int, kv_len: int
     bn = _block_n(nk)
     args = (cols8, dcs, probs, cut32, slot32, count)
     geo = (*strides, nq, nk, nd, q_len, kv_len - q_len, block)
-    if R:
-        _flex_layout_kernel[(R,)](*args, count, 0, *geo, PHASE=0, HAS_QA=has_qa, BLOCK_N=bn, num_warps=_warps(bn))
-    mb = min(max(int(max_blocks), 0), nk) if max_blocks is not None else (int(count.max()) if R else 0)
-    idx = torch.empty(B, H, nq, mb, dtype=torch.int32, device=dev)
-    if R and mb:
-        _flex_layout_kernel[(R,)](*args, idx, mb, *geo, PHASE=1, HAS_QA=has_qa, BLOCK_N=bn, num_warps=_warps(bn))
+    kw = dict(HAS_QA=has_qa, BLOCK_N=bn, num_warps=_warps(bn))
+    if max_blocks is not None:  # width known: no sync, one launch
+        mb = min(max(int(max_blocks), 0), nk)
+        idx = torch.empty(B, H, nq, mb, dtype=torch.int32, device=dev)
+        if R:
+            _flex_layout_kernel[(R,)](*args, idx, mb, *geo, PHASE=2, **kw)
+    else:
+        if R:
+            _flex_layout_kernel[(R,)](*args, count, 0, *geo, PHASE=0, **kw)
+        mb = int(count.max()) if R else 0
+        idx = torch.empty(B, H, nq, mb, dtype=torch.int32, device=dev)
+        if R and mb:
+            _flex_layout_kernel[(R,)](*args, idx, mb, *geo, PHASE=1, **kw)
     return BlockLayout(counts=count.reshape(B, H, nq), indices=idx, block_q=block, block_k=block, ascending=True)
 
 
-__all__ = ["flex_layout"]
+__all__ = ["flex_layout", "flex_layout_tables"]

@@ -365,8 +365,8 @@ def scratch_bytes_per_kv_head(q: torch.Tensor, k: torch.Tensor, n_last: int = 64
 
 
 def lastq_scores(q: torch.Tensor, k: torch.Tensor, n_last: int = 64, *, scale: float | None = None,
-                 config: dict | None = None, method: str = "auto",
-                 scratch_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: dict | None = None, method: str = "auto", scratch_bytes: int | None = None,
+                 stacked: bool = False) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """Last-query attention mass of MInference. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sq <= Sk, any strides); the
     last ``n = min(n_last, Sq)`` queries' causal softmax (scale ``scale``, default 1/sqrt(D)) over the keys, summed:
     returns float32 ``(vertical, slash)``, each [B, Hq, Sk]: ``vertical[j]`` the mass on key j summed over the n
@@ -380,16 +380,18 @@ def lastq_scores(q: torch.Tensor, k: torch.Tensor, n_last: int = 64, *, scale: f
     ``config`` overrides tiles / launch (BLOCK_M rows = query heads x padded queries per tile, BLOCK_N keys per tile,
     powers of two; CHUNK keys per program, rounded up to a multiple of BLOCK_N, or 0 to aim at PROGRAMS programs;
     ROWS queries per launch, at most MAX_ROWS; num_warps, num_stages; scratch: BLOCK_O, BLOCK_R, slash_warps of the
-    diagonal pass) for tuning."""
+    diagonal pass) for tuning. ``stacked``: return one float32 tensor [2, B, Hq, Sk] (vertical, slash) instead of
+    the pair (FlexPrefill searches both in one mass cut: no stacking copy)."""
     check_inputs(q, k, n_last)
     method = resolve_method(q, method)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    vert = torch.zeros(B, Hq, Sk, dtype=torch.float32, device=q.device)
-    slash = torch.zeros(B, Hq, Sk, dtype=torch.float32, device=q.device)
+    both = torch.zeros(2, B, Hq, Sk, dtype=torch.float32, device=q.device)  # one allocation for the pair
+    vert, slash = both.unbind(0)
+    out = both if stacked else (vert, slash)
     n = min(n_last, Sq)
     if B == 0 or Hq == 0 or n == 0:
-        return vert, slash
+        return out
     cfg = _default_config(q, method)
     if config:
         cfg.update(config)
@@ -452,7 +454,7 @@ def lastq_scores(q: torch.Tensor, k: torch.Tensor, n_last: int = 64, *, scale: f
                 scratch, slash, scratch.stride(0), scratch.stride(1), nr, pos0, kv_end, Sk, bk0 * group,
                 BLOCK_O=cfg["BLOCK_O"], BLOCK_R=cfg["BLOCK_R"], P_SCALE=P_SCALE, ACCUM=r0 > 0,
                 num_warps=cfg["slash_warps"], num_stages=1)
-    return vert, slash
+    return out
 
 
 __all__ = ["lastq_scores", "check_inputs", "resolve_method", "scratch_bytes_per_kv_head", "MAX_ROWS", "METHODS",
