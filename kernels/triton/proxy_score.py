@@ -20,8 +20,8 @@ Default ``method="lse"`` (single pass): the first loop alone, restarted per key 
 log2-sum-exp2 per key block to a float32 scratch [rows, key blocks] (one proxy's is 64 MB at 128K; proxies go in
 groups under LSE_SCRATCH_BYTES); ``_lse_cells`` normalises each row over its blocks and sums each query block's rows:
 the same scores with the logits computed once. H200, Llama-3.1-8B heads, structured inputs
-(one proxy per KV head / heads_per_proxy=1): 32K 1.24 -> 0.91 ms / 3.45 -> 2.71 ms, 128K 11.53 -> 9.47 ms /
-45.47 -> 37.89 ms, max difference 5e-6 (measured with the row softmax in torch ops; now one kernel).
+(one proxy per KV head / heads_per_proxy=1), two-pass -> single pass: 32K 1.23 -> 0.83 ms / 3.45 -> 2.35 ms,
+128K 11.57 -> 8.25 ms / 45.47 -> 32.72 ms, max difference 5e-6; extra peak memory 42 MB at 32K, 320 MB at 128K.
 
 Pooling: a prepass kernel averages the proxy's query heads at the sampled rows only (fp32 sum, scaled by
 log2(e)/sqrt(D), rounded to the input dtype for the dots) into [B, P, Sq/stride, D] -- 1/stride of one query head
