@@ -48,13 +48,7 @@ def counting(monkeypatch):
             yield counter
 
 
-def _qk(S=768, D=16, heads=4, kv_heads=2):
-    torch.manual_seed(0)
-    common = torch.randn(kv_heads, 1, D)
-    q = torch.randn(1, heads, S, D) * 0.4 + common.repeat_interleave(heads // kv_heads, 0)
-    k = torch.randn(1, kv_heads, S, D) * 0.4
-    k[:, :, 100] = common[:, 0] * 2
-    return q, k
+from test_kernel_flex_layout import _qk  # noqa: E402  (inputs with query-aware and vertical-slash heads)
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.4, 1.0])  # no head / two of four heads / every head query-aware

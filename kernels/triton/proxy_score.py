@@ -90,6 +90,20 @@ def _pool_queries(Q, QP, scale,
 
 
 @triton.jit
+def _row_tile(pid_r, L, Sq, OFF, STRIDE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A tile of sampled rows: (first row, row ids, valid rows, key position each row sees up to, keys the tile's
+    last row sees, keys every row of the tile sees)."""
+    r0 = pid_r * BLOCK_R
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    row_valid = offs_r < L
+    pos = OFF + tl.minimum(offs_r * STRIDE + STRIDE - 1, Sq - 1)  # keys 0..pos are visible
+    r_last = tl.minimum(r0 + BLOCK_R, L) - 1
+    n_keys = OFF + tl.minimum(r_last * STRIDE + STRIDE - 1, Sq - 1) + 1
+    n_full = OFF + tl.minimum(r0 * STRIDE + STRIDE - 1, Sq - 1) + 1
+    return r0, offs_r, row_valid, pos, n_keys, n_full
+
+
+@triton.jit
 def _proxy_score_fwd(
     QP, K, OUT,
     stride_pb, stride_ph, stride_pm, stride_pd,
@@ -108,21 +122,12 @@ def _proxy_score_fwd(
     p = (pid_bp % P).to(tl.int64)
     K_base = K + b * stride_kb + (p // KV_DIV) * stride_kh
 
-    r0 = pid_r * BLOCK_R
-    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r0, offs_r, row_valid, pos, n_keys, n_full = _row_tile(pid_r, L, Sq, OFF, STRIDE, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c0 = tl.arange(0, BLOCK_C)
-    row_valid = offs_r < L
-    qrow = tl.minimum(offs_r * STRIDE + STRIDE - 1, Sq - 1)
-    pos = OFF + qrow  # key position of each sampled row: keys 0..pos are visible
-
     # pooled query tile (prepass: scaled into the log2 domain, in the dot dtype)
     qp = tl.load(QP + b * stride_pb + p * stride_ph + offs_r[:, None] * stride_pm + offs_d[None, :] * stride_pd,
                  mask=row_valid[:, None], other=0.0)
-
-    r_last = tl.minimum(r0 + BLOCK_R, L) - 1
-    n_keys = OFF + tl.minimum(r_last * STRIDE + STRIDE - 1, Sq - 1) + 1  # keys the tile's last row sees
-    n_full = OFF + tl.minimum(r0 * STRIDE + STRIDE - 1, Sq - 1) + 1  # keys every row of the tile sees
     g_full = n_full // BLOCK  # key blocks without any masking
     g_all = tl.cdiv(n_keys, BLOCK)
 
@@ -184,18 +189,11 @@ def _proxy_lse_fwd(
     p = (P0 + pid_c % PC).to(tl.int64)
     K_base = K + b * stride_kb + (p // KV_DIV) * stride_kh
 
-    r0 = pid_r * BLOCK_R
-    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r0, offs_r, row_valid, pos, n_keys, n_full = _row_tile(pid_r, L, Sq, OFF, STRIDE, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c0 = tl.arange(0, BLOCK_C)
-    row_valid = offs_r < L
-    qrow = tl.minimum(offs_r * STRIDE + STRIDE - 1, Sq - 1)
-    pos = OFF + qrow
     qp = tl.load(QP + b * stride_pb + p * stride_ph + offs_r[:, None] * stride_pm + offs_d[None, :] * stride_pd,
                  mask=row_valid[:, None], other=0.0)
-    r_last = tl.minimum(r0 + BLOCK_R, L) - 1
-    n_keys = OFF + tl.minimum(r_last * STRIDE + STRIDE - 1, Sq - 1) + 1
-    n_full = OFF + tl.minimum(r0 * STRIDE + STRIDE - 1, Sq - 1) + 1
     g_full = n_full // BLOCK
     g_all = tl.cdiv(n_keys, BLOCK)
     out = LSE + pid_c.to(tl.int64) * stride_lc + offs_r * stride_lr
