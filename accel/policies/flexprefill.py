@@ -157,10 +157,8 @@ class FlexPrefillPolicy(Policy):
     def estimate(self, q, k, nk: int) -> dict:
         """The per-head estimates both selection paths share: column- and offset-block mass of the last query block
         (``v_blk``, ``s_blk``, the sink block and the local band set to inf so they always count), how many blocks
-        of each to keep (``n_vert``, ``n_slash``), the pattern choice (``query_aware``) and the pooled keys. With the
-        Triton kernels (CUDA, at most MAX_N key blocks) ``estimate_fused``; else torch ops (its twin)."""
-        if self.gamma < 1.0 and _use_triton(q) and nk <= _max_layout_blocks():
-            return self.estimate_fused(q, k, nk)
+        of each to keep (``n_vert``, ``n_slash``), the pattern choice (``query_aware``) and the pooled keys. Torch
+        ops on any device: the twin of ``estimate_fused`` (what ``select_layout`` runs)."""
         B, Hq, Sq, D = q.shape
         g = Hq // k.shape[1]
         bs = self.block_size

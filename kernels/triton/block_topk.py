@@ -76,6 +76,24 @@ def _row(S, NROW, row, offs, ssb, ssh, ssm, ssn, H, NQ, N, HPS, Sq, OFF, BQ, BK,
 
 
 @triton.jit
+def topn_select(key, valid, n):
+    """Top-n of a row of order-preserving int32 keys (valid where ``valid``; 0 <= n <= count(valid)): the cut (the
+    largest c with count(key >= c) >= n), how many keys equal to it are kept (the lowest indices), the selection."""
+    lo = tl.min(tl.where(valid, key, 2147483647), 0)
+    hi = tl.max(tl.where(valid, key, -2147483648), 0)
+    for _ in range(32):  # largest c with count(key >= c) >= n
+        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
+        enough = tl.sum((valid & (key >= mid)).to(tl.int32), 0) >= n
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    ntie = n - tl.sum((valid & (key > lo)).to(tl.int32), 0)
+    tied = valid & (key == lo)
+    ti = tied.to(tl.int32)
+    rank = tl.cumsum(ti, 0) - ti
+    return lo, ntie, (valid & (key > lo)) | (tied & (rank < ntie))
+
+
+@triton.jit
 def _select_phase0(S, NROW, CUT, NTIE, COUNT, MASK, threshold,
                    ssb, ssh, ssm, ssn, H, NQ, N, HPS, Sq, OFF, BQ, BK,
                    MODE: tl.constexpr, CAUSAL: tl.constexpr, KEEP_FIRST: tl.constexpr, KEEP_DIAG: tl.constexpr,
@@ -101,19 +119,7 @@ def _select_phase0(S, NROW, CUT, NTIE, COUNT, MASK, threshold,
         ntie = tl.sum((tied & (above + rank.to(tl.float32) * x < target)).to(tl.int32), 0)
         sel = (valid & (key > cut)) | (tied & (rank < ntie))
     elif MODE == 1:
-        lo = tl.min(tl.where(valid, key, 2147483647), 0)
-        hi = tl.max(tl.where(valid, key, -2147483648), 0)
-        for _ in range(32):  # largest c with count(key >= c) >= n
-            mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
-            enough = tl.sum((valid & (key >= mid)).to(tl.int32), 0) >= n_eff
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid - 1)
-        cut = lo
-        ntie = n_eff - tl.sum((valid & (key > cut)).to(tl.int32), 0)
-        tied = valid & (key == cut)
-        ti = tied.to(tl.int32)
-        rank = tl.cumsum(ti, 0) - ti
-        sel = (valid & (key > cut)) | (tied & (rank < ntie))
+        cut, ntie, sel = topn_select(key, valid, n_eff)
     elif MODE == 2:
         cut = 0
         ntie = 0

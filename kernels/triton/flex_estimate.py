@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_topk import MAX_N
+from .block_topk import MAX_N, topn_select
 from .mass_threshold import MassSearch, cut_of
 
 
@@ -45,18 +45,7 @@ def _topn(x, ok, n):
     """Bool mask of the n largest entries of x (valid where ``ok``; 1 <= n <= count(ok)), ties to the lower index."""
     bits = x.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving: signed int order == float order
-    lo = tl.min(tl.where(ok, key, 2147483647), 0)
-    hi = tl.max(tl.where(ok, key, -2147483648), 0)
-    for _ in range(32):  # largest c with count(key >= c) >= n
-        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)
-        enough = tl.sum((ok & (key >= mid)).to(tl.int32), 0) >= n
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    ntie = n - tl.sum((ok & (key > lo)).to(tl.int32), 0)
-    tied = ok & (key == lo)
-    ti = tied.to(tl.int32)
-    rank = tl.cumsum(ti, 0) - ti
-    return (ok & (key > lo)) | (tied & (rank < ntie))
+    return topn_select(key, ok, n)[2]
 
 
 @triton.jit

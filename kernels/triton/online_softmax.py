@@ -1,4 +1,4 @@
-"""The online-softmax update shared by the sparse attention kernels (a jit helper, inlined by Triton)."""
+"""The online-softmax updates shared by the attention and estimation kernels (jit helpers, inlined by Triton)."""
 
 import triton
 import triton.language as tl
@@ -30,3 +30,15 @@ def softmax_step(acc, l_i, m_i, qk, v, keep, qk_scale, softcap, MASK: tl.constex
         pv = tl.dot(p.to(v.dtype), v, input_precision=PREC)
     acc = acc * alpha[:, None] + pv
     return acc, l_i, m_new
+
+
+@triton.jit
+def row_stats_step(m_i, l_i, s, GUARD: tl.constexpr):
+    """Fold a tile of base-2 logits ``s`` [M, N] into the running row max ``m_i`` and sum of exp2 ``l_i`` (no values).
+    GUARD: rows may have seen only -inf so far (masked tiles); without it the max must be finite after the tile."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if GUARD:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    return m_new, l_i * tl.math.exp2(m_i - m_ref) + tl.sum(tl.math.exp2(s - m_ref[:, None]), 1)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
+from .online_softmax import row_stats_step
 
 _LOG2E = 1.4426950408889634
 
@@ -102,10 +103,7 @@ def _pooled_score_fwd(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = _pooled_logits(q, KP_base, offs_n, offs_d, stride_kn, stride_kd, NK, lim, n0, qk_scale,
                            BLOCK_N, PREC, all_visible)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = row_stats_step(m_i, l_i, s, True)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(row_valid & (l_i > 0.0), 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     out_base = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om

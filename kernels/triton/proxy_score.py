@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_positive_ints, check_qk
+from .online_softmax import row_stats_step
 
 MAX_ROWS_PER_BLOCK = 128  # block // stride: one query block's sampled rows must fit a tile
 METHOD = "lse"  # see proxy_scores
@@ -136,14 +137,10 @@ def _proxy_score_fwd(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     for t in tl.range(0, g_full * SUBS):
         s = _logits(qp, K_base, t * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, False, DOT_F32, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = row_stats_step(m_i, l_i, s, False)
     for t in tl.range(g_full * SUBS, g_all * SUBS, num_stages=1):
         s = _logits(qp, K_base, t * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd, True, DOT_F32, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # key 0 is visible to every row: m stays finite after tile 0
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = row_stats_step(m_i, l_i, s, False)  # key 0 is visible to every row: m finite after tile 0
 
     # pass 2: probabilities summed per (query block, key block). A tile's keys lie in one key block
     # (BLOCK_C <= BLOCK), so the cell sum is a row sum per tile, then a sum over the query block's rows.
@@ -204,9 +201,7 @@ def _proxy_lse_fwd(
         for sub in tl.static_range(SUBS):
             s = _logits(qp, K_base, g * BLOCK + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd,
                         False, DOT_F32, PREC)
-            m_new = tl.maximum(m, tl.max(s, 1))
-            acc = acc * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
-            m = m_new
+            m, acc = row_stats_step(m, acc, s, False)
         tl.store(out + g * stride_lk, tl.where(row_valid, m + tl.math.log2(acc), 0.0), mask=st_ok)
     for g in tl.range(g_full, g_all, num_stages=1):  # blocks crossing the tile's causal edge
         m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -214,10 +209,7 @@ def _proxy_lse_fwd(
         for sub in tl.static_range(SUBS):
             s = _logits(qp, K_base, g * BLOCK + sub * BLOCK_C, offs_c0, offs_d, pos, Sk, stride_kn, stride_kd,
                         True, DOT_F32, PREC)
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
-            acc = acc * tl.math.exp2(m - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-            m = m_new
+            m, acc = row_stats_step(m, acc, s, True)  # a row may have no visible key yet
         lse = tl.where(acc > 0, m + tl.math.log2(tl.where(acc > 0, acc, 1.0)), float("-inf"))
         tl.store(out + g * stride_lk, tl.where(row_valid, lse, 0.0), mask=st_ok)
     for g in tl.range(g_all, NK):  # blocks after the tile's last row
@@ -244,10 +236,7 @@ def _lse_cells(LSE, OUT, stride_lc, stride_lr, stride_lk, stride_ob, stride_op, 
         offs_k = k0 + offs_k0
         x = tl.load(base + offs_k[None, :] * stride_lk, mask=row_ok[:, None] & (offs_k < NK)[None, :],
                     other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.math.exp2(m - m_safe) + tl.sum(tl.math.exp2(x - m_safe[:, None]), 1)
-        m = m_new
+        m, l = row_stats_step(m, l, x, True)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     inv = tl.where(row_ok & (l > 0), 1.0 / tl.where(l > 0, l, 1.0), 0.0)
     out = OUT + b.to(tl.int64) * stride_ob + p * stride_op + qb * stride_om
