@@ -512,8 +512,9 @@ class DuoSplitLayer(_BatchOps, DynamicLayer):
         dev = key_states.device
         self.stream_idx, self.retrieval_idx = self.stream_idx.to(dev), self.retrieval_idx.to(dev)
         B, _, _, D = key_states.shape
-        self.keys = key_states.new_empty(B, self.retrieval_idx.numel(), 0, D)
-        self.values = value_states.new_empty(B, self.retrieval_idx.numel(), 0, value_states.shape[-1])
+        self._rk = key_states.new_empty(B, self.retrieval_idx.numel(), 0, D)
+        self._rv = value_states.new_empty(B, self.retrieval_idx.numel(), 0, value_states.shape[-1])
+        self.keys, self.values = self._rk, self._rv
         self.skeys = key_states.new_empty(B, self.stream_idx.numel(), 0, D)
         self.svalues = value_states.new_empty(B, self.stream_idx.numel(), 0, value_states.shape[-1])
 
@@ -540,8 +541,16 @@ class DuoSplitLayer(_BatchOps, DynamicLayer):
         return self.keys, self.values
 
     def _append_retrieval(self, kr, vr) -> None:
-        self.keys = torch.cat([self.keys, kr], dim=-2)
-        self.values = torch.cat([self.values, vr], dim=-2)
+        # capacity buffers that grow geometrically (as PagedKVLayer's): a torch.cat per step copied the whole
+        # retrieval cache at every decode step of every layer
+        used, n = self.keys.shape[-2], kr.shape[-2]
+        cap = self._rk.shape[-2]
+        if used + n > cap:
+            cap = -(-max(used + n, cap + cap // 4) // PagedKVLayer.GROW) * PagedKVLayer.GROW
+            self._rk, self._rv = _grow(self._rk, cap, used), _grow(self._rv, cap, used)
+        self._rk[..., used : used + n, :] = kr
+        self._rv[..., used : used + n, :] = vr
+        self.keys, self.values = self._rk[..., : used + n, :], self._rv[..., : used + n, :]
 
     def extra_tensors(self) -> tuple:
         return (self.skeys, self.svalues)
@@ -554,6 +563,7 @@ class DuoSplitLayer(_BatchOps, DynamicLayer):
 
     def reset(self) -> None:
         self.keys = self.values = self.skeys = self.svalues = self.stream_kv = None
+        self._rk = self._rv = None
         self.is_initialized = False
         self.cumulative_length = 0
 
@@ -565,6 +575,7 @@ class DuoSplitLayer(_BatchOps, DynamicLayer):
         if self.is_initialized:
             self.keys, self.values, self.skeys, self.svalues = (
                 fn(t) for t in (self.keys, self.values, self.skeys, self.svalues))
+            self._rk, self._rv = self.keys, self.values  # the filled part only; the next append regrows
         self.stream_kv = None
 
     def offload(self):

@@ -8,6 +8,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from accel.layouts import BlockLayout, DenseLayout, PageSelection, StreamingLayout, VerticalSlashLayout
 
@@ -92,6 +93,9 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+_DECODE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def sliced_attention(q, k, v, *, scale=None, sink=0, window=None, kv_start=None, chunk=1024):
     """Same function as ``attention`` (causal, no soft-capping) through torch SDPA, visiting per query chunk only
     the keys it can see (sinks + the window band), so the reference backend is usable on CPU at long context.
@@ -101,6 +105,11 @@ def sliced_attention(q, k, v, *, scale=None, sink=0, window=None, kv_start=None,
     scale = D**-0.5 if scale is None else scale
     if kv_start is None and (window is None or window >= Sk) and (Sq == Sk or Sq == 1):
         # plain causal: no mask to build (top-left and bottom-right causal agree when Sq == Sk)
+        if Sq == 1 and q.is_cuda:
+            # decode: not cuDNN, which builds an execution plan per key length, i.e. at every step (10 ms of CPU
+            # per call on the H200, DuoAttention's eager decode ran at 4 tokens/s at 128K)
+            with sdpa_kernel(_DECODE_SDPA):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != Hkv)
         return F.scaled_dot_product_attention(q, k, v, is_causal=Sq > 1, scale=scale, enable_gqa=Hq != Hkv)
     out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=q.dtype, device=q.device)
     off = Sk - Sq

@@ -124,3 +124,44 @@ def test_plans_run_without_host_sync(policy):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert layout.indices.shape[-1] == S // 128  # full width: nothing was read back to size it
+
+
+@pytest.mark.parametrize("policy", ["dense", "quest", "tidal", "duo", "lserve", "lserve-reuse", "xattention+quest"])
+def test_eager_decode_steps_run_without_host_sync(policy, tmp_path):
+    """A decode step over the default (dynamic) cache never waits for the GPU: at batch 1 the CPU's launches are the
+    step's time, and one sync per layer makes it CPU time + GPU time instead of the larger of the two. ``auto``
+    backend, as users run it; the dense patch is the control (transformers' own step must be sync-free too)."""
+    from test_policy_duo import _head_map
+
+    model = tiny_model("llama", seed=1).cuda()
+    model.config.max_position_embeddings = 4096
+    name = policy.split("-")[0]
+    opts = {}
+    if "quest" in name:
+        opts = dict(budget=64, page_size=16, dense_layers=0)
+    elif name == "tidal":
+        opts = dict(budget=64, select_layer=0, reselect_layer=None)
+    elif name in ("duo", "lserve"):
+        opts = dict(duo_map=_head_map(model, tmp_path / "m.json", seed=1), ratio=0.5, sink=4, recent=12)
+        if name == "lserve":
+            opts.update(page_size=16, physical_page_size=32, budget=64,
+                        reuse_steps=4 if policy.endswith("reuse") else 1)
+    accel.patch(model, name, **opts)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(_ids(700), past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(2):  # kernels compile, auto's choices are made
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5):  # crosses lserve's reuse window and a new page
+                tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    used = accel.stats(model)["backends_used"]
+    if name in ("quest", "lserve", "xattention+quest"):
+        assert "triton" in used, used  # the page selections ran on the GPU kernels

@@ -189,3 +189,22 @@ def test_calibration_gates_at_one_reproduce_the_model(family):
         streamed = model(x).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(streamed, want, atol=1e-3)  # gates at 0 do stream the global layers
+
+
+def test_split_layer_appends_in_place():
+    """Decode steps write one row into the retrieval heads' capacity buffer (no copy of the whole cache per step),
+    and the layer holds what concatenation would."""
+    torch.manual_seed(0)
+    layer = DuoSplitLayer(torch.tensor([True, False, False]), sink=2, recent=4)
+    k, v = torch.randn(2, 3, 300, 8), torch.randn(2, 3, 300, 8)
+    layer.update(k[:, :, :290], v[:, :, :290])
+    ptrs = set()
+    for t in range(290, 300):
+        keys, values = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        ptrs.add(keys.data_ptr())
+    assert len(ptrs) == 1  # 290 tokens reserved a capacity of 512: every step wrote into it
+    torch.testing.assert_close(keys, k[:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(values, v[:, 1:], rtol=0, atol=0)
+    layer.batch_select_indices(torch.tensor([1]))  # a batch edit keeps the filled part, the next append regrows
+    keys, _ = layer.update(k[1:, :, :1], v[1:, :, :1])
+    torch.testing.assert_close(keys, torch.cat([k[1:, 1:], k[1:, 1:, :1]], dim=-2), rtol=0, atol=0)

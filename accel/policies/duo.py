@@ -168,12 +168,7 @@ class DuoPolicy(Policy):
         if ctx.kv_start is not None:
             raise ValueError(f"policy {self.name!r} does not support left-padded batches (streaming heads' sink "
                              "tokens would be padding); run prompts one at a time or with equal lengths")
-        hkv = stream.numel()
-        group = q.shape[1] // hkv
-        dev = q.device
-        s_idx, r_idx = stream.nonzero()[:, 0].to(dev), (~stream).nonzero()[:, 0].to(dev)
-        ar = torch.arange(group, device=dev)
-        q_s, q_r = (s_idx[:, None] * group + ar).flatten(), (r_idx[:, None] * group + ar).flatten()
+        s_idx, r_idx, q_s, q_r = self._head_indices(ctx.layer_idx, stream, q.shape[1] // stream.numel(), q.device)
         window = StreamingLayout(sink=self.sink, window=self.recent)
         layer = ctx.cache_layer
         if split_chunk(layer):
@@ -190,6 +185,20 @@ class DuoPolicy(Policy):
         else:  # every head's K/V is here (first fill, or no cache)
             parts = [HeadPart(q_r, DenseLayout(), kv_heads=r_idx), HeadPart(q_s, window, kv_heads=s_idx)]
         return HeadSplitLayout([p for p in parts if p.q_heads.numel()])
+
+
+    def _head_indices(self, layer_idx: int, stream: torch.Tensor, group: int, dev) -> tuple:
+        """(streaming KV heads, retrieval KV heads, their query heads) on ``dev``, made once per layer and device:
+        copying the CPU head map to the GPU at every decode step waited for the GPU twice per layer."""
+        memo = self.__dict__.setdefault("_idx_memo", {})
+        key = (layer_idx, group, str(dev))
+        hit = memo.get(key)
+        if hit is None or hit[0] is not stream:  # a new head map (check_model again) replaces the entry
+            s_idx, r_idx = stream.nonzero()[:, 0].to(dev), (~stream).nonzero()[:, 0].to(dev)
+            ar = torch.arange(group, device=dev)
+            hit = memo[key] = (stream, s_idx, r_idx, (s_idx[:, None] * group + ar).flatten(),
+                               (r_idx[:, None] * group + ar).flatten())
+        return hit[1:]
 
 
 def split_chunk(layer) -> bool:
