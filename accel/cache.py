@@ -145,7 +145,7 @@ class PagedKVLayer(_BatchOps, DynamicLayer):
         cap = self._k.shape[-2]
         if n <= cap:
             return
-        new_cap = -(-max(n, cap + cap // 4) // self.GROW) * self.GROW
+        new_cap = _capacity(n, cap, self.GROW)
         self._k = _grow(self._k, new_cap, self.length)
         self._v = _grow(self._v, new_cap, self.length)
         pages = -(-new_cap // self.page_size)
@@ -470,6 +470,11 @@ class LServeStaticLayer(DuoStaticLayer):
             self.kmax.fill_(float("-inf"))
 
 
+def _capacity(needed: int, cap: int, grain: int) -> int:
+    """A buffer's next capacity: at least ``needed`` and 1.25x the current one, rounded up to ``grain`` tokens."""
+    return -(-max(needed, cap + cap // 4) // grain) * grain
+
+
 def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     new = t.new_empty(*t.shape[:-2], cap, t.shape[-1])
     if used:
@@ -546,7 +551,7 @@ class DuoSplitLayer(_BatchOps, DynamicLayer):
         used, n = self.keys.shape[-2], kr.shape[-2]
         cap = self._rk.shape[-2]
         if used + n > cap:
-            cap = -(-max(used + n, cap + cap // 4) // PagedKVLayer.GROW) * PagedKVLayer.GROW
+            cap = _capacity(used + n, cap, PagedKVLayer.GROW)
             self._rk, self._rv = _grow(self._rk, cap, used), _grow(self._rv, cap, used)
         self._rk[..., used : used + n, :] = kr
         self._rv[..., used : used + n, :] = vr
