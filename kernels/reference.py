@@ -103,7 +103,9 @@ def sliced_attention(q, k, v, *, scale=None, sink=0, window=None, kv_start=None,
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
-    if kv_start is None and (window is None or window >= Sk) and (Sq == Sk or Sq == 1):
+    # one query that sees every key (a streaming store holds just sink + recent: DuoAttention's decode) is plain too
+    sees_all = window is None or window >= Sk or (Sq == 1 and sink + window >= Sk)
+    if kv_start is None and sees_all and (Sq == Sk or Sq == 1):
         # plain causal: no mask to build (top-left and bottom-right causal agree when Sq == Sk)
         if Sq == 1 and q.is_cuda:
             # decode: not cuDNN, which builds an execution plan per key length, i.e. at every step (10 ms of CPU

@@ -156,12 +156,26 @@ def test_eager_decode_steps_run_without_host_sync(policy, tmp_path):
         for _ in range(2):  # kernels compile, auto's choices are made
             tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
+        compiled = _decode_kernel_variants()
         torch.cuda.set_sync_debug_mode("error")
         try:
             for _ in range(5):  # crosses lserve's reuse window and a new page
                 tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+        for _ in range(70):  # 703 -> 778 keys: the length and the page count pass multiples of 16
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     used = accel.stats(model)["backends_used"]
     if name in ("quest", "lserve", "xattention+quest"):
         assert "triton" in used, used  # the page selections ran on the GPU kernels
+    # no Triton compile mid-decode: a growing length or page count specialised as divisible-by-16 compiled a new
+    # variant (~0.3 s each) inside generate's steps
+    assert _decode_kernel_variants() == compiled
+
+
+def _decode_kernel_variants() -> dict:
+    from accel.kernels.triton import decode_attention, decode_score, decode_topk
+
+    fns = {"split": decode_attention._split_kernel, "combine": decode_attention._combine_kernel,
+           "score": decode_score._quest_score_kernel, "select": decode_topk._select_kernel}
+    return {name: sum(len(c[0]) for c in fn.device_caches.values()) for name, fn in fns.items()}

@@ -26,3 +26,13 @@ def test_sliced_left_padding(sink, window):
     want = attention(q, k, v, sink=sink, window=window, kv_start=start)
     got = sliced_attention(q, k, v, sink=sink, window=window, kv_start=start, chunk=16)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Sk", [39, 40, 41])  # sink + window = 40: every key visible up to 40, one hidden at 41
+def test_sliced_one_query_over_a_streaming_store(Sk):
+    """A decode query over sink + recent keys (a streaming head's store) takes the maskless path only when it
+    really sees every key."""
+    torch.manual_seed(Sk)
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, Sk, 16), torch.randn(1, 2, Sk, 16)
+    want = attention(q, k, v, sink=16, window=24)
+    torch.testing.assert_close(sliced_attention(q, k, v, sink=16, window=24), want, atol=1e-5, rtol=1e-5)

@@ -33,7 +33,8 @@ def _tanh(x):
     return 2.0 / (1.0 + tl.exp2(x * (-2.0 * 1.4426950408889634))) - 1.0
 
 
-@triton.jit
+# per-step lengths are not specialised: Triton's divisible-by-16 variants would compile anew mid-decode
+@triton.jit(do_not_specialize=["Sk", "NS", "TOK_PER_SPLIT", "Sk2", "TOK2"])
 def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
                   sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, sps, s_start, s_end,
                   Hkv, G, Sk, NS, TOK_PER_SPLIT, qk_scale, cap_in, cap_out,
@@ -161,7 +162,7 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
     tl.store(LP + row * NS + split, lse, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NS"])
 def _combine_kernel(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, R, G, NS, H1,
                     RETURN_LSE: tl.constexpr, HAS_HEADS: tl.constexpr, TWO: tl.constexpr, BLOCK_S: tl.constexpr,
                     BLOCK_DV: tl.constexpr, DV):

@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# P (pages) and the strides of scores [B, H, P] grow during decode: not specialised, or each divisible-by-16 count
+# compiles a variant mid-decode
+@triton.jit(do_not_specialize=["P", "sob", "soh"])
 def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SKIP,
                         sqb, sqh, sqd, smb, smh, smp, smd, sxb, sxh, sxp, sxd, sob, soh, sop,
                         Hkv, G, P, PAGE,

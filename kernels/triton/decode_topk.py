@@ -16,7 +16,9 @@ import triton.language as tl
 MAX_PAGES = 65536  # one row per program; beyond this the selection runs through torch.topk
 
 
-@triton.jit
+# P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
+# compile mid-decode)
+@triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
 def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
                    LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
                    HAS_SKIP: tl.constexpr, NC: tl.constexpr):
