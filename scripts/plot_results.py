@@ -1,6 +1,7 @@
 """Plots of the GPU benchmark results (run on any machine after the JSON files are committed; needs matplotlib).
 
     python scripts/plot_results.py            # every results/*.json it knows, PNG next to each
+    python scripts/plot_results.py results/bench_e2e_llama8b_sweep.json   # just these
 
 - bench_block_sparse.json -> bench_block_sparse.png: time against kept share, Triton / FA4 / Flex, per context,
   with the dense FA4 and SDPA times as lines;
@@ -90,25 +91,33 @@ def plot_prefill(path: str) -> str:
 
 
 def plot_e2e(path: str) -> str:
+    """TTFT speedup against transformers sdpa per run and context; with decode rows, a second panel of eager decode
+    tokens/s against sdpa's."""
     plt = _plt()
     with open(path) as f:
         res = json.load(f)
     rows = [r for r in res["rows"] if "ttft_s" in r]
     ctxs = sorted({r["context"] for r in rows})
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    base = {r["context"]: r["ttft_s"] for r in rows if r["run"] == "sdpa"}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        pts = [(r["context"] // 1024, base[r["context"]] / r["ttft_s"]) for r in rows
-               if r["run"] == run and r["context"] in base]
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=run)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([c // 1024 for c in ctxs], [f"{c // 1024}K" for c in ctxs])
-    ax.set_ylabel("time-to-first-token speedup vs transformers sdpa")
-    ax.set_title(f"{res['meta']['model']} ({res['meta']['device']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("ttft_s", "time-to-first-token speedup vs transformers sdpa", False)]
+    if any("decode_tok_s" in r for r in rows):
+        panels.append(("decode_tok_s", "eager decode tokens/s vs transformers sdpa", True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label, higher) in zip(axes[0], panels):
+        base = {r["context"]: r[key] for r in rows if r["run"] == "sdpa" and key in r}
+        colors = plt.get_cmap("tab20").colors  # up to 20 runs, each its own colour
+        for i, run in enumerate(runs):
+            pts = [(r["context"] // 1024, r[key] / base[r["context"]] if higher else base[r["context"]] / r[key])
+                   for r in rows if r["run"] == run and r["context"] in base and key in r]
+            if pts:
+                ax.plot(*zip(*pts), "os^vD"[i % 5] + "-", color=colors[i % 20], label=run)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([c // 1024 for c in ctxs], [f"{c // 1024}K" for c in ctxs])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{res['meta']['model']} ({res['meta']['device']})")
     fig.tight_layout()
     out = path[:-5] + ".png"
     fig.savefig(out, dpi=110)
@@ -149,9 +158,11 @@ def plot_static_decode(path: str) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default="results")
+    ap.add_argument("files", nargs="*", help="plot only these JSON files (default: every known one under --results)")
     args = ap.parse_args(argv)
-    for name in sorted(os.listdir(args.results)):
-        path = os.path.join(args.results, name)
+    paths = args.files or [os.path.join(args.results, n) for n in sorted(os.listdir(args.results))]
+    for path in paths:
+        name = os.path.basename(path)
         fn = {"bench_block_sparse.json": plot_block_sparse, "bench_prefill.json": plot_prefill}.get(name)
         if fn is None and name.startswith("bench_e2e_") and name.endswith(".json"):
             fn = plot_e2e
