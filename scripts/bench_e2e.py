@@ -257,12 +257,15 @@ def run_one(model, run: str, ids, args, tok=None, prompt_info=None) -> dict:
         else:
             model.set_attn_implementation(run)
         # warm-up: compiles kernels; sparse prefill policies warm up at the same length so that `auto` times its
-        # backends and tiles for this shape outside the timed run (dense prefills compile the same at any length)
+        # backends and tiles for this shape outside the timed run; so does transformers' flex_attention, which
+        # torch.compile builds per sequence length (warmed at 4K, its timed prefill paid a compile: 6.7 s at 8K);
+        # SDPA and FA4 compile the same at any length
         spec = accel.parse_policy(name, **opts) if patched else None
         sparse_prefill = patched and spec.prefill.name != "dense"
         # sparse decode policies too: their kernels compile per page-table width, and at 4K a budget of 4096 is
         # dense (the timed decode paid Quest's JIT compilation: 5.0 tok/s against 14.7 for xattention+quest)
-        full = sparse_prefill or (patched and args.decode and spec.decode.name != "dense")
+        full = (sparse_prefill or run == "flex_attention"
+                or (patched and args.decode and spec.decode.name != "dense"))
         w_out, w_cache = prefill(model, ids if full else ids[:, :4096])
         if args.decode:  # and compiles the decode kernels, so the timed decode does not pay their JIT compilation
             decode(model, w_out, w_cache, 2)
