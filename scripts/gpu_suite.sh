@@ -10,6 +10,8 @@
 #   bash scripts/gpu_suite.sh decode static_decode     # decode attention (graph + eager); whole-model static-cache
 #                                                      # decode as CUDA graphs and compiled (batch 4 at 128K: H200)
 #   bash scripts/gpu_suite.sh e2e_llama8b_planted      # the same with attention structure planted in the weights
+#   bash scripts/gpu_suite.sh e2e_sweep_8k_32k e2e_sweep_64k e2e_sweep_128k_prefill e2e_sweep_128k_decode
+#                                                      # every policy, 8K-128K, 128 decode steps (a device call each)
 #   bash scripts/gpu_suite.sh profile_128k             # torch profiler split of a patched 128K prefill
 #   bash scripts/gpu_suite.sh e2e_llama70b_2gpu        # Llama-70B shape split over two GPUs (2x H200), 128K
 #   bash scripts/gpu_suite.sh e2e_gemma3_real          # the same on the real Gemma-3-270M with a needle prompt
@@ -92,6 +94,20 @@ for stage in "$@"; do
       timeout 420 python3 scripts/bench_e2e.py --model llama8b --attention planted --contexts 32768 131072 --decode 8 \
         --runs sdpa flash_attention_4 flex_attention xattention flexprefill proxy vertical_slash xattention+quest \
         flexprefill+lserve --out "$OUT/bench_e2e_llama8b_planted" | grep "^|" | tail -18 ;;
+    e2e_sweep_8k_32k|e2e_sweep_64k|e2e_sweep_128k_prefill|e2e_sweep_128k_decode)  # every policy and composition,
+      # 128 decode steps, one device call (<= 10 min) per stage; merged: results/bench_e2e_llama8b_sweep.md
+      ALL="sdpa flash_attention_4 flex_attention dense xattention flexprefill proxy vertical_slash quest duo lserve tidal
+           xattention+quest flexprefill+lserve"
+      case "$stage" in
+        e2e_sweep_8k_32k) ctx="8192 32768"; runs=$ALL ;;
+        e2e_sweep_64k) ctx=65536; runs=$ALL ;;
+        e2e_sweep_128k_prefill) ctx=131072; runs="sdpa flash_attention_4 flex_attention dense xattention flexprefill
+                                                    proxy vertical_slash" ;;
+        *) ctx=131072; runs="sdpa flash_attention_4 quest duo lserve tidal xattention+quest flexprefill+lserve" ;;
+      esac
+      # shellcheck disable=SC2086
+      timeout 590 python3 scripts/bench_e2e.py --model llama8b --attention planted --contexts $ctx --decode 128 \
+        --runs $runs --out "$OUT/bench_e2e_llama8b_sweep_${stage#e2e_sweep_}" | grep "^|" | tail -16 ;;
     profile_128k)
       timeout 170 python3 scripts/bench_e2e.py --model llama8b --attention planted --contexts 131072 --no-density \
         --profile --runs flexprefill --out "$OUT/bench_e2e_llama8b_profile" | tail -3 ;;
