@@ -17,7 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .autopick import Fastest
 from .kernels.static_decode import dense_static_decode
 from .kernels import BackendUnavailable, get_backend
-from .layouts import BlockLayout, HeadSplitLayout, PageSelection, VerticalSlashLayout
+from .layouts import BlockLayout, HeadSplitLayout, PageSelection, SplitPageSelection, VerticalSlashLayout
 from .policies import AttentionContext
 from .policies.duo import DuoPolicy, split_chunk
 from .spec import PolicySpec
@@ -116,7 +116,8 @@ def _resolve(state: LayerState, layout, q: torch.Tensor, kv_start):
         names = (state.backend,)
     else:
         # page selections go to our decode kernel first (SDPA cannot gather pages)
-        names = _AUTO_ORDER_DECODE if q.shape[2] == 1 and not isinstance(layout, PageSelection) else _AUTO_ORDER
+        paged = isinstance(layout, (PageSelection, SplitPageSelection))
+        names = _AUTO_ORDER_DECODE if q.shape[2] == 1 and not paged else _AUTO_ORDER
     measured = state.backend == "auto" and isinstance(layout, BlockLayout) and q.device.type == "cuda"
     capable = []  # auto on block-sparse layouts: every capable GPU backend, raced by accel.autopick
     for name in names:

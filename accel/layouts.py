@@ -72,6 +72,33 @@ class PageSelection:
         return None if self.tokens is None else min(1.0, self.tokens / max(kv_len, 1))
 
 
+@dataclass
+class SplitPageSelection:
+    """Decode over a split (DuoAttention-style) cache layer in one pass: the retrieval KV heads ``kv_heads`` of the
+    attention call's K/V over their ``selection`` of pages, and the streaming KV heads ``ring_heads`` over their own
+    store ``ring_k`` / ``ring_v``, every slot of which the query sees (sink + recent; ``stream`` is that mask, for
+    density). Head ids are layer KV heads, ``group`` query heads each; ``q_heads`` / ``ring_q_heads`` are their query
+    heads; together they are every query head of the layer. The Triton backend runs both in one split-KV launch and one combine (LServe over the dynamic cache:
+    no gather of the query, no scatter of the outputs, no second attention call)."""
+
+    selection: PageSelection
+    kv_heads: torch.Tensor  # [Hr] layer KV head of each of k/v's heads
+    q_heads: torch.Tensor  # [Hr * group] their query heads
+    ring_k: torch.Tensor  # [B, Hs, S2, D]
+    ring_v: torch.Tensor  # [B, Hs, S2, Dv]
+    ring_heads: torch.Tensor  # [Hs]
+    ring_q_heads: torch.Tensor  # [Hs * group]
+    group: int
+    stream: StreamingLayout
+
+    def density(self, q_len: int, kv_len: int) -> float | None:
+        d = self.selection.density(q_len, kv_len)
+        if d is None:
+            return None
+        nr, ns = self.q_heads.numel(), self.ring_q_heads.numel()
+        return (d * nr + self.stream.density(q_len, kv_len) * ns) / max(nr + ns, 1)
+
+
 def _mask_density(q_len: int, kv_len: int, sink: int, window: int | None) -> float:
     """Share of causally visible (query, key) pairs that a sink+window mask keeps (host arithmetic, no sync)."""
     if window is None:

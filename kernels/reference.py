@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from accel.layouts import BlockLayout, DenseLayout, PageSelection, StreamingLayout, VerticalSlashLayout
+from accel.layouts import (BlockLayout, DenseLayout, PageSelection, SplitPageSelection, StreamingLayout,
+                            VerticalSlashLayout)
 
 
 def visible_mask(
@@ -152,11 +153,18 @@ class ReferenceBackend:
     def supports(self, layout, q: torch.Tensor) -> str | None:
         if isinstance(layout, (DenseLayout, StreamingLayout, BlockLayout, VerticalSlashLayout)):
             return None
-        if isinstance(layout, PageSelection):
+        if isinstance(layout, (PageSelection, SplitPageSelection)):
             return None if q.shape[2] == 1 else "page selections take one query per row (decode)"
         return f"layout {type(layout).__name__} is not supported by the reference backend yet"
 
     def run(self, layout, q, k, v, *, scale, softcap=None, kv_start=None):
+        if isinstance(layout, SplitPageSelection):  # the two head groups one after the other, into one output
+            out = q.new_empty(*q.shape[:3], v.shape[-1])
+            out[:, layout.q_heads] = self.run(layout.selection, q.index_select(1, layout.q_heads), k, v, scale=scale,
+                                              softcap=softcap, kv_start=kv_start)
+            out[:, layout.ring_q_heads] = self.run(layout.stream, q.index_select(1, layout.ring_q_heads),
+                                                   layout.ring_k, layout.ring_v, scale=scale, softcap=softcap)
+            return out
         if isinstance(layout, PageSelection):  # decode over selected KV pages (kernels/reference_decode.py)
             from .reference_decode import paged_decode_attention
 

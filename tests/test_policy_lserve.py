@@ -10,7 +10,7 @@ import torch
 import accel
 from accel.cache import PagedKVLayer, PagedSplitLayer
 from accel.kernels import reference_decode as R
-from accel.layouts import HeadSplitLayout, PageSelection
+from accel.layouts import HeadSplitLayout, PageSelection, SplitPageSelection
 from accel.policies import AttentionContext
 from accel.policies.duo import model_signature
 from accel.policies.lserve import LServePolicy
@@ -99,8 +99,9 @@ def test_selection_reused_for_reuse_steps(tmp_path):
     with torch.no_grad():
         out = _gen(model, ids(length=61), n=9, min_new_tokens=9)  # 8 decode steps at 62..69 keys: selections at 62 and 66
     assert len(calls) == 2 * 2  # two selections per layer, not eight
-    sels = {(i, n): next(p.layout for p in lay.parts if isinstance(p.layout, PageSelection))
-            if isinstance(lay, HeadSplitLayout) else lay for i, n, lay in layouts if n > 61}
+    # both kinds of heads in every layer: each decode step is one SplitPageSelection
+    assert all(isinstance(lay, SplitPageSelection) for _, n, lay in layouts if n > 61)
+    sels = {(i, n): lay.selection for i, n, lay in layouts if n > 61}
     for i in (0, 1):
         first = sels[(i, 62)].pages
         assert torch.equal(sels[(i, 63)].pages, first)
@@ -200,13 +201,14 @@ def test_head_map_checks(tmp_path):
 
 
 def test_stats_count_every_part_of_a_head_split(tmp_path):
-    """A split layer's decode runs two parts (streaming heads, selected pages), each on its own backend: stats
-    count both, so a part on another backend is never hidden behind the last one."""
+    """A split layer's prefill runs two parts (streaming heads, retrieval heads), each on its own backend: stats
+    count both, so a part on another backend is never hidden behind the last one. Its decode steps run both kinds
+    of heads as one layout (SplitPageSelection: one split-KV launch on the Triton backend): one each."""
     model = tiny_model("llama")
     path = tmp_path / "m.json"  # one streaming and one retrieval KV head in each layer
     path.write_text(json.dumps({"model": model_signature(model.config), "gates": [[0.9, 0.1], [0.1, 0.9]]}))
     accel.patch(model, "lserve", duo_map=str(path), ratio=0.5, sink=4, recent=12, backend="reference", **SMALL)
     with torch.no_grad():
         _gen(model, ids(length=90), n=4)
-    for lay in accel.stats(model)["layers"]:  # the prefill and each of the 3 decode steps: two parts each
-        assert lay["calls"] == {"prefill": 1, "decode": 3} and lay["backends"] == {"reference": 2 * 4}
+    for lay in accel.stats(model)["layers"]:  # the prefill's two parts, then one per decode step
+        assert lay["calls"] == {"prefill": 1, "decode": 3} and lay["backends"] == {"reference": 2 + 3}

@@ -3,13 +3,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from accel.cache import LServeStaticLayer, PagedKVLayer, PagedSplitLayer, PagedStaticLayer
-from accel.layouts import DenseLayout, HeadPart, HeadSplitLayout, PageSelection
+from accel.layouts import (DenseLayout, HeadPart, HeadSplitLayout, PageSelection, SplitPageSelection,
+                           StreamingLayout)
 
 from .duo import DuoPolicy
-from .quest import PAGE_SIZES, quest_scores, require_paged_layer, select_pages
+from .quest import PAGE_SIZES, require_paged_layer, select_pages
 
 LOGICAL_PAGE_SIZES = (8, 16, 32, 64)
 
@@ -137,6 +137,9 @@ class LServePolicy(DuoPolicy):
                 memo.pop(self.name, None)
             return super().plan(q, k, ctx)
         if isinstance(layer, PagedSplitLayer) and not layer.full_call:
+            fused = self._split_selection(q, k, layer, memo, ctx)
+            if fused is not None:
+                return fused
             # streaming part as in duo; the retrieval part (k, v: the retrieval heads' paged store) gets a selection
             parts = []
             for part in super().plan(q, k, ctx).parts:
@@ -149,6 +152,23 @@ class LServePolicy(DuoPolicy):
             return super().plan(q, k, ctx)  # first fill of the cache is this one-token call: duo's split
         return self._select(q, k.shape[2], layer, memo, ctx)
 
+    def _split_selection(self, q, k, layer: PagedSplitLayer, memo, ctx):
+        """A decode step over a split layer with both kinds of heads, as one layout: the retrieval heads' page
+        selection (scored from the full query through a KV-head map) and the streaming heads' store, which one
+        query sees whole (sink + recent); the Triton backend runs both in one split-KV launch. None where duo's
+        split applies instead (left padding, which it refuses; a layer of one kind of head)."""
+        stream = self._stream_heads(ctx.layer_idx)
+        sk, sv = layer.stream_kv
+        group = q.shape[1] // stream.numel()
+        s_idx, r_idx, q_s, q_r = self._head_indices(ctx.layer_idx, stream, group, q.device)  # made once per layer
+        if ctx.kv_start is not None or not s_idx.numel() or not r_idx.numel() or sk.shape[2] > self.sink + self.recent:
+            return None
+        window = StreamingLayout(sink=self.sink, window=self.recent)
+        sel = self._select(q, k.shape[2], layer.paged, memo, ctx, kv_heads=r_idx, group=group)
+        if not isinstance(sel, PageSelection):  # the budget covers the context: retrieval heads dense
+            return HeadSplitLayout([HeadPart(q_r, sel), HeadPart(q_s, window, k=sk, v=sv)])
+        return SplitPageSelection(sel, r_idx, q_r, sk, sv, s_idx, q_s, group, window)
+
     def chunk_plan(self, q, k, ctx, prefill):
         """A composition's chunk on top of a filled cache (``"flexprefill+lserve"``): duo's split (the retrieval
         heads under ``prefill``, the streaming heads over their store); the next decode step selects afresh."""
@@ -157,16 +177,23 @@ class LServePolicy(DuoPolicy):
             memo.pop(self.name, None)
         return super().chunk_plan(q, k, ctx, prefill)
 
-    def physical_scores(self, q: torch.Tensor, layer: PagedKVLayer, kv_start=None) -> torch.Tensor:
-        """Float32 [B, Hkv, n_physical]: each physical page scores the max Quest criticality of its logical pages."""
-        s = quest_scores(q, layer, "max", kv_start)
+    def physical_scores(self, q: torch.Tensor, layer: PagedKVLayer, kv_start=None, kv_heads=None,
+                        group: int | None = None) -> torch.Tensor:
+        """Float32 [B, Hkv, n_physical]: each physical page scores the max Quest criticality of its logical pages.
+        ``kv_heads`` / ``group``: the bounds hold those KV heads of the layer and ``q`` is the full query."""
         r = self.physical_page_size // self.page_size
-        pad = (-s.shape[-1]) % r
-        if pad:
-            s = F.pad(s, (0, pad), value=float("-inf"))
-        return s.unflatten(-1, (-1, r)).amax(-1)
+        if q.device.type == "cuda":  # Triton: the max over each physical page's logical pages inside the kernel
+            from accel.kernels.triton.decode_score import quest_scores as fn
 
-    def _select(self, q, kv_len: int, layer, memo, ctx):
+            return fn(q, layer.kmin, layer.kmax, group_reduce="max", page_size=self.page_size, kv_start=kv_start,
+                      kv_heads=kv_heads, group=group, merge=r)
+        from accel.kernels.reference_decode import quest_scores as fn
+        from accel.kernels.static_decode import _physical_max
+
+        return _physical_max(fn(q, layer.kmin, layer.kmax, group_reduce="max", page_size=self.page_size,
+                                kv_start=kv_start, kv_heads=kv_heads, group=group), r)
+
+    def _select(self, q, kv_len: int, layer, memo, ctx, kv_heads=None, group: int | None = None):
         P = self.physical_page_size
         n_keep = self.budget // P
         if n_keep >= -(-kv_len // P):
@@ -181,7 +208,7 @@ class LServePolicy(DuoPolicy):
                 pages = torch.cat([pages, new.expand(*pages.shape[:2], -1)], dim=-1)
                 counts = counts + (last - last0)
         else:
-            scores = self.physical_scores(q, layer, ctx.kv_start)
+            scores = self.physical_scores(q, layer, ctx.kv_start, kv_heads=kv_heads, group=group)
             pages, counts = select_pages(scores, n_keep, kv_len, P, False)
             memo[self.name] = (kv_len, pages, counts)
         return PageSelection(pages=pages, counts=counts, page_size=P, tokens=min(pages.shape[-1] * P, kv_len))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from accel.layouts import BlockLayout, DenseLayout, PageSelection, StreamingLayout, VerticalSlashLayout
+from accel.layouts import (BlockLayout, DenseLayout, PageSelection, SplitPageSelection, StreamingLayout,
+                            VerticalSlashLayout)
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -31,6 +32,8 @@ class TritonBackend:
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
 
     def supports(self, layout, q) -> str | None:
+        if isinstance(layout, SplitPageSelection):  # both head groups in one split-KV launch
+            layout = layout.selection
         if isinstance(layout, PageSelection):  # decode_attention.py: split-KV over selected pages
             from .decode_attention import PAGE_SIZES
 
@@ -49,6 +52,14 @@ class TritonBackend:
         return None
 
     def run(self, layout, q, k, v, *, scale, softcap=None, kv_start=None):
+        if isinstance(layout, SplitPageSelection):
+            from .decode_attention import paged_decode_attention
+
+            sel = layout.selection  # retrieval heads over their pages, the ring (streaming heads) as second source
+            return paged_decode_attention(q, k, v, sel.pages, sel.counts, sel.page_size, scale=scale, softcap=softcap,
+                                          kv_start=kv_start, kv_heads=layout.kv_heads, group=layout.group,
+                                          ring=(layout.ring_k, layout.ring_v, layout.ring_heads),
+                                          out=q.new_empty(*q.shape[:3], v.shape[-1]))  # the maps cover every head
         if isinstance(layout, PageSelection):
             from .decode_attention import paged_decode_attention
 
