@@ -103,6 +103,8 @@ def _mask_density(q_len: int, kv_len: int, sink: int, window: int | None) -> flo
     """Share of causally visible (query, key) pairs that a sink+window mask keeps (host arithmetic, no sync)."""
     if window is None:
         return 1.0
+    if q_len == 1:  # a decode step, at every layer: plain arithmetic (numpy's overhead is most of the call)
+        return (min(kv_len, window) + min(max(kv_len - window, 0), sink)) / max(kv_len, 1)
     pos = np.arange(kv_len - q_len, kv_len, dtype=np.int64)
     causal = pos + 1
     recent = np.minimum(causal, window)

@@ -116,3 +116,18 @@ def test_lserve_decode_step_is_one_attention_launch(tmp_path, monkeypatch):
                                 "_combine_kernel": n}
     assert not any("scaled_dot_product" in op for op in c.ops)  # the streaming heads ran inside the split launch
     assert "aten.index_put_" not in c.ops  # no per-group scatter of outputs
+
+
+@pytest.mark.parametrize("sink, window", [(0, 16), (4, 16), (64, 5), (3, 300)])
+def test_streaming_density_of_one_query_matches_the_general_formula(sink, window):
+    """The one-query shortcut of the sink + window density (every decode layer computes it) against the counting
+    formula over one-row windows of a longer call, and by hand."""
+    from accel.layouts import _mask_density
+
+    for kv_len in range(1, 120):
+        by_hand = (min(kv_len, window) + min(max(kv_len - window, 0), sink)) / kv_len
+        two = _mask_density(2, kv_len + 1, sink, window) if kv_len > 1 else None  # rows kv_len and kv_len + 1
+        assert _mask_density(1, kv_len, sink, window) == pytest.approx(by_hand)
+        if two is not None:
+            nxt = (min(kv_len + 1, window) + min(max(kv_len + 1 - window, 0), sink))
+            assert two == pytest.approx((by_hand * kv_len + nxt) / (2 * kv_len + 1))
