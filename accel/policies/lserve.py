@@ -137,37 +137,31 @@ class LServePolicy(DuoPolicy):
                 memo.pop(self.name, None)
             return super().plan(q, k, ctx)
         if isinstance(layer, PagedSplitLayer) and not layer.full_call:
-            fused = self._split_selection(q, k, layer, memo, ctx)
-            if fused is not None:
-                return fused
-            # streaming part as in duo; the retrieval part (k, v: the retrieval heads' paged store) gets a selection
-            parts = []
-            for part in super().plan(q, k, ctx).parts:
-                if part.k is None and part.kv_heads is None:
-                    part = HeadPart(part.q_heads, self._select(q.index_select(1, part.q_heads), k.shape[2],
-                                                               layer.paged, memo, ctx))
-                parts.append(part)
-            return HeadSplitLayout(parts)
+            return self._split_step(q, k, layer, memo, ctx)
         if isinstance(layer, PagedSplitLayer) or bool(self._stream_heads(ctx.layer_idx).any()):
             return super().plan(q, k, ctx)  # first fill of the cache is this one-token call: duo's split
         return self._select(q, k.shape[2], layer, memo, ctx)
 
-    def _split_selection(self, q, k, layer: PagedSplitLayer, memo, ctx):
-        """A decode step over a split layer with both kinds of heads, as one layout: the retrieval heads' page
-        selection (scored from the full query through a KV-head map) and the streaming heads' store, which one
-        query sees whole (sink + recent); the Triton backend runs both in one split-KV launch. None where duo's
-        split applies instead (left padding, which it refuses; a layer of one kind of head)."""
+    def _split_step(self, q, k, layer: PagedSplitLayer, memo, ctx):
+        """A decode step over a split layer (k, v: the retrieval heads' paged store): the retrieval heads' page
+        selection, scored from the full query through a KV-head map, and the streaming heads over their store of
+        sink + recent keys, all of which the query sees. With both kinds of heads and a selecting budget that is
+        one SplitPageSelection (the Triton backend runs both groups in one split-KV launch); otherwise duo's head
+        split with the retrieval part selected."""
+        if ctx.kv_start is not None:
+            return super().plan(q, k, ctx)  # duo refuses left padding, with its error
         stream = self._stream_heads(ctx.layer_idx)
-        sk, sv = layer.stream_kv
         group = q.shape[1] // stream.numel()
         s_idx, r_idx, q_s, q_r = self._head_indices(ctx.layer_idx, stream, group, q.device)  # made once per layer
-        if ctx.kv_start is not None or not s_idx.numel() or not r_idx.numel() or sk.shape[2] > self.sink + self.recent:
-            return None
-        window = StreamingLayout(sink=self.sink, window=self.recent)
+        sk, sv = layer.stream_kv
+        streaming = HeadPart(q_s, StreamingLayout(sink=self.sink, window=self.recent), k=sk, v=sv)
+        if not r_idx.numel():  # every KV head of this layer streams
+            return HeadSplitLayout([streaming])
         sel = self._select(q, k.shape[2], layer.paged, memo, ctx, kv_heads=r_idx, group=group)
-        if not isinstance(sel, PageSelection):  # the budget covers the context: retrieval heads dense
-            return HeadSplitLayout([HeadPart(q_r, sel), HeadPart(q_s, window, k=sk, v=sv)])
-        return SplitPageSelection(sel, r_idx, q_r, sk, sv, s_idx, q_s, group, window)
+        if isinstance(sel, PageSelection) and s_idx.numel() and sk.shape[2] <= self.sink + self.recent:
+            return SplitPageSelection(sel, r_idx, q_r, sk, sv, s_idx, q_s, group, streaming.layout)
+        # the budget covers the context (retrieval heads dense)
+        return HeadSplitLayout([p for p in (HeadPart(q_r, sel), streaming) if p.q_heads.numel()])
 
     def chunk_plan(self, q, k, ctx, prefill):
         """A composition's chunk on top of a filled cache (``"flexprefill+lserve"``): duo's split (the retrieval
