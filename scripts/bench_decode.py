@@ -101,8 +101,9 @@ def _write_sweep(out: str, stem: str, rows: list, md: list[str]) -> None:
 
 
 def topk_sweep(contexts, batches, hkv, budget, page, out) -> None:
-    """Top-k page selection alone (graph-replayed median ms) over the k-ary search's cuts per pass and warps: picks
-    decode_topk.N_CUTS / _warps. Every setting is checked against the torch twin first."""
+    """Top-k page selection alone (graph-replayed median ms) over the search's cuts per pass (1: bisection, 2: two
+    counts packed in one reduction) and warps, on Gaussian rows and on Quest score rows: picks decode_topk.N_CUTS /
+    _warps. Every setting is checked against the torch twin first."""
     from triton.testing import do_bench_cudagraph
 
     from accel.kernels import reference_decode as R
@@ -111,27 +112,33 @@ def topk_sweep(contexts, batches, hkv, budget, page, out) -> None:
     rows = []
     for B in batches:
         for ctx in contexts:
-            s = torch.randn(B, hkv, ctx // page, device="cuda")
+            q = torch.randn(B, hkv * 4, 1, 128, device="cuda", dtype=torch.bfloat16)
+            kmin, kmax = R.page_bounds(torch.randn(B, hkv, ctx, 128, device="cuda", dtype=torch.bfloat16), page)
             n_keep = budget // page
-            ref = R.select_pages(s, n_keep, kv_len=ctx, page_size=page)
-            for nc in (1, 2, 4, 8, 16, 32):
-                for w in (4, 8, 16, 32):
-                    got = select_pages(s, n_keep, kv_len=ctx, page_size=page, n_cuts=nc, num_warps=w)
-                    assert torch.equal(got[0], ref[0]), (nc, w)
-                    ms = do_bench_cudagraph(lambda: select_pages(s, n_keep, kv_len=ctx, page_size=page, n_cuts=nc,
-                                                                 num_warps=w))
-                    rows.append({"batch": B, "context": ctx, "n_cuts": nc, "warps": w, "ms": ms})
-                    print(json.dumps(rows[-1]))
-    md = [f"# Top-k page selection: k-ary search sweep ({torch.cuda.get_device_name()}, {hkv} KV heads, page {page}, "
+            for kind, s in (("gaussian", torch.randn(B, hkv, ctx // page, device="cuda")),
+                            ("quest", R.quest_scores(q, kmin, kmax).float())):
+                ref = R.select_pages(s, n_keep, kv_len=ctx, page_size=page)
+                for nc in (1, 2):
+                    for w in (4, 8, 16):
+                        got = select_pages(s, n_keep, kv_len=ctx, page_size=page, n_cuts=nc, num_warps=w)
+                        assert torch.equal(got[0], ref[0]), (nc, w)
+                        ms = do_bench_cudagraph(lambda: select_pages(s, n_keep, kv_len=ctx, page_size=page,
+                                                                     n_cuts=nc, num_warps=w))
+                        rows.append({"batch": B, "context": ctx, "rows": kind, "n_cuts": nc, "warps": w, "ms": ms})
+                        print(json.dumps(rows[-1]))
+    md = [f"# Top-k page selection: search sweep ({torch.cuda.get_device_name()}, {hkv} KV heads, page {page}, "
           f"budget {budget})", "", f"`python scripts/bench_decode.py --topk-sweep --contexts "
-          f"{','.join(map(str, contexts))} --batches {','.join(map(str, batches))}`; graph-replayed median us", "",
-          "| batch | context | cuts per pass | 4 warps | 8 | 16 | 32 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+          f"{','.join(map(str, contexts))} --batches {','.join(map(str, batches))}`; graph-replayed median us. "
+          "Cuts per pass: 1 = bisection, 2 = two counts packed in one int32 reduction (ternary search). Rows: "
+          "N(0, 1) scores, or Quest criticality of random bf16 keys (32 query heads).", "",
+          "| batch | context | rows | cuts per pass | 4 warps | 8 | 16 |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for B in batches:
         for ctx in contexts:
-            for nc in (1, 2, 4, 8, 16, 32):
-                cells = [f"{r['ms'] * 1e3:.1f}" for r in rows
-                         if (r["batch"], r["context"], r["n_cuts"]) == (B, ctx, nc)]
-                md.append(f"| {B} | {ctx} | {nc} | " + " | ".join(cells) + " |")
+            for kind in ("gaussian", "quest"):
+                for nc in (1, 2):
+                    cells = [f"{r['ms'] * 1e3:.1f}" for r in rows
+                             if (r["batch"], r["context"], r["rows"], r["n_cuts"]) == (B, ctx, kind, nc)]
+                    md.append(f"| {B} | {ctx} | {kind} | {nc} | " + " | ".join(cells) + " |")
     _write_sweep(out, "bench_decode_topk", rows, md)
 
 

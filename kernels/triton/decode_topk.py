@@ -3,8 +3,8 @@
 Same function as ``kernels.reference_decode.select_pages``: the ``k`` highest-scoring pages, with the newest page
 (and optionally page 0) forced in, written in ascending page order; ties go to the lower page index. Instead of a
 sort, the k-th largest score is found exactly over an order-preserving int32 image of the float32
-scores by bisection (33 counting passes over the row, all in registers), then a prefix sum compacts the selected
-page ids.
+scores by a ternary search (two counts per pass packed in one reduction; at most 21 passes over the row, all in
+registers), then a prefix sum compacts the selected page ids (a second one ranks ties only when there are any).
 """
 
 from __future__ import annotations
@@ -44,43 +44,57 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
     key = tl.where(ok, key, -2147483647 - 1)  # INT32_MIN: below every non-NaN score; never selected (lo >= min)
     lo = tl.min(tl.where(ok, key, 2147483647), axis=0).to(tl.int64)  # scalars in int64: hi - lo may pass 2^31
     hi = tl.max(key, axis=0).to(tl.int64)
+    c_lo = tl.sum(ok.to(tl.int32), axis=0)  # count(key >= lo)
     # largest t with count(key >= t) >= K: the K-th largest key. Invariant: count(key >= lo) >= K and
-    # count(key > hi) < K. Each pass counts the keys above NC evenly spaced cuts at once (one cross-warp reduction
-    # of NC counts), shrinking [lo, hi] by NC + 1: NC = 1 is plain bisection (32 passes, search_passes); NC = 16
-    # takes 8. (A four-pass radix select on tl.histogram was measured slower on the H200: 29 / 56 us against
-    # 20 / 41 us for bisection over 8K / 16K-wide rows.)
-    # An interpolation search (cuts aimed by the counts, Illinois-guarded: 8-11 passes instead of 15-19 on score rows)
-    # was measured on the H200 and dropped: 13.5 vs 14.9 us on Quest rows at 128K but 14.6 vs 13.1 on log-normal
-    # rows. A pass costs ~0.15 us; the ~11 us fixed part (launch, row load, scans, store) is what this kernel costs.
-    # A cut with exactly K keys at or above it is the threshold already (the keys above it are the top K, ties
-    # included): the search stops there instead of narrowing to one key value, which on real score rows ends it
-    # after about half of the passes the worst case needs (search_passes) (the gap between the K-th and K+1-th key is wide).
-    j = tl.arange(1, NC + 1).to(tl.int64)
+    # count(key > hi) < K. NC = 2: each pass counts the keys at or above two cuts in ONE reduction, the two counts
+    # packed in 16-bit fields of an int32 (a cut above lo leaves the row's smallest key out, so a count is at most
+    # P - 1 <= 65535): a ternary search for the price of a bisection pass. A pass is one cross-warp reduction
+    # whatever it reduces; two separate reductions (or a [BLOCK_P, cuts] tile) cost twice (H200,
+    # results/bench_decode_topk.md). A cut with exactly K keys at or above it is the threshold already (the keys
+    # above it are the top K, ties included): the search stops there, which on real score rows ends it after about
+    # half of the passes the worst case needs (search_passes).
     while lo < hi:
-        cuts = lo + ((hi - lo + 1) * j) // (NC + 1)  # nondecreasing, in (lo, hi]
-        c = tl.sum((key[:, None] >= cuts[None, :].to(tl.int32)).to(tl.int32), axis=0)  # [NC]
-        take = (c >= K) & (cuts > lo)
-        exact = tl.max((take & (c == K)).to(tl.int32), axis=0)  # the highest taken cut is then the exact one
-        new_lo = tl.max(tl.where(take, cuts, lo), axis=0)
-        hi = tl.min(tl.where((c < K) & (cuts > lo), cuts - 1, hi), axis=0)
-        lo = new_lo
-        hi = tl.where(exact > 0, lo, hi)
+        w = hi - lo + 1
+        if NC == 1:
+            u = lo + w // 2
+            n = tl.sum((key >= u.to(tl.int32)).to(tl.int32), axis=0)
+            take = n >= K
+            lo = tl.where(take, u, lo)
+            c_lo = tl.where(take, n, c_lo)
+            hi = tl.where(take, hi, u - 1)
+        else:
+            u1 = lo + tl.maximum(w // 3, 1)  # both cuts in (lo, hi] for w >= 2
+            u2 = lo + tl.maximum((2 * w) // 3, 1)
+            t = tl.sum((key >= u1.to(tl.int32)).to(tl.int32) + ((key >= u2.to(tl.int32)).to(tl.int32) << 16),
+                       axis=0)
+            n1 = t & 0xFFFF
+            n2 = (t >> 16) & 0xFFFF
+            new_lo = tl.where(n1 >= K, u1, lo)  # counts fall with the cut: the higher taken cut wins
+            c_lo = tl.where(n1 >= K, n1, c_lo)
+            new_lo = tl.where(n2 >= K, u2, new_lo)
+            c_lo = tl.where(n2 >= K, n2, c_lo)
+            hi = tl.where(n2 < K, u2 - 1, hi)  # the lower untaken cut wins
+            hi = tl.where(n1 < K, u1 - 1, hi)
+            lo = new_lo
+        hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
     lo = lo.to(tl.int32)
-    gt = key > lo
-    need = K - tl.sum(gt.to(tl.int32), axis=0)
-    tie = ((key == lo) & ok).to(tl.int32)
-    tie_rank = tl.cumsum(tie, axis=0) - tie
-    sel = gt | ((tie > 0) & (tie_rank < need))
+    sel = (key >= lo) & ok
+    if c_lo > K:  # more than K keys tie at or above the threshold: the lowest page ids among the tied ones
+        gt = key > lo
+        need = K - tl.sum(gt.to(tl.int32), axis=0)
+        tie = ((key == lo) & ok).to(tl.int32)
+        tie_rank = tl.cumsum(tie, axis=0) - tie
+        sel = gt | ((tie > 0) & (tie_rank < need))
     sel_i = sel.to(tl.int32)
     pos = tl.cumsum(sel_i, axis=0) - sel_i
     tl.store(PAGES + b * spb + h * sph + pos * sps, offs, mask=sel)
     tl.store(COUNTS + pid, tl.sum(sel_i, axis=0))
 
 
-# Cuts per pass of the k-ary search (see _select_kernel). Bisection stays the default: on the H200
-# (results/bench_decode_topk.md) more cuts per pass cost more in the [BLOCK_P, NC] compare tile than the passes they
-# save: 8K-page rows (128K context) take 18.9 us with 1 cut, 22.1 with 4, 30.3 with 8, 122.9+ with 16 (best warps).
-N_CUTS = 1
+# Counts per search pass (see _select_kernel): 2 packed in one reduction (ternary search) by default; 1 is bisection.
+# H200, 8 KV heads, budget 4096 (results/bench_decode_topk.md): 128K 17.3 vs 17.2 us (the passes fall from 20 to 13
+# but the fixed part dominates), 32K 7.5 vs 8.4.
+N_CUTS = 2
 
 
 def search_passes(n_cuts: int) -> int:
@@ -104,8 +118,8 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
     ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
-    and ``counts`` is below ``k`` when fewer pages are filled. ``n_cuts``: cuts per search pass (power of two;
-    default N_CUTS). ``out``: (pages, counts) buffers to write into
+    and ``counts`` is below ``k`` when fewer pages are filled. ``n_cuts``: cuts per search pass, 1 or 2
+    (default N_CUTS). ``out``: (pages, counts) buffers to write into
     (pages may be wider than ``k``); ``skip``: a device-side int32 flag, nonzero = leave them as they are."""
     B, H, P = scores.shape
     k = min(int(k), P)
@@ -127,8 +141,8 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     length = kv_len.to(device=scores.device, dtype=torch.int32).reshape(1) if on_device else counts
     block_p = max(16, triton.next_power_of_2(P))
     nc = n_cuts or N_CUTS
-    if nc & (nc - 1):
-        raise ValueError(f"select_pages: n_cuts must be a power of two, got {nc}")
+    if nc not in (1, 2):
+        raise ValueError(f"select_pages: n_cuts must be 1 (bisection) or 2 (two packed counts per pass), got {nc}")
     _select_kernel[(B * H,)](scores, pages, counts, length, skip if skip is not None else counts, *scores.stride(),
                              *pages.stride(), H, P, k,
                              0 if on_device else (kv_len - 1) // page_size, page_size, LEN_ON_DEVICE=on_device,
