@@ -71,3 +71,25 @@ def check_positive_ints(**values) -> None:
     for name, val in values.items():
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
+def head_map(kv_heads: torch.Tensor | None, group: int | None, hq: int, hkv: int, device: torch.device,
+             kernel: str) -> tuple[torch.Tensor | None, int]:
+    """The decode kernels' optional KV-head map: ``kv_heads`` [hkv] names the layer KV head each head of k/v (or of
+    the page bounds) is, ``group`` the query heads per KV head. Returns (the map as int32/int64 on ``device``, or
+    None, and the group size: ``hq // hkv`` without a map). Raises ValueError naming the mismatch."""
+    if kv_heads is None:
+        if hq % hkv:
+            raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+        if group is not None and group != hq // hkv:
+            raise ValueError(f"{kernel}: group {group} does not match {hq} query / {hkv} KV heads")
+        return None, hq // hkv
+    if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+        raise ValueError(f"{kernel}: kv_heads needs group, a positive int (got {group!r})")
+    if kv_heads.dim() != 1 or kv_heads.numel() != hkv:
+        raise ValueError(f"{kernel}: kv_heads must be [{hkv}] (one id per KV head), got {tuple(kv_heads.shape)}")
+    if hq % group:
+        raise ValueError(f"query heads ({hq}) must be a multiple of group ({group})")
+    if kv_heads.dtype not in (torch.int32, torch.int64):
+        kv_heads = kv_heads.to(torch.int32)
+    return kv_heads.to(device).contiguous(), group

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import head_map
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PAGE_SIZES = (1, 8, 16, 32, 64, 128)  # 1: token-level selections (TidalDecode)
@@ -256,24 +258,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     if Sq != 1:
         raise ValueError(f"paged_decode_attention takes one query per row, got {Sq}")
-    if kv_heads is not None:
-        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
-            raise ValueError(f"paged_decode_attention: kv_heads needs group, a positive int (got {group!r})")
-        if kv_heads.dim() != 1 or kv_heads.numel() != Hkv:
-            raise ValueError(f"paged_decode_attention: kv_heads must be [{Hkv}] (one id per KV head of k/v), got "
-                             f"{tuple(kv_heads.shape)}")
-        if Hq % group:
-            raise ValueError(f"query heads ({Hq}) must be a multiple of group ({group})")
-        if kv_heads.dtype not in (torch.int32, torch.int64):
-            kv_heads = kv_heads.to(torch.int32)
-        kv_heads = kv_heads.to(q.device).contiguous()
-        G = group
-    else:
-        if Hq % Hkv:
-            raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-        G = Hq // Hkv
-        if group is not None and group != G:
-            raise ValueError(f"paged_decode_attention: group {group} does not match {Hq} query / {Hkv} KV heads")
+    kv_heads, G = head_map(kv_heads, group, Hq, Hkv, q.device, "paged_decode_attention")
     for name, d in (("head_dim", D), ("value head_dim", Dv)):
         if d < 16 or d > 256 or d & (d - 1):
             raise ValueError(f"paged_decode_attention: {name} {d} must be a power of two from 16 to 256")

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import head_map
+
 
 # P (pages) and the strides of scores [B, H, P] grow during decode: not specialised, or each divisible-by-16 count
 # compiles a variant mid-decode
@@ -106,24 +108,7 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
     Hkv, P = kmin.shape[1], kmin.shape[2]
     if group_reduce not in ("max", "sum"):
         raise ValueError(f"group_reduce must be 'max' or 'sum', got {group_reduce!r}")
-    if kv_heads is not None:
-        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
-            raise ValueError(f"quest_scores: kv_heads needs group, a positive int (got {group!r})")
-        if kv_heads.dim() != 1 or kv_heads.numel() != Hkv:
-            raise ValueError(f"quest_scores: kv_heads must be [{Hkv}] (one id per KV head of kmin/kmax), got "
-                             f"{tuple(kv_heads.shape)}")
-        if Hq % group:
-            raise ValueError(f"query heads ({Hq}) must be a multiple of group ({group})")
-        if kv_heads.dtype not in (torch.int32, torch.int64):
-            kv_heads = kv_heads.to(torch.int32)
-        kv_heads = kv_heads.to(q.device).contiguous()
-        G = group
-    else:
-        if Hq % Hkv:
-            raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-        G = Hq // Hkv
-        if group is not None and group != G:
-            raise ValueError(f"quest_scores: group {group} does not match {Hq} query / {Hkv} KV heads")
+    kv_heads, G = head_map(kv_heads, group, Hq, Hkv, q.device, "quest_scores")
     if D < 16 or D & (D - 1):
         raise ValueError(f"quest_scores: head_dim {D} must be a power of two >= 16")
     if merge < 1 or merge & (merge - 1):
