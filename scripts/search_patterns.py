@@ -1,15 +1,19 @@
 """Offline per-head pattern search for the vertical_slash policy (MInference 1.0, arXiv 2407.02490, section 3.2).
 
 For every head of every global (non-sliding) layer, on one calibration prompt, build each candidate pattern at the
-same per-query key budget (A-shape: sink + window; vertical-slash: columns + diagonals from the last 64 queries,
-MInference's 1000:6096 ratio; block-sparse: top 64-token key blocks) and keep the pattern with the highest attention
-recall (share of dense softmax mass kept, on sampled query rows). Writes a head map JSON for
-``accel.patch(model, "vertical_slash", head_map=...)``.
+same per-query key budget (kernel-aware: one cost for all; vertical-slash: columns + diagonals from the last 64
+queries at MInference's 1000:6096 ratio; A-shape: sink + local window; block-sparse: top 64-token key blocks) and
+keep the pattern with the highest attention recall (share of dense softmax mass kept, on sampled query rows).
+Writes a head map JSON for ``accel.patch(model, "vertical_slash", head_map=...)`` whose ``sizes`` record each
+pattern's sizes at that budget: the policy runs every head at the cost its pattern was chosen at.
 
-    python scripts/search_patterns.py smollm2 --length 3072 --budget 512 --out configs/vertical_slash_smollm2.json
+    python scripts/search_patterns.py gemma3 --length 16384 --out configs/vertical_slash_gemma3.json
 
-MODEL is a demo name (smollm2, gemma3), a .gguf file, a folder or a hub id (accel.models.load_model). CPU is fine
-at a few thousand tokens (the calibration prompt is a needle-in-a-haystack prompt from accel.needle)."""
+The default budget is MInference's 1000 + 6096 = 7096 keys per row, the policy's own vertical_size + slash_size;
+the prompt must be well longer than the budget (at least twice: shorter, every pattern keeps nearly everything and
+the choice is noise). MODEL is a demo name (smollm2, gemma3), a .gguf file, a folder or a hub id
+(accel.models.load_model). CPU is fine (Gemma-3-270M at 16K: a few minutes; the calibration prompt is a
+needle-in-a-haystack prompt from accel.needle)."""
 
 from __future__ import annotations
 
@@ -28,19 +32,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accel.models import load_model  # noqa: E402
 from accel.needle import build_needle_prompt  # noqa: E402
 from accel.patches import find_adapter  # noqa: E402
-from accel.policies.vertical_slash import PATTERNS, VerticalSlashPolicy  # noqa: E402
+from accel.policies.vertical_slash import BS_BLOCK, PATTERNS, SIZE_OPTIONS, VerticalSlashPolicy  # noqa: E402
 from accel.recall import capture_qk, layout_recall  # noqa: E402
 
 
 def candidate_policies(budget: int) -> dict[str, tuple[VerticalSlashPolicy, int, int]]:
     """Pattern -> (policy carrying its sizes, vertical_size, slash_size), all at ``budget`` keys per query row."""
-    vertical = max(32, budget * 1000 // 7096)
-    sink = max(16, budget // 8)
+    base = VerticalSlashPolicy()
+    vertical = max(32, budget * base.vertical_size // (base.vertical_size + base.slash_size))
+    sink = min(base.a_shape_sink, budget // 8)
     return {
-        "vertical_slash": (VerticalSlashPolicy(), vertical, budget - vertical),
+        "vertical_slash": (VerticalSlashPolicy(vertical_size=vertical, slash_size=budget - vertical), vertical,
+                           budget - vertical),
         "a_shape": (VerticalSlashPolicy(a_shape_sink=sink, a_shape_window=budget - sink), 0, 0),
-        "block_sparse": (VerticalSlashPolicy(block_count=max(1, budget // 64)), 0, 0),
+        "block_sparse": (VerticalSlashPolicy(block_count=max(1, budget // BS_BLOCK)), 0, 0),
     }
+
+
+def pattern_sizes(budget: int) -> dict[str, dict[str, int]]:
+    """The head map's ``sizes``: each pattern's options at ``budget`` (what the policy runs it at)."""
+    return {pat: {o: getattr(pol, o) for o in SIZE_OPTIONS[pat]} for pat, (pol, _, _) in
+            candidate_policies(budget).items()}
 
 
 def module_params(model) -> dict[int, tuple[float | None, float | None]]:
@@ -89,15 +101,22 @@ def search(model, tok, length: int, budget: int, rows: int, seed: int, depth: fl
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="demo name (smollm2, gemma3), .gguf file, folder or hub id")
-    ap.add_argument("--length", type=int, default=3072, help="calibration prompt length in tokens (default 3072)")
-    ap.add_argument("--budget", type=int, default=512, help="keys per query row every pattern gets (default 512)")
+    ap.add_argument("--length", type=int, default=16384, help="calibration prompt length in tokens (default 16384)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="keys per query row every pattern gets, and runs at (default: vertical_size + slash_size "
+                         "of the policy, 7096)")
     ap.add_argument("--rows", type=int, default=64, help="sampled query rows for recall (default 64)")
     ap.add_argument("--depth", type=float, default=0.5, help="needle depth of the calibration prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="output JSON (default configs/vertical_slash_<model>.json)")
     args = ap.parse_args(argv)
+    base = VerticalSlashPolicy()
+    args.budget = args.budget or base.vertical_size + base.slash_size
     if args.budget <= 0 or args.length <= 0 or args.rows <= 0:
         ap.error("--length, --budget and --rows must be > 0")
+    if args.length < 2 * args.budget:
+        ap.error(f"--length {args.length} must be at least twice --budget {args.budget}: shorter, every pattern "
+                 "keeps nearly every key and the choice between them is noise")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     model, tok = load_model(args.model, device="cpu", dtype="float32")
@@ -112,13 +131,11 @@ def main(argv=None) -> int:
         "num_heads": cfg.num_attention_heads,
         "patterns": res["patterns"],
         "pattern_counts": counts,
+        "sizes": pattern_sizes(args.budget),
         "search": {
             "command": "python scripts/search_patterns.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "calibration": f"needle prompt, {res['prompt_tokens']} tokens, depth {args.depth}, seed {args.seed}",
             "budget_keys_per_row": args.budget,
-            "candidates": {n: {"vertical_size": v, "slash_size": s, "a_shape_sink": p.a_shape_sink,
-                               "a_shape_window": p.a_shape_window, "block_count": p.block_count}
-                           for n, (p, v, s) in candidate_policies(args.budget).items()},
             "sampled_rows": res["rows"],
             "recall_per_head": res["recall"],
             "device": f"cpu ({platform.processor() or platform.machine()})",

@@ -37,9 +37,9 @@ def test_estimation_keeps_heavy_column_sinks_and_local_diagonals():
         assert (cols[h] >= 0).sum() == 40 and (offs[h] >= 0).sum() == 120
 
 
-def _write_map(tmp_path, rows, model="tiny"):
+def _write_map(tmp_path, rows, model="tiny", sizes=None):
     p = tmp_path / f"map{len(list(tmp_path.iterdir()))}.json"
-    p.write_text(json.dumps({"model": model, "patterns": rows}))
+    p.write_text(json.dumps({"model": model, "patterns": rows, **({"sizes": sizes} if sizes else {})}))
     return str(p)
 
 
@@ -57,6 +57,40 @@ def test_head_map_patterns(tmp_path):
     # block-sparse head: two 64-blocks as columns (block 0 and the heavy column's block) + 64 local diagonals
     assert set(layout.columns[0, 1][layout.columns[0, 1] >= 0].tolist()) == set(range(64)) | set(range(320, 384))
     assert torch.equal(layout.offsets[0, 1][layout.offsets[0, 1] >= 0], torch.arange(64))
+
+
+def test_head_map_sizes_run_each_pattern_at_its_searched_size(tmp_path):
+    """A map with ``sizes`` runs its patterns at them (the search's equal cost), whatever the options' defaults;
+    the same map without sizes and the options set to those sizes gives the same layout."""
+    q, k = _qk()
+    sizes = {"a_shape": {"a_shape_sink": 8, "a_shape_window": 50}, "block_sparse": {"block_count": 2},
+             "vertical_slash": {"vertical_size": 40, "slash_size": 120}}
+    sized = VerticalSlashPolicy.from_options(head_map=_write_map(tmp_path, [["a_shape", "block_sparse"]],
+                                                                 sizes=sizes), last_q=16)
+    plain = VerticalSlashPolicy.from_options(head_map=_write_map(tmp_path, [["a_shape", "block_sparse"]]), last_q=16,
+                                             a_shape_sink=8, a_shape_window=50, block_count=2, vertical_size=40,
+                                             slash_size=120)
+    got, want = sized.plan(q, k, CTX), plain.plan(q, k, CTX)
+    assert torch.equal(got.columns, want.columns) and torch.equal(got.offsets, want.offsets)
+    # without sizes the defaults run: a 1024-key window covers the 600 keys of the A-shape head
+    default = VerticalSlashPolicy.from_options(head_map=_write_map(tmp_path, [["a_shape", "a_shape"]]), last_q=16)
+    assert isinstance(default.plan(q, k, CTX), DenseLayout)
+
+
+def test_head_map_sizes_clash_with_options(tmp_path):
+    path = _write_map(tmp_path, [["a_shape", "block_sparse"]], sizes={"a_shape": {"a_shape_window": 50}})
+    with pytest.raises(ValueError, match="fixes the pattern sizes.*a_shape_window=50.*drop a_shape_window"):
+        accel.parse_policy("vertical_slash", head_map=path, a_shape_window=64)
+    accel.parse_policy("vertical_slash", head_map=path, block_count=7)  # not fixed by this map: allowed
+
+
+@pytest.mark.parametrize("sizes", [{"diagonal": {"block_count": 2}}, {"a_shape": {"block_count": 2}},
+                                   {"a_shape": {"a_shape_window": 0}}, {"block_sparse": {"block_count": 1.5}},
+                                   {"a_shape": [50]}])
+def test_bad_sizes_in_map(tmp_path, sizes):
+    path = _write_map(tmp_path, [["a_shape"]], sizes=sizes)
+    with pytest.raises(ValueError, match="sizes"):
+        accel.parse_policy("vertical_slash", head_map=path)
 
 
 def test_budgets_cover_length_is_dense(family):
@@ -223,3 +257,23 @@ def test_vectorised_build_matches_loop(patterns, S, Sq, opts, gqa):
     want = _build_loop_reference(pol, q, k, patterns, vs, ss)
     assert got.columns.dtype == want.columns.dtype == torch.int64
     assert torch.equal(got.columns, want.columns) and torch.equal(got.offsets, want.offsets)
+
+
+def test_search_candidates_share_one_budget():
+    """scripts/search_patterns.py compares the patterns at one cost and records it as the map's sizes: at the
+    default budget (the policy's 1000 + 6096) vertical-slash keeps its defaults, A-shape sink + window and the
+    block-sparse blocks add up to the same keys per row."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from search_patterns import pattern_sizes
+
+    sizes = pattern_sizes(7096)
+    assert sizes["vertical_slash"] == {"vertical_size": 1000, "slash_size": 6096}
+    assert sizes["a_shape"]["a_shape_sink"] + sizes["a_shape"]["a_shape_window"] == 7096
+    assert abs(sizes["block_sparse"]["block_count"] * 64 - 7096) < 64
+    path = Path(__file__).resolve().parents[1] / "configs" / "vertical_slash_gemma3.json"
+    shipped = json.loads(path.read_text()).get("sizes")
+    if shipped is not None:  # the shipped Gemma map was searched at the default budget
+        assert shipped == sizes

@@ -3,6 +3,7 @@ mass) that FlexPrefill shares."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -44,6 +45,9 @@ PATTERNS = ("vertical_slash", "a_shape", "block_sparse")
 SINK_COLUMNS = 30  # MInference always keeps the first 30 columns ...
 LOCAL_DIAGONALS = 100  # ... and the 100 diagonals nearest the main one (both count within the budgets)
 BS_BLOCK = 64  # MInference's block-sparse pattern works on 64-token blocks
+# the options each pattern's sizes live in (a head map's "sizes" may fix them)
+SIZE_OPTIONS = {"vertical_slash": ("vertical_size", "slash_size"), "a_shape": ("a_shape_sink", "a_shape_window"),
+                "block_sparse": ("block_count",)}
 
 
 def _read_head_map(path: str) -> dict:
@@ -63,6 +67,17 @@ def _read_head_map_cached(path: str, mtime: int) -> dict:
         bad = [p for p in row if p not in PATTERNS]
         if bad:
             raise ValueError(f"head map {path}, layer {i}: unknown pattern(s) {bad}; valid: {PATTERNS}")
+    sizes = data.get("sizes")
+    if sizes is not None:
+        if not isinstance(sizes, dict) or set(sizes) - set(PATTERNS):
+            raise ValueError(f"head map {path}: 'sizes' must map patterns {PATTERNS} to their options, got {sizes!r}")
+        for pat, opts in sizes.items():
+            ok = isinstance(opts, dict) and set(opts) <= set(SIZE_OPTIONS[pat]) and all(
+                isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if o == "a_shape_sink" else v > 0)
+                for o, v in opts.items())
+            if not ok:
+                raise ValueError(f"head map {path}: sizes of {pat!r} must be positive ints among "
+                                 f"{SIZE_OPTIONS[pat]}, got {opts!r}")
     return data
 
 
@@ -96,6 +111,12 @@ class VerticalSlashPolicy(Policy):
       in it: the ``block_count`` key blocks with the most last-query attention become full columns, plus one
       block's width of local diagonals.
 
+    A head map made by the current search also fixes each pattern's sizes (its ``sizes``): MInference's search is
+    kernel-aware, every pattern of a head compared at one cost, and a head runs its pattern at the cost it was
+    chosen at (by default MInference's 1000 + 6096 = 7096 keys per query row: A-shape sink 256 + window 6840,
+    block-sparse 110 blocks of 64). Maps without ``sizes`` (older searches) run the patterns at the options below;
+    with ``sizes`` those options cannot be set too (an error says so).
+
     Budgets at or above the context length keep everything (dense). Contexts no longer than ``last_q`` run dense
     (density 1.0 in stats).
 
@@ -123,7 +144,22 @@ class VerticalSlashPolicy(Policy):
         if self.a_shape_sink < 0:
             raise ValueError(f"option 'a_shape_sink' of policy 'vertical_slash' must be >= 0, got {self.a_shape_sink}")
         if self.head_map:
-            _read_head_map(resolve_head_map(self.head_map))
+            sizes = _read_head_map(resolve_head_map(self.head_map)).get("sizes") or {}
+            fixed = [o for pat in sizes for o in sizes[pat]]
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            clash = [o for o in fixed if getattr(self, o) != defaults[o]]
+            if clash:
+                raise ValueError(f"head map {self.head_map!r} fixes the pattern sizes it was searched with "
+                                 f"({', '.join(f'{o}={sizes_flat(sizes)[o]}' for o in clash)}); drop "
+                                 f"{', '.join(clash)}, or search a map at other sizes (scripts/search_patterns.py "
+                                 "--budget)")
+
+    def sized(self) -> VerticalSlashPolicy:
+        """This policy with the head map's pattern sizes applied (itself without a map or map sizes)."""
+        if not self.head_map:
+            return self
+        sizes = _read_head_map(resolve_head_map(self.head_map)).get("sizes")
+        return dataclasses.replace(self, head_map="", **sizes_flat(sizes)) if sizes else self
 
     def head_patterns(self, layer_idx: int, n_heads: int, heads: list[int] | None = None) -> list[str]:
         """The pattern of each of the ``n_heads`` query heads of ``q``; ``heads``: their ids among the layer's heads
@@ -162,11 +198,12 @@ class VerticalSlashPolicy(Policy):
         kv_len = k.shape[2]
         heads = None if ctx.q_heads is None else ctx.q_heads.tolist()
         patterns = self.head_patterns(ctx.layer_idx, q.shape[1], heads)
-        covers = {"vertical_slash": self.slash_size >= kv_len, "a_shape": self.a_shape_window >= kv_len,
-                  "block_sparse": self.block_count * BS_BLOCK >= kv_len}
+        pol = self.sized()
+        covers = {"vertical_slash": pol.slash_size >= kv_len, "a_shape": pol.a_shape_window >= kv_len,
+                  "block_sparse": pol.block_count * BS_BLOCK >= kv_len}
         if kv_len <= self.last_q or all(covers[p] for p in patterns):
             return DenseLayout()  # every head keeps everything: recorded as density 1.0
-        return self.build(q, k, patterns, self.vertical_size, self.slash_size)
+        return pol.build(q, k, patterns, pol.vertical_size, pol.slash_size)
 
     def build(self, q, k, patterns, vertical_size, slash_size) -> VerticalSlashLayout:
         """The layout for per-head ``patterns`` (also used by scripts/search_patterns.py with search budgets).
@@ -206,6 +243,11 @@ class VerticalSlashPolicy(Policy):
             parts.append((idx, c, o))
         return VerticalSlashLayout(columns=_scatter_rows(B, H, [(i, c) for i, c, _ in parts], dev),
                                    offsets=_scatter_rows(B, H, [(i, o) for i, _, o in parts], dev))
+
+
+def sizes_flat(sizes: dict) -> dict[str, int]:
+    """A head map's per-pattern ``sizes`` as one dict of policy options."""
+    return {o: v for opts in sizes.values() for o, v in opts.items()}
 
 
 def _scatter_rows(B: int, H: int, parts: list, device) -> torch.Tensor:
