@@ -45,8 +45,8 @@ DEFAULT_GRID = " ".join([
     "flexprefill", "flexprefill:gamma=0.93", "flexprefill:gamma=0.95",
     "proxy", "proxy:gamma=0.93", "proxy:gamma=0.95", "proxy:query_stride=4", "proxy:gamma=0.93,query_stride=4",
     "proxy:gamma=0.95,query_stride=4",
-    "vertical_slash@map", "vertical_slash@map:a_shape_window=2048", "vertical_slash@map:a_shape_sink=512",
-    "vertical_slash@map:vertical_size=2000", "vertical_slash",
+    # (a head map with sizes fixes its patterns' sizes: size options go with maps without them, or no map)
+    "vertical_slash@map", "vertical_slash", "vertical_slash:a_shape_window=2048", "vertical_slash:vertical_size=2000",
 ])
 # (length, depth) prompts per model; the smollm2 and gemma3 4K prompts are those of scripts/eval_prefill_niah.py
 # with --depths 0.25,0.75 (same seeds), so the two can be compared.

@@ -120,11 +120,13 @@ class VerticalSlashPolicy(Policy):
     Budgets at or above the context length keep everything (dense). Contexts no longer than ``last_q`` run dense
     (density 1.0 in stats).
 
-    Defaults: MInference's vertical 1000 / slash 6096 / last_q 64. The A-shape sink is 256 (it was 128): with the
-    shipped head maps, Gemma-3-270M at 4K kept mean recall 0.948 with sink 128 and keeps 0.955 with 256 (density
-    0.828 -> 0.843; window 1536 instead would give 0.968 at 0.883); SmolLM2-135M 0.981 -> 0.983. The head maps
-    were searched at 3K tokens: at 8K Gemma keeps only 0.897 (vertical-slash heads become sparse and the
-    block-sparse approximation loses mass); results/recall_sweep.md."""
+    Defaults: MInference's vertical 1000 / slash 6096 / last_q 64. The A-shape sink is 256 (it was 128; with the
+    SmolLM2 map, searched at 3K tokens and 512 keys per row before maps carried sizes, 0.981 -> 0.983 mean recall at
+    2K-4K). The Gemma-3 map is searched at 16K with sizes (MInference's 7096 keys per row for every pattern), a
+    static pattern only where it keeps 0.9 of the mass: 0.899 / 0.963 mean recall at 16K / 8K (one A-shape head of
+    12; no map 0.895 / 0.961, the earlier 3K map without sizes 0.806 / 0.902); the best-recall choice (0.959 at 16K,
+    A-shape on two diffuse heads) lost the 16K needle that vertical-slash finds
+    (results/recall_sweep_vs_sizes/recall_sweep.md)."""
 
     name = "vertical_slash"
     phases = ("prefill",)
