@@ -92,8 +92,9 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
 
 
 # Counts per search pass (see _select_kernel): 2 packed in one reduction (ternary search) by default; 1 is bisection.
-# H200, 8 KV heads, budget 4096 (results/bench_decode_topk.md): 128K 17.3 vs 17.2 us (the passes fall from 20 to 13
-# but the fixed part dominates), 32K 7.5 vs 8.4.
+# H200, 8 KV heads, budget 4096, batch 1, 8 warps (results/bench_decode_topk.md), 2 against 1: Quest score rows
+# 17.0 vs 17.5 us at 128K, 7.8 vs 9.4 at 32K; Gaussian rows 18.1 vs 17.0 and 7.1 vs 8.0 (the passes fall from ~20
+# to ~13, but at 8K pages the row's fixed cost dominates).
 N_CUTS = 2
 
 
