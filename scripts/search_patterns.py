@@ -130,9 +130,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output JSON (default configs/vertical_slash_<model>.json)")
     args = ap.parse_args(argv)
     base = VerticalSlashPolicy()
-    args.budget = args.budget or base.vertical_size + base.slash_size
+    if args.budget is None:
+        args.budget = base.vertical_size + base.slash_size
     if args.budget <= 0 or args.length <= 0 or args.rows <= 0:
         ap.error("--length, --budget and --rows must be > 0")
+    if args.question_rows < 0 or not 0.0 <= args.static_floor <= 1.0:
+        ap.error("--question-rows must be >= 0 and --static-floor within [0, 1]")
     if args.length < 2 * args.budget:
         ap.error(f"--length {args.length} must be at least twice --budget {args.budget}: shorter, every pattern "
                  "keeps nearly every key and the choice between them is noise")
