@@ -78,8 +78,9 @@ class SplitPageSelection:
     attention call's K/V over their ``selection`` of pages, and the streaming KV heads ``ring_heads`` over their own
     store ``ring_k`` / ``ring_v``, every slot of which the query sees (sink + recent; ``stream`` is that mask, for
     density). Head ids are layer KV heads, ``group`` query heads each; ``q_heads`` / ``ring_q_heads`` are their query
-    heads; together they are every query head of the layer. The Triton backend runs both in one split-KV launch and one combine (LServe over the dynamic cache:
-    no gather of the query, no scatter of the outputs, no second attention call)."""
+    heads; together they are every query head of the layer. The Triton backend runs both in one split-KV launch and
+    one combine (LServe over the dynamic cache: no gather of the query, no scatter of the outputs, no second
+    attention call)."""
 
     selection: PageSelection
     kv_heads: torch.Tensor  # [Hr] layer KV head of each of k/v's heads

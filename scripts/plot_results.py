@@ -103,9 +103,9 @@ def plot_e2e(path: str) -> str:
     if any("decode_tok_s" in r for r in rows):
         panels.append(("decode_tok_s", "eager decode tokens/s vs transformers sdpa", True))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors  # up to 20 runs, each its own colour
     for ax, (key, label, higher) in zip(axes[0], panels):
         base = {r["context"]: r[key] for r in rows if r["run"] == "sdpa" and key in r}
-        colors = plt.get_cmap("tab20").colors  # up to 20 runs, each its own colour
         for i, run in enumerate(runs):
             pts = [(r["context"] // 1024, r[key] / base[r["context"]] if higher else base[r["context"]] / r[key])
                    for r in rows if r["run"] == run and r["context"] in base and key in r]

@@ -146,13 +146,12 @@ class VerticalSlashPolicy(Policy):
         if self.a_shape_sink < 0:
             raise ValueError(f"option 'a_shape_sink' of policy 'vertical_slash' must be >= 0, got {self.a_shape_sink}")
         if self.head_map:
-            sizes = _read_head_map(resolve_head_map(self.head_map)).get("sizes") or {}
-            fixed = [o for pat in sizes for o in sizes[pat]]
+            fixed = sizes_flat(_read_head_map(resolve_head_map(self.head_map)).get("sizes") or {})
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             clash = [o for o in fixed if getattr(self, o) != defaults[o]]
             if clash:
                 raise ValueError(f"head map {self.head_map!r} fixes the pattern sizes it was searched with "
-                                 f"({', '.join(f'{o}={sizes_flat(sizes)[o]}' for o in clash)}); drop "
+                                 f"({', '.join(f'{o}={fixed[o]}' for o in clash)}); drop "
                                  f"{', '.join(clash)}, or search a map at other sizes (scripts/search_patterns.py "
                                  "--budget)")
 
