@@ -142,6 +142,44 @@ def topk_sweep(contexts, batches, hkv, budget, page, out) -> None:
     _write_sweep(out, "bench_decode_topk", rows, md)
 
 
+def topk_tail(batches, hkv, budget, page, out) -> None:
+    """Top-k over rows just past a power of two (a static cache of 128K + a few tokens has 8193+ pages): the row in
+    one power-of-two block against a power-of-two block plus a tail block (decode_topk.blocks), graph-replayed, each
+    checked against the torch twin first."""
+    from triton.testing import do_bench_cudagraph
+
+    from accel.kernels import reference_decode as R
+    from accel.kernels.triton.decode_topk import blocks, select_pages
+
+    rows = []
+    n_keep = budget // page
+    for B in batches:
+        for n_pages in (8192, 8193, 8200, 8256, 12000):
+            s = torch.randn(B, hkv, n_pages, device="cuda")
+            ref = R.select_pages(s, n_keep, kv_len=n_pages * page, page_size=page)
+            row = {"batch": B, "pages": n_pages, "blocks": list(blocks(n_pages))}
+            for name, tail, length in (("one", False, n_pages * page), ("tail", True, n_pages * page),
+                                       ("tail_device_len", True, torch.tensor(n_pages * page, device="cuda"))):
+                got = select_pages(s, n_keep, kv_len=length, page_size=page, tail_block=tail)
+                assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (n_pages, name)
+                row[name] = do_bench_cudagraph(lambda: select_pages(s, n_keep, kv_len=length, page_size=page,
+                                                                    tail_block=tail))
+            rows.append(row)
+            print(json.dumps(row))
+    md = [f"# Top-k page selection past a power of two ({torch.cuda.get_device_name()}, {hkv} KV heads, page "
+          f"{page}, budget {budget})", "", "`python scripts/bench_decode.py --topk-tail --batches "
+          f"{','.join(map(str, batches))}`; graph-replayed median us over N(0, 1) rows. one block: the row in one "
+          "power-of-two block (the kernel before the tail block); main + tail: the largest power of two that fits "
+          "plus a power-of-two block for the rest; device length: the same, the length read from a tensor (the "
+          "static-cache path).", "",
+          "| batch | pages | blocks (main, tail) | one block | main + tail | main + tail, device length | gain |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        md.append(f"| {r['batch']} | {r['pages']} | {tuple(r['blocks'])} | {r['one'] * 1e3:.1f} | "
+                  f"{r['tail'] * 1e3:.1f} | {r['tail_device_len'] * 1e3:.1f} | {r['one'] / r['tail']:.2f}x |")
+    _write_sweep(out, "bench_decode_topk_tail", rows, md)
+
+
 def split_sweep(batches, hkv, budget, out) -> None:
     """The split-KV attention alone (graph-replayed median us) over splits, warps and stages, for the three decode
     shapes of a 128K step: dense (every key), Quest (``budget`` tokens in pages of 16) and LServe (half of the KV
@@ -215,6 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--out", default="results")
     ap.add_argument("--topk-sweep", action="store_true", help="only sweep the top-k kernel's cuts per pass / warps")
+    ap.add_argument("--topk-tail", action="store_true", help="only time the top-k kernel on rows past a power of two")
     ap.add_argument("--split-sweep", action="store_true", help="only sweep the split-KV kernel's splits / warps")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -222,6 +261,10 @@ def main(argv=None) -> int:
         return 2
     if args.split_sweep:
         split_sweep([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
+        return 0
+    if args.topk_tail:
+        topk_tail([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.page,
+                  args.out)
         return 0
     if args.topk_sweep:
         topk_sweep([int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],

@@ -182,6 +182,34 @@ def test_search_passes_cover_every_int32_key():
         select_pages(torch.randn(1, 1, 8), 2, kv_len=128, page_size=16, n_cuts=3)
 
 
+@pytest.mark.parametrize("n_pages", [16, 17, 40, 64, 100])
+@pytest.mark.parametrize("n_cuts", [1, 2])
+def test_select_pages_tail_block(n_pages, n_cuts):
+    """Rows past a power of two: a power-of-two block plus a tail block (kernel ``blocks``); ties straddle the two
+    (the lowest page ids win across both), the newest page sits in the tail, and on the device the length ends
+    inside it."""
+    from accel.kernels.triton.decode_topk import blocks
+
+    main, tail = blocks(n_pages)
+    assert main <= max(16, n_pages) and main + tail >= n_pages and (tail > 0) == (n_pages > main)
+    g = torch.Generator().manual_seed(n_pages)
+    s = torch.randn(2, 2, n_pages, generator=g)
+    s[0, 1, 10:30] = 0.5  # a run of ties across the block boundary at 16 or 32
+    s[0, 1, :10] = -1.0
+    for k in (3, 15, n_pages - 1):
+        got = select_pages(s, k, kv_len=n_pages * 16 - 3, page_size=16, n_cuts=n_cuts)
+        ref = R.select_pages(s, k, kv_len=n_pages * 16 - 3, page_size=16)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        one = select_pages(s, k, kv_len=n_pages * 16 - 3, page_size=16, n_cuts=n_cuts, tail_block=False)
+        assert torch.equal(one[0], ref[0]) and torch.equal(one[1], ref[1])
+    length = (n_pages - 2) * 16 + 1  # the last filled page is the one before the last
+    s_nan = s.clone()
+    s_nan[..., n_pages - 1:] = float("nan")
+    pages, counts = select_pages(s_nan, 5, kv_len=torch.tensor(length), page_size=16, n_cuts=n_cuts)
+    want_p, want_c = R.select_pages(s[..., : n_pages - 1], 5, kv_len=length, page_size=16)
+    assert torch.equal(pages, want_p) and torch.equal(counts, want_c)
+
+
 @pytest.mark.parametrize("length", [1, 37, 130, 160])
 @pytest.mark.parametrize("n_cuts", [1, 2])
 def test_select_pages_with_device_length(length, n_cuts):

@@ -5,6 +5,11 @@ Same function as ``kernels.reference_decode.select_pages``: the ``k`` highest-sc
 sort, the k-th largest score is found exactly over an order-preserving int32 image of the float32
 scores by a ternary search (two counts per pass packed in one reduction; at most 21 passes over the row, all in
 registers), then a prefix sum compacts the selected page ids (a second one ranks ties only when there are any).
+
+The row is held as the largest power-of-two block that fits in it plus a smaller tail block for the rest, so a row
+just past a power of two (a static cache of 128K + a few tokens) costs about what the power of two costs instead of
+twice (H200, batch 1: 25.3 us in one 16384-wide block for 8193 pages, 16.4 at 8192, 17.0 with the tail block;
+results/bench_decode_topk_tail.md).
 """
 
 from __future__ import annotations
@@ -16,24 +21,13 @@ import triton.language as tl
 MAX_PAGES = 65536  # one row per program; beyond this the selection runs through torch.topk
 
 
-# P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
-# compile mid-decode)
-@triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
-def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
-                   LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
-                   HAS_SKIP: tl.constexpr, NC: tl.constexpr):
-    if HAS_SKIP:  # a device-side flag: keep the previous selection (LServe's reuse in a fixed graph)
-        if tl.load(SKIP) != 0:
-            return
-    pid = tl.program_id(0)
-    b = pid // Hkv
-    h = pid % Hkv
-    offs = tl.arange(0, BLOCK_P)
+@triton.jit
+def _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr):
+    """Order-preserving int32 keys of the scores at ``offs`` (INT32_MIN where not a candidate) and the valid mask."""
     ok = offs < P
     if LEN_ON_DEVICE:  # a static cache: the length is a tensor, pages past it hold nothing (and score NaN)
-        LAST = (tl.load(KV_LEN) - 1) // PAGE
         ok = ok & (offs <= LAST)
-    s = tl.load(SCORES + b * ssb + h * ssh + offs * ssp, mask=ok, other=0.0)
+    s = tl.load(row + offs * ssp, mask=ok, other=0.0)
     force = offs == LAST
     if KEEP_FIRST:
         force = force | (offs == 0)
@@ -41,32 +35,70 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
     bits = s.to(tl.int32, bitcast=True)
     # int32 keys (an int64 row of 16K pages spilled registers: 131 us per call at 128K, 8x the int32 row)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
-    key = tl.where(ok, key, -2147483647 - 1)  # INT32_MIN: below every non-NaN score; never selected (lo >= min)
-    lo = tl.min(tl.where(ok, key, 2147483647), axis=0).to(tl.int64)  # scalars in int64: hi - lo may pass 2^31
-    hi = tl.max(key, axis=0).to(tl.int64)
+    return tl.where(ok, key, -2147483647 - 1), ok  # INT32_MIN: below every non-NaN score; never selected
+
+
+@triton.jit
+def _count(key, u1, u2, NC: tl.constexpr):
+    """NC = 1: count(key >= u1). NC = 2: that count in the low 16 bits and count(key >= u2) in the high 16 (a cut
+    above the row's smallest key counts at most P - 1 <= 65535 keys)."""
+    if NC == 1:
+        return tl.sum((key >= u1).to(tl.int32), axis=0)
+    return tl.sum((key >= u1).to(tl.int32) + ((key >= u2).to(tl.int32) << 16), axis=0)
+
+
+# P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
+# compile mid-decode)
+@triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
+def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
+                   LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
+                   TAIL: tl.constexpr, HAS_SKIP: tl.constexpr, NC: tl.constexpr):
+    if HAS_SKIP:  # a device-side flag: keep the previous selection (LServe's reuse in a fixed graph)
+        if tl.load(SKIP) != 0:
+            return
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
+    if LEN_ON_DEVICE:
+        LAST = (tl.load(KV_LEN) - 1) // PAGE
+    row = SCORES + b * ssb + h * ssh
+    offs = tl.arange(0, BLOCK_P)
+    key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
+    lo = tl.min(tl.where(ok, key, 2147483647), axis=0)
+    hi = tl.max(key, axis=0)
     c_lo = tl.sum(ok.to(tl.int32), axis=0)  # count(key >= lo)
+    if TAIL > 0:  # the pages past the power-of-two block
+        toffs = BLOCK_P + tl.arange(0, TAIL)
+        tkey, tok = _keys(row, toffs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
+        lo = tl.minimum(lo, tl.min(tl.where(tok, tkey, 2147483647), axis=0))
+        hi = tl.maximum(hi, tl.max(tkey, axis=0))
+        c_lo += tl.sum(tok.to(tl.int32), axis=0)
+    lo = lo.to(tl.int64)  # scalars in int64: hi - lo may pass 2^31
+    hi = hi.to(tl.int64)
     # largest t with count(key >= t) >= K: the K-th largest key. Invariant: count(key >= lo) >= K and
     # count(key > hi) < K. NC = 2: each pass counts the keys at or above two cuts in ONE reduction, the two counts
-    # packed in 16-bit fields of an int32 (a cut above lo leaves the row's smallest key out, so a count is at most
-    # P - 1 <= 65535): a ternary search for the price of a bisection pass. A pass is one cross-warp reduction
-    # whatever it reduces; two separate reductions (or a [BLOCK_P, cuts] tile) cost twice (H200,
-    # results/bench_decode_topk.md). A cut with exactly K keys at or above it is the threshold already (the keys
-    # above it are the top K, ties included): the search stops there, which on real score rows ends it after about
-    # half of the passes the worst case needs (search_passes).
+    # packed in 16-bit fields of an int32: a ternary search for the price of a bisection pass. A pass is one
+    # cross-warp reduction whatever it reduces; two separate reductions (or a [BLOCK_P, cuts] tile) cost twice
+    # (H200, results/bench_decode_topk.md). A cut with exactly K keys at or above it is the threshold already (the
+    # keys above it are the top K, ties included): the search stops there, which on real score rows ends it after
+    # about half of the passes the worst case needs (search_passes).
     while lo < hi:
         w = hi - lo + 1
         if NC == 1:
-            u = lo + w // 2
-            n = tl.sum((key >= u.to(tl.int32)).to(tl.int32), axis=0)
-            take = n >= K
-            lo = tl.where(take, u, lo)
-            c_lo = tl.where(take, n, c_lo)
-            hi = tl.where(take, hi, u - 1)
+            u1 = lo + w // 2
+            u2 = u1
         else:
             u1 = lo + tl.maximum(w // 3, 1)  # both cuts in (lo, hi] for w >= 2
             u2 = lo + tl.maximum((2 * w) // 3, 1)
-            t = tl.sum((key >= u1.to(tl.int32)).to(tl.int32) + ((key >= u2.to(tl.int32)).to(tl.int32) << 16),
-                       axis=0)
+        t = _count(key, u1.to(tl.int32), u2.to(tl.int32), NC)
+        if TAIL > 0:
+            t += _count(tkey, u1.to(tl.int32), u2.to(tl.int32), NC)
+        if NC == 1:
+            take = t >= K
+            lo = tl.where(take, u1, lo)
+            c_lo = tl.where(take, t, c_lo)
+            hi = tl.where(take, hi, u1 - 1)
+        else:
             n1 = t & 0xFFFF
             n2 = (t >> 16) & 0xFFFF
             new_lo = tl.where(n1 >= K, u1, lo)  # counts fall with the cut: the higher taken cut wins
@@ -79,16 +111,28 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
         hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
     lo = lo.to(tl.int32)
     sel = (key >= lo) & ok
+    if TAIL > 0:
+        tsel = (tkey >= lo) & tok
     if c_lo > K:  # more than K keys tie at or above the threshold: the lowest page ids among the tied ones
-        gt = key > lo
-        need = K - tl.sum(gt.to(tl.int32), axis=0)
+        n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
+        if TAIL > 0:
+            n_gt += tl.sum((tkey > lo).to(tl.int32), axis=0)
+        need = K - n_gt
         tie = ((key == lo) & ok).to(tl.int32)
-        tie_rank = tl.cumsum(tie, axis=0) - tie
-        sel = gt | ((tie > 0) & (tie_rank < need))
+        sel = (key > lo) | ((tie > 0) & (tl.cumsum(tie, axis=0) - tie < need))
+        if TAIL > 0:
+            ttie = ((tkey == lo) & tok).to(tl.int32)
+            before = tl.sum(tie, axis=0)  # ties in the main block rank first
+            tsel = (tkey > lo) | ((ttie > 0) & (tl.cumsum(ttie, axis=0) - ttie + before < need))
+    out = PAGES + b * spb + h * sph
     sel_i = sel.to(tl.int32)
-    pos = tl.cumsum(sel_i, axis=0) - sel_i
-    tl.store(PAGES + b * spb + h * sph + pos * sps, offs, mask=sel)
-    tl.store(COUNTS + pid, tl.sum(sel_i, axis=0))
+    tl.store(out + (tl.cumsum(sel_i, axis=0) - sel_i) * sps, offs, mask=sel)
+    n_sel = tl.sum(sel_i, axis=0)
+    if TAIL > 0:
+        tsel_i = tsel.to(tl.int32)
+        tl.store(out + (tl.cumsum(tsel_i, axis=0) - tsel_i + n_sel) * sps, toffs, mask=tsel)
+        n_sel += tl.sum(tsel_i, axis=0)
+    tl.store(COUNTS + pid, n_sel)
 
 
 # Counts per search pass (see _select_kernel): 2 packed in one reduction (ternary search) by default; 1 is bisection.
@@ -108,6 +152,13 @@ def search_passes(n_cuts: int) -> int:
     return passes
 
 
+def blocks(n_pages: int) -> tuple[int, int]:
+    """(main, tail): the largest power of two up to the row's length (16 at least) and the power-of-two block for
+    the pages past it (0: none)."""
+    main = max(16, 1 << (max(1, n_pages).bit_length() - 1))
+    return main, (max(16, triton.next_power_of_2(n_pages - main)) if n_pages > main else 0)
+
+
 def _warps(block_p: int) -> int:
     """About 32 keys per thread (H200, 128K context: 8 warps best for 8K pages, 16 for 16K)."""
     return max(4, min(16, block_p // 1024))
@@ -115,12 +166,13 @@ def _warps(block_p: int) -> int:
 
 def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, page_size: int,
                  keep_first: bool = False, num_warps: int | None = None, skip: torch.Tensor | None = None,
-                 n_cuts: int | None = None,
+                 n_cuts: int | None = None, tail_block: bool = True,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
     ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
     and ``counts`` is below ``k`` when fewer pages are filled. ``n_cuts``: cuts per search pass, 1 or 2
-    (default N_CUTS). ``out``: (pages, counts) buffers to write into
+    (default N_CUTS). ``tail_block=False``: one power-of-two block for the whole row (the
+    layout before the tail block, kept for benchmarks). ``out``: (pages, counts) buffers to write into
     (pages may be wider than ``k``); ``skip``: a device-side int32 flag, nonzero = leave them as they are."""
     B, H, P = scores.shape
     k = min(int(k), P)
@@ -140,17 +192,17 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
         pages = torch.empty(B, H, k, dtype=torch.int32, device=scores.device)
         counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
     length = kv_len.to(device=scores.device, dtype=torch.int32).reshape(1) if on_device else counts
-    block_p = max(16, triton.next_power_of_2(P))
+    block_p, tail = blocks(P) if tail_block else (max(16, triton.next_power_of_2(P)), 0)
     nc = n_cuts or N_CUTS
     if nc not in (1, 2):
         raise ValueError(f"select_pages: n_cuts must be 1 (bisection) or 2 (two packed counts per pass), got {nc}")
     _select_kernel[(B * H,)](scores, pages, counts, length, skip if skip is not None else counts, *scores.stride(),
                              *pages.stride(), H, P, k,
                              0 if on_device else (kv_len - 1) // page_size, page_size, LEN_ON_DEVICE=on_device,
-                             KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, HAS_SKIP=skip is not None,
+                             KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, TAIL=tail, HAS_SKIP=skip is not None,
                              NC=nc,
-                             num_warps=num_warps or _warps(block_p))
+                             num_warps=num_warps or _warps(block_p))  # main >= tail
     return pages, counts
 
 
-__all__ = ["select_pages", "MAX_PAGES"]
+__all__ = ["select_pages", "blocks", "MAX_PAGES"]
