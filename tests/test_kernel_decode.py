@@ -212,14 +212,15 @@ def test_select_pages_tail_block(n_pages, n_cuts):
 
 @pytest.mark.parametrize("length", [1, 37, 130, 160])
 @pytest.mark.parametrize("n_cuts", [1, 2])
-def test_select_pages_with_device_length(length, n_cuts):
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_select_pages_with_device_length(length, n_cuts, dtype):
     """A static cache's length read on the device: pages past it (NaN scores from +-inf bounds) are never chosen and
     the rest matches the host-length selection over the filled pages."""
     g = torch.Generator().manual_seed(length)
     scores = torch.randn(2, 3, 10, generator=g)
     n_filled = -(-length // 16)
     scores[..., n_filled:] = float("nan")
-    pages, counts = select_pages(scores, 4, kv_len=torch.tensor(length), page_size=16, n_cuts=n_cuts)
+    pages, counts = select_pages(scores, 4, kv_len=torch.tensor(length, dtype=dtype), page_size=16, n_cuts=n_cuts)
     want_p, want_c = R.select_pages(scores[..., :n_filled], 4, kv_len=length, page_size=16)
     assert torch.equal(counts, want_c)
     for b in range(2):

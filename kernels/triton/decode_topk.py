@@ -60,7 +60,7 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
     b = pid // Hkv
     h = pid % Hkv
     if LEN_ON_DEVICE:
-        LAST = (tl.load(KV_LEN) - 1) // PAGE
+        LAST = ((tl.load(KV_LEN) - 1) // PAGE).to(tl.int32)  # KV_LEN int32 or int64
     row = SCORES + b * ssb + h * ssh
     offs = tl.arange(0, BLOCK_P)
     key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
@@ -191,7 +191,11 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     else:
         pages = torch.empty(B, H, k, dtype=torch.int32, device=scores.device)
         counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
-    length = kv_len.to(device=scores.device, dtype=torch.int32).reshape(1) if on_device else counts
+    length = counts
+    if on_device:  # read as it is when it can be (a cast is one more launch per layer and step)
+        length = kv_len.reshape(1)
+        if length.dtype not in (torch.int32, torch.int64) or length.device != scores.device:
+            length = length.to(device=scores.device, dtype=torch.int32)
     block_p, tail = blocks(P) if tail_block else (max(16, triton.next_power_of_2(P)), 0)
     nc = n_cuts or N_CUTS
     if nc not in (1, 2):
