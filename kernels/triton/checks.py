@@ -14,6 +14,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def device_ints(t: torch.Tensor, device) -> torch.Tensor:
+    """A device-side integer bound (a static cache's length, per-row starts) as a flat tensor on ``device`` that a
+    kernel reads directly: int32/int64 pass as they are (a cast would be one more launch per layer and step),
+    anything else becomes int32."""
+    t = t.to(device=device).reshape(-1)
+    return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32)
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) -> None:
     """q [B, Hq, Sq, D], k and v [B, Hkv, Sk, D] with Hq % Hkv == 0, Sq <= Sk, a supported head_dim and dtype, one
     device, CUDA (or the interpreter). Raises ValueError naming the limit."""

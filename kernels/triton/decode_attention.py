@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import head_map
+from .checks import device_ints, head_map
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -216,10 +216,7 @@ def _sm_count(device) -> int:
 def _per_row(t: torch.Tensor, B: int, device, name: str) -> tuple[torch.Tensor, int]:
     """A per-row int bound ([B], or one value for every row, e.g. a static cache's 0-d length) and its row stride.
     int32/int64 are read as they are: no cast or broadcast copy launched before the kernel."""
-    t = t.to(device=device)
-    if t.dtype not in (torch.int32, torch.int64):
-        t = t.to(torch.int32)
-    t = t.reshape(-1)
+    t = device_ints(t, device)
     if t.numel() == 1:
         return t, 0
     if t.numel() != B:

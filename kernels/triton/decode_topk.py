@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import device_ints
+
 MAX_PAGES = 65536  # one row per program; beyond this the selection runs through torch.topk
 
 
@@ -179,6 +181,8 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     if k < 1:
         raise ValueError(f"select_pages: k must be >= 1, got {k}")
     on_device = isinstance(kv_len, torch.Tensor)
+    if on_device and kv_len.numel() != 1:
+        raise ValueError(f"select_pages: a device-side kv_len holds one length, got {kv_len.numel()} values")
     if P > MAX_PAGES:
         if on_device:
             raise ValueError(f"select_pages: {P} pages with a device-side length exceed MAX_PAGES ({MAX_PAGES})")
@@ -191,11 +195,7 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     else:
         pages = torch.empty(B, H, k, dtype=torch.int32, device=scores.device)
         counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
-    length = counts
-    if on_device:  # read as it is when it can be (a cast is one more launch per layer and step)
-        length = kv_len.reshape(1)
-        if length.dtype not in (torch.int32, torch.int64) or length.device != scores.device:
-            length = length.to(device=scores.device, dtype=torch.int32)
+    length = device_ints(kv_len, scores.device) if on_device else counts
     block_p, tail = blocks(P) if tail_block else (max(16, triton.next_power_of_2(P)), 0)
     nc = n_cuts or N_CUTS
     if nc not in (1, 2):
