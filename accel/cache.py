@@ -224,6 +224,12 @@ class PagedKVLayer(_BatchOps, DynamicLayer):
         return None
 
 
+def _append_traceable() -> bool:
+    from accel.kernels.triton.decode_append import traceable
+
+    return traceable()
+
+
 def _fold_decode_key(kmin: torch.Tensor, kmax: torch.Tensor, page: torch.Tensor, keys: torch.Tensor) -> None:
     """One decode token's keys [B, H, 1, D] folded into page ``page`` (a 1-element device tensor) of the bounds:
     read-modify-write on the device, no sync."""
@@ -262,6 +268,8 @@ class PagedStaticLayer(StaticLayer):
     on the length, static addresses, so a compiled decode step over it captures as a CUDA graph. Pages past the
     filled length keep their +-inf bounds; the policy masks them with the device-side ``cumulative_length``."""
 
+    triton_append = False  # decode steps through kernels/triton/decode_append.py (set at patching, backend)
+
     def __init__(self, max_cache_len: int, page_size: int = 16):
         super().__init__(max_cache_len=max_cache_len)
         if page_size < 1:
@@ -286,6 +294,13 @@ class PagedStaticLayer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
+        if n == 1 and self.triton_append and _append_traceable():  # one launch: keys, values, the page's bounds
+            from accel.kernels.triton.decode_append import append_token
+
+            append_token(key_states, value_states, self.cumulative_length, self.keys, self.values,
+                         bounds=(self.kmin, self.kmax), page_size=self.page_size)
+            self.cumulative_length.add_(1)
+            return self.keys, self.values
         if n == 1:  # a decode step: read-modify-write the one page it touches, on the device
             page = self.cumulative_length.reshape(1) // self.page_size
             keys, values = super().update(key_states, value_states, *args, **kwargs)
@@ -324,6 +339,8 @@ class DuoStaticLayer(StaticLayer):
     ``streaming``) returns ``stream_kv`` itself, as ``SinkWindowLayer`` does. The chunk is then written into the
     buffer and the ring as a first fill's tokens are."""
 
+    triton_append = False  # decode steps through kernels/triton/decode_append.py (set at patching, backend)
+
     def __init__(self, max_cache_len: int, stream_heads, sink: int, recent: int):
         super().__init__(max_cache_len=max_cache_len)
         mask = torch.as_tensor(stream_heads, dtype=torch.bool)
@@ -346,6 +363,9 @@ class DuoStaticLayer(StaticLayer):
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         self.stream_idx, self.retrieval_idx = self.stream_idx.to(self.device), self.retrieval_idx.to(self.device)
+        from accel.kernels.triton.decode_append import append_map
+
+        self.append_map = append_map(self.retrieval_idx, self.stream_idx, self.num_heads)  # for triton_append
         B, hr, hs = self.batch_size, self.retrieval_idx.numel(), self.stream_idx.numel()
         new = key_states.new_zeros
         self.keys = new(B, hr, self.max_cache_len, self.k_head_dim)
@@ -354,7 +374,7 @@ class DuoStaticLayer(StaticLayer):
         self.svalues = new(B, hs, self.sink + self.recent, self.v_head_dim)
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():
-            for t in (self.keys, self.values, self.skeys, self.svalues, self.cumulative_length):
+            for t in (self.keys, self.values, self.skeys, self.svalues, self.cumulative_length, self.append_map):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
@@ -371,10 +391,22 @@ class DuoStaticLayer(StaticLayer):
         return torch.cat([torch.arange(self.sink, device=self.device),
                           torch.arange(length - keep, length, device=self.device)])
 
+    def _append(self, key_states, value_states, bounds=None) -> None:
+        """A decode token in one launch (buffer, ring and ``bounds``); the length moves on after it."""
+        from accel.kernels.triton.decode_append import append_token
+
+        append_token(key_states, value_states, self.cumulative_length, self.keys, self.values, kv_map=self.append_map,
+                     ring=(self.skeys, self.svalues, self.sink, self.recent), bounds=bounds,
+                     page_size=getattr(self, "page_size", 16))
+        self.cumulative_length.add_(1)
+
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
+        if n == 1 and self.triton_append and _append_traceable():
+            self._append(key_states, value_states)
+            return self.keys, self.values
         ks, vs = key_states.index_select(1, self.stream_idx), value_states.index_select(1, self.stream_idx)
         past = 0
         if n > 1:  # eager (a prefill or a chunk): the length on the host
@@ -450,6 +482,9 @@ class LServeStaticLayer(DuoStaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
+        if n == 1 and self.triton_append and _append_traceable():
+            self._append(key_states, value_states, bounds=(self.kmin, self.kmax))
+            return self.keys, self.values
         if n == 1:  # a decode step: fold the new retrieval keys into their page, on the device
             page = self.cumulative_length.reshape(1) // self.page_size
             out = super().update(key_states, value_states, *args, **kwargs)

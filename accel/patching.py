@@ -159,7 +159,10 @@ def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
     state.static_layer = decode.static_prepare(cache, layers, state.layer_idx, state.sliding_window, batch=batch,
                                                kv_heads=mod.config.num_key_value_heads, device=param.device,
                                                tokens=hidden.shape[1])
-    return layers[state.layer_idx]
+    layer = layers[state.layer_idx]
+    if hasattr(layer, "triton_append"):  # decode tokens into the cache in one Triton launch, as the attention runs
+        layer.triton_append = state.backend == "triton" or (state.backend == "auto" and param.device.type == "cuda")
+    return layer
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -138,8 +138,8 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
 
     ``reuse`` (an ``LServeReuse``: persistent selection buffers, the length at the last selection, ``steps``): the
     selection is made only when ``steps`` tokens have been added since the last one (or on the first step), as the
-    dynamic policy's ``reuse_steps``; in between, the scoring and top-k kernels return at once on a device-side
-    flag (the graph stays fixed) and the kept pages are reused, plus the physical page begun since, if any.
+    dynamic policy's ``reuse_steps``; in between, the scoring and top-k kernels see it on the device (the graph
+    stays fixed) and the kept pages are reused, plus the physical page begun since, if any.
     Without it the selection is made every step. With ``use_triton`` the retrieval heads' scoring and attention
     read the full query through a KV-head map and write their heads of one output, as the ring does."""
     from accel.kernels import reference_decode as R
@@ -153,19 +153,19 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
     r = physical_page_size // page_size
     n_phys = -(-layer.kmin.shape[2] // r)
     n_keep = min(budget // physical_page_size, n_phys)
-    skip = None
-    if reuse is not None:
-        reselect = (reuse.sel_len == 0) | (length - reuse.sel_len >= reuse.steps)
-        skip = (~reselect).to(torch.int32).reshape(1)
     if use_triton:  # Triton scoring and top-k: pages past the length score NaN and are never chosen
         from accel.kernels.triton.decode_score import quest_scores
         from accel.kernels.triton.decode_topk import select_pages
 
         heads = dict(kv_heads=layer.retrieval_idx, group=group) if split else {}
-        s = quest_scores(q, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size, skip=skip, merge=r,
+        # with reuse, both kernels decide on the device whether this step selects (a row's selection is kept for
+        # ``steps`` tokens), and the top-k does the bookkeeping: the begun page, the count to attend to
+        s = quest_scores(q, layer.kmin, layer.kmax, group_reduce="max", page_size=page_size, merge=r,
+                         reuse=None if reuse is None else (reuse.sel_len, length, reuse.steps),
                          **heads)  # [B, Hr, n_phys]: each physical page the max of its logical pages
         out = None if reuse is None else (reuse.pages, reuse.counts)
-        pages, counts = select_pages(s, n_keep, kv_len=length, page_size=physical_page_size, skip=skip, out=out)
+        pages, counts = select_pages(s, n_keep, kv_len=length, page_size=physical_page_size, out=out,
+                                     reuse=None if reuse is None else (reuse.sel_len, reuse.steps, reuse.live))
     else:
         ar = torch.arange(group, device=q.device)
         q_r = (layer.retrieval_idx[:, None] * group + ar).flatten() if split else None
@@ -177,19 +177,17 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
         s = torch.where(torch.arange(s.shape[-1], device=q.device) == newest, float("inf"), s)
         pages = s.topk(n_keep, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
         counts = torch.full(pages.shape[:2], n_keep, dtype=torch.int32, device=q.device)
-        if reuse is not None:  # the same bookkeeping as the kernels' skip flag, with torch.where
-            reuse.pages[..., :n_keep].copy_(torch.where(reselect, pages, reuse.pages[..., :n_keep]))
+        if reuse is not None:  # the bookkeeping the top-k kernel does with ``reuse``, in torch
+            reselect = (reuse.sel_len == 0) | (length - reuse.sel_len >= reuse.steps)  # [B, Hr]
+            reuse.pages[..., :n_keep].copy_(torch.where(reselect[..., None], pages, reuse.pages[..., :n_keep]))
             reuse.counts.copy_(torch.where(reselect, counts, reuse.counts))
-            pages, counts = reuse.pages, reuse.counts
-    if reuse is not None:
-        reuse.sel_len.copy_(torch.where(reselect, length, reuse.sel_len))
-        # the physical page begun since the selection (at most one: steps <= physical page size), in the slot
-        # after the kept ones; counted only when it is not among them
-        newest = ((length - 1) // physical_page_size).to(torch.int32)
-        begun = newest > (reuse.sel_len - 1) // physical_page_size
-        pages = reuse.pages
-        pages.scatter_(-1, counts[..., None].long(), newest.expand(*counts.shape, 1))
-        counts = counts + begun.to(torch.int32)
+            reuse.sel_len.copy_(torch.where(reselect, length, reuse.sel_len))
+            # the physical page begun since the selection (at most one: steps <= physical page size), in the slot
+            # after the kept ones; counted only when it is not among them
+            newest = ((length - 1) // physical_page_size).to(torch.int32)
+            begun = newest > (reuse.sel_len - 1) // physical_page_size
+            reuse.pages.scatter_(-1, reuse.counts[..., None].long(), newest.expand(*reuse.counts.shape, 1))
+            pages, counts = reuse.pages, reuse.counts + begun.to(torch.int32)
     if use_triton:
         kw = dict(scale=scale, softcap=softcap, kv_end=length)
         if not split:
@@ -212,16 +210,18 @@ def lserve_static_decode(q: torch.Tensor, layer, *, budget: int, page_size: int,
 
 
 class LServeReuse:
-    """LServe's selection state over a static cache, at fixed addresses for a captured step: the kept physical
-    pages (one spare slot for a page begun since) and their counts per (row, retrieval KV head), and the length at
-    the last selection (0: select at the next step)."""
+    """LServe's selection state over a static cache, at fixed addresses for a captured step, per (row, retrieval KV
+    head): the kept physical pages (one spare slot for a page begun since), their count, the count to attend to this
+    step (``live``: plus the begun page) and the length at the last selection (``sel_len``, 0: select at the next
+    step). int32, contiguous: the Triton kernels index them by program."""
 
     def __init__(self, batch: int, heads: int, n_keep: int, steps: int, device):
         self.steps = steps
         self.pages = torch.zeros(batch, heads, n_keep + 1, dtype=torch.int32, device=device)
         self.counts = torch.zeros(batch, heads, dtype=torch.int32, device=device)
-        self.sel_len = torch.zeros((), dtype=torch.long, device=device)
-        for t in (self.pages, self.counts, self.sel_len):
+        self.live = torch.zeros(batch, heads, dtype=torch.int32, device=device)
+        self.sel_len = torch.zeros(batch, heads, dtype=torch.int32, device=device)
+        for t in (self.pages, self.counts, self.live, self.sel_len):
             torch._dynamo.mark_static_address(t)
 
 

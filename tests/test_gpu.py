@@ -49,7 +49,7 @@ def test_auto_picks_a_gpu_backend():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("policy", ["quest", "tidal", "duo", "lserve", "lserve-mixed"])
+@pytest.mark.parametrize("policy", ["quest", "tidal", "duo", "lserve", "lserve-mixed", "lserve-reuse"])
 def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path):
     """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
     the Triton static decode (Quest's op, TidalDecode's shared positions, DuoAttention's and LServe's KV-head maps,
@@ -69,8 +69,9 @@ def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path):
         # llama a dense layer (PagedStaticLayer, every head selects) and an all-streaming one
         seed = 0 if policy == "lserve" else 1
         opts = dict(duo_map=_head_map(model, tmp_path / "m.json", seed=seed), ratio=0.5, sink=4, recent=12)
-        if policy.startswith("lserve"):  # selection every step, as the static form makes it
-            opts.update(page_size=16, physical_page_size=32, budget=64, reuse_steps=1)
+        if policy.startswith("lserve"):  # selection every step, or (reuse) every 4 with the begun page added
+            opts.update(page_size=16, physical_page_size=32, budget=64,
+                        reuse_steps=4 if policy.endswith("reuse") else 1)
     with torch.no_grad():
         accel.patch(model, policy.split("-")[0], backend="triton", **opts)
         dynamic = model.generate(x, **kw)

@@ -228,6 +228,51 @@ def test_select_pages_with_device_length(length, n_cuts, dtype):
             assert torch.equal(pages[b, h, : counts[b, h]], want_p[b, h, : want_c[b, h]])
 
 
+def test_select_pages_reuse_per_row():
+    """LServe's reuse in the top-k kernel, row by row: a row whose selection is fresh enough keeps its pages and
+    count and gets the page begun since in the spare slot (counted in ``live``); a row that never selected, or whose
+    selection is ``steps`` tokens old, selects anew (as without reuse) and records the length."""
+    g = torch.Generator().manual_seed(3)
+    B, H, P, k, page, steps = 2, 2, 12, 4, 16, 4
+    length = torch.tensor(7 * page + 2)  # newest page 7, begun 2 tokens ago
+    scores = torch.randn(B, H, P, generator=g)
+    scores[..., 8:] = float("nan")  # unfilled pages
+    kept = torch.tensor([[1, 3, 5, 6]], dtype=torch.int32).expand(B, H, 4)
+    pages = torch.zeros(B, H, k + 1, dtype=torch.int32)
+    pages[..., :4] = kept
+    counts = torch.full((B, H), 4, dtype=torch.int32)
+    # (0, 0) selected 1 token ago on page 6 -> reused + page 7 begun; (0, 1) 1 token ago, page 7 -> reused, none
+    # begun; (1, 0) never -> selects; (1, 1) exactly `steps` tokens ago -> selects
+    sel_len = torch.tensor([[6 * page + 16, 7 * page + 1], [0, 7 * page + 2 - steps]], dtype=torch.int32)
+    sel0 = sel_len.clone()
+    live = torch.full((B, H), -1, dtype=torch.int32)
+    got_p, got_live = select_pages(scores.clone(), k, kv_len=length, page_size=page, out=(pages, counts),
+                                   reuse=(sel_len, steps, live))
+    assert got_p is pages and got_live is live
+    fresh_p, fresh_c = select_pages(scores, k, kv_len=length, page_size=page)
+    assert torch.equal(pages[0, 0, :5], torch.tensor([1, 3, 5, 6, 7], dtype=torch.int32)) and live[0, 0] == 5
+    assert torch.equal(pages[0, 1, :4], kept[0, 0]) and pages[0, 1, 4] == 7 and live[0, 1] == 4
+    assert torch.equal(sel_len[0], sel0[0]) and torch.equal(counts[0], torch.tensor([4, 4], dtype=torch.int32))
+    for h in range(H):  # the reselected rows: the fresh selection, the length recorded, nothing begun
+        assert torch.equal(pages[1, h, : fresh_c[1, h]], fresh_p[1, h, : fresh_c[1, h]])
+        assert counts[1, h] == fresh_c[1, h] == live[1, h] and sel_len[1, h] == int(length)
+    # the scoring kernel decides the same rows: the reselecting ones are scored as without reuse
+    q, kk, _ = _qkv(B, H, 2, P * page, seed=4)
+    kmin, kmax = R.page_bounds(kk, page)
+    out = quest_scores(q, kmin, kmax, page_size=page, reuse=(sel0, length, steps))
+    assert torch.equal(out[1], quest_scores(q, kmin, kmax, page_size=page)[1])
+
+
+def test_select_pages_reuse_needs_its_buffers():
+    scores = torch.randn(1, 2, 8)
+    sel = torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="k \\+ 1"):
+        select_pages(scores, 3, kv_len=torch.tensor(100), page_size=16, reuse=(sel, 4, sel.clone()))
+    with pytest.raises(ValueError, match="int32"):
+        select_pages(scores, 3, kv_len=torch.tensor(100), page_size=16, reuse=(sel.long(), 4, sel.clone()),
+                     out=(torch.zeros(1, 2, 4, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32)))
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_quest_static_op_triton_matches_torch(padded):
     from accel.kernels.reference_decode import page_bounds

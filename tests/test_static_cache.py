@@ -351,8 +351,8 @@ def test_lserve_static_decode_op_matches_reference(use_triton):
 
 
 def test_lserve_static_reuse_kernels_match_torch():
-    """The reuse bookkeeping on the Triton path (the scoring and top-k kernels return at once on the device-side
-    flag, the kept pages stay, the begun page is added) against the same steps in torch, over ten decode steps
+    """The reuse bookkeeping on the Triton path (the scoring and top-k kernels decide on the device whether a row
+    selects, the top-k keeps its pages and adds the begun page) against the same steps in torch, over ten decode steps
     that cross physical pages; and the spare slot really carries the begun page."""
     from transformers.cache_utils import StaticLayer
 
@@ -370,7 +370,8 @@ def test_lserve_static_reuse_kernels_match_torch():
         outs = {t: lserve_static_decode(q, layer, budget=budget, page_size=lp, physical_page_size=pp, scale=None,
                                         softcap=None, use_triton=t, reuse=states[t]) for t in (False, True)}
         torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
-        assert int(states[True].sel_len) == int(states[False].sel_len)
+        for name in ("sel_len", "counts"):  # per (row, retrieval head), int32: what the kernels index
+            assert torch.equal(getattr(states[True], name), getattr(states[False], name)), name
         n = int(layer.cumulative_length)
         newest = (n - 1) // pp
         if (int(states[True].sel_len) - 1) // pp < newest:  # a page begun since the selection, in the spare slot
@@ -447,3 +448,41 @@ def test_lserve_static_decode_triton_matches_torch(group, stream):
         got = lserve_static_decode(q, layer, use_triton=True, **kw)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not {e.name for e in prof.events()} & {"aten::index_select", "aten::index_copy_"}
+
+
+@pytest.mark.parametrize("kind", ["paged", "duo", "lserve", "duo_all_stream"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_append_kernel_matches_torch_update(kind, dtype):
+    """A decode token written by one Triton launch (kernels/triton/decode_append.py: buffer rows, ring slot,
+    the page's key bounds) leaves every buffer exactly as the torch writes do, over steps that wrap the ring and
+    cross pages; non-contiguous k/v as the attention hands them over."""
+    from transformers.cache_utils import StaticLayer
+
+    g = torch.Generator().manual_seed(7)
+    B, H, D, fill, cap = 2, 3, 16, 21, 64
+    stream = {"duo": [True, False, True], "lserve": [False, True, False], "duo_all_stream": [True] * 3}.get(kind)
+
+    def make():
+        base = StaticLayer(max_cache_len=cap)
+        if kind == "paged":
+            return accel.cache.PagedStaticLayer.from_layer(base, 16)
+        if kind == "lserve":
+            return accel.cache.LServeStaticLayer.from_layer(base, stream, 4, 12, 16)
+        return accel.cache.DuoStaticLayer.from_layer(base, stream, 4, 12)
+
+    layers = {flag: make() for flag in (False, True)}
+    k, v = (torch.randn(B, H, fill, D, generator=g).to(dtype) for _ in range(2))
+    for flag, layer in layers.items():
+        layer.update(k, v)
+        layer.triton_append = flag
+    for _ in range(cap - fill):
+        k1, v1 = (torch.randn(B, 1, H, D, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+        for layer in layers.values():
+            layer.update(k1, v1)
+    names = ["keys", "values", "cumulative_length"] + (["skeys", "svalues"] if stream else []) + (
+        ["kmin", "kmax"] if kind in ("paged", "lserve") else [])
+    for name in names:
+        assert torch.equal(getattr(layers[True], name), getattr(layers[False], name)), name
+    assert int(layers[True].cumulative_length) == cap
+    if stream:  # the ring really wrapped: its slots hold the last tokens, not the first fill's
+        assert not torch.equal(layers[True].skeys[:, :, 4:], torch.zeros_like(layers[True].skeys[:, :, 4:]))

@@ -16,25 +16,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import head_map
+from .checks import device_ints, head_map
+from .decode_topk import check_reuse, reused
 
 
 # P (pages) and the strides of scores [B, H, P] grow during decode: not specialised, or each divisible-by-16 count
 # compiles a variant mid-decode
 @triton.jit(do_not_specialize=["P", "sob", "soh"])
-def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SKIP,
+def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SEL, KV_LEN,
                         sqb, sqh, sqd, smb, smh, smp, smd, sxb, sxh, sxp, sxd, sob, soh, sop,
-                        Hkv, G, P, PAGE,
+                        Hkv, G, P, PAGE, STEPS,
                         REDUCE_MAX: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_HEADS: tl.constexpr,
                         DOT_F32: tl.constexpr,
                         IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HAS_SKIP: tl.constexpr, MERGE: tl.constexpr):
-    if HAS_SKIP:  # a device-side flag: LServe's static form re-scores only every few steps, in a fixed graph
-        if tl.load(SKIP) != 0:
-            return
+                        HAS_REUSE: tl.constexpr, MERGE: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv  # the KV head of the bounds (of the map, with HAS_HEADS)
+    if HAS_REUSE:  # LServe's static form re-scores only every few steps, decided on the device (fixed graph)
+        if reused(SEL, KV_LEN, pid, STEPS):
+            return
     hq0 = h * G  # its first query head
     if HAS_HEADS:
         hq0 = tl.load(HEADS + h).to(tl.int32) * G
@@ -93,15 +94,18 @@ def _interpreting() -> bool:
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group_reduce: str = "max",
                  page_size: int = 16, kv_start: torch.Tensor | None = None, block_p: int | None = None,
                  kv_heads: torch.Tensor | None = None, group: int | None = None,
-                 skip: torch.Tensor | None = None, merge: int = 1) -> torch.Tensor:
+                 reuse: tuple[torch.Tensor, torch.Tensor, int] | None = None, merge: int = 1) -> torch.Tensor:
     """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any strides). Returns float32 scores [B, Hkv, P], or with
     ``merge`` (a power of two) [B, Hkv, ceil(P / merge)]: the max over each run of ``merge`` pages (LServe's
     physical page over its logical pages).
 
     Head map: ``kv_heads`` (int32 or int64 [Hkv], on q's device) names the layer KV head each head of the bounds
     is, ``group`` (required with it) the query heads per KV head; q is the full layer's query and only query heads
-    ``kv_heads[j] * group + g`` are read. Head ids are not range-checked (that would sync). ``skip``: a device-side
-    int32 flag; when nonzero the kernel returns at once and the scores are left unwritten."""
+    ``kv_heads[j] * group + g`` are read. Head ids are not range-checked (that would sync).
+
+    ``reuse`` (LServe over a static cache): ``(sel_len, kv_len, steps)``, the rows' lengths at their last selection
+    (int32 [B, Hkv], 0: none), the cache's device-side length and the reuse period; a row whose selection is fewer
+    than ``steps`` tokens old is not scored (its scores are left unwritten), as ``select_pages`` keeps its pages."""
     if q.dim() == 4:
         q = q[:, :, -1]
     B, Hq, D = q.shape
@@ -121,15 +125,20 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
     if kv_start is not None:
         kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
     q = q.to(kmin.dtype)
+    sel, length, steps = out, out, 0
+    if reuse is not None:
+        sel, length, steps = reuse
+        check_reuse(sel, None, None, B, Hkv, "quest_scores")
+        length = device_ints(length, q.device)
     grid = (B * Hkv, triton.cdiv(P, block_p))
     _quest_score_kernel[grid](
         q, kmin, kmax, kv_start if kv_start is not None else out, kv_heads if kv_heads is not None else out, out,
-        skip if skip is not None else out,
+        sel, length,
         *q.stride(), *kmin.stride(), *kmax.stride(), *out.stride(),
-        Hkv, G, P, page_size,
+        Hkv, G, P, page_size, int(steps),
         REDUCE_MAX=group_reduce == "max", HAS_KV_START=kv_start is not None, HAS_HEADS=kv_heads is not None,
         DOT_F32=interp and kmin.dtype != torch.float32, IEEE=kmin.dtype == torch.float32 and not interp,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D, HAS_SKIP=skip is not None,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D, HAS_REUSE=reuse is not None,
         MERGE=merge,
     )
     return out

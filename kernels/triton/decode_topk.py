@@ -51,18 +51,32 @@ def _count(key, u1, u2, NC: tl.constexpr):
 
 # P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
 # compile mid-decode)
+@triton.jit
+def reused(SEL, KV_LEN, idx, STEPS):
+    """LServe's reuse test for the selection of row ``idx``: one was made (its length ``SEL[idx]`` > 0) fewer than
+    ``STEPS`` tokens ago."""
+    sel = tl.load(SEL + idx).to(tl.int64)
+    return (sel != 0) & (tl.load(KV_LEN).to(tl.int64) - sel < STEPS)
+
+
 @triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
-def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
-                   LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
-                   TAIL: tl.constexpr, HAS_SKIP: tl.constexpr, NC: tl.constexpr):
-    if HAS_SKIP:  # a device-side flag: keep the previous selection (LServe's reuse in a fixed graph)
-        if tl.load(SKIP) != 0:
-            return
+def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
+                   STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
+                   TAIL: tl.constexpr, HAS_REUSE: tl.constexpr, NC: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
     if LEN_ON_DEVICE:
         LAST = ((tl.load(KV_LEN) - 1) // PAGE).to(tl.int32)  # KV_LEN int32 or int64
+    if HAS_REUSE:  # LServe over a static cache: the bookkeeping of a reused selection, here instead of in torch
+        # (it was three fused elementwise launches per layer and step in the compiled graph)
+        if reused(SEL, KV_LEN, pid, STEPS):
+            n = tl.load(COUNTS + pid)
+            # the physical page begun since the selection (at most one), in the spare slot after the kept ones
+            begun = LAST > ((tl.load(SEL + pid) - 1) // PAGE).to(tl.int32)
+            tl.store(PAGES + b * spb + h * sph + n * sps, LAST)
+            tl.store(LIVE + pid, n + begun.to(tl.int32))
+            return
     row = SCORES + b * ssb + h * ssh
     offs = tl.arange(0, BLOCK_P)
     key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
@@ -135,6 +149,9 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SKIP, ssb, ssh, ssp, spb, sph,
         tl.store(out + (tl.cumsum(tsel_i, axis=0) - tsel_i + n_sel) * sps, toffs, mask=tsel)
         n_sel += tl.sum(tsel_i, axis=0)
     tl.store(COUNTS + pid, n_sel)
+    if HAS_REUSE:  # a fresh selection: it holds the newest page, none is begun
+        tl.store(SEL + pid, tl.load(KV_LEN).to(SEL.dtype.element_ty))
+        tl.store(LIVE + pid, n_sel)
 
 
 # Counts per search pass (see _select_kernel): 2 packed in one reduction (ternary search) by default; 1 is bisection.
@@ -167,15 +184,21 @@ def _warps(block_p: int) -> int:
 
 
 def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, page_size: int,
-                 keep_first: bool = False, num_warps: int | None = None, skip: torch.Tensor | None = None,
-                 n_cuts: int | None = None, tail_block: bool = True,
-                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 keep_first: bool = False, num_warps: int | None = None, n_cuts: int | None = None,
+                 tail_block: bool = True, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 reuse: tuple[torch.Tensor, int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
     ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
     and ``counts`` is below ``k`` when fewer pages are filled. ``n_cuts``: cuts per search pass, 1 or 2
     (default N_CUTS). ``tail_block=False``: one power-of-two block for the whole row (the
     layout before the tail block, kept for benchmarks). ``out``: (pages, counts) buffers to write into
-    (pages may be wider than ``k``); ``skip``: a device-side int32 flag, nonzero = leave them as they are."""
+    (pages may be wider than ``k``).
+
+    ``reuse`` (LServe over a static cache, with a device-side ``kv_len`` and ``out``): ``(sel_len, steps, live)``,
+    int32 [B, Hkv] each but ``steps``. A row whose last selection (made at length ``sel_len``, 0 for none) is fewer
+    than ``steps`` tokens old keeps its pages and count; the others select and set ``sel_len`` to the length. Either
+    way the newest page is written after the kept ones and ``live`` gets the count to attend to (plus one when that
+    page was begun since the selection): pages must be at least ``k + 1`` wide. Returns (pages, live)."""
     B, H, P = scores.shape
     k = min(int(k), P)
     if k < 1:
@@ -200,13 +223,29 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     nc = n_cuts or N_CUTS
     if nc not in (1, 2):
         raise ValueError(f"select_pages: n_cuts must be 1 (bisection) or 2 (two packed counts per pass), got {nc}")
-    _select_kernel[(B * H,)](scores, pages, counts, length, skip if skip is not None else counts, *scores.stride(),
-                             *pages.stride(), H, P, k,
-                             0 if on_device else (kv_len - 1) // page_size, page_size, LEN_ON_DEVICE=on_device,
-                             KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, TAIL=tail, HAS_SKIP=skip is not None,
-                             NC=nc,
+    sel = live = counts
+    steps = 0
+    if reuse is not None:
+        sel, steps, live = reuse
+        check_reuse(sel, live, counts, B, H, "select_pages")
+        if not on_device or out is None or pages.shape[-1] < k + 1:
+            raise ValueError("select_pages: reuse needs a device-side kv_len and out=(pages, counts) with pages at "
+                             f"least k + 1 = {k + 1} wide")
+    _select_kernel[(B * H,)](scores, pages, counts, length, sel, live, *scores.stride(), *pages.stride(), H, P, k,
+                             0 if on_device else (kv_len - 1) // page_size, page_size, int(steps),
+                             LEN_ON_DEVICE=on_device, KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, TAIL=tail,
+                             HAS_REUSE=reuse is not None, NC=nc,
                              num_warps=num_warps or _warps(block_p))  # main >= tail
-    return pages, counts
+    return pages, (live if reuse is not None else counts)
 
 
-__all__ = ["select_pages", "blocks", "MAX_PAGES"]
+def check_reuse(sel_len: torch.Tensor, live: torch.Tensor | None, counts: torch.Tensor | None, B: int, H: int,
+                kernel: str) -> None:
+    """LServe's reuse buffers: contiguous int32 [B, H] (the kernels index them by program)."""
+    for name, t in (("sel_len", sel_len), ("live", live), ("counts", counts)):
+        if t is not None and (t.dtype != torch.int32 or tuple(t.shape) != (B, H) or not t.is_contiguous()):
+            raise ValueError(f"{kernel}: reuse buffer {name} must be a contiguous int32 [{B}, {H}] tensor, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+
+
+__all__ = ["select_pages", "blocks", "MAX_PAGES", "reused", "check_reuse"]
