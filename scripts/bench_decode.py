@@ -244,6 +244,87 @@ def split_sweep(batches, hkv, budget, out) -> None:
     _write_sweep(out, "bench_decode_splits", rows, md)
 
 
+def split_stages(batches, hkv, budget, out, layers: int = 32) -> None:
+    """The split-KV attention (split + combine) of ``layers`` layers, each over its own K/V, replayed as one graph:
+    per-layer us with the L2 cache as cold as in a model step (the isolated sweep's selected pages stay in L2).
+    Quest (every KV head, ``budget`` tokens in pages of 16) and LServe (half the KV heads over 64-token pages plus
+    a spare, the other half over a 320-slot ring), 128K: pipeline stages 1/2/3 against the kernel's own choice."""
+    from accel.kernels.triton.decode_attention import paged_decode_attention
+
+    ctx, d, G = 131072, 128, 4
+    end = torch.tensor(ctx, device="cuda")
+    rows = []
+
+    def build(case, B):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        hr, page = (hkv // 2, 64) if case == "lserve" else (hkv, 16)
+        n = budget // page + (case == "lserve")
+        heads_r = torch.arange(hr, device="cuda", dtype=torch.int32)
+        heads_s = torch.arange(hr, hkv, device="cuda", dtype=torch.int32)
+        calls = []
+        for _ in range(layers):
+            k = torch.randn(B, hr, ctx, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn_like(k)
+            p = torch.stack([torch.randperm(ctx // page, device="cuda", generator=g)[:n].sort().values
+                             for _ in range(B * hr)]).view(B, hr, n).to(torch.int32)
+            c = torch.full((B, hr), n, device="cuda", dtype=torch.int32)
+            q = torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            if case == "lserve":
+                rk = torch.randn(B, hkv - hr, 320, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                ring = (rk, torch.randn_like(rk), heads_s)
+                o = torch.empty_like(q)
+                calls.append(lambda kw, a=(q, k, v, p, c), ring=ring, o=o: paged_decode_attention(
+                    *a, 64, kv_end=end, kv_heads=heads_r, group=G, out=o, ring=ring, **kw))
+            else:
+                calls.append(lambda kw, a=(q, k, v, p, c): paged_decode_attention(*a, 16, kv_end=end, **kw))
+        return calls
+
+    def per_layer_us(calls, kw) -> float:
+        def run():
+            return [f(kw) for f in calls]
+        run()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(20):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) * 1e3 / layers)
+        return sorted(ts)[len(ts) // 2]
+
+    for case in ("lserve", "quest"):
+        for B in batches:
+            calls = build(case, B)
+            row = {"case": case, "batch": B, "auto": per_layer_us(calls, {})}
+            for st in (1, 2, 3):
+                row[f"stages {st}"] = per_layer_us(calls, {"num_stages": st})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del calls
+            torch.cuda.empty_cache()
+    md = [f"# Split-KV decode attention over {layers} layers in one graph: pipeline stages "
+          f"({torch.cuda.get_device_name()}, 128K, {hkv * G}/{hkv}/{d}, budget {budget})", "",
+          f"`python scripts/bench_decode.py --split-stages --batches {','.join(map(str, batches))}`; median us per "
+          "layer (split + combine, L2 as cold as in a model step); auto = the kernel's choice (decode_attention."
+          "_stages: 1 stage for up to 2 blocks per program, 2 for up to 4, else Triton's default 3)", "",
+          "| case | batch | auto | stages 1 | stages 2 | stages 3 |", "| --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['case']} | {r['batch']} | {r['auto']:.2f} | {r['stages 1']:.2f} | {r['stages 2']:.2f} | "
+           f"{r['stages 3']:.2f} |" for r in rows]
+    _write_sweep(out, "bench_decode_stages", rows, md)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32768,131072")
@@ -255,10 +336,15 @@ def main(argv=None) -> int:
     ap.add_argument("--topk-sweep", action="store_true", help="only sweep the top-k kernel's cuts per pass / warps")
     ap.add_argument("--topk-tail", action="store_true", help="only time the top-k kernel on rows past a power of two")
     ap.add_argument("--split-sweep", action="store_true", help="only sweep the split-KV kernel's splits / warps")
+    ap.add_argument("--split-stages", action="store_true",
+                    help="only time the split-KV kernel's pipeline stages over a 32-layer graph (L2 cold)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.split_stages:
+        split_stages([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
+        return 0
     if args.split_sweep:
         split_sweep([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
         return 0

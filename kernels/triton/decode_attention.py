@@ -213,6 +213,16 @@ def _sm_count(device) -> int:
         return 8
 
 
+def _stages(trips: int) -> int | None:
+    """Software-pipeline stages for a program's loop of ``trips`` blocks: little to overlap in a short loop, and
+    each stage holds a K and a V tile of shared memory, which caps the programs per SM. H200, 128K, budget 4096, a
+    32-layer graph (L2 cold as in a model step; scripts/bench_decode.py --split-stages,
+    results/bench_decode_stages.md), us per layer at stages 1 / 2 / 3: LServe batch 1 (1 trip) 10.5 / 11.2 / 12.7,
+    Quest batch 1 (2 trips) 12.9 / 13.8 / 13.4, LServe batch 4 (4 trips) 22.5 / 20.7 / 22.6, Quest batch 4
+    (8 trips) 31.6 / 31.0 / 28.4. None: Triton's default (3; dense decode's long loops)."""
+    return 1 if trips <= 2 else (2 if trips <= 4 else None)
+
+
 def _per_row(t: torch.Tensor, B: int, device, name: str) -> tuple[torch.Tensor, int]:
     """A per-row int bound ([B], or one value for every row, e.g. a static cache's 0-d length) and its row stride.
     int32/int64 are read as they are: no cast or broadcast copy launched before the kernel."""
@@ -248,9 +258,9 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     unpaged, whose keys are slots ``[0, min(kv_end, k2.shape[2]))`` (DuoAttention's streaming heads' sink + recent
     ring: attention is order-free), attended in the same launch and combine: one pair of launches per layer.
 
-    ``n_splits`` / ``num_warps`` / ``num_stages`` override the split pass's launch (None: two programs per SM, Triton's
-    defaults); scripts/bench_decode.py --split-sweep measured that no setting beats the defaults by more than 1 us at
-    batch 1."""
+    ``n_splits`` / ``num_warps`` / ``num_stages`` override the split pass's launch (None: two programs per SM,
+    Triton's default warps, ``_stages`` by the blocks each program loops over); scripts/bench_decode.py
+    --split-sweep measured that no split or warp setting beats the defaults by more than 1 us at batch 1."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     if Sq != 1:
@@ -310,6 +320,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     tok_per_split = triton.cdiv(n_blocks, n_splits) * block_n
     n_splits = triton.cdiv(width, tok_per_split)
     tok2 = triton.cdiv(triton.cdiv(Sk2, block_n), n_splits) * block_n if H2 else 0  # the ring over the same splits
+    if num_stages is None and not interp:
+        num_stages = _stages(tok_per_split // block_n)
     part_o = torch.empty(B * rows * n_splits * Dv, dtype=torch.float32, device=q.device)
     part_l = torch.empty(B * rows * n_splits, dtype=torch.float32, device=q.device)
     s_start = s_end = 0
