@@ -170,6 +170,8 @@ def test_lserve_over_static_cache_matches_dynamic(fam, backend, reuse, tmp_path,
     # streaming heads: a ring of sink 4 + recent 12 slots, however many tokens the cache holds (212 here)
     assert split and all(layer.skeys.shape[2] == 16 < int(layer.cumulative_length) for layer in split)
     assert all(layer.kmin.shape[1] == layer.retrieval_idx.numel() for layer in split)
+    # decode tokens went into the cache through the append kernel exactly when the backend is Triton
+    assert all(layer.triton_append == (backend == "triton") for layer in split + paged)
     assert accel.stats(model)["backends_used"]["static-paged"] == 11 * (len(split) + len(paged))
     accel.unpatch(model)
     dense = _generate_static(model, x)
