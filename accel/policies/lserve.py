@@ -116,7 +116,7 @@ class LServePolicy(DuoPolicy):
 
     def static_decode(self, q, k, v, layer, *, mask, kv_start, scale, softcap, use_triton: bool):
         """One decode step, on the device (kernels/static_decode.py ``lserve_static_decode``): the selection is
-        made every ``reuse_steps`` tokens as in the dynamic form, gated by a device-side flag so the compiled step
+        made every ``reuse_steps`` tokens as in the dynamic form, decided on the device so the compiled step
         stays one fixed graph."""
         from accel.kernels.static_decode import lserve_static_decode
 
