@@ -224,7 +224,11 @@ class PagedKVLayer(_BatchOps, DynamicLayer):
         return None
 
 
-def _append_traceable() -> bool:
+def _appends(layer, n: int) -> bool:
+    """Whether this update (``n`` tokens) goes through the one-launch append kernel: a decode token, the Triton
+    backend (``layer.triton_append``, set at patching) and a launch the current trace can take."""
+    if n != 1 or not layer.triton_append:
+        return False
     from accel.kernels.triton.decode_append import traceable
 
     return traceable()
@@ -294,7 +298,7 @@ class PagedStaticLayer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if n == 1 and self.triton_append and _append_traceable():  # one launch: keys, values, the page's bounds
+        if _appends(self, n):  # one launch: keys, values, the page's bounds
             from accel.kernels.triton.decode_append import append_token
 
             append_token(key_states, value_states, self.cumulative_length, self.keys, self.values,
@@ -404,7 +408,7 @@ class DuoStaticLayer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if n == 1 and self.triton_append and _append_traceable():
+        if _appends(self, n):
             self._append(key_states, value_states)
             return self.keys, self.values
         ks, vs = key_states.index_select(1, self.stream_idx), value_states.index_select(1, self.stream_idx)
@@ -482,7 +486,7 @@ class LServeStaticLayer(DuoStaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if n == 1 and self.triton_append and _append_traceable():
+        if _appends(self, n):
             self._append(key_states, value_states, bounds=(self.kmin, self.kmax))
             return self.keys, self.values
         if n == 1:  # a decode step: fold the new retrieval keys into their page, on the device

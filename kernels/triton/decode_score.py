@@ -34,7 +34,7 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SEL, KV_LEN,
     b = pid // Hkv
     h = pid % Hkv  # the KV head of the bounds (of the map, with HAS_HEADS)
     if HAS_REUSE:  # LServe's static form re-scores only every few steps, decided on the device (fixed graph)
-        if reused(SEL, KV_LEN, pid, STEPS):
+        if reused(SEL, pid, tl.load(KV_LEN), STEPS):
             return
     hq0 = h * G  # its first query head
     if HAS_HEADS:

@@ -49,16 +49,16 @@ def _count(key, u1, u2, NC: tl.constexpr):
     return tl.sum((key >= u1).to(tl.int32) + ((key >= u2).to(tl.int32) << 16), axis=0)
 
 
+@triton.jit
+def reused(SEL, idx, length, STEPS):
+    """LServe's reuse test for the selection of row ``idx`` at cache length ``length``: one was made (its length
+    ``SEL[idx]`` > 0) fewer than ``STEPS`` tokens ago."""
+    sel = tl.load(SEL + idx).to(tl.int64)
+    return (sel != 0) & (length.to(tl.int64) - sel < STEPS)
+
+
 # P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
 # compile mid-decode)
-@triton.jit
-def reused(SEL, KV_LEN, idx, STEPS):
-    """LServe's reuse test for the selection of row ``idx``: one was made (its length ``SEL[idx]`` > 0) fewer than
-    ``STEPS`` tokens ago."""
-    sel = tl.load(SEL + idx).to(tl.int64)
-    return (sel != 0) & (tl.load(KV_LEN).to(tl.int64) - sel < STEPS)
-
-
 @triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
 def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
                    STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -67,10 +67,11 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
     b = pid // Hkv
     h = pid % Hkv
     if LEN_ON_DEVICE:
-        LAST = ((tl.load(KV_LEN) - 1) // PAGE).to(tl.int32)  # KV_LEN int32 or int64
+        length = tl.load(KV_LEN)  # int32 or int64
+        LAST = ((length - 1) // PAGE).to(tl.int32)
     if HAS_REUSE:  # LServe over a static cache: the bookkeeping of a reused selection, here instead of in torch
         # (it was three fused elementwise launches per layer and step in the compiled graph)
-        if reused(SEL, KV_LEN, pid, STEPS):
+        if reused(SEL, pid, length, STEPS):
             n = tl.load(COUNTS + pid)
             # the physical page begun since the selection (at most one), in the spare slot after the kept ones
             begun = LAST > ((tl.load(SEL + pid) - 1) // PAGE).to(tl.int32)
@@ -150,7 +151,7 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
         n_sel += tl.sum(tsel_i, axis=0)
     tl.store(COUNTS + pid, n_sel)
     if HAS_REUSE:  # a fresh selection: it holds the newest page, none is begun
-        tl.store(SEL + pid, tl.load(KV_LEN).to(SEL.dtype.element_ty))
+        tl.store(SEL + pid, length.to(SEL.dtype.element_ty))
         tl.store(LIVE + pid, n_sel)
 
 
