@@ -37,19 +37,36 @@ import accel  # noqa: E402
 
 def fill(cache, n: int, chunk: int = 8192) -> None:
     """Append ``n`` random tokens to every layer through its own update (page bounds included)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = cache.layers[0].keys.device
+    g = torch.Generator(device=dev).manual_seed(0)
     for layer in cache.layers:
         B, H, D = layer.batch_size, layer.num_heads, layer.k_head_dim
         for lo in range(0, n, chunk):
             m = min(chunk, n - lo)
-            k = torch.randn(B, H, m, D, device="cuda", dtype=layer.dtype, generator=g)
-            v = torch.randn(B, H, m, D, device="cuda", dtype=layer.dtype, generator=g)
+            k = torch.randn(B, H, m, D, device=dev, dtype=layer.keys.dtype, generator=g)
+            v = torch.randn(B, H, m, D, device=dev, dtype=layer.keys.dtype, generator=g)
             layer.update(k, v)
 
 
-def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
+def filled_cache(model, ctx: int, batch: int, steps: int):
+    """A StaticCache of ``ctx + steps + 16`` slots holding ``ctx`` tokens plus two eager decode steps: a 16-token
+    eager prefill (installs the patched policy's cache layers), random keys/values through the layers' own update,
+    two eager steps (the hooks run, kernels compile). Returns (cache, the last greedy token)."""
     from transformers import StaticCache
 
+    cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 16)
+    tok = torch.randint(10, 1000, (batch, 16), device=model.device)
+    out = model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    fill(cache, ctx - 16)
+    tok = out.logits[:, -1:].argmax(-1)
+    for _ in range(2):
+        tok = model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return cache, tok
+
+
+def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     row = {"run": run, "context": ctx, "batch": batch, "mode": args.mode}
     patched = run != "sdpa"
     try:
@@ -62,15 +79,8 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
             model.set_attn_implementation("sdpa")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        cache = StaticCache(config=model.config, max_cache_len=ctx + args.steps + 16)
-        tok = torch.randint(10, 1000, (batch, 16), device="cuda")
         with torch.no_grad():
-            out = model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)  # eager: installs layers
-            fill(cache, ctx - 16)
-            static_tok = out.logits[:, -1:].argmax(-1)
-            for _ in range(2):  # eager steps: the hooks run (lengths, layers), kernels compile
-                static_tok = model(static_tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-            torch.cuda.synchronize()
+            cache, static_tok = filled_cache(model, ctx, batch, args.steps)
             if args.mode == "graph":
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())

@@ -183,7 +183,8 @@ class TidalPolicy(Policy):
             s = self.score(q, k, scale, softcap, kv_start, length=length)  # [B, Hkv, S], float32
             pos = torch.arange(s.shape[-1], device=s.device)
             s = torch.where(pos == length - 1, float("inf"), s)  # the newest token, always
-            positions.copy_(s.topk(positions.shape[-1], dim=-1).indices)
+            # unsorted: attention is order-free, and sorting the top-k cost a radix sort per selection layer
+            positions.copy_(s.topk(positions.shape[-1], dim=-1, sorted=False).indices)
             return None
         counts = torch.full(positions.shape[:2], positions.shape[-1], dtype=torch.int32, device=q.device)
         kv_end = length.reshape(1).expand(q.shape[0])

@@ -1,0 +1,280 @@
+"""Every decode policy's attention of one decode step against dense and against its byte floor (GPU).
+
+The attention alone, as a compiled static-cache step runs it: for each layer of a Llama-3.1-8B-shaped model (random
+weights) patched with the policy, ``accel.attention._static_decode`` (the function the patched attention calls for a
+one-token step over transformers' StaticCache) over the filled cache, with a random query; the layers' calls compiled
+together by ``torch.compile`` (as in the compiled step: the policies' torch ops fused by inductor, the Triton
+kernels opaque; ``--eager`` skips it) and captured as one CUDA graph, so the L2 is as cold as in a model step (a
+single layer replayed alone keeps its selected pages in L2), and replayed. No projections, no cache append: only what the attention of a step reads and computes (page
+scoring, top-k, split-KV attention and its combine; dense layers through SDPA, as ``dense`` runs).
+
+Byte floor = bytes a dense step's attention reads / bytes the policy's step must read, over the same layers (K and V
+of every position read; quest and lserve also their page bounds; duo and lserve's streaming heads their sink +
+recent ring; tidal's selection layers their keys once more for scoring; layers a policy keeps dense count as
+dense). The share of the floor reached = (speedup against dense) / floor.
+
+With the length frozen across replays, ``lserve`` (re-selection every 4 steps) measures the steps that reuse the
+selection and ``lserve:reuse_steps=1`` the steps that select; the table adds their 4-step cycle (1 selecting + 3
+reusing) when both ran.
+
+    python scripts/bench_decode_floor.py --batches 1 4 --out results/bench_decode_floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_e2e import build_model, model_config, speed_head_map  # noqa: E402
+from bench_static_decode import filled_cache  # noqa: E402
+from bench_utils import err as _err  # noqa: E402
+from bench_utils import meta_lines, parse_spec, write_json  # noqa: E402
+
+import accel  # noqa: E402
+
+RUNS = ["dense", "quest", "tidal", "duo", "lserve", "lserve:reuse_steps=1"]
+
+
+def _patched(model) -> list:
+    mods = [m for m in model.modules() if hasattr(m, "_accel")]
+    if not mods:
+        raise ValueError("the model is not patched: accel.patch it first")
+    return mods
+
+
+def attention_calls(model, cache, batch: int, seed: int = 1) -> list:
+    """One callable per patched attention layer: its one-token static-cache attention over ``cache`` (filled) with a
+    fixed random query, transformers' boolean mask of the filled slots, default scale. Each returns [B, 1, Hq, D]."""
+    from accel.attention import _static_decode
+
+    cfg = getattr(model.config, "text_config", None) or model.config
+    hq = cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    dev = cache.layers[0].keys.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    calls = []
+    for mod in _patched(model):
+        state = mod._accel
+        layer = cache.layers[state.layer_idx]
+        k, v = layer.keys, layer.values  # what the cache update hands the attention (Duo: the retrieval heads)
+        S = k.shape[2]
+        mask = (torch.arange(S, device=dev) < layer.cumulative_length).view(1, 1, 1, S).expand(batch, 1, 1, S)
+        q = torch.randn(batch, hq, 1, d, device=dev, dtype=k.dtype, generator=g)
+        calls.append(functools.partial(_first, _static_decode, state, q, k, v, mask, d**-0.5, None))
+    return calls
+
+
+def _first(fn, *args):
+    return fn(*args)[0]  # the attention function's (output, weights)
+
+
+def attention_bytes(model, cache) -> tuple[int, int]:
+    """(policy, dense): bytes one decode step's attention must read over every patched layer at the cache's length.
+    See the module docstring for what each policy reads; LServe with reuse (``reuse_steps`` > 1) counts a reusing
+    step (selected pages only), without it a selecting step (page bounds + selected pages)."""
+    policy_b = dense_b = 0
+    for mod in _patched(model):
+        state = mod._accel
+        layer, handle, policy = cache.layers[state.layer_idx], state.static_layer, state.spec.decode
+        L = int(layer.cumulative_length)
+        B, D, el = layer.keys.shape[0], layer.keys.shape[-1], layer.keys.element_size()
+
+        def kv(heads: int, n: int) -> int:  # K and V of n positions
+            return 2 * B * heads * n * D * el
+
+        def bounds(heads: int, page: int) -> int:  # key min and max of every filled page
+            return 2 * B * heads * -(-L // page) * D * layer.kmin.element_size()
+
+        dense_b += kv(layer.num_heads, L)
+        if handle is None:  # a layer the policy keeps dense
+            policy_b += kv(layer.num_heads, L)
+            continue
+        if policy.name == "tidal":  # a selection layer scores every key, then attends densely
+            policy_b += kv(layer.num_heads, L) * 3 // 2 if handle.select else kv(layer.num_heads, min(policy.budget, L))
+            continue
+        hr = layer.keys.shape[1]  # retrieval heads (Duo / LServe layers) or every head (a paged layer)
+        ring = getattr(layer, "skeys", None)
+        if ring is not None:
+            policy_b += kv(ring.shape[1], min(L, ring.shape[2]))
+        if policy.name == "quest":
+            policy_b += bounds(hr, policy.page_size) + kv(hr, min(policy.budget, L))
+        elif policy.name == "lserve":
+            phys = policy.physical_page_size
+            n_keep = min(policy.budget // phys, -(-L // phys))
+            reused = getattr(layer, "lserve_reuse", None) is not None
+            policy_b += (0 if reused else bounds(hr, policy.page_size)) + kv(hr, n_keep * phys)
+        else:  # duo / streaming: the retrieval heads' whole buffer
+            policy_b += kv(hr, L)
+    return policy_b, dense_b
+
+
+def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
+    """Median ms of one replay of a CUDA graph holding one call of ``run`` (warmed up before). ``profile``: also
+    write the kernel table of 4 replays (torch profiler, CUDA time per replay) to that path."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(4):
+                graph.replay()
+            torch.cuda.synchronize()
+        with open(profile, "w") as f:
+            f.write(f"# kernel time of 4 replays (one decode step's attention each)\n"
+                    + p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    return sorted(ts)[len(ts) // 2]
+
+
+def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
+    row = {"run": run, "context": ctx, "batch": batch}
+    try:
+        name, opts = parse_spec(run)
+        if name in ("duo", "lserve") and "duo_map" not in opts:  # random weights: any heads may stream
+            opts["duo_map"] = speed_head_map(model, f"/tmp/accel_duo_{args.model}.json")
+        accel.patch(model, {"prefill": "dense", "decode": name}, backend="auto", **opts)
+        torch.cuda.empty_cache()
+        with torch.no_grad():
+            cache, _ = filled_cache(model, ctx, batch, 16)
+            calls = attention_calls(model, cache, batch)
+            before = _paths(model)
+            outs = [c() for c in calls]  # eager warm-up (kernels compile; LServe selects once)
+            bad = [i for i, o in enumerate(outs) if not bool(torch.isfinite(o).all())]
+            if bad:
+                raise RuntimeError(f"non-finite attention output in layers {bad}")
+            row["paths"] = {k: v - before.get(k, 0) for k, v in _paths(model).items()}
+
+            def step():
+                return [c() for c in calls]
+
+            if not args.eager:  # as the compiled model step runs it: torch ops fused by inductor
+                step = torch.compile(step, fullgraph=True)
+                for _ in range(2):
+                    step()
+            tag = run.replace(":", "_").replace("=", "")
+            path = f"{args.out}_profile_{tag}_b{batch}.txt" if args.profile and args.out else None
+            row["attn_ms"] = graph_ms(step, args.reps, profile=path)
+        row["policy_bytes"], row["dense_bytes"] = attention_bytes(model, cache)
+        row["layers"] = len(calls)
+        del cache, calls, outs
+    except Exception as e:  # noqa: BLE001 - a run that cannot run is recorded, not fatal
+        row["error"] = _err(e)
+    finally:
+        accel.unpatch(model)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    print(row, flush=True)
+    return row
+
+
+def _paths(model) -> dict:
+    """Decode attention paths taken so far, summed over layers (static-paged: the policy's own decode)."""
+    total: dict = {}
+    for mod in _patched(model):
+        for k, v in mod._accel.backends_used.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def _cycle(rows: list) -> dict | None:
+    """LServe's 4-step cycle (one selecting step, three reusing) from its two runs, when both ran."""
+    sel = next((r for r in rows if r["run"] == "lserve:reuse_steps=1" and "attn_ms" in r), None)
+    reu = next((r for r in rows if r["run"] == "lserve" and "attn_ms" in r), None)
+    if sel is None or reu is None:
+        return None
+    return {"run": "lserve, 4-step cycle", "context": sel["context"], "batch": sel["batch"],
+            "attn_ms": (sel["attn_ms"] + 3 * reu["attn_ms"]) / 4, "layers": sel["layers"],
+            "policy_bytes": (sel["policy_bytes"] + 3 * reu["policy_bytes"]) / 4, "dense_bytes": sel["dense_bytes"]}
+
+
+def write(results: dict, out: str) -> None:
+    write_json(results, out)
+    m = results["meta"]
+    lines = [f"# Decode attention of every policy against its byte floor ({m['model']})", "", *meta_lines(m),
+             f"- the attention of one decode step alone (every layer's `_static_decode` over the filled static cache, "
+             f"random queries, {'launched eagerly' if m.get('eager') else 'compiled by torch.compile'}, all layers "
+             "in one CUDA graph, median of replays); floor = dense bytes / policy bytes "
+             "read per step (scripts/bench_decode_floor.py says what each policy reads); share = speedup / floor", "",
+             "| context | batch | run | attention ms/step | us/layer | vs dense | byte floor | share of floor | "
+             "GB read | TB/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups: dict = {}
+    for r in results["rows"]:
+        groups.setdefault((r["context"], r["batch"]), []).append(r)
+    for (ctx, batch), rows in groups.items():
+        cyc = _cycle(rows)
+        base = next((r for r in rows if r["run"] == "dense" and "attn_ms" in r), None)
+        for r in rows + ([cyc] if cyc else []):
+            if "error" in r:
+                lines.append(f"| {ctx // 1024}K | {batch} | {r['run']} | error: {r['error']} | | | | | | |")
+                continue
+            speed = base["attn_ms"] / r["attn_ms"] if base else float("nan")
+            floor = r["dense_bytes"] / r["policy_bytes"]
+            lines.append(f"| {ctx // 1024}K | {batch} | {r['run']} | {r['attn_ms']:.3f} | "
+                         f"{r['attn_ms'] * 1e3 / r['layers']:.1f} | {speed:.2f}x | {floor:.2f}x | {speed / floor:.0%} | "
+                         f"{r['policy_bytes'] / 1e9:.2f} | {r['policy_bytes'] / r['attn_ms'] / 1e9:.2f} |")
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama8b")
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--runs", nargs="+", default=RUNS)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="also write each run's kernel table next to --out")
+    ap.add_argument("--eager", action="store_true",
+                    help="capture the attention calls as launched eagerly (default: torch.compile them first, as "
+                         "the compiled model step does, so the policies' torch ops are fused)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode_floor needs a CUDA GPU")
+    t0 = time.time()
+    model = build_model(model_config(args.model, args.context + 32))
+    rows = [run_one(model, run, args.context, b, args) for b in args.batches for run in args.runs]
+    import transformers
+    import triton
+
+    meta = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+            "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+            "model": args.model, "eager": args.eager, "wall_s": time.time() - t0}
+    if args.out:
+        write({"meta": meta, "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
