@@ -10,8 +10,8 @@ scoring, top-k, split-KV attention and its combine; dense layers through SDPA, a
 
 Byte floor = bytes a dense step's attention reads / bytes the policy's step must read, over the same layers (K and V
 of every position read; quest and lserve also their page bounds; duo and lserve's streaming heads their sink +
-recent ring; tidal's selection layers their keys once more for scoring; layers a policy keeps dense count as
-dense). The share of the floor reached = (speedup against dense) / floor.
+recent ring; tidal's selection layers are dense layers whose attention also hands back the scores it ranks keys
+by; layers a policy keeps dense count as dense). The share of the floor reached = (speedup against dense) / floor.
 
 With the length frozen across replays, ``lserve`` (re-selection every 4 steps) measures the steps that reuse the
 selection and ``lserve:reuse_steps=1`` the steps that select; the table adds their 4-step cycle (1 selecting + 3
@@ -100,8 +100,8 @@ def attention_bytes(model, cache) -> tuple[int, int]:
         if handle is None:  # a layer the policy keeps dense
             policy_b += kv(layer.num_heads, L)
             continue
-        if policy.name == "tidal":  # a selection layer scores every key, then attends densely
-            policy_b += kv(layer.num_heads, L) * 3 // 2 if handle.select else kv(layer.num_heads, min(policy.budget, L))
+        if policy.name == "tidal":  # a selection layer attends densely and ranks keys by those scores
+            policy_b += kv(layer.num_heads, L if handle.select else min(policy.budget, L))
             continue
         hr = layer.keys.shape[1]  # retrieval heads (Duo / LServe layers) or every head (a paged layer)
         ring = getattr(layer, "skeys", None)

@@ -405,3 +405,46 @@ def test_select_pages_packed_counts_at_the_largest_row(n_cuts):
     got = select_pages(s, k, kv_len=MAX_PAGES * 16, page_size=16, n_cuts=n_cuts)
     ref = R.select_pages(s, k, kv_len=MAX_PAGES * 16, page_size=16)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("bounds", list(BOUNDS))
+def test_paged_attention_hands_back_its_scores(dtype, paged, bounds):
+    """``logits``: every attended key's base-2 score lands at its key index (soft-capped when asked), keys not
+    attended keep what was there, and exp2(logits - lse * log2 e) over the attended keys are the probabilities
+    that produced the output (TidalDecode ranks keys by them)."""
+    q, k, v = _qkv(2, 2, 4, 70, D=16, dtype=dtype, seed=5)
+    pages = counts = None
+    if paged:
+        mn, mx = R.page_bounds(k, 16)
+        pages, counts = R.select_pages(R.quest_scores(q, mn, mx), 3, kv_len=70, page_size=16)
+    kw = dict(scale=0.3, softcap=2.0 if bounds == "end" else None, **BOUNDS[bounds])
+    logits = torch.full((2, 8, 75), float("nan"))  # wider than the cache: a static buffer's row
+    out, lse = paged_decode_attention(q, k, v, pages, counts, 16, return_lse=True, logits=logits, **kw)
+    s = torch.einsum("bhd,bhsd->bhs", q[:, :, 0].float(), k.repeat_interleave(4, 1).float()) * 0.3
+    if kw["softcap"]:
+        s = 2.0 * torch.tanh(s / 2.0)
+    pos = torch.arange(70)
+    seen = torch.ones(2, 70, dtype=torch.bool)  # the keys each row attends to
+    if "kv_start" in kw:
+        seen &= pos[None] >= kw["kv_start"].long()[:, None]
+    if "kv_end" in kw:
+        seen &= pos[None] < kw["kv_end"].long().reshape(-1, 1)
+    seen = seen[:, None].expand(2, 8, 70)
+    if paged:
+        chosen = torch.zeros(2, 2, 70, dtype=torch.bool)
+        for b in range(2):
+            for h in range(2):
+                for p in pages[b, h, : counts[b, h]].tolist():
+                    chosen[b, h, p * 16 : p * 16 + 16] = True
+        seen = seen & chosen.repeat_interleave(4, 1)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(logits[..., :70][seen], (s * 1.4426950408889634)[seen], atol=tol, rtol=tol)
+    assert torch.isnan(logits[..., :70][~seen]).all() and torch.isnan(logits[..., 70:]).all()
+    p = torch.where(seen, torch.exp2(logits[..., :70] - lse * 1.4426950408889634), 0.0)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 8), atol=1e-4, rtol=1e-4)
+    want = (p[..., None] * v.repeat_interleave(4, 1).float()).sum(2)
+    torch.testing.assert_close(out[:, :, 0].float(), want, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="logits must be a float32"):
+        paged_decode_attention(q, k, v, logits=torch.zeros(2, 8, 69))

@@ -141,7 +141,24 @@ class TidalPolicy(Policy):
         if length is not None:
             logits = torch.where(torch.arange(Sk, device=q.device) < length, logits, float("-inf"))
         p = torch.softmax(logits, dim=-1)  # [B, Hkv, g, Sk]
+        return self._reduce(p)
+
+    def _reduce(self, p: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, g, Sk] probabilities -> [B, Hkv, Sk], over each KV head's query group."""
         return p.sum(2) if self.group_reduce == "sum" else p.amax(2)
+
+    def _probs(self, logits2: torch.Tensor, lse: torch.Tensor, kv_heads: int, length: torch.Tensor,
+               kv_start: torch.Tensor | None) -> torch.Tensor:
+        """``score`` from what the dense decode kernel hands back (base-2 scores [B, Hq, Sk], natural lse
+        [B, Hq, 1]): the same probabilities, with the keys it did not attend to (past the length, left padding)
+        set to 0."""
+        B, Hq, Sk = logits2.shape
+        pos = torch.arange(Sk, device=logits2.device)
+        visible = pos < length
+        if kv_start is not None:
+            visible = visible & (pos[None, :] >= kv_start.to(pos.device).long()[:, None])[:, None, :]
+        p = torch.where(visible, torch.exp2(logits2 - lse * 1.4426950408889634), 0.0)
+        return self._reduce(p.view(B, kv_heads, Hq // kv_heads, Sk))
 
     def select(self, q, k, scale=None, softcap=None, kv_start=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``budget`` positions per (row, KV head), the newest always kept: int32 [B, Hkv, n] ascending and
@@ -175,17 +192,28 @@ class TidalPolicy(Policy):
     def static_decode(self, q, k, v, handle: "_StaticHandle", *, mask, kv_start, scale, softcap, use_triton: bool):
         """One decode step over a static cache, on the device. A selection layer scores the filled keys (the
         length read from the cache layer, no sync), writes the top ``budget`` positions into the shared buffer and
-        returns None: it attends densely. A reusing layer attends to those positions (page size 1) with keys past
-        the length masked, so a budget above the context is dense."""
+        attends densely: with ``use_triton`` in one pass over K and V (the dense decode kernel hands back its
+        scores and log-sum-exp, from which the probabilities follow), else it scores with torch and returns None
+        (the caller attends). A reusing layer attends to those positions (page size 1) with keys past the length
+        masked, so a budget above the context is dense."""
         length = handle.cumulative_length
         positions = handle.positions
         if handle.select:
-            s = self.score(q, k, scale, softcap, kv_start, length=length)  # [B, Hkv, S], float32
+            out = None
+            if use_triton:  # an opaque op, as below
+                from accel.kernels.paged_decode_op import dense_decode_scores
+
+                sc = float(scale if scale is not None else q.shape[-1] ** -0.5)
+                out, lse, logits = dense_decode_scores(q, k, v, sc, float(softcap or 0.0), kv_start,
+                                                       length.reshape(1))
+                s = self._probs(logits, lse, k.shape[1], length, kv_start)
+            else:
+                s = self.score(q, k, scale, softcap, kv_start, length=length)  # [B, Hkv, S], float32
             pos = torch.arange(s.shape[-1], device=s.device)
             s = torch.where(pos == length - 1, float("inf"), s)  # the newest token, always
             # unsorted: attention is order-free, and sorting the top-k cost a radix sort per selection layer
             positions.copy_(s.topk(positions.shape[-1], dim=-1, sorted=False).indices)
-            return None
+            return out
         counts = torch.full(positions.shape[:2], positions.shape[-1], dtype=torch.int32, device=q.device)
         kv_end = length.reshape(1).expand(q.shape[0])
         if use_triton:  # an opaque op: a fullgraph compile does not trace the Triton launch wrapper

@@ -37,12 +37,12 @@ def _tanh(x):
 
 # per-step lengths are not specialised: Triton's divisible-by-16 variants would compile anew mid-decode
 @triton.jit(do_not_specialize=["Sk", "NS", "TOK_PER_SPLIT", "Sk2", "TOK2"])
-def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
+def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP, LOGITS, slgb, slgh,
                   sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, sps, s_start, s_end,
                   Hkv, G, Sk, NS, TOK_PER_SPLIT, qk_scale, cap_in, cap_out,
                   K2, V2, HEADS2, sk2b, sk2h, sk2n, sk2d, sv2b, sv2h, sv2n, sv2d, H2, Sk2, TOK2,
                   PAGE: tl.constexpr, PAGED: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_END: tl.constexpr,
-                  HAS_HEADS: tl.constexpr, SOFTCAP: tl.constexpr,
+                  HAS_HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LOGITS: tl.constexpr,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TWO: tl.constexpr):
     # float scalars arrive as fp64 when torch.compile (inductor) launches this kernel inside a compiled decode step
@@ -146,6 +146,9 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP,
         else:
             s = qk * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
+        if HAS_LOGITS:  # the scores themselves, for a selection that ranks keys by them (TidalDecode)
+            tl.store(LOGITS + b.to(tl.int64) * slgb + (hq0 + offs_g).to(tl.int64)[:, None] * slgh + tok[None, :], s,
+                     mask=g_ok[:, None] & ok[None, :])
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -242,7 +245,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
                            block_n: int | None = None, kv_heads: torch.Tensor | None = None, group: int | None = None,
                            out: torch.Tensor | None = None,
                            ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None):
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           logits: torch.Tensor | None = None):
     """q [B, Hq, 1, D]; k, v [B, Hkv, Sk, D] (any strides: cache views work); ``pages`` int32 [B, Hkv, n] with
     ``counts`` int32 [B, Hkv] (None: every key); ``kv_start`` / ``kv_end`` int [B] (or one value for all rows): the
     first real key (left padding) / one past the last filled slot (a static cache's length, read on the device).
@@ -257,6 +261,11 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     ``ring`` (with a head map): ``(k2, v2, kv_heads2)``, a second source of other KV heads of the same layer,
     unpaged, whose keys are slots ``[0, min(kv_end, k2.shape[2]))`` (DuoAttention's streaming heads' sink + recent
     ring: attention is order-free), attended in the same launch and combine: one pair of launches per layer.
+
+    ``logits`` (no ring): a float32 [B, Hq, >= Sk] buffer (last dim contiguous) that receives each attended key's
+    score in base 2, ``log2(e) * scale * q.k`` (soft-capped first with ``softcap``), at its key index; keys not
+    attended (past ``kv_end``, before ``kv_start``, not selected) are left as they were. With ``return_lse``,
+    ``exp2(logits - lse * log2(e))`` are the attention probabilities, with no second pass over K.
 
     ``n_splits`` / ``num_warps`` / ``num_stages`` override the split pass's launch (None: two programs per SM,
     Triton's default warps, ``_stages`` by the blocks each program loops over); scripts/bench_decode.py
@@ -289,6 +298,12 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         if k2.dtype != q.dtype or v2.dtype != q.dtype:
             raise TypeError("paged_decode_attention: ring k/v must have q's dtype")
         heads2 = heads2.to(q.device).contiguous()
+    if logits is not None and (ring is not None or logits.dtype != torch.float32 or logits.dim() != 3
+                               or tuple(logits.shape[:2]) != (B, Hq) or logits.shape[2] < Sk
+                               or logits.stride(2) != 1 or logits.device != q.device):
+        raise ValueError(f"paged_decode_attention: logits must be a float32 [{B}, {Hq}, >= {Sk}] tensor on "
+                         f"{q.device} with a contiguous last dim, and takes no ring; got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
     if out is None:
         out = q.new_zeros(B, Hq, 1, Dv) if mapped else q.new_empty(B, Hq, 1, Dv)
     elif tuple(out.shape) != (B, Hq, 1, Dv) or out.device != q.device:
@@ -340,13 +355,15 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     _split_kernel[(B * HT, n_splits)](
         q, k, v, pages if pages is not None else dummy, counts if counts is not None else dummy,
         kv_start if kv_start is not None else dummy, kv_end if kv_end is not None else dummy,
-        kv_heads if mapped else dummy, part_o, part_l,
+        kv_heads if mapped else dummy, part_o, part_l, logits if logits is not None else dummy,
+        *((logits.stride(0), logits.stride(1)) if logits is not None else (0, 0)),
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         *(pages.stride() if pages is not None else (0, 0, 0)), s_start, s_end,
         Hkv, G, Sk, n_splits, tok_per_split, qk_scale, cap_in, cap_out,
         *((two["K2"], two["V2"], two["HEADS2"], *two["strides"]) if two else (dummy,) * 3 + (0,) * 8), H2, Sk2, tok2,
         PAGE=page_size if pages is not None else 1, PAGED=pages is not None, HAS_KV_START=kv_start is not None,
-        HAS_KV_END=kv_end is not None, HAS_HEADS=mapped, SOFTCAP=softcap is not None, DOT_F32=interp and not f32,
+        HAS_KV_END=kv_end is not None, HAS_HEADS=mapped, SOFTCAP=softcap is not None,
+        HAS_LOGITS=logits is not None, DOT_F32=interp and not f32,
         IEEE=f32 and not interp, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv,
         TWO=bool(H2), **({"num_warps": num_warps} if num_warps else {}),
         **({"num_stages": num_stages} if num_stages else {}),
