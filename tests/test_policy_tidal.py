@@ -217,3 +217,40 @@ def test_selection_needs_the_forward_order():
     assert isinstance(pol.plan(q, k, AttentionContext(1, "decode", None, cache=cache)), PageSelection)
     with pytest.raises(RuntimeError, match="no token selection of layer 0"):
         pol.plan(q, torch.randn(1, 2, 21, 16), AttentionContext(1, "decode", None, cache=cache))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+@pytest.mark.parametrize("softcap,padded", [(None, False), (3.0, True)])
+def test_static_selection_in_one_pass_matches_torch(reduce, softcap, padded):
+    """A selection layer over a static buffer: with the Triton kernels (interpreted here) its dense attention hands
+    back the scores it ranks keys by; the kept positions equal the torch path's (scores from a second pass over K),
+    and its output is the dense attention the torch path leaves to the caller."""
+    from accel.kernels.static_decode import dense_static_decode
+    from accel.policies.tidal import _StaticHandle
+
+    g = torch.Generator().manual_seed(7)
+    B, Hkv, G, S, D, L = 2, 2, 3, 96, 16, 71  # a 96-slot buffer filled to 71
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g) * 2, torch.randn(B, Hkv, S, D, generator=g)
+    start = torch.tensor([0, 9], dtype=torch.int32) if padded else None
+
+    class Layer:
+        cumulative_length = torch.tensor(L)
+
+    pol = TidalPolicy(budget=24, group_reduce=reduce)
+    kept = {}
+    for triton in (False, True):
+        h = _StaticHandle(Layer(), torch.zeros(B, Hkv, 24, dtype=torch.int32), True)
+        out = pol.static_decode(q, k, v, h, mask=None, kv_start=start, scale=0.3, softcap=softcap, use_triton=triton)
+        kept[triton] = h.positions.sort(-1).values
+        if triton:
+            pos = torch.arange(S)
+            mask = (pos < L) & (pos[None] >= (start if padded else torch.zeros(B)).long()[:, None])
+            want = dense_static_decode(q, k, v, mask[:, None, None], 0.3, softcap)
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        else:
+            assert out is None  # the caller attends densely
+    assert torch.equal(kept[True], kept[False])
+    assert (kept[True] == L - 1).any(-1).all()  # the newest token, always
+    if padded:
+        assert (kept[True][1] >= 9).all()  # never a padding slot
