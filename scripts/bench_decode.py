@@ -280,29 +280,12 @@ def split_stages(batches, hkv, budget, out, layers: int = 32) -> None:
         return calls
 
     def per_layer_us(calls, kw) -> float:
+        from bench_utils import graph_of, replay_ms
+
         def run():
             return [f(kw) for f in calls]
         run()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            run()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(20):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) * 1e3 / layers)
-        return sorted(ts)[len(ts) // 2]
+        return replay_ms(graph_of(run)) * 1e3 / layers
 
     for case in ("lserve", "quest"):
         for B in batches:

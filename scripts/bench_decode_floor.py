@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import build_model, model_config, speed_head_map  # noqa: E402
 from bench_static_decode import filled_cache  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
-from bench_utils import meta_lines, parse_spec, write_json  # noqa: E402
+from bench_utils import graph_of, meta_lines, parse_spec, replay_ms, write_json, write_markdown  # noqa: E402
 
 import accel  # noqa: E402
 
@@ -122,25 +122,8 @@ def attention_bytes(model, cache) -> tuple[int, int]:
 def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
     """Median ms of one replay of a CUDA graph holding one call of ``run`` (warmed up before). ``profile``: also
     write the kernel table of 4 replays (torch profiler, CUDA time per replay) to that path."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
+    graph = graph_of(run)
+    ms = replay_ms(graph, reps)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
@@ -152,7 +135,7 @@ def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
         with open(profile, "w") as f:
             f.write(f"# kernel time of 4 replays (one decode step's attention each)\n"
                     + p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-    return sorted(ts)[len(ts) // 2]
+    return ms
 
 
 def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
@@ -241,9 +224,7 @@ def write(results: dict, out: str) -> None:
             lines.append(f"| {ctx // 1024}K | {batch} | {r['run']} | {r['attn_ms']:.3f} | "
                          f"{r['attn_ms'] * 1e3 / r['layers']:.1f} | {speed:.2f}x | {floor:.2f}x | {speed / floor:.0%} | "
                          f"{r['policy_bytes'] / 1e9:.2f} | {r['policy_bytes'] / r['attn_ms'] / 1e9:.2f} |")
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(lines, out)
 
 
 def main(argv=None) -> None:

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_e2e import build_model, model_config, speed_head_map  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
-from bench_utils import meta_lines, parse_spec, write_json  # noqa: E402
+from bench_utils import meta_lines, parse_spec, write_json, write_markdown  # noqa: E402
 
 import accel  # noqa: E402
 
@@ -176,9 +176,7 @@ def write(results: dict, out: str) -> None:
         ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "—"
         lines.append(f"| {r['context'] // 1024}K | {r['batch']} | {r['run']} | {r['step_ms']:.2f} | {r['tok_s']:.1f} "
                      f"| {ratio} | {r['kv_cache_gib']:.2f} | {r['peak_gib']:.1f} |")
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(lines, out)
 
 
 def main(argv=None) -> None:

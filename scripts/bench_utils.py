@@ -53,6 +53,47 @@ def write_json(results: dict, out: str) -> None:
         json.dump(results, f, indent=1)
 
 
+def write_markdown(lines: list[str], out: str) -> None:
+    """``out + ".md"`` from the table's lines, also printed."""
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def graph_of(run):
+    """``run`` (no arguments, no host sync) captured as a CUDA graph, after one call on a side stream as capture
+    requires, and replayed three times."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def replay_ms(graph, reps: int = 20) -> float:
+    """Median ms of one replay of ``graph`` (CUDA events around each)."""
+    import torch
+
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
 def meta_lines(m: dict) -> list[str]:
     """The markdown header bullets every results file carries: command, device and date, versions."""
     return [f"- command: `{m['command']}`", f"- device: {m['device']}; date: {m['date']}; wall {m.get('wall_s', 0):.0f} s",
