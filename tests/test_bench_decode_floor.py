@@ -73,3 +73,24 @@ def test_policy_bytes_follow_each_rule(model, tmp_path):
     # a selecting step reads the retrieval heads' logical-page bounds on top of what a reusing step reads
     assert lserve_select - lserve == sum(kv(layer.keys.shape[1], -(-L // 16)) for layer in c_reuse.layers)
     assert lserve < duo and all(bool(torch.isfinite(o).all()) for o in outs)
+
+
+def test_table_reports_speedup_floor_share_and_the_lserve_cycle(tmp_path):
+    """The markdown row of a run: speedup against dense, byte floor, share of it; LServe's 4-step cycle (one
+    selecting step, three reusing) is added from its two runs."""
+    rows = [{"run": "dense", "context": 131072, "batch": 1, "attn_ms": 4.0, "layers": 32, "policy_bytes": 16e9,
+             "dense_bytes": 16e9},
+            {"run": "lserve", "context": 131072, "batch": 1, "attn_ms": 0.5, "layers": 32, "policy_bytes": 0.25e9,
+             "dense_bytes": 16e9},
+            {"run": "lserve:reuse_steps=1", "context": 131072, "batch": 1, "attn_ms": 1.0, "layers": 32,
+             "policy_bytes": 1e9, "dense_bytes": 16e9},
+            {"run": "quest", "context": 131072, "batch": 1, "error": "RuntimeError: boom"}]
+    meta = {"command": "x", "device": "d", "date": "t", "versions": {}, "model": "llama8b", "eager": False}
+    F.write({"meta": meta, "rows": rows}, str(tmp_path / "out"))
+    md = (tmp_path / "out.md").read_text()
+    # 4.0 / 0.5 = 8x against a floor of 64x: 12%; 4x of 16x: 25%
+    assert "| 128K | 1 | lserve | 0.500 | 15.6 | 8.00x | 64.00x | 12% |" in md
+    assert "| 128K | 1 | lserve:reuse_steps=1 | 1.000 | 31.2 | 4.00x | 16.00x | 25% |" in md
+    # cycle: (1.0 + 3 * 0.5) / 4 = 0.625 ms; bytes (1 + 3 * 0.25) / 4 = 0.4375 GB: 6.40x of 36.57x
+    assert "| 128K | 1 | lserve, 4-step cycle | 0.625 | 19.5 | 6.40x | 36.57x | 18% |" in md
+    assert "| 128K | 1 | quest | error: RuntimeError: boom |" in md and "compiled by torch.compile" in md
