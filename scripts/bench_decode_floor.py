@@ -5,8 +5,9 @@ weights) patched with the policy, ``accel.attention._static_decode`` (the functi
 one-token step over transformers' StaticCache) over the filled cache, with a random query; the layers' calls compiled
 together by ``torch.compile`` (as in the compiled step: the policies' torch ops fused by inductor, the Triton
 kernels opaque; ``--eager`` skips it) and captured as one CUDA graph, so the L2 is as cold as in a model step (a
-single layer replayed alone keeps its selected pages in L2), and replayed. No projections, no cache append: only what the attention of a step reads and computes (page
-scoring, top-k, split-KV attention and its combine; dense layers through SDPA, as ``dense`` runs).
+single layer replayed alone keeps its selected pages in L2), and replayed. No projections, no cache append: only
+what the attention of a step reads and computes (page scoring, top-k, split-KV attention and its combine; dense
+layers through SDPA, as ``dense`` runs).
 
 Byte floor = bytes a dense step's attention reads / bytes the policy's step must read, over the same layers (K and V
 of every position read; quest and lserve also their page bounds; duo and lserve's streaming heads their sink +
