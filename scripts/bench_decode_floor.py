@@ -37,10 +37,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_e2e import build_model, model_config, speed_head_map  # noqa: E402
-from bench_static_decode import filled_cache  # noqa: E402
+from bench_e2e import build_model, model_config  # noqa: E402
+from bench_static_decode import filled_cache, patch_decode  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
-from bench_utils import graph_of, meta_lines, parse_spec, replay_ms, write_json, write_markdown  # noqa: E402
+from bench_utils import graph_of, meta_lines, replay_ms, write_json, write_markdown  # noqa: E402
 
 import accel  # noqa: E402
 
@@ -134,7 +134,7 @@ def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
                 graph.replay()
             torch.cuda.synchronize()
         with open(profile, "w") as f:
-            f.write(f"# kernel time of 4 replays (one decode step's attention each)\n"
+            f.write("# kernel time of 4 replays (one decode step's attention each)\n"
                     + p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     return ms
 
@@ -142,10 +142,7 @@ def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
 def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     row = {"run": run, "context": ctx, "batch": batch}
     try:
-        name, opts = parse_spec(run)
-        if name in ("duo", "lserve") and "duo_map" not in opts:  # random weights: any heads may stream
-            opts["duo_map"] = speed_head_map(model, f"/tmp/accel_duo_{args.model}.json")
-        accel.patch(model, {"prefill": "dense", "decode": name}, backend="auto", **opts)
+        patch_decode(model, run, args.model)
         torch.cuda.empty_cache()
         with torch.no_grad():
             cache, _ = filled_cache(model, ctx, batch, 16)

@@ -66,15 +66,21 @@ def filled_cache(model, ctx: int, batch: int, steps: int):
     return cache, tok
 
 
+def patch_decode(model, run: str, model_name: str) -> None:
+    """Patch ``model`` for a decode run ``POLICY[:key=value,...]`` (dense prefill, backend auto); duo and lserve get
+    a head map with random gates (random weights: any heads may stream) unless the run names one."""
+    name, opts = parse_spec(run)
+    if name in ("duo", "lserve") and "duo_map" not in opts:
+        opts["duo_map"] = speed_head_map(model, f"/tmp/accel_duo_{model_name}.json")
+    accel.patch(model, {"prefill": "dense", "decode": name}, backend="auto", **opts)
+
+
 def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     row = {"run": run, "context": ctx, "batch": batch, "mode": args.mode}
     patched = run != "sdpa"
     try:
         if patched:
-            name, opts = parse_spec(run)
-            if name in ("duo", "lserve") and "duo_map" not in opts:  # random weights: any heads may stream
-                opts["duo_map"] = speed_head_map(model, f"/tmp/accel_duo_{args.model}.json")
-            accel.patch(model, {"prefill": "dense", "decode": name}, backend="auto", **opts)
+            patch_decode(model, run, args.model)
         else:
             model.set_attn_implementation("sdpa")
         torch.cuda.empty_cache()
