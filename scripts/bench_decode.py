@@ -180,6 +180,53 @@ def topk_tail(batches, hkv, budget, page, out) -> None:
     _write_sweep(out, "bench_decode_topk_tail", rows, md)
 
 
+def topk_range(contexts, batches, hkv, budget, page, out) -> None:
+    """Top-k with the search starting on the finite scores' range against the whole range (+inf of the forced newest
+    page included), on Quest rows (page 16) and LServe rows (each 64-token physical page the max of its 4 logical
+    pages) of a static cache (spare pages past the length, read on the device, scoring NaN), graph-replayed, each
+    checked against the torch twin first."""
+    from triton.testing import do_bench_cudagraph
+
+    from accel.kernels import reference_decode as R
+    from accel.kernels.triton.decode_topk import select_pages
+
+    rows = []
+    for B in batches:
+        for ctx in contexts:
+            q = torch.randn(B, hkv * 4, 1, 128, device="cuda", dtype=torch.bfloat16)
+            kmin, kmax = R.page_bounds(torch.randn(B, hkv, ctx + 4 * page, 128, device="cuda",
+                                                   dtype=torch.bfloat16), page)
+            quest = R.quest_scores(q, kmin, kmax).float()
+            length = ctx + 1  # the newest page holds one token, the last page none
+            for kind, s, pg in (("quest", quest, page), ("lserve", quest.unflatten(-1, (-1, 4)).amax(-1), 4 * page)):
+                n_filled = -(-length // pg)
+                s = s.clone()
+                s[..., n_filled:] = float("nan")
+                k = budget // pg
+                ref = R.select_pages(s[..., :n_filled], k, kv_len=length, page_size=pg)
+                dev_len = torch.tensor(length, device="cuda")
+                row = {"batch": B, "context": ctx, "rows": kind, "pages": s.shape[-1], "k": k}
+                for name, finite in (("whole", False), ("finite", True)):
+                    got = select_pages(s, k, kv_len=dev_len, page_size=pg, finite_range=finite)
+                    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (kind, name)
+                    row[name] = do_bench_cudagraph(lambda: select_pages(s, k, kv_len=dev_len, page_size=pg,
+                                                                        finite_range=finite))
+                rows.append(row)
+                print(json.dumps(row))
+    md = [f"# Top-k page selection: where the search starts ({torch.cuda.get_device_name()}, {hkv} KV heads, "
+          f"budget {budget})", "", "`python scripts/bench_decode.py --topk-range --contexts "
+          f"{','.join(map(str, contexts))} --batches {','.join(map(str, batches))}`; graph-replayed median us. "
+          "Rows: Quest criticality of random bf16 keys (32 query heads, page 16), LServe's physical pages (64 "
+          "tokens: the max of 4 logical pages); a static cache's row (length read on the device, NaN past it). "
+          "whole: the search starts on every valid key's range, up to the +inf of the forced newest page (the kernel "
+          "before); finite: on the finite scores' range, the infinite keys counted.", "",
+          "| batch | context | rows | pages | k | whole range | finite range | gain |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['batch']} | {r['context']} | {r['rows']} | {r['pages']} | {r['k']} | {r['whole'] * 1e3:.1f} | "
+           f"{r['finite'] * 1e3:.1f} | {r['whole'] / r['finite']:.2f}x |" for r in rows]
+    _write_sweep(out, "bench_decode_topk_range", rows, md)
+
+
 def split_sweep(batches, hkv, budget, out) -> None:
     """The split-KV attention alone (graph-replayed median us) over splits, warps and stages, for the three decode
     shapes of a 128K step: dense (every key), Quest (``budget`` tokens in pages of 16) and LServe (half of the KV
@@ -318,6 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results")
     ap.add_argument("--topk-sweep", action="store_true", help="only sweep the top-k kernel's cuts per pass / warps")
     ap.add_argument("--topk-tail", action="store_true", help="only time the top-k kernel on rows past a power of two")
+    ap.add_argument("--topk-range", action="store_true",
+                    help="only time the top-k search started on the finite scores' range against the whole range")
     ap.add_argument("--split-sweep", action="store_true", help="only sweep the split-KV kernel's splits / warps")
     ap.add_argument("--split-stages", action="store_true",
                     help="only time the split-KV kernel's pipeline stages over a 32-layer graph (L2 cold)")
@@ -334,6 +383,10 @@ def main(argv=None) -> int:
     if args.topk_tail:
         topk_tail([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.page,
                   args.out)
+        return 0
+    if args.topk_range:
+        topk_range([int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],
+                   int(args.heads.split(",")[1]), args.budget, args.page, args.out)
         return 0
     if args.topk_sweep:
         topk_sweep([int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],

@@ -92,6 +92,26 @@ def test_select_pages_heavy_ties_and_early_stop(k_pages, n_cuts):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
+@pytest.mark.parametrize("n_pages", [32, 40])
+@pytest.mark.parametrize("k_pages", [1, 2, 6, 9, 30])
+@pytest.mark.parametrize("keep_first", [False, True])
+def test_select_pages_cut_among_infinite_keys(n_pages, k_pages, keep_first):
+    """The search starts on the finite scores' range and counts the keys at +-inf; when the cut falls among them
+    (more +inf pages than k, no finite page, or too few finite pages) it searches the whole range. Both starts give
+    the reference's pages."""
+    g = torch.Generator().manual_seed(n_pages * k_pages)
+    s = torch.randn(4, 1, n_pages, generator=g)
+    s[0, 0, 3:8] = float("inf")  # five +inf pages besides the forced ones
+    s[1, 0, :] = float("-inf")  # no finite page: only the forced ones rank
+    s[2, 0, 4:] = float("-inf")  # four finite pages, then -inf
+    s[3, 0, ::3] = float("-inf")  # left-padding-like -inf pages among finite ones
+    kv_len = n_pages * 16 - 7
+    ref = R.select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first)
+    for finite in (True, False):
+        got = select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first, finite_range=finite)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), finite
+
+
 @pytest.mark.parametrize("group", [1, 4, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_matches_reference(group, dtype):

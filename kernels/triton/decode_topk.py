@@ -4,7 +4,8 @@ Same function as ``kernels.reference_decode.select_pages``: the ``k`` highest-sc
 (and optionally page 0) forced in, written in ascending page order; ties go to the lower page index. Instead of a
 sort, the k-th largest score is found exactly over an order-preserving int32 image of the float32
 scores by a ternary search (two counts per pass packed in one reduction; at most 21 passes over the row, all in
-registers), then a prefix sum compacts the selected page ids (a second one ranks ties only when there are any).
+registers) started on the finite scores' range (the forced pages score +inf and are counted, not searched), then a
+prefix sum over rows of 64 pages compacts the selected page ids (a 1-D one ranks ties only when there are any).
 
 The row is held as the largest power-of-two block that fits in it plus a smaller tail block for the rest, so a row
 just past a power of two (a static cache of 128K + a few tokens) costs about what the power of two costs instead of
@@ -40,6 +41,32 @@ def _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.c
     return tl.where(ok, key, -2147483647 - 1), ok  # INT32_MIN: below every non-NaN score; never selected
 
 
+KEY_INF = tl.constexpr(0x7F800000)  # the key of +inf; +NaN keys lie above it
+KEY_NEG_INF = tl.constexpr(-2139095041)  # the key of -inf (bits 0xFF800000 ^ 0x7FFFFFFF); -NaN keys lie below it
+
+
+@triton.jit
+def _tally(key, ok):
+    """Per key, packed for one int64 sum: 1 if valid | 1 << 21 if at or above +inf | 1 << 42 if at or below -inf
+    (a row holds at most MAX_PAGES + its tail < 2^21 keys)."""
+    top = ok & (key >= KEY_INF)
+    bot = ok & (key <= KEY_NEG_INF)
+    return ok.to(tl.int64) | (top.to(tl.int64) << 21) | (bot.to(tl.int64) << 42)
+
+
+@triton.jit
+def _whole_range(key, ok, tkey, tok, TAIL: tl.constexpr):
+    """(min, max, count) of the valid keys: the search interval over every valid key and count(key >= min)."""
+    lo = tl.min(tl.where(ok, key, 2147483647), axis=0)
+    hi = tl.max(key, axis=0)
+    c = tl.sum(ok.to(tl.int32), axis=0)
+    if TAIL > 0:
+        lo = tl.minimum(lo, tl.min(tl.where(tok, tkey, 2147483647), axis=0))
+        hi = tl.maximum(hi, tl.max(tkey, axis=0))
+        c += tl.sum(tok.to(tl.int32), axis=0)
+    return lo, hi, c
+
+
 @triton.jit
 def _count(key, u1, u2, NC: tl.constexpr):
     """NC = 1: count(key >= u1). NC = 2: that count in the low 16 bits and count(key >= u2) in the high 16 (a cut
@@ -62,7 +89,8 @@ def reused(SEL, idx, length, STEPS):
 @triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
 def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
                    STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
-                   TAIL: tl.constexpr, HAS_REUSE: tl.constexpr, NC: tl.constexpr):
+                   TAIL: tl.constexpr, HAS_REUSE: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr,
+                   CH: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
@@ -81,17 +109,36 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
     row = SCORES + b * ssb + h * ssh
     offs = tl.arange(0, BLOCK_P)
     key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
-    lo = tl.min(tl.where(ok, key, 2147483647), axis=0)
-    hi = tl.max(key, axis=0)
-    c_lo = tl.sum(ok.to(tl.int32), axis=0)  # count(key >= lo)
     if TAIL > 0:  # the pages past the power-of-two block
         toffs = BLOCK_P + tl.arange(0, TAIL)
         tkey, tok = _keys(row, toffs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
-        lo = tl.minimum(lo, tl.min(tl.where(tok, tkey, 2147483647), axis=0))
-        hi = tl.maximum(hi, tl.max(tkey, axis=0))
-        c_lo += tl.sum(tok.to(tl.int32), axis=0)
+    else:  # unused stand-ins
+        tkey = key
+        tok = ok
+    if FINITE:
+        # The search starts on the finite keys' range: the forced pages score +inf, and an interval reaching up to
+        # +inf is ~2^30 keys wide for scores around 10-100 against ~2^24 for the finite range (about 13 ternary
+        # passes on Quest rows against 8; results/bench_decode_topk_range.md). Keys at or above +inf (forced pages,
+        # +NaN) and at or below -inf (left padding, -NaN) are counted, not searched, unless the cut lies among them.
+        fin = ok & (key > KEY_NEG_INF) & (key < KEY_INF)
+        lo = tl.min(tl.where(fin, key, 2147483647), axis=0)
+        hi = tl.max(tl.where(fin, key, -2147483647 - 1), axis=0)
+        tally = tl.sum(_tally(key, ok), axis=0)  # int64: valid | at or above +inf << 21 | at or below -inf << 42
+        if TAIL > 0:
+            tfin = tok & (tkey > KEY_NEG_INF) & (tkey < KEY_INF)
+            lo = tl.minimum(lo, tl.min(tl.where(tfin, tkey, 2147483647), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(tfin, tkey, -2147483647 - 1), axis=0))
+            tally += tl.sum(_tally(tkey, tok), axis=0)
+        n_ok = (tally & 0x1FFFFF).to(tl.int32)
+        n_top = ((tally >> 21) & 0x1FFFFF).to(tl.int32)
+        c_lo = n_ok - (tally >> 42).to(tl.int32)  # count(key >= lo): the finite keys and the keys above them
+        if (n_top >= K) | (c_lo < K):  # the cut lies among the infinite keys (so does a row without finite keys)
+            lo, hi, c_lo = _whole_range(key, ok, tkey, tok, TAIL)
+    else:
+        lo, hi, c_lo = _whole_range(key, ok, tkey, tok, TAIL)
     lo = lo.to(tl.int64)  # scalars in int64: hi - lo may pass 2^31
     hi = hi.to(tl.int64)
+    hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
     # largest t with count(key >= t) >= K: the K-th largest key. Invariant: count(key >= lo) >= K and
     # count(key > hi) < K. NC = 2: each pass counts the keys at or above two cuts in ONE reduction, the two counts
     # packed in 16-bit fields of an int32: a ternary search for the price of a bisection pass. A pass is one
@@ -142,9 +189,13 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
             before = tl.sum(tie, axis=0)  # ties in the main block rank first
             tsel = (tkey > lo) | ((ttie > 0) & (tl.cumsum(ttie, axis=0) - ttie + before < need))
     out = PAGES + b * spb + h * sph
-    sel_i = sel.to(tl.int32)
-    tl.store(out + (tl.cumsum(sel_i, axis=0) - sel_i) * sps, offs, mask=sel)
-    n_sel = tl.sum(sel_i, axis=0)
+    # each selected page's slot: a prefix sum of the kept flags, taken within rows of CH pages and then over the
+    # row totals (a 1-D scan over 8K pages took ~1 us more; kernels/triton/NOTES.md)
+    sel2 = tl.reshape(sel.to(tl.int32), (BLOCK_P // CH, CH))
+    tot = tl.sum(sel2, axis=1)
+    slot = (tl.cumsum(tot, axis=0) - tot)[:, None] + tl.cumsum(sel2, axis=1) - sel2
+    tl.store(out + slot * sps, tl.reshape(offs, (BLOCK_P // CH, CH)), mask=sel2 > 0)
+    n_sel = tl.sum(tot, axis=0)
     if TAIL > 0:
         tsel_i = tsel.to(tl.int32)
         tl.store(out + (tl.cumsum(tsel_i, axis=0) - tsel_i + n_sel) * sps, toffs, mask=tsel)
@@ -186,14 +237,16 @@ def _warps(block_p: int) -> int:
 
 def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, page_size: int,
                  keep_first: bool = False, num_warps: int | None = None, n_cuts: int | None = None,
-                 tail_block: bool = True, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 tail_block: bool = True, finite_range: bool = True,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None,
                  reuse: tuple[torch.Tensor, int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
     ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
     and ``counts`` is below ``k`` when fewer pages are filled. ``n_cuts``: cuts per search pass, 1 or 2
     (default N_CUTS). ``tail_block=False``: one power-of-two block for the whole row (the
-    layout before the tail block, kept for benchmarks). ``out``: (pages, counts) buffers to write into
-    (pages may be wider than ``k``).
+    layout before the tail block, kept for benchmarks). ``finite_range=False``: the search starts on the whole
+    range of keys, +inf of the forced pages included (the search before the finite range, kept for benchmarks).
+    ``out``: (pages, counts) buffers to write into (pages may be wider than ``k``).
 
     ``reuse`` (LServe over a static cache, with a device-side ``kv_len`` and ``out``): ``(sel_len, steps, live)``,
     int32 [B, Hkv] each but ``steps``. A row whose last selection (made at length ``sel_len``, 0 for none) is fewer
@@ -235,7 +288,7 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     _select_kernel[(B * H,)](scores, pages, counts, length, sel, live, *scores.stride(), *pages.stride(), H, P, k,
                              0 if on_device else (kv_len - 1) // page_size, page_size, int(steps),
                              LEN_ON_DEVICE=on_device, KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, TAIL=tail,
-                             HAS_REUSE=reuse is not None, NC=nc,
+                             HAS_REUSE=reuse is not None, NC=nc, FINITE=bool(finite_range), CH=min(64, block_p),
                              num_warps=num_warps or _warps(block_p))  # main >= tail
     return pages, (live if reuse is not None else counts)
 
