@@ -227,6 +227,54 @@ def topk_range(contexts, batches, hkv, budget, page, out) -> None:
     _write_sweep(out, "bench_decode_topk_range", rows, md)
 
 
+def score_tiles(batches, hkv, out, layers: int = 32) -> None:
+    """Quest page scoring alone over ``layers`` layers, each with its own page bounds, replayed as one graph (L2 as
+    cold as in a model step): per-layer us over pages per program and warps, for Quest (every KV head, pages of 16)
+    and LServe (half the KV heads through a head map, each 64-token physical page the max of 4 logical pages), 128K
+    plus the spare pages of a static cache. Every setting is checked against the kernel's default first."""
+    from bench_utils import graph_of, replay_ms
+
+    from accel.kernels.triton.decode_score import quest_scores
+
+    ctx, d, G, page = 131072, 128, 4, 16
+    n_pages = ctx // page + 4
+    rows = []
+    for case in ("quest", "lserve"):
+        hr = hkv if case == "quest" else hkv // 2
+        heads = dict(kv_heads=torch.arange(hr, device="cuda", dtype=torch.int32), group=G) if case == "lserve" else {}
+        merge = 4 if case == "lserve" else 1
+        for B in batches:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            layer_in = []
+            for _ in range(layers):
+                mn = torch.randn(B, hr, n_pages, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                layer_in.append((torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g),
+                                 mn, mn + torch.rand_like(mn)))
+            ref = quest_scores(*layer_in[0], merge=merge, **heads)
+            for bp in (32, 64, 128):
+                for w in (2, 4, 8):
+                    got = quest_scores(*layer_in[0], merge=merge, block_p=bp, num_warps=w, **heads)
+                    assert torch.allclose(got, ref, rtol=1e-3, atol=1e-3), (case, bp, w)
+
+                    def run(bp=bp, w=w):
+                        return [quest_scores(*a, merge=merge, block_p=bp, num_warps=w, **heads) for a in layer_in]
+                    run()
+                    us = replay_ms(graph_of(run)) * 1e3 / layers
+                    mb = 2 * B * hr * n_pages * d * 2 / 1e6
+                    rows.append({"case": case, "batch": B, "block_p": bp, "warps": w, "us": us, "MB": mb,
+                                 "TBps": mb / us})  # MB per us = TB/s
+                    print(json.dumps(rows[-1]))
+    md = [f"# Quest page scoring over {layers} layers in one graph: pages per program and warps "
+          f"({torch.cuda.get_device_name()}, 128K, {hkv * G}/{hkv}/{d})", "",
+          f"`python scripts/bench_decode.py --score-tiles --batches {','.join(map(str, batches))}`; median us per "
+          "layer (L2 as cold as in a model step); MB = page bounds read per layer; the kernel's default is 64 pages, "
+          "4 warps", "", "| case | batch | pages per program | warps | us | MB | TB/s |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['case']} | {r['batch']} | {r['block_p']} | {r['warps']} | {r['us']:.2f} | {r['MB']:.1f} | "
+           f"{r['TBps']:.2f} |" for r in rows]
+    _write_sweep(out, "bench_decode_score_tiles", rows, md)
+
+
 def split_sweep(batches, hkv, budget, out) -> None:
     """The split-KV attention alone (graph-replayed median us) over splits, warps and stages, for the three decode
     shapes of a 128K step: dense (every key), Quest (``budget`` tokens in pages of 16) and LServe (half of the KV
@@ -367,6 +415,8 @@ def main(argv=None) -> int:
     ap.add_argument("--topk-tail", action="store_true", help="only time the top-k kernel on rows past a power of two")
     ap.add_argument("--topk-range", action="store_true",
                     help="only time the top-k search started on the finite scores' range against the whole range")
+    ap.add_argument("--score-tiles", action="store_true",
+                    help="only sweep the Quest scoring kernel's pages per program / warps over a 32-layer graph")
     ap.add_argument("--split-sweep", action="store_true", help="only sweep the split-KV kernel's splits / warps")
     ap.add_argument("--split-stages", action="store_true",
                     help="only time the split-KV kernel's pipeline stages over a 32-layer graph (L2 cold)")
@@ -383,6 +433,9 @@ def main(argv=None) -> int:
     if args.topk_tail:
         topk_tail([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.page,
                   args.out)
+        return 0
+    if args.score_tiles:
+        score_tiles([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.out)
         return 0
     if args.topk_range:
         topk_range([int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],

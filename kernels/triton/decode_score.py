@@ -94,7 +94,8 @@ def _interpreting() -> bool:
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group_reduce: str = "max",
                  page_size: int = 16, kv_start: torch.Tensor | None = None, block_p: int | None = None,
                  kv_heads: torch.Tensor | None = None, group: int | None = None,
-                 reuse: tuple[torch.Tensor, torch.Tensor, int] | None = None, merge: int = 1) -> torch.Tensor:
+                 reuse: tuple[torch.Tensor, torch.Tensor, int] | None = None, merge: int = 1,
+                 num_warps: int | None = None) -> torch.Tensor:
     """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any strides). Returns float32 scores [B, Hkv, P], or with
     ``merge`` (a power of two) [B, Hkv, ceil(P / merge)]: the max over each run of ``merge`` pages (LServe's
     physical page over its logical pages).
@@ -105,7 +106,10 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
 
     ``reuse`` (LServe over a static cache): ``(sel_len, kv_len, steps)``, the rows' lengths at their last selection
     (int32 [B, Hkv], 0: none), the cache's device-side length and the reuse period; a row whose selection is fewer
-    than ``steps`` tokens old is not scored (its scores are left unwritten), as ``select_pages`` keeps its pages."""
+    than ``steps`` tokens old is not scored (its scores are left unwritten), as ``select_pages`` keeps its pages.
+    ``block_p`` / ``num_warps`` override the launch (pages per program, warps). Defaults 64 pages and 2 warps: over a
+    32-layer graph at 128K (cold L2) they beat the other 8 of {32, 64, 128} x {2, 4, 8} or tie within 2%, 4-10% faster
+    than 4 warps (results/bench_decode_score_tiles.md)."""
     if q.dim() == 4:
         q = q[:, :, -1]
     B, Hq, D = q.shape
@@ -139,7 +143,7 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
         REDUCE_MAX=group_reduce == "max", HAS_KV_START=kv_start is not None, HAS_HEADS=kv_heads is not None,
         DOT_F32=interp and kmin.dtype != torch.float32, IEEE=kmin.dtype == torch.float32 and not interp,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D, HAS_REUSE=reuse is not None,
-        MERGE=merge,
+        MERGE=merge, num_warps=num_warps or 2,
     )
     return out
 
