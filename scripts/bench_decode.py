@@ -142,14 +142,23 @@ def topk_sweep(contexts, batches, hkv, budget, page, out) -> None:
     _write_sweep(out, "bench_decode_topk", rows, md)
 
 
+def _checked_topk_ms(ref, label, **kw) -> float:
+    """``select_pages(**kw)`` checked against the torch twin's (pages, counts) ``ref``, then its graph-replayed ms."""
+    from triton.testing import do_bench_cudagraph
+
+    from accel.kernels.triton.decode_topk import select_pages
+
+    got = select_pages(**kw)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), label
+    return do_bench_cudagraph(lambda: select_pages(**kw))
+
+
 def topk_tail(batches, hkv, budget, page, out) -> None:
     """Top-k over rows just past a power of two (a static cache of 128K + a few tokens has 8193+ pages): the row in
     one power-of-two block against a power-of-two block plus a tail block (decode_topk.blocks), graph-replayed, each
     checked against the torch twin first."""
-    from triton.testing import do_bench_cudagraph
-
     from accel.kernels import reference_decode as R
-    from accel.kernels.triton.decode_topk import blocks, select_pages
+    from accel.kernels.triton.decode_topk import blocks
 
     rows = []
     n_keep = budget // page
@@ -160,10 +169,8 @@ def topk_tail(batches, hkv, budget, page, out) -> None:
             row = {"batch": B, "pages": n_pages, "blocks": list(blocks(n_pages))}
             for name, tail, length in (("one", False, n_pages * page), ("tail", True, n_pages * page),
                                        ("tail_device_len", True, torch.tensor(n_pages * page, device="cuda"))):
-                got = select_pages(s, n_keep, kv_len=length, page_size=page, tail_block=tail)
-                assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (n_pages, name)
-                row[name] = do_bench_cudagraph(lambda: select_pages(s, n_keep, kv_len=length, page_size=page,
-                                                                    tail_block=tail))
+                row[name] = _checked_topk_ms(ref, (n_pages, name), scores=s, k=n_keep, kv_len=length,
+                                             page_size=page, tail_block=tail)
             rows.append(row)
             print(json.dumps(row))
     md = [f"# Top-k page selection past a power of two ({torch.cuda.get_device_name()}, {hkv} KV heads, page "
@@ -185,10 +192,7 @@ def topk_range(contexts, batches, hkv, budget, page, out) -> None:
     page included), on Quest rows (page 16) and LServe rows (each 64-token physical page the max of its 4 logical
     pages) of a static cache (spare pages past the length, read on the device, scoring NaN), graph-replayed, each
     checked against the torch twin first."""
-    from triton.testing import do_bench_cudagraph
-
     from accel.kernels import reference_decode as R
-    from accel.kernels.triton.decode_topk import select_pages
 
     rows = []
     for B in batches:
@@ -207,10 +211,8 @@ def topk_range(contexts, batches, hkv, budget, page, out) -> None:
                 dev_len = torch.tensor(length, device="cuda")
                 row = {"batch": B, "context": ctx, "rows": kind, "pages": s.shape[-1], "k": k}
                 for name, finite in (("whole", False), ("finite", True)):
-                    got = select_pages(s, k, kv_len=dev_len, page_size=pg, finite_range=finite)
-                    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (kind, name)
-                    row[name] = do_bench_cudagraph(lambda: select_pages(s, k, kv_len=dev_len, page_size=pg,
-                                                                        finite_range=finite))
+                    row[name] = _checked_topk_ms(ref, (kind, name), scores=s, k=k, kv_len=dev_len, page_size=pg,
+                                                 finite_range=finite)
                 rows.append(row)
                 print(json.dumps(row))
     md = [f"# Top-k page selection: where the search starts ({torch.cuda.get_device_name()}, {hkv} KV heads, "
