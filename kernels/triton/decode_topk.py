@@ -117,9 +117,10 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
         tok = ok
     if FINITE:
         # The search starts on the finite keys' range: the forced pages score +inf, and an interval reaching up to
-        # +inf is ~2^30 keys wide for scores around 10-100 against ~2^24 for the finite range (about 13 ternary
-        # passes on Quest rows against 8; results/bench_decode_topk_range.md). Keys at or above +inf (forced pages,
-        # +NaN) and at or below -inf (left padding, -NaN) are counted, not searched, unless the cut lies among them.
+        # +inf is ~2^30 keys wide for scores around 10-100 against ~2^24 for the finite range (simulated: about 13
+        # ternary passes on Quest rows against 8; times in results/bench_decode_topk_range.md). Keys at or above
+        # +inf (forced pages, +NaN) and at or below -inf (left padding, -NaN) are counted, not searched, unless the
+        # cut lies among them.
         fin = ok & (key > KEY_NEG_INF) & (key < KEY_INF)
         lo = tl.min(tl.where(fin, key, 2147483647), axis=0)
         hi = tl.max(tl.where(fin, key, -2147483647 - 1), axis=0)
