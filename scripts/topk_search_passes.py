@@ -18,9 +18,6 @@ import argparse
 import numpy as np
 import torch
 
-INF_KEY = 0x7F800000
-
-
 def keys_of(scores: np.ndarray) -> np.ndarray:
     """The kernel's order-preserving int image of float32 scores (as int64, so differences do not overflow)."""
     bits = scores.astype(np.float32).view(np.int32).astype(np.int64)
@@ -30,10 +27,12 @@ def keys_of(scores: np.ndarray) -> np.ndarray:
 def ternary_passes(key: np.ndarray, k: int, finite: bool) -> tuple[int, int]:
     """(cut, passes) of the kernel's two-cut search for the k-th largest of ``key`` (all valid): the top k are the
     keys at or above the cut (ties at the cut ranked by index)."""
-    fin = (key > keys_of(np.array([-np.inf]))[0]) & (key < INF_KEY)
-    top = int((key >= INF_KEY).sum())
+    from accel.kernels.triton.decode_topk import KEY_INF, KEY_NEG_INF  # the kernel's keys of +-inf
+
+    fin = (key > KEY_NEG_INF.value) & (key < KEY_INF.value)
+    top = int((key >= KEY_INF.value).sum())
     lo, hi, c_lo = int(key.min()), int(key.max()), key.size
-    if finite and fin.any() and top < k <= top + int(fin.sum()):
+    if finite and top < k <= top + int(fin.sum()):  # as the kernel: else the cut lies among the infinite keys
         lo, hi, c_lo = int(key[fin].min()), int(key[fin].max()), top + int(fin.sum())
     if c_lo == k:
         hi = lo
