@@ -341,61 +341,73 @@ def split_sweep(batches, hkv, budget, out) -> None:
     _write_sweep(out, "bench_decode_splits", rows, md)
 
 
+def _layer_calls(case: str, B: int, hkv: int, budget: int, layers: int, ctx: int = 131072, d: int = 128,
+                 G: int = 4) -> list:
+    """``layers`` split-KV calls of one decode case, each over its own K/V (so a graph of them reads from a cold L2,
+    as a model step does), each taking the launch overrides as a dict: dense (every key), quest (``budget``
+    tokens in pages of 16), lserve (half the KV heads over 64-token pages plus a spare, the other half over a
+    320-slot ring, one launch), tidal (``budget`` random token positions, page size 1)."""
+    from accel.kernels.triton.decode_attention import paged_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    end = torch.tensor(ctx, device="cuda")
+    hr, page = {"lserve": (hkv // 2, 64), "tidal": (hkv, 1)}.get(case, (hkv, 16))
+    n = budget // page + (case == "lserve")
+    heads_r = torch.arange(hr, device="cuda", dtype=torch.int32)
+    heads_s = torch.arange(hr, hkv, device="cuda", dtype=torch.int32)
+    calls = []
+    for _ in range(layers):
+        k = torch.randn(B, hr, ctx, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn_like(k)
+        q = torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        if case == "dense":
+            calls.append(lambda kw, a=(q, k, v): paged_decode_attention(*a, kv_end=end, **kw))
+            continue
+        p = torch.stack([torch.randperm(ctx // page, device="cuda", generator=g)[:n].sort().values
+                         for _ in range(B * hr)]).view(B, hr, n).to(torch.int32)
+        c = torch.full((B, hr), n, device="cuda", dtype=torch.int32)
+        if case == "lserve":
+            rk = torch.randn(B, hkv - hr, 320, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            ring = (rk, torch.randn_like(rk), heads_s)
+            o = torch.empty_like(q)
+            calls.append(lambda kw, a=(q, k, v, p, c), ring=ring, o=o: paged_decode_attention(
+                *a, 64, kv_end=end, kv_heads=heads_r, group=G, out=o, ring=ring, **kw))
+        else:
+            calls.append(lambda kw, a=(q, k, v, p, c), page=page: paged_decode_attention(*a, page, kv_end=end, **kw))
+    return calls
+
+
+def _per_layer_us(calls, kw, check: list | None = None) -> float:
+    """Median us per call of ``calls`` (each with launch overrides ``kw``) replayed as one graph; with ``check``
+    (the outputs of the kernel's own launch) the outputs are compared with it first."""
+    from bench_utils import graph_of, replay_ms
+
+    def run():
+        return [f(kw) for f in calls]
+    outs = run()
+    for o, r in zip(outs, check or []):
+        torch.testing.assert_close(o, r, atol=2e-2, rtol=2e-2)
+    return replay_ms(graph_of(run)) * 1e3 / len(calls)
+
+
 def split_stages(batches, hkv, budget, out, layers: int = 32) -> None:
     """The split-KV attention (split + combine) of ``layers`` layers, each over its own K/V, replayed as one graph:
     per-layer us with the L2 cache as cold as in a model step (the isolated sweep's selected pages stay in L2).
     Quest (every KV head, ``budget`` tokens in pages of 16) and LServe (half the KV heads over 64-token pages plus
     a spare, the other half over a 320-slot ring), 128K: pipeline stages 1/2/3 against the kernel's own choice."""
-    from accel.kernels.triton.decode_attention import paged_decode_attention
-
-    ctx, d, G = 131072, 128, 4
-    end = torch.tensor(ctx, device="cuda")
     rows = []
-
-    def build(case, B):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        hr, page = (hkv // 2, 64) if case == "lserve" else (hkv, 16)
-        n = budget // page + (case == "lserve")
-        heads_r = torch.arange(hr, device="cuda", dtype=torch.int32)
-        heads_s = torch.arange(hr, hkv, device="cuda", dtype=torch.int32)
-        calls = []
-        for _ in range(layers):
-            k = torch.randn(B, hr, ctx, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            v = torch.randn_like(k)
-            p = torch.stack([torch.randperm(ctx // page, device="cuda", generator=g)[:n].sort().values
-                             for _ in range(B * hr)]).view(B, hr, n).to(torch.int32)
-            c = torch.full((B, hr), n, device="cuda", dtype=torch.int32)
-            q = torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            if case == "lserve":
-                rk = torch.randn(B, hkv - hr, 320, d, device="cuda", dtype=torch.bfloat16, generator=g)
-                ring = (rk, torch.randn_like(rk), heads_s)
-                o = torch.empty_like(q)
-                calls.append(lambda kw, a=(q, k, v, p, c), ring=ring, o=o: paged_decode_attention(
-                    *a, 64, kv_end=end, kv_heads=heads_r, group=G, out=o, ring=ring, **kw))
-            else:
-                calls.append(lambda kw, a=(q, k, v, p, c): paged_decode_attention(*a, 16, kv_end=end, **kw))
-        return calls
-
-    def per_layer_us(calls, kw) -> float:
-        from bench_utils import graph_of, replay_ms
-
-        def run():
-            return [f(kw) for f in calls]
-        run()
-        return replay_ms(graph_of(run)) * 1e3 / layers
-
     for case in ("lserve", "quest"):
         for B in batches:
-            calls = build(case, B)
-            row = {"case": case, "batch": B, "auto": per_layer_us(calls, {})}
+            calls = _layer_calls(case, B, hkv, budget, layers)
+            row = {"case": case, "batch": B, "auto": _per_layer_us(calls, {})}
             for st in (1, 2, 3):
-                row[f"stages {st}"] = per_layer_us(calls, {"num_stages": st})
+                row[f"stages {st}"] = _per_layer_us(calls, {"num_stages": st})
             rows.append(row)
             print(json.dumps(row), flush=True)
             del calls
             torch.cuda.empty_cache()
     md = [f"# Split-KV decode attention over {layers} layers in one graph: pipeline stages "
-          f"({torch.cuda.get_device_name()}, 128K, {hkv * G}/{hkv}/{d}, budget {budget})", "",
+          f"({torch.cuda.get_device_name()}, 128K, {hkv * 4}/{hkv}/128, budget {budget})", "",
           f"`python scripts/bench_decode.py --split-stages --batches {','.join(map(str, batches))}`; median us per "
           "layer (split + combine, L2 as cold as in a model step); auto = the kernel's choice (decode_attention."
           "_stages: 1 stage for up to 2 blocks per program, 2 for up to 4, else Triton's default 3)", "",
@@ -403,6 +415,101 @@ def split_stages(batches, hkv, budget, out, layers: int = 32) -> None:
     md += [f"| {r['case']} | {r['batch']} | {r['auto']:.2f} | {r['stages 1']:.2f} | {r['stages 2']:.2f} | "
            f"{r['stages 3']:.2f} |" for r in rows]
     _write_sweep(out, "bench_decode_stages", rows, md)
+
+
+def tile_sweep(batches, hkv, budget, out, layers: int = 32) -> None:
+    """Every decode case's split-KV attention (``_layer_calls``: dense, quest, lserve, tidal; 128K, ``layers``
+    layers in one graph, L2 cold) at key tiles (block_n) of 64 and 128 by pipeline stages 1/2/3, splits as the
+    kernel picks them, against the kernel's own launch; each setting checked against it first."""
+    settings = [dict(block_n=bn, num_stages=st) for bn in (64, 128) for st in (1, 2, 3)]
+    rows = []
+    for case in ("tidal", "quest", "lserve", "dense"):
+        for B in batches:
+            calls = _layer_calls(case, B, hkv, budget, layers)
+            ref = [f({}).clone() for f in calls]
+            row = {"case": case, "batch": B, "default": _per_layer_us(calls, {})}
+            for kw in settings:
+                row[f"{kw['block_n']}/{kw['num_stages']}"] = _per_layer_us(calls, kw, ref)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del calls, ref
+            torch.cuda.empty_cache()
+    keys = [f"{kw['block_n']}/{kw['num_stages']}" for kw in settings]
+    md = [f"# Split-KV decode attention: key tile x pipeline stages, every decode case ({torch.cuda.get_device_name()}, "
+          f"128K, {hkv * 4}/{hkv}/128, budget {budget})", "",
+          f"`python scripts/bench_decode.py --tile-sweep --batches {','.join(map(str, batches))}`; median us per layer "
+          f"over a {layers}-layer graph (split + combine, L2 cold); default = the kernel's own launch; columns: "
+          "block_n / stages, splits as the kernel picks them for that tile", "",
+          "| case | batch | default | " + " | ".join(keys) + " |", "| --- " * (3 + len(keys)) + "|"]
+    md += [f"| {r['case']} | {r['batch']} | {r['default']:.2f} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |"
+           for r in rows]
+    _write_sweep(out, "bench_decode_tiles", rows, md)
+
+
+def token_sweep(batches, hkv, budget, out, layers: int = 32) -> None:
+    """TidalDecode's sparse layers: the split-KV kernel over ``budget`` token positions per KV head (page size 1),
+    128K, ``layers`` layers each over its own K/V in one graph (L2 cold as in a model step). Positions three ways:
+    random as torch's unsorted top-k leaves them, the same sorted, and clustered (sorted runs of 64 consecutive
+    tokens, as real attention's selections tend to be); launch settings: splits, block_n, warps, stages. Every
+    setting is checked against the kernel's own choice first."""
+    from bench_utils import graph_of, replay_ms
+
+    from accel.kernels.triton.decode_attention import paged_decode_attention
+
+    ctx, d, G = 131072, 128, 4
+    end = torch.tensor(ctx, device="cuda")
+    settings = [dict()] + [dict(n_splits=ns, block_n=bn, num_warps=w, num_stages=st)
+                           for ns in (None, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
+    rows = []
+
+    def positions(kind, B, g):
+        if kind == "clustered":
+            starts = [torch.randperm(ctx // 64, device="cuda", generator=g)[:budget // 64] * 64
+                      for _ in range(B * hkv)]
+            p = torch.stack([(s[:, None] + torch.arange(64, device="cuda")).flatten().sort().values for s in starts])
+        else:
+            p = torch.stack([torch.randperm(ctx, device="cuda", generator=g)[:budget] for _ in range(B * hkv)])
+            if kind == "sorted":
+                p = p.sort(-1).values
+        return p.view(B, hkv, budget).to(torch.int32).contiguous()
+
+    for B in batches:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        kv = [(torch.randn(B, hkv, ctx, d, device="cuda", dtype=torch.bfloat16, generator=g),
+               torch.randn(B, hkv, ctx, d, device="cuda", dtype=torch.bfloat16, generator=g),
+               torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g))
+              for _ in range(layers)]
+        c = torch.full((B, hkv), budget, device="cuda", dtype=torch.int32)
+        for kind in ("random", "sorted", "clustered"):
+            pos = [positions(kind, B, g) for _ in range(layers)]
+
+            def run(kw):
+                return [paged_decode_attention(q, k, v, p, c, 1, kv_end=end, **kw) for (k, v, q), p in zip(kv, pos)]
+            ref = [o.clone() for o in run({})]
+            for kw in settings:
+                for o, r in zip(run(kw), ref):
+                    torch.testing.assert_close(o, r, atol=2e-2, rtol=2e-2)
+                us = replay_ms(graph_of(lambda kw=kw: run(kw))) * 1e3 / layers
+                rows.append({"batch": B, "positions": kind, **{k: (v or "auto") for k, v in kw.items()},
+                             "us": us})
+                print(json.dumps(rows[-1]), flush=True)
+        kv = pos = None  # free this batch's layers before the next
+        torch.cuda.empty_cache()
+    md = [f"# Split-KV decode attention over token positions (TidalDecode's sparse layers; "
+          f"{torch.cuda.get_device_name()}, 128K, {hkv * G}/{hkv}/{d}, {budget} positions per KV head)", "",
+          f"`python scripts/bench_decode.py --token-sweep --batches {','.join(map(str, batches))}`; median us per "
+          f"layer over a {layers}-layer graph (split + combine, L2 cold); default = the kernel's own launch; "
+          "positions: random (unsorted, as torch's unsorted top-k leaves them), sorted, clustered (runs of 64)", "",
+          "| batch | positions | default | best | best setting | worst |", "| --- | --- | --- | --- | --- | --- |"]
+    for B in batches:
+        for kind in ("random", "sorted", "clustered"):
+            rs = [r for r in rows if r["batch"] == B and r["positions"] == kind]
+            best = min(rs, key=lambda r: r["us"])
+            setting = ", ".join(f"{k}={best[k]}" for k in ("n_splits", "block_n", "num_warps", "num_stages")
+                                if k in best) or "default"
+            md.append(f"| {B} | {kind} | {rs[0]['us']:.2f} | {best['us']:.2f} | {setting} | "
+                      f"{max(r['us'] for r in rs):.2f} |")
+    _write_sweep(out, "bench_decode_token_sweep", rows, md)
 
 
 def main(argv=None) -> int:
@@ -420,12 +527,22 @@ def main(argv=None) -> int:
     ap.add_argument("--score-tiles", action="store_true",
                     help="only sweep the Quest scoring kernel's pages per program / warps over a 32-layer graph")
     ap.add_argument("--split-sweep", action="store_true", help="only sweep the split-KV kernel's splits / warps")
+    ap.add_argument("--tile-sweep", action="store_true",
+                    help="only time every decode case's split-KV kernel at key tiles 64 / 128 by stages (32 layers)")
+    ap.add_argument("--token-sweep", action="store_true",
+                    help="only sweep the split-KV kernel over token positions (TidalDecode) over a 32-layer graph")
     ap.add_argument("--split-stages", action="store_true",
                     help="only time the split-KV kernel's pipeline stages over a 32-layer graph (L2 cold)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.tile_sweep:
+        tile_sweep([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
+        return 0
+    if args.token_sweep:
+        token_sweep([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
+        return 0
     if args.split_stages:
         split_stages([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
         return 0

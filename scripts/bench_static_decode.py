@@ -151,7 +151,7 @@ def profile_steps(step, args, tag: str, n: int = 4) -> str:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=90)
     total = sum(e.self_device_time_total for e in prof.key_averages()) / n / 1e3
     text = f"# {tag}: {n} steps, {total:.3f} ms of kernel time per step\n{table}"
     print(text, flush=True)

@@ -180,3 +180,32 @@ def _decode_kernel_variants() -> dict:
     fns = {"split": decode_attention._split_kernel, "combine": decode_attention._combine_kernel,
            "score": decode_score._quest_score_kernel, "select": decode_topk._select_kernel}
     return {name: sum(len(c[0]) for c in fn.device_caches.values()) for name, fn in fns.items()}
+
+
+@pytest.mark.parametrize("page", [None, 1, 16, 64])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_split_kv_decode_at_model_shape(page, batch):
+    """The split-KV decode kernel at Llama-3.1-8B's head shape (32/8/128, bf16, 32K, budget 4096) with its own
+    launch choice, which takes 128-key tiles here (``_tile``; the CPU tests run the interpreter's 32), against the
+    torch twin."""
+    from accel.kernels import reference_decode as R
+    from accel.kernels.triton.decode_attention import _sm_count, _tile, paged_decode_attention
+
+    S, hkv, G, D = 32768, 8, 4, 128
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    q = torch.randn(batch, hkv * G, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    end = torch.tensor(S - 5, device="cuda")
+    pages = counts = None
+    if page is not None:
+        n = 4096 // page
+        pages = torch.stack([torch.randperm(S // page, device="cuda", generator=g)[:n] for _ in range(batch * hkv)])
+        pages = pages.view(batch, hkv, n).to(torch.int32).contiguous()
+        counts = torch.full((batch, hkv), n, dtype=torch.int32, device="cuda")
+    width = S if page is None else 4096
+    assert _tile(batch, hkv, width, None, D, D, 2, _sm_count(q.device)) == 128
+    got = paged_decode_attention(q, k, v, pages, counts, page or 16, scale=D**-0.5, kv_end=end)
+    ref = R.paged_decode_attention(q.float(), k.float(), v.float(), pages, counts, page or 16, scale=D**-0.5,
+                                   kv_end=end.reshape(1).expand(batch))
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)

@@ -129,6 +129,42 @@ def test_paged_attention_matches_reference(group, dtype):
         torch.testing.assert_close(lse, rlse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("page", [1, 16, 64])
+@pytest.mark.parametrize("splits", [None, 2])
+def test_paged_attention_128_key_tiles(page, splits):
+    """The GPU's larger tile (128 keys, ``_tile``) on the interpreter: a program's share spans several pages (or
+    unsorted token positions, as TidalDecode's unsorted top-k leaves them), and the last tile is partial."""
+    q, k, v = _qkv(2, 2, 4, 700, dtype=torch.bfloat16, seed=page)
+    g = torch.Generator().manual_seed(page)
+    n = {1: 300, 16: 13, 64: 5}[page]
+    pages = torch.stack([torch.randperm(-(-700 // page), generator=g)[:n] for _ in range(4)]).view(2, 2, n)
+    pages = pages.to(torch.int32).contiguous()
+    counts = torch.tensor([[n, n - 1], [n, 1]], dtype=torch.int32)
+    end = torch.tensor([700, 650], dtype=torch.int32)
+    got = paged_decode_attention(q, k, v, pages, counts, page, scale=0.2, kv_end=end, block_n=128, n_splits=splits)
+    ref = R.paged_decode_attention(q, k, v, pages, counts, page, scale=0.2, kv_end=end)
+    torch.testing.assert_close(got.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    dense = paged_decode_attention(q, k, v, scale=0.2, block_n=128, n_splits=splits)
+    torch.testing.assert_close(dense.float(), attention(q, k, v, scale=0.2).float(), atol=1e-2, rtol=1e-2)
+
+
+def test_launch_tile_and_stages():
+    """Keys per tile and pipeline stages on a 132-SM GPU for the decode shapes of results/bench_decode_tiles.md
+    (128K, budget 4096, 8 KV heads, head_dim 128, bf16)."""
+    from accel.kernels.triton.decode_attention import _stages, _tile
+
+    assert _tile(1, 8, 4096, None, 128, 128, 2, 132) == 128  # Quest / TidalDecode, batch 1: 256 programs
+    assert _tile(4, 8, 4096, None, 128, 128, 2, 132) == 128
+    assert _tile(1, 4, 65 * 64, None, 128, 128, 2, 132) == 64  # LServe batch 1: 4 selecting heads, 132 programs
+    assert _tile(4, 4, 65 * 64, None, 128, 128, 2, 132) == 128
+    assert _tile(1, 8, 131072, None, 128, 128, 2, 132) == 128  # dense
+    assert _tile(1, 8, 131072, None, 256, 256, 2, 132) == 64  # Gemma's head_dim 256: 64 KB tiles
+    assert _tile(1, 8, 131072, None, 128, 128, 4, 132) == 64  # float32
+    assert _tile(1, 8, 4096, 1, 128, 128, 2, 132) == 64  # one split per row: 8 programs
+    assert [_stages(t, 128) for t in (1, 2, 4, 100)] == [1, 2, 2, 2]
+    assert [_stages(t, 64) for t in (1, 2, 4, 8)] == [1, 1, 2, None]
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("S", [1, 17, 150])
 def test_full_selection_is_dense_decode(S, splits):

@@ -216,14 +216,35 @@ def _sm_count(device) -> int:
         return 8
 
 
-def _stages(trips: int) -> int | None:
-    """Software-pipeline stages for a program's loop of ``trips`` blocks: little to overlap in a short loop, and
-    each stage holds a K and a V tile of shared memory, which caps the programs per SM. H200, 128K, budget 4096, a
-    32-layer graph (L2 cold as in a model step; scripts/bench_decode.py --split-stages,
-    results/bench_decode_stages.md), us per layer at stages 1 / 2 / 3: LServe batch 1 (1 trip) 10.5 / 11.2 / 12.7,
-    Quest batch 1 (2 trips) 12.9 / 13.8 / 13.4, LServe batch 4 (4 trips) 22.5 / 20.7 / 22.6, Quest batch 4
-    (8 trips) 31.6 / 31.0 / 28.4. None: Triton's default (3; dense decode's long loops)."""
+def _stages(trips: int, block_n: int = 64) -> int | None:
+    """Software-pipeline stages for a program's loop of ``trips`` blocks of ``block_n`` keys: little to overlap in
+    a short loop, and each stage holds a K and a V tile of shared memory, which caps the programs per SM. H200, 128K,
+    budget 4096, 32-layer graphs (L2 cold as in a model step). 64-key tiles (scripts/bench_decode.py
+    --split-stages, results/bench_decode_stages.md), us per layer at stages 1 / 2 / 3: LServe batch 1 (1 trip)
+    10.5 / 11.2 / 12.7, Quest batch 1 (2 trips) 12.9 / 13.8 / 13.4, LServe batch 4 (4 trips) 22.5 / 20.7 / 22.6,
+    Quest batch 4 (8 trips) 31.6 / 31.0 / 28.4. 128-key tiles (--tile-sweep, results/bench_decode_tiles.md): one
+    stage for a single trip (Quest batch 1: 12.0 / 12.6 / 14.8), else two, since three 64 KB stages leave one
+    program per SM (LServe batch 4, 2 trips: 21.8 / 18.3 / 24.2; dense batch 4: 669 / 517 / 620). None:
+    Triton's default (3; dense decode's long loops at 64)."""
+    if block_n >= 128:
+        return 1 if trips <= 1 else 2
     return 1 if trips <= 2 else (2 if trips <= 4 else None)
+
+
+def _tile(B: int, Hkv: int, width: int, n_splits: int | None, D: int, Dv: int, itemsize: int, sms: int) -> int:
+    """Keys per tile on the GPU: 128 where a K and a V tile stay 32 KB each (head dims <= 128, 16-bit) and the grid
+    still has 1.5 programs per SM at that size, else 64. Larger tiles halve a program's dependent trips (page ids,
+    then K and V) for the same bytes: H200, 128K, budget 4096, 32 layers (results/bench_decode_tiles.md), us per
+    layer 64 -> 128: Quest 12.9 -> 12.0 (batch 1), 28.0 -> 24.3 (batch 4); TidalDecode's token positions 13.2 ->
+    12.3, 28.8 -> 24.9; LServe batch 4 20.3 -> 18.3; dense batch 4 537 -> 517. LServe at batch 1 (4 selecting KV
+    heads: 132 programs of 128 keys) is faster at 64 (10.2 against 10.6-11.0). A launch that also writes the
+    scores (``logits``: TidalDecode's selection layers) keeps 64: at 128 TidalDecode's batch-4 step went from 3.22 to
+    3.54 ms (results/bench_decode_floor_tiles.md) while its sparse layers got faster."""
+    if max(D, Dv) > 128 or itemsize > 2:
+        return 64
+    per_row = n_splits or max(1, triton.cdiv(2 * sms, B * Hkv))
+    programs = B * Hkv * min(per_row, triton.cdiv(width, 128))
+    return 128 if 2 * programs >= 3 * sms else 64
 
 
 def _per_row(t: torch.Tensor, B: int, device, name: str) -> tuple[torch.Tensor, int]:
@@ -267,8 +288,9 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     attended (past ``kv_end``, before ``kv_start``, not selected) are left as they were. With ``return_lse``,
     ``exp2(logits - lse * log2(e))`` are the attention probabilities, with no second pass over K.
 
-    ``n_splits`` / ``num_warps`` / ``num_stages`` override the split pass's launch (None: two programs per SM,
-    Triton's default warps, ``_stages`` by the blocks each program loops over); scripts/bench_decode.py
+    ``n_splits`` / ``block_n`` / ``num_warps`` / ``num_stages`` override the split pass's launch (None: two
+    programs per SM, keys per tile by ``_tile``, Triton's default warps, ``_stages`` by the blocks each program
+    loops over); scripts/bench_decode.py
     --split-sweep measured that no split or warp setting beats the defaults by more than 1 us at batch 1."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -319,13 +341,16 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     if B * rows == 0:
         return (out, lse) if return_lse else out
     interp = _interpreting()
-    block_n = block_n or (32 if interp else 64)
     if pages is not None:
-        block_n = max(block_n, page_size)
         width = pages.shape[-1] * page_size  # static bound on the tokens of one row (no host sync on counts)
         counts = counts.to(torch.int32).contiguous()
     else:
         width = Sk
+    if block_n is None:
+        block_n = 32 if interp else (64 if logits is not None else  # TidalDecode's selection: see _tile
+                                     _tile(B, Hkv, width, n_splits, D, Dv, q.element_size(), _sm_count(q.device)))
+    if pages is not None:
+        block_n = max(block_n, page_size)
     n_blocks = max(1, triton.cdiv(width, block_n))
     if n_splits is None:
         # two programs per SM from K/V's heads alone: the ring's programs are short and fill in around them
@@ -336,7 +361,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     n_splits = triton.cdiv(width, tok_per_split)
     tok2 = triton.cdiv(triton.cdiv(Sk2, block_n), n_splits) * block_n if H2 else 0  # the ring over the same splits
     if num_stages is None and not interp:
-        num_stages = _stages(tok_per_split // block_n)
+        num_stages = _stages(tok_per_split // block_n, block_n)
     part_o = torch.empty(B * rows * n_splits * Dv, dtype=torch.float32, device=q.device)
     part_l = torch.empty(B * rows * n_splits, dtype=torch.float32, device=q.device)
     s_start = s_end = 0
