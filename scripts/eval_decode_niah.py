@@ -2,14 +2,16 @@
 dense, and token agreement with dense generation for a long prompt.
 
     python scripts/eval_decode_niah.py --out results            # SmolLM2-135M, ~10-15 min on 2 CPU cores
-    python scripts/eval_decode_niah.py --lengths 2000 --depths 0.5 --quick
+    python scripts/eval_decode_niah.py --lengths 2000 --depths 0.5 --policies dense,duo   # a quick check
     python scripts/eval_decode_niah.py --policies "lserve,tidal b1024" --merge   # add rows, keep the others
+    python scripts/eval_decode_niah.py --policies duo,lserve --duo-map /tmp/duo_new.json --out /tmp/new_map
 
 Writes results/decode_niah.json and results/decode_niah.md (command, device, versions, date included). Policies:
 dense, quest at its defaults (budget 4096: the whole context at these lengths, so dense by construction) and at
 small budgets that make it sparse, duo at its defaults with the shipped head map (ratio 0.5, sink 64, recent 256),
 lserve at its defaults (the same streaming heads; budget 4096 covers the retrieval heads' context here) and at a
 sparse budget, tidal at sparse budgets (its default 4096 is dense at these lengths; 256 is its paper's code).
+--duo-map PATH gives the duo and lserve rows another head map (from scripts/calibrate_duo.py) than the shipped one.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _continuation_prompt(tok, n_tokens: int) -> list[int]:
     return ids
 
 
-def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_tokens, log=print):
+def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_tokens, log=print, duo_map=None):
     import accel
     from accel.needle import build_needle_prompt, needle_found
 
@@ -73,6 +75,8 @@ def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_toke
         accel.unpatch(model)
     for label in policies:
         name, opts = POLICIES[label]
+        if duo_map and name in ("duo", "lserve"):
+            opts = {**opts, "duo_map": duo_map}
         accel.patch(model, name, backend="reference", **opts)
         for n, d, p in prompts:
             t0 = time.time()
@@ -102,7 +106,8 @@ def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_toke
 
 def markdown(res) -> str:
     lines = [f"# Decode policies: needle retrieval and agreement with dense ({res['model']})", "",
-             f"Command: `{res['command']}`  ", f"Device: {res['device']}; {res['versions']}; {res['date']}", "",
+             f"Command: `{res['command']}`  ", f"Device: {res['device']}; {res['versions']}; {res['date']}  ",
+             f"Head map (duo, lserve): {_map_line(res)}", "",
              "| policy | needles found | mean decode density | agreement with dense (long prompt) | first divergence |",
              "| --- | --- | --- | --- | --- |"]
     for label in res["policies"]:
@@ -120,6 +125,24 @@ def markdown(res) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _map_line(res) -> str:
+    m = res.get("duo_map")
+    cal = res.get("duo_map_calibration")
+    line = f"`{m}`" if m else "the shipped map for the model (no --duo-map)"
+    return line + (f" (calibration {json.dumps(cal)})" if cal else "")
+
+
+def _map_calibration(path: str | None, model: str) -> dict | None:
+    """The calibration settings recorded in the head map the duo / lserve rows read (``path``, else the shipped map
+    of ``model``), or None when there is none to read."""
+    from accel.policies.duo import load_head_map
+
+    try:
+        return load_head_map(path or model)[1].get("calibration")
+    except (OSError, ValueError):
+        return None
+
+
 def _old_results(args) -> dict | None:
     """The results a --merge run adds to; an error if they were made with other lengths, depths or settings."""
     path = os.path.join(args.out, "decode_niah.json")
@@ -129,8 +152,11 @@ def _old_results(args) -> dict | None:
         old = json.load(f)
     grid = sorted({(c["target_length"], c["depth"]) for c in old["cells"]})
     new = sorted((int(n), float(d)) for n in args.lengths.split(",") for d in args.depths.split(","))
-    if old["model"] != args.model or grid != new or old["agree_tokens"] != args.agree_tokens:
-        raise SystemExit(f"--merge: {path} was made with another model, grid or agreement setting "
+    cal = old.get("duo_map_calibration")  # absent in files older than the option
+    if (old["model"] != args.model or grid != new or old["agree_tokens"] != args.agree_tokens
+            or old.get("duo_map") != args.duo_map
+            or (cal is not None and cal != _map_calibration(args.duo_map, args.model))):
+        raise SystemExit(f"--merge: {path} was made with another model, grid, agreement setting or head map "
                          f"({old['command']}); rerun without --merge")
     return old
 
@@ -144,11 +170,16 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--agree-length", type=int, default=3000)
     ap.add_argument("--agree-tokens", type=int, default=32)
+    ap.add_argument("--duo-map", default=None, metavar="PATH",
+                    help="head map (.json from scripts/calibrate_duo.py) for the duo and lserve rows, passed as their "
+                         "option duo_map; default: the shipped map for the model")
     ap.add_argument("--out", default="results")
     ap.add_argument("--merge", action="store_true",
                     help="keep the policies of an existing <out>/decode_niah.json that this run does not redo (same "
                          "lengths, depths and agreement settings; dense reruns only for the agreement baseline)")
     args = ap.parse_args(argv)
+    if args.duo_map and args.duo_map.endswith(".json") and not os.path.isfile(args.duo_map):
+        ap.error(f"--duo-map {args.duo_map}: no such file")
     from accel.models import load_model
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -163,7 +194,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     cells, agree, n_agree = run(model, tok, policies, [int(x) for x in args.lengths.split(",")],
                                 [float(x) for x in args.depths.split(",")], args.new_tokens, args.agree_length,
-                                args.agree_tokens)
+                                args.agree_tokens, duo_map=args.duo_map)
     import transformers
 
     res = {"model": args.model, "policies": policies, "cells": cells, "agreement": agree,
@@ -172,7 +203,8 @@ def main(argv=None) -> int:
                                                                             else sys.argv[1:])]),
            "device": f"cpu ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, python "
-                       f"{platform.python_version()}", "seconds": round(time.time() - t0, 1)}
+                       f"{platform.python_version()}", "seconds": round(time.time() - t0, 1),
+           "duo_map": args.duo_map, "duo_map_calibration": _map_calibration(args.duo_map, args.model)}
     if old is not None:
         res["cells"] = [c for c in old["cells"] if c["policy"] not in policies] + cells
         res["agreement"] = {**old["agreement"], **agree}
