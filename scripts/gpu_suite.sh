@@ -9,6 +9,8 @@
 #   bash scripts/gpu_suite.sh e2e_llama8b e2e_gemma3   # whole models: TTFT / decode / memory vs transformers dense
 #   bash scripts/gpu_suite.sh decode static_decode     # decode attention (graph + eager); whole-model static-cache
 #                                                      # decode as CUDA graphs and compiled (batch 4 at 128K: H200)
+#   bash scripts/gpu_suite.sh decode_floor decode_tiles  # every decode policy's step attention vs its byte floor;
+#                                                      # the split-KV kernel's key tiles / stages (32-layer graphs)
 #   bash scripts/gpu_suite.sh e2e_llama8b_planted      # the same with attention structure planted in the weights
 #   bash scripts/gpu_suite.sh e2e_sweep_8k_32k e2e_sweep_64k e2e_sweep_128k_prefill e2e_sweep_128k_decode
 #                                                      # every policy, 8K-128K, 128 decode steps (a device call each)
@@ -77,6 +79,11 @@ for stage in "$@"; do
       tar czf "$OUT/eval_gemma3_long.tgz" "$D" ;;
     decode)
       timeout 150 python3 scripts/bench_decode.py --contexts 32768,131072 --batches 1,4,8 --out "$OUT" | tail -24 ;;
+    decode_floor)
+      timeout 580 python3 scripts/bench_decode_floor.py --batches 1 4 --out "$OUT/bench_decode_floor" | tail -20 ;;
+    decode_tiles)
+      timeout 300 python3 scripts/bench_decode.py --tile-sweep --batches 1,4 --out "$OUT" | tail -12
+      timeout 300 python3 scripts/bench_decode.py --token-sweep --batches 1,4 --out "$OUT" | tail -10 ;;
     static_decode)
       timeout 240 python3 scripts/bench_static_decode.py --contexts 32768 131072 --batches 1 4 \
         --out "$OUT/bench_static_decode" | tail -20
