@@ -290,8 +290,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
 
     ``n_splits`` / ``block_n`` / ``num_warps`` / ``num_stages`` override the split pass's launch (None: two
     programs per SM, keys per tile by ``_tile``, Triton's default warps, ``_stages`` by the blocks each program
-    loops over); scripts/bench_decode.py
-    --split-sweep measured that no split or warp setting beats the defaults by more than 1 us at batch 1."""
+    loops over); scripts/bench_decode.py --split-sweep measured that no split or warp setting beats the defaults by
+    more than 1 us at batch 1, --tile-sweep / --token-sweep chose the tiles."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     if Sq != 1:
