@@ -435,8 +435,8 @@ def tile_sweep(batches, hkv, budget, out, layers: int = 32) -> None:
             del calls, ref
             torch.cuda.empty_cache()
     keys = [f"{kw['block_n']}/{kw['num_stages']}" for kw in settings]
-    md = [f"# Split-KV decode attention: key tile x pipeline stages, every decode case ({torch.cuda.get_device_name()}, "
-          f"128K, {hkv * 4}/{hkv}/128, budget {budget})", "",
+    md = [f"# Split-KV decode attention: key tile x pipeline stages, every decode case "
+          f"({torch.cuda.get_device_name()}, 128K, {hkv * 4}/{hkv}/128, budget {budget})", "",
           f"`python scripts/bench_decode.py --tile-sweep --batches {','.join(map(str, batches))}`; median us per layer "
           f"over a {layers}-layer graph (split + combine, L2 cold); default = the kernel's own launch; columns: "
           "block_n / stages, splits as the kernel picks them for that tile", "",
@@ -452,8 +452,6 @@ def token_sweep(batches, hkv, budget, out, layers: int = 32) -> None:
     random as torch's unsorted top-k leaves them, the same sorted, and clustered (sorted runs of 64 consecutive
     tokens, as real attention's selections tend to be); launch settings: splits, block_n, warps, stages. Every
     setting is checked against the kernel's own choice first."""
-    from bench_utils import graph_of, replay_ms
-
     from accel.kernels.triton.decode_attention import paged_decode_attention
 
     ctx, d, G = 131072, 128, 4
@@ -481,19 +479,14 @@ def token_sweep(batches, hkv, budget, out, layers: int = 32) -> None:
               for _ in range(layers)]
         c = torch.full((B, hkv), budget, device="cuda", dtype=torch.int32)
         for kind in ("random", "sorted", "clustered"):
-            pos = [positions(kind, B, g) for _ in range(layers)]
-
-            def run(kw):
-                return [paged_decode_attention(q, k, v, p, c, 1, kv_end=end, **kw) for (k, v, q), p in zip(kv, pos)]
-            ref = [o.clone() for o in run({})]
+            calls = [lambda kw, a=(q, k, v, positions(kind, B, g)): paged_decode_attention(*a, c, 1, kv_end=end, **kw)
+                     for k, v, q in kv]
+            ref = [f({}).clone() for f in calls]
             for kw in settings:
-                for o, r in zip(run(kw), ref):
-                    torch.testing.assert_close(o, r, atol=2e-2, rtol=2e-2)
-                us = replay_ms(graph_of(lambda kw=kw: run(kw))) * 1e3 / layers
                 rows.append({"batch": B, "positions": kind, **{k: (v or "auto") for k, v in kw.items()},
-                             "us": us})
+                             "us": _per_layer_us(calls, kw, ref)})
                 print(json.dumps(rows[-1]), flush=True)
-        kv = pos = None  # free this batch's layers before the next
+        kv = calls = ref = None  # free this batch's layers before the next
         torch.cuda.empty_cache()
     md = [f"# Split-KV decode attention over token positions (TidalDecode's sparse layers; "
           f"{torch.cuda.get_device_name()}, 128K, {hkv * G}/{hkv}/{d}, {budget} positions per KV head)", "",
@@ -537,40 +530,30 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    if args.tile_sweep:
-        tile_sweep([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
-        return 0
-    if args.token_sweep:
-        token_sweep([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
-        return 0
-    if args.split_stages:
-        split_stages([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
-        return 0
-    if args.split_sweep:
-        split_sweep([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.out)
-        return 0
-    if args.topk_tail:
-        topk_tail([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.budget, args.page,
-                  args.out)
-        return 0
-    if args.score_tiles:
-        score_tiles([int(x) for x in args.batches.split(",")], int(args.heads.split(",")[1]), args.out)
-        return 0
-    if args.topk_range:
-        topk_range([int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],
-                   int(args.heads.split(",")[1]), args.budget, args.page, args.out)
-        return 0
-    if args.topk_sweep:
-        topk_sweep([int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],
-                   int(args.heads.split(",")[1]), args.budget, args.page, args.out)
-        return 0
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    hkv = int(args.heads.split(",")[1])
+    sweeps = {  # each flag: one sweep, its own result files
+        "tile_sweep": lambda: tile_sweep(batches, hkv, args.budget, args.out),
+        "token_sweep": lambda: token_sweep(batches, hkv, args.budget, args.out),
+        "split_stages": lambda: split_stages(batches, hkv, args.budget, args.out),
+        "split_sweep": lambda: split_sweep(batches, hkv, args.budget, args.out),
+        "topk_tail": lambda: topk_tail(batches, hkv, args.budget, args.page, args.out),
+        "score_tiles": lambda: score_tiles(batches, hkv, args.out),
+        "topk_range": lambda: topk_range(contexts, batches, hkv, args.budget, args.page, args.out),
+        "topk_sweep": lambda: topk_sweep(contexts, batches, hkv, args.budget, args.page, args.out),
+    }
+    for flag, sweep in sweeps.items():
+        if getattr(args, flag):
+            sweep()
+            return 0
     import triton
     from triton.testing import do_bench, do_bench_cudagraph
 
     hq, hkv, d = (int(x) for x in args.heads.split(","))
     rows = []
-    for B in (int(x) for x in args.batches.split(",")):
-        for ctx in (int(x) for x in args.contexts.split(",")):
+    for B in batches:
+        for ctx in contexts:
             r = bench_case(B, ctx, hq, hkv, d, args.budget, args.page, torch.bfloat16,
                            {"graph": lambda f: do_bench_cudagraph(f), "eager": lambda f: do_bench(f)})
             rows.append(r)

@@ -231,7 +231,8 @@ def _stages(trips: int, block_n: int = 64) -> int | None:
     return 1 if trips <= 2 else (2 if trips <= 4 else None)
 
 
-def _tile(B: int, Hkv: int, width: int, n_splits: int | None, D: int, Dv: int, itemsize: int, sms: int) -> int:
+def _tile(B: int, Hkv: int, width: int, n_splits: int | None, D: int, Dv: int, itemsize: int, sms: int,
+          scores: bool = False) -> int:
     """Keys per tile on the GPU: 128 where a K and a V tile stay 32 KB each (head dims <= 128, 16-bit) and the grid
     still has 1.5 programs per SM at that size, else 64. Larger tiles halve a program's dependent trips (page ids,
     then K and V) for the same bytes: H200, 128K, budget 4096, 32 layers (results/bench_decode_tiles.md), us per
@@ -240,7 +241,7 @@ def _tile(B: int, Hkv: int, width: int, n_splits: int | None, D: int, Dv: int, i
     heads: 132 programs of 128 keys) is faster at 64 (10.2 against 10.6-11.0). A launch that also writes the
     scores (``logits``: TidalDecode's selection layers) keeps 64: at 128 TidalDecode's batch-4 step went from 3.22 to
     3.54 ms (results/bench_decode_floor_tiles.md) while its sparse layers got faster."""
-    if max(D, Dv) > 128 or itemsize > 2:
+    if max(D, Dv) > 128 or itemsize > 2 or scores:
         return 64
     per_row = n_splits or max(1, triton.cdiv(2 * sms, B * Hkv))
     programs = B * Hkv * min(per_row, triton.cdiv(width, 128))
@@ -347,8 +348,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     else:
         width = Sk
     if block_n is None:
-        block_n = 32 if interp else (64 if logits is not None else  # TidalDecode's selection: see _tile
-                                     _tile(B, Hkv, width, n_splits, D, Dv, q.element_size(), _sm_count(q.device)))
+        block_n = 32 if interp else _tile(B, Hkv, width, n_splits, D, Dv, q.element_size(), _sm_count(q.device),
+                                          scores=logits is not None)
     if pages is not None:
         block_n = max(block_n, page_size)
     n_blocks = max(1, triton.cdiv(width, block_n))
