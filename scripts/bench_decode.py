@@ -346,7 +346,8 @@ def _layer_calls(case: str, B: int, hkv: int, budget: int, layers: int, ctx: int
     """``layers`` split-KV calls of one decode case, each over its own K/V (so a graph of them reads from a cold L2,
     as a model step does), each taking the launch overrides as a dict: dense (every key), quest (``budget``
     tokens in pages of 16), lserve (half the KV heads over 64-token pages plus a spare, the other half over a
-    320-slot ring, one launch), tidal (``budget`` random token positions, page size 1)."""
+    320-slot ring, one launch), tidal (``budget`` random token positions, page size 1, one set for every KV head as
+    the policy selects them; the results committed before that change drew one set per KV head)."""
     from accel.kernels.triton.decode_attention import paged_decode_attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -363,8 +364,9 @@ def _layer_calls(case: str, B: int, hkv: int, budget: int, layers: int, ctx: int
         if case == "dense":
             calls.append(lambda kw, a=(q, k, v): paged_decode_attention(*a, kv_end=end, **kw))
             continue
+        rows = B if case == "tidal" else B * hr  # tidal: one set of positions shared by every KV head
         p = torch.stack([torch.randperm(ctx // page, device="cuda", generator=g)[:n].sort().values
-                         for _ in range(B * hr)]).view(B, hr, n).to(torch.int32)
+                         for _ in range(rows)]).view(B, -1, n).to(torch.int32).expand(B, hr, n)
         c = torch.full((B, hr), n, device="cuda", dtype=torch.int32)
         if case == "lserve":
             rk = torch.randn(B, hkv - hr, 320, d, device="cuda", dtype=torch.bfloat16, generator=g)

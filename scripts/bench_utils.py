@@ -16,18 +16,15 @@ def bench(fn, rep: int = 100, warmup: int = 25) -> float:
 
 
 def parse_spec(text: str) -> tuple[str, dict]:
-    """``"quest:budget=2048,page_size=16"`` -> ("quest", {"budget": 2048, "page_size": 16}) (ints, floats, strings)."""
+    """``"quest:budget=2048,page_size=16"`` -> ("quest", {"budget": 2048, "page_size": 16}) (values as the CLI's
+    ``--option`` reads them: ints, floats, true/false, none, strings)."""
+    from accel.cli import parse_value
+
     name, _, opts = text.partition(":")
     kw = {}
     for item in filter(None, opts.split(",")):
         key, _, val = item.partition("=")
-        for cast in (int, float):
-            try:
-                val = cast(val)
-                break
-            except ValueError:
-                continue
-        kw[key] = val
+        kw[key] = parse_value(val)
     return name, kw
 
 

@@ -37,6 +37,11 @@ POLICIES = {
     "tidal": ("tidal", {}),
     "tidal b1024": ("tidal", {"budget": 1024}),
     "tidal b256": ("tidal", {"budget": 256}),
+    "tidal sum": ("tidal", {"group_reduce": "sum"}),
+    "tidal sum b1024": ("tidal", {"budget": 1024, "group_reduce": "sum"}),
+    # before the shared selection: one per KV head, from its query group's summed probabilities
+    "tidal per-head": ("tidal", {"shared": False, "group_reduce": "sum"}),
+    "tidal per-head b1024": ("tidal", {"budget": 1024, "shared": False, "group_reduce": "sum"}),
 }
 
 

@@ -11,6 +11,10 @@
 #                                                      # decode as CUDA graphs and compiled (batch 4 at 128K: H200)
 #   bash scripts/gpu_suite.sh decode_floor decode_tiles  # every decode policy's step attention vs its byte floor;
 #                                                      # the split-KV kernel's key tiles / stages (32-layer graphs)
+#   bash scripts/gpu_suite.sh tidal_floor tidal_e2e    # TidalDecode's shared selection vs one per KV head (before
+#                                                      # 2026-12-04): attention vs byte floor; compiled b1 / b4 steps
+#   bash scripts/gpu_suite.sh prefill_thresholds       # the prefill policies at defaults vs the settings that keep
+#                                                      # mean recall >= 0.95 on the demo models (32K / 128K)
 #   bash scripts/gpu_suite.sh e2e_llama8b_planted      # the same with attention structure planted in the weights
 #   bash scripts/gpu_suite.sh e2e_sweep_8k_32k e2e_sweep_64k e2e_sweep_128k_prefill e2e_sweep_128k_decode
 #                                                      # every policy, 8K-128K, 128 decode steps (a device call each)
@@ -84,6 +88,19 @@ for stage in "$@"; do
     decode_tiles)
       timeout 300 python3 scripts/bench_decode.py --tile-sweep --batches 1,4 --out "$OUT" | tail -12
       timeout 300 python3 scripts/bench_decode.py --token-sweep --batches 1,4 --out "$OUT" | tail -10 ;;
+    tidal_floor)
+      timeout 580 python3 scripts/bench_decode_floor.py --batches 1 4 \
+        --runs dense tidal tidal:shared=false,group_reduce=sum --out "$OUT/bench_decode_floor_tidal_shared" | tail -10 ;;
+    tidal_e2e)  # two policies compiled per batch: about 2 x 45 s of compile apiece
+      for b in 1 4; do
+        timeout 290 python3 scripts/bench_static_decode.py --mode compile --contexts 131072 --batches $b \
+          --runs dense tidal tidal:shared=false,group_reduce=sum --steps 16 \
+          --out "$OUT/bench_static_decode_compile_tidal_b$b" | tail -6
+      done ;;
+    prefill_thresholds)
+      timeout 400 python3 scripts/bench_prefill.py --contexts 32768 131072 --policy xattention \
+        --policy xattention:threshold=0.97 --policy flexprefill --policy flexprefill:gamma=0.97 --policy proxy \
+        --policy proxy:gamma=0.95 --out "$OUT/bench_prefill_thresholds" | tail -16 ;;
     static_decode)
       timeout 240 python3 scripts/bench_static_decode.py --contexts 32768 131072 --batches 1 4 \
         --out "$OUT/bench_static_decode" | tail -20

@@ -141,3 +141,26 @@ def test_recalibrated_head_map_is_not_reused(capsys, tiny_dir, tmp_path):
     assert _run(capsys, argv)[0] == 0
     meta = json.loads((out / "eval.json").read_text())["meta"]
     assert meta["cells_computed"] == 1 and meta["cells_recomputed"]
+
+
+def test_changed_default_is_not_reused(capsys, tiny_dir, tmp_path, monkeypatch):
+    """A cell's key holds the policy's resolved options, defaults included: after a default changes (here the
+    streaming window), the cells of an entry that does not name that option are recomputed."""
+    from accel.policies.streaming import StreamingPolicy
+
+    out = tmp_path / "ev"
+    argv = ["--model", str(tiny_dir), "--out", str(out), "--policy", "streaming:sink=4", "--lengths", "300",
+            "--tasks", "niah_single", "--samples", "1", "--max-new-tokens", "2", "--backend", "reference",
+            "--device", "cpu", "--quiet", "--no-plots"]
+    assert _run(capsys, argv)[0] == 0
+    assert _run(capsys, argv)[0] == 0  # nothing changed: reused
+    assert json.loads((out / "eval.json").read_text())["meta"]["cells_reused"] == 1
+    cell = next((out / "cells").glob("*.json"))
+    assert json.loads(cell.read_text())["key"]["config"]["prefill"]["window"] == StreamingPolicy.window
+    monkeypatch.setattr(StreamingPolicy, "window", 64)  # the default the entry relies on
+    monkeypatch.setattr(StreamingPolicy.__init__, "__defaults__",
+                        tuple(64 if d == 4096 else d for d in StreamingPolicy.__init__.__defaults__))
+    assert _run(capsys, argv)[0] == 0
+    meta = json.loads((out / "eval.json").read_text())["meta"]
+    assert meta["cells_computed"] == 1 and meta["cells_recomputed"]
+    assert json.loads(cell.read_text())["key"]["config"]["prefill"]["window"] == 64

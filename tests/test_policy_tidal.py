@@ -83,7 +83,8 @@ def test_sparse_layers_reuse_the_selected_positions():
             s = pol.score(qs, ks)
             s[..., -1] = float("inf")
             expect = s.topk(16, dim=-1).indices.sort(-1).values
-            assert torch.equal(sel.pages.long(), expect)
+            assert s.shape[1] == 1  # shared: one selection for every KV head
+            assert torch.equal(sel.pages.long(), expect.expand_as(sel.pages))
             assert bool((sel.pages[..., -1] == ks.shape[2] - 1).all())  # newest token kept
         assert not bool((l1.pages >= k1.shape[2] - 16).all())  # not just the recent window
         differs |= not torch.equal(l1.pages, l3.pages)
@@ -93,6 +94,24 @@ def test_sparse_layers_reuse_the_selected_positions():
     st = accel.stats(model)
     dens = [layer["decode_density"] for layer in st["layers"]]
     assert dens[0] == dens[2] == 1.0 and dens[1] < 0.3 and dens[3] < 0.3
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_shared_selection_keeps_what_any_head_wants(reduce):
+    """One set of positions serves every KV head: a key that only query head 0 attends to (in KV head 0's keys)
+    is selected for KV head 1 too; with ``shared=False`` each KV head keeps its own group's choice."""
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, S, D, n = 1, 2, 2, 40, 16, 6
+    q = torch.randn(B, Hkv * G, 1, D, generator=g) * 0.1
+    k = torch.randn(B, Hkv, S, D, generator=g) * 0.1
+    q[0, 0, 0] = 0.0
+    q[0, 0, 0, 0] = 4.0
+    k[0, 0, 7, 0] = 4.0  # query head 0 (KV head 0) wants key 7
+    pos, counts = TidalPolicy(budget=n, group_reduce=reduce).select(q, k)
+    assert pos.shape == (B, Hkv, n) and counts.tolist() == [[n, n]]
+    assert torch.equal(pos[0, 0], pos[0, 1]) and 7 in pos[0, 1].tolist() and pos[0, 0, -1] == S - 1
+    own, _ = TidalPolicy(budget=n, group_reduce=reduce, shared=False).select(q, k)
+    assert 7 in own[0, 0].tolist() and not torch.equal(own[0, 0], own[0, 1])
 
 
 def test_sparse_output_matches_manual_mask_and_backends_agree():
@@ -187,7 +206,7 @@ def test_layer_rule():
 @pytest.mark.parametrize("opts, match", [
     ({"budget": 0}, "'budget'"), ({"select_layer": -1}, "'select_layer'"),
     ({"select_layer": 3, "reselect_layer": 2}, "'reselect_layer'.*after select_layer"),
-    ({"group_reduce": "mean"}, "'group_reduce'"), ({"window": 3}, "unknown option")])
+    ({"group_reduce": "mean"}, "'group_reduce'"), ({"shared": "yes"}, "'shared'"), ({"window": 3}, "unknown option")])
 def test_bad_options(opts, match):
     with pytest.raises(ValueError, match=match):
         accel.parse_policy("tidal", **opts)
@@ -219,9 +238,9 @@ def test_selection_needs_the_forward_order():
         pol.plan(q, torch.randn(1, 2, 21, 16), AttentionContext(1, "decode", None, cache=cache))
 
 
-@pytest.mark.parametrize("reduce", ["sum", "max"])
+@pytest.mark.parametrize("reduce,shared", [("sum", False), ("max", False), ("max", True)])
 @pytest.mark.parametrize("softcap,padded", [(None, False), (3.0, True)])
-def test_static_selection_in_one_pass_matches_torch(reduce, softcap, padded):
+def test_static_selection_in_one_pass_matches_torch(reduce, shared, softcap, padded):
     """A selection layer over a static buffer: with the Triton kernels (interpreted here) its dense attention hands
     back the scores it ranks keys by; the kept positions equal the torch path's (scores from a second pass over K),
     and its output is the dense attention the torch path leaves to the caller."""
@@ -237,10 +256,10 @@ def test_static_selection_in_one_pass_matches_torch(reduce, softcap, padded):
     class Layer:
         cumulative_length = torch.tensor(L)
 
-    pol = TidalPolicy(budget=24, group_reduce=reduce)
+    pol = TidalPolicy(budget=24, group_reduce=reduce, shared=shared)
     kept = {}
     for triton in (False, True):
-        h = _StaticHandle(Layer(), torch.zeros(B, Hkv, 24, dtype=torch.int32), True)
+        h = _StaticHandle(Layer(), torch.zeros(B, 1 if shared else Hkv, 24, dtype=torch.int32), True)
         out = pol.static_decode(q, k, v, h, mask=None, kv_start=start, scale=0.3, softcap=softcap, use_triton=triton)
         kept[triton] = h.positions.sort(-1).values
         if triton:

@@ -2,8 +2,9 @@
 
 Each finished cell is one JSON file under ``OUT/cells/``, written atomically (temporary file + rename) with a
 checksum of its content. On a rerun a cell file is used only when it parses, its checksum matches and it was made
-with the same settings (model, policy, length, task, samples, seed, depths, generation length); anything else is
-reported and recomputed, never mixed in. A crash or Ctrl-C loses at most the cell in progress.
+with the same settings (model, policy, length, task, samples, seed, depths, generation length) and the same resolved
+policy configuration (every option, defaults included: a cell made before a default changed is not the same
+setting); anything else is reported and recomputed, never mixed in. A crash or Ctrl-C loses at most the cell in progress.
 """
 
 from __future__ import annotations
@@ -251,10 +252,24 @@ def _cell_key(c: Cell, cfg: GridConfig, model=None) -> dict:
            "options": c.policy.options, "length": c.length, "samples": cfg.samples, "seed": cfg.seed,
            "depths": list(cfg.depths) if cfg.depths else None, "backend": cfg.backend,
            "max_new_tokens": cfg.max_new_tokens}
+    key["config"] = _resolved_config(c.policy)
     digest = _head_map_digest(c.policy, model)
     if digest is not None:  # a recalibrated head map is another setting: its cells are not reused
         key["head_map"] = digest
     return key
+
+
+def _resolved_config(entry: PolicyEntry) -> dict:
+    """Every option of the entry's prefill and decode policies, defaults included (as JSON values)."""
+    import dataclasses
+
+    import accel
+
+    spec = accel.parse_policy(entry.policy, **entry.options)
+    return json.loads(json.dumps({phase: {"name": pol.name, **{f.name: getattr(pol, f.name)
+                                                                 for f in dataclasses.fields(pol) if f.init}}
+                                  for phase, pol in (("prefill", spec.prefill), ("decode", spec.decode))},
+                                 default=str))
 
 
 def _head_map_digest(entry: PolicyEntry, model) -> str | None:

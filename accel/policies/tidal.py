@@ -34,10 +34,13 @@ class TidalPolicy(Policy):
     Layers before ``select_layer`` attend densely. The selection layer attends densely too and, from the same
     query, picks the ``budget`` key positions with the highest attention scores (the newest token always among
     them); every following full-attention layer attends only to those positions, until the re-selection layer
-    (dense again) picks anew for the layers after it. One selection per KV head (GQA: its query heads' softmax
-    scores summed, ``group_reduce="sum"``, or their max), so each selected key is read once per group; for
-    multi-head models this is the paper's per-head top-k. Selections live for one forward call (keyed by the
-    cache and the context length, per batch row) and never carry over between steps, generate calls or rows.
+    (dense again) picks anew for the layers after it. As in the paper's code (which unions the heads' top keys), one
+    set of positions serves every head (``shared=True``): each key is ranked by its best probability over all query
+    heads (``group_reduce="max"``; ``"sum"``: their total), so a key any head of the selection layer wants is kept
+    for all heads of the layers after it. Head ``h`` of one layer need not do head ``h``'s job in another: with one
+    selection per KV head (``shared=False``) SmolLM2-135M lost an 8K needle that only KV head 0 of the re-selection
+    layer attended to (results/decode_niah_smollm2_8k). Selections live for one forward call (keyed by the cache
+    and the context length, per batch row) and never carry over between steps, generate calls or rows.
 
     Layer rule: ``select_layer`` (default 2, as in the paper) and ``reselect_layer`` (``-1``: the paper's 13 of 32
     scaled to the model, ``round(13 * n_layers / 32)``, dropped when no full-attention layer would sit between the
@@ -56,7 +59,8 @@ class TidalPolicy(Policy):
     budget: int = 4096
     select_layer: int = 2
     reselect_layer: int | None = -1
-    group_reduce: str = "sum"
+    shared: bool = True  # one set of positions for every KV head (False: one per KV head, from its query group)
+    group_reduce: str = "max"  # over the heads a selection serves: "max" or "sum" of their probabilities
 
     def validate(self) -> None:
         if not isinstance(self.budget, int) or self.budget < 1:
@@ -72,6 +76,8 @@ class TidalPolicy(Policy):
         if self.group_reduce not in ("sum", "max"):
             raise ValueError(f"option 'group_reduce' of policy 'tidal' must be 'sum' or 'max', "
                              f"got {self.group_reduce!r}")
+        if not isinstance(self.shared, bool):
+            raise ValueError(f"option 'shared' of policy 'tidal' must be True or False, got {self.shared!r}")
 
     # ------------------------------------------------------------------------------------------- layers
     def check_model(self, model) -> None:
@@ -126,8 +132,8 @@ class TidalPolicy(Policy):
     # -------------------------------------------------------------------------------------------- scoring
     def score(self, q: torch.Tensor, k: torch.Tensor, scale=None, softcap=None, kv_start=None,
               length: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 [B, Hkv, Sk]: the selection layer's attention probabilities of the newest query, reduced over
-        each KV head's query group. ``length`` (a static cache's filled length, a tensor): keys at or past it are
+        """Float32 [B, 1, Sk] (``shared``) or [B, Hkv, Sk]: the selection layer's attention probabilities of the
+        newest query, reduced over all query heads or over each KV head's query group. ``length`` (a static cache's filled length, a tensor): keys at or past it are
         left out of the softmax."""
         B, Hq, _, D = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
@@ -144,8 +150,11 @@ class TidalPolicy(Policy):
         return self._reduce(p)
 
     def _reduce(self, p: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, g, Sk] probabilities -> [B, Hkv, Sk], over each KV head's query group."""
-        return p.sum(2) if self.group_reduce == "sum" else p.amax(2)
+        """[B, Hkv, g, Sk] probabilities -> [B, 1, Sk] over every query head (``shared``), else [B, Hkv, Sk] over
+        each KV head's query group."""
+        dims = (1, 2) if self.shared else 2
+        r = p.sum(dims) if self.group_reduce == "sum" else p.amax(dims)
+        return r[:, None] if self.shared else r
 
     def _probs(self, logits2: torch.Tensor, lse: torch.Tensor, kv_heads: int, length: torch.Tensor,
                kv_start: torch.Tensor | None) -> torch.Tensor:
@@ -161,12 +170,13 @@ class TidalPolicy(Policy):
         return self._reduce(p.view(B, kv_heads, Hq // kv_heads, Sk))
 
     def select(self, q, k, scale=None, softcap=None, kv_start=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``budget`` positions per (row, KV head), the newest always kept: int32 [B, Hkv, n] ascending and
-        counts int32 [B, Hkv]."""
+        """Top-``budget`` positions per (row, KV head), the newest always kept: int32 [B, Hkv, n] ascending (with
+        ``shared``, one row per batch row expanded over the KV heads, no copy) and counts int32 [B, Hkv]."""
         s = self.score(q, k, scale, softcap, kv_start)
         s[..., -1] = float("inf")
         n = min(self.budget, s.shape[-1])
         pos = s.topk(n, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
+        pos = pos.expand(q.shape[0], k.shape[1], n)
         return pos, torch.full(pos.shape[:2], n, dtype=torch.int32, device=pos.device)
 
     # ------------------------------------------------------------------------------------- static cache
@@ -176,16 +186,18 @@ class TidalPolicy(Policy):
         positions get a handle: the cache layer (its device-side length) and the selection buffer of their
         selection layer, int32 [batch, kv_heads, min(budget, cache length)], shared through the cache (a static
         address, so the compiled step writes and reads it in place). Layers before the selection layer and
-        sliding-window layers decode dense (None)."""
+        sliding-window layers decode dense (None). With ``shared`` the buffer has one row of positions per batch
+        row ([batch, 1, n]), expanded over the KV heads where it is read."""
         sel, resel = self._resolved()
         if sliding_window is not None or layer_idx < sel:
             return None
         src = resel if resel is not None and layer_idx >= resel else sel
         n = min(self.budget, layers[layer_idx].max_cache_len)
         slots = self._store().setdefault(cache, {})
+        rows = 1 if self.shared else kv_heads
         buf = slots.get(("static", src))
-        if buf is None or buf.shape != (batch, kv_heads, n) or buf.device != torch.device(device):
-            buf = slots[("static", src)] = torch.zeros(batch, kv_heads, n, dtype=torch.int32, device=device)
+        if buf is None or buf.shape != (batch, rows, n) or buf.device != torch.device(device):
+            buf = slots[("static", src)] = torch.zeros(batch, rows, n, dtype=torch.int32, device=device)
             torch._dynamo.mark_static_address(buf)
         return _StaticHandle(layers[layer_idx], buf, layer_idx in (sel, resel))
 
@@ -214,6 +226,7 @@ class TidalPolicy(Policy):
             # unsorted: attention is order-free, and sorting the top-k cost a radix sort per selection layer
             positions.copy_(s.topk(positions.shape[-1], dim=-1, sorted=False).indices)
             return out
+        positions = positions.expand(q.shape[0], k.shape[1], positions.shape[-1])  # shared: one row for all heads
         counts = torch.full(positions.shape[:2], positions.shape[-1], dtype=torch.int32, device=q.device)
         kv_end = length.reshape(1).expand(q.shape[0])
         if use_triton:  # an opaque op: a fullgraph compile does not trace the Triton launch wrapper
