@@ -10,7 +10,9 @@ Writes results/decode_niah.json and results/decode_niah.md (command, device, ver
 dense, quest at its defaults (budget 4096: the whole context at these lengths, so dense by construction) and at
 small budgets that make it sparse, duo at its defaults with the shipped head map (ratio 0.5, sink 64, recent 256),
 lserve at its defaults (the same streaming heads; budget 4096 covers the retrieval heads' context here) and at a
-sparse budget, tidal at sparse budgets (its default 4096 is dense at these lengths; 256 is its paper's code).
+sparse budget, tidal at sparse budgets (its default 4096 is dense at these lengths; 256 is its paper's code),
+"tidal sum" ranking keys by the heads' summed probabilities instead of their max, and "tidal per-head" with one
+selection per KV head (its rule before 2026-12-04).
 --duo-map PATH gives the duo and lserve rows another head map (from scripts/calibrate_duo.py) than the shipped one.
 """
 
@@ -21,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -204,8 +207,8 @@ def main(argv=None) -> int:
 
     res = {"model": args.model, "policies": policies, "cells": cells, "agreement": agree,
            "agree_prompt_tokens": n_agree, "agree_tokens": args.agree_tokens,
-           "command": " ".join(["python", "scripts/eval_decode_niah.py", *(argv if argv is not None
-                                                                            else sys.argv[1:])]),
+           "command": shlex.join(["python", "scripts/eval_decode_niah.py", *(argv if argv is not None
+                                                                             else sys.argv[1:])]),
            "device": f"cpu ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, python "
                        f"{platform.python_version()}", "seconds": round(time.time() - t0, 1),
