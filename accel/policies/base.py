@@ -64,12 +64,12 @@ class Policy:
         policy = cls(**options)
         for f in dataclasses.fields(cls):
             value = getattr(policy, f.name)
-            expected = f.type if isinstance(f.type, type) else None
             if f.type in ("int", int) and not (isinstance(value, int) and not isinstance(value, bool)):
                 raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be an integer, got {value!r}")
             if f.type in ("float", float) and not isinstance(value, (int, float)):
                 raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be a number, got {value!r}")
-            del expected
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be True or False, got {value!r}")
         policy.validate()
         return policy
 

@@ -78,8 +78,6 @@ class QuestPolicy(Policy):
         if self.group_reduce not in ("max", "sum"):
             raise ValueError(f"option 'group_reduce' of policy {self.name!r} must be 'max' or 'sum', "
                              f"got {self.group_reduce!r}")
-        if not isinstance(self.keep_first_page, bool):
-            raise ValueError(f"option 'keep_first_page' of policy {self.name!r} must be True or False")
 
     def _selects(self, sliding_window, layer_idx) -> bool:
         return sliding_window is None and layer_idx >= self.dense_layers

@@ -76,8 +76,6 @@ class TidalPolicy(Policy):
         if self.group_reduce not in ("sum", "max"):
             raise ValueError(f"option 'group_reduce' of policy 'tidal' must be 'sum' or 'max', "
                              f"got {self.group_reduce!r}")
-        if not isinstance(self.shared, bool):
-            raise ValueError(f"option 'shared' of policy 'tidal' must be True or False, got {self.shared!r}")
 
     # ------------------------------------------------------------------------------------------- layers
     def check_model(self, model) -> None:
