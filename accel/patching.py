@@ -279,8 +279,11 @@ def stats(model: nn.Module) -> dict[str, Any]:
     for layer in layers:
         for k, v in layer["backends"].items():
             used[k] = used.get(k, 0) + v
+    parts = [record.spec.prefill] + ([record.spec.decode] if record.spec.decode is not record.spec.prefill else [])
+    calibration = {p.name: src for p in parts if (src := getattr(p, "calibration_source", None))}
     return {
         "policy": record.spec.describe(),
+        "calibration": calibration,  # per-model files a policy read (head maps, per-layer thresholds), by policy
         "backend_requested": record.backend,
         "backends_used": used,
         "mean_density": sum(dens) / len(dens) if dens else None,

@@ -108,3 +108,109 @@ def test_triton_backend_matches_reference_backend():
         out = model(x).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert set(accel.stats(model)["backends_used"]) == {"triton"}
+
+
+def _threshold_map(path, model, thresholds):
+    import json
+
+    from accel.policies.duo import model_signature
+    from accel.policies.threshold_map import FORMAT
+
+    path.write_text(json.dumps({"format": FORMAT, "model": model_signature(model.config), "target_recall": 0.96,
+                                "thresholds": thresholds}))
+    return str(path)
+
+
+def test_layer_thresholds_from_a_map(tmp_path):
+    """A per-layer map sets each layer's threshold: a layer at 1.0 keeps every causal block (dense), one at 0.3
+    skips blocks; stats name the map; an explicit ``threshold`` means one threshold for every layer."""
+    model = tiny_model("llama")
+    n = model.config.num_hidden_layers
+    path = _threshold_map(tmp_path / "thr.json", model, [1.0] + [0.3] * (n - 1))
+    x = ids(length=400)
+    accel.patch(model, "xattention", layer_thresholds=path, block_size=64, backend="reference", collect_stats=True)
+    with torch.no_grad():
+        model(x)
+    st = accel.stats(model)
+    assert st["calibration"] == {"xattention": path}
+    dens = [layer["prefill_density"] for layer in st["layers"]]
+    assert dens[0] == 1.0 and all(d < 0.9 for d in dens[1:])
+    assert accel.parse_policy("xattention", threshold=0.5).prefill.layer_thresholds == "none"
+    accel.patch(model, "xattention", threshold=0.3, block_size=64, backend="reference", collect_stats=True)
+    with torch.no_grad():
+        model(x)
+    st = accel.stats(model)
+    assert st["calibration"] == {} and st["layers"][0]["prefill_density"] < 0.9
+
+
+def test_layer_thresholds_auto_without_a_shipped_map_is_uniform():
+    model = tiny_model("llama")  # no shipped map fits a tiny random model: the uniform threshold
+    accel.patch(model, "xattention", block_size=64, backend="reference")
+    pol = model._accel_patch.spec.prefill
+    assert pol.calibration_source is None and pol.threshold_for(0) == pol.threshold
+
+
+def test_layer_thresholds_bad_input(tmp_path):
+    """A map for another model, a missing file, an unknown name: clear errors, and the model stays as it was."""
+    model = tiny_model("llama")
+    other = tiny_model("qwen3")
+    path = _threshold_map(tmp_path / "other.json", other, [0.9] * other.config.num_hidden_layers)
+    for value, match in ((path, "made for another model"), (str(tmp_path / "nope.json"), "does not exist"),
+                         ("no_such_model", "unknown XAttention threshold map")):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            accel.patch(model, "xattention", layer_thresholds=value)
+        assert not accel.is_patched(model)
+    bad = _threshold_map(tmp_path / "bad.json", model, [1.5] * model.config.num_hidden_layers)
+    with pytest.raises(ValueError, match="outside"):
+        accel.patch(model, "xattention", layer_thresholds=bad)
+
+
+def test_shipped_maps_fit_their_models():
+    """configs/xattention_*.json: one threshold per full-attention layer of the demo model they name, in the
+    calibration grid, None for sliding-window layers."""
+    import json
+    from importlib import resources
+
+    from accel.models import DEMO_MODELS
+
+    maps = [p for p in resources.files("accel.configs").iterdir() if p.name.startswith("xattention_")]
+    assert maps, "no shipped XAttention threshold map"
+    for p in maps:
+        data = json.loads(p.read_text())
+        name = p.name[len("xattention_"):-5]
+        assert name in DEMO_MODELS
+        grid = data["calibration"]["grid"]
+        assert len(data["thresholds"]) == data["model"]["num_hidden_layers"]
+        assert all(t is None or t in grid for t in data["thresholds"])
+        assert any(t is not None for t in data["thresholds"])
+
+
+def test_calibration_picks_per_layer_thresholds():
+    """scripts/calibrate_xattention.py on a tiny random Llama: one threshold of the grid per layer, each the
+    smallest reaching the target on the calibration prompt (by the recall table it returns); a higher target never
+    lowers a layer's threshold."""
+    import os
+    import sys
+
+    import transformers
+
+    from test_eval_synth import tiny_tokenizer
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import calibrate_xattention as C
+
+    tok = tiny_tokenizer(chat=False)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    res = {}
+    for target in (0.9, 0.99):
+        need, tables = C.calibrate(model, tok, lengths=[600], depths=[0.5], target=target, rows=16, log=lambda m: None)
+        assert len(need) == 2 and all(t in C.GRID for t in need)
+        (table,) = tables.values()
+        for i, t in enumerate(need):
+            reached = [g for g, r in zip(C.GRID, table[i]) if r >= target]
+            assert t == (reached[0] if reached else C.GRID[-1])
+        res[target] = need
+    assert all(hi >= lo for lo, hi in zip(res[0.9], res[0.99]))

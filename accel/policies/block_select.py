@@ -89,6 +89,10 @@ class BlockSelectPolicy(Policy):
     def score(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def threshold_for(self, layer_idx: int) -> float:
+        """The threshold of one layer (a subclass may calibrate them per layer)."""
+        return self.threshold
+
     def plan(self, q, k, ctx):
         q_len, kv_len = q.shape[2], k.shape[2]
         if ctx.sliding_window is not None:
@@ -96,19 +100,24 @@ class BlockSelectPolicy(Policy):
         if q_len < self.block_size:
             # shorter than one block: nothing to skip; recorded as density 1.0 in stats
             return DenseLayout()
-        bs = self.block_size
-        if self.threshold >= 1.0:
+        threshold = self.threshold_for(ctx.layer_idx)
+        if threshold >= 1.0:
+            bs = self.block_size
             causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
-            selected = causal.expand(q.shape[0], q.shape[1], *causal.shape)
-        else:
-            scores = self.score(q, k)
-            if scores.dim() == 4 and fast_selection(scores):
-                # one Triton pass: threshold over causal blocks + sink + diagonal, straight to the layout (the
-                # kernel derives causality from the lengths: no block mask is built, six launches fewer per plan)
-                from accel.kernels.triton.block_topk import threshold_layout
+            return build_block_layout(causal.expand(q.shape[0], q.shape[1], *causal.shape), q_len, kv_len, bs, bs)
+        return self.layout_from_scores(self.score(q, k), threshold, q_len, kv_len)
 
-                return threshold_layout(scores, self.threshold, q_len, kv_len, bs, bs,
-                                        max_blocks=layout_width(scores.shape[-1]))
-            causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
-            selected = keep_by_threshold(scores.masked_fill(~causal, 0), self.threshold)
+    def layout_from_scores(self, scores: torch.Tensor, threshold: float, q_len: int, kv_len: int):
+        """The layout of ``score``'s output at ``threshold`` (< 1): what ``plan`` returns, so a calibration can
+        score once and try many thresholds (scripts/calibrate_xattention.py)."""
+        bs = self.block_size
+        if scores.dim() == 4 and fast_selection(scores):
+            # one Triton pass: threshold over causal blocks + sink + diagonal, straight to the layout (the
+            # kernel derives causality from the lengths: no block mask is built, six launches fewer per plan)
+            from accel.kernels.triton.block_topk import threshold_layout
+
+            return threshold_layout(scores, threshold, q_len, kv_len, bs, bs,
+                                    max_blocks=layout_width(scores.shape[-1]))
+        causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=scores.device)
+        selected = keep_by_threshold(scores.masked_fill(~causal, 0), threshold)
         return build_block_layout(selected, q_len, kv_len, bs, bs)

@@ -112,6 +112,11 @@ class DuoPolicy(Policy):
         self._stream = streaming_assignment(gates, self.ratio, layers)
         self._source = src
 
+    @property
+    def calibration_source(self) -> str | None:
+        """The head map in use (after accel.patch)."""
+        return getattr(self, "_source", None)
+
     def _stream_heads(self, layer_idx: int) -> torch.Tensor:
         stream = getattr(self, "_stream", None)
         if stream is None:

@@ -179,6 +179,11 @@ class VerticalSlashPolicy(Policy):
                              "query heads; run scripts/search_patterns.py for this model")
         return rows[layer_idx] or ["vertical_slash"] * n_heads
 
+    @property
+    def calibration_source(self) -> str | None:
+        """The head map in use, if any."""
+        return str(resolve_head_map(self.head_map)) if self.head_map else None
+
     def check_model(self, model) -> None:
         """Called by accel.patch: a head map must match the model's layer and head counts."""
         if not self.head_map:
