@@ -256,6 +256,9 @@ def _cell_key(c: Cell, cfg: GridConfig, model=None) -> dict:
     digest = _head_map_digest(c.policy, model)
     if digest is not None:  # a recalibrated head map is another setting: its cells are not reused
         key["head_map"] = digest
+    digest = _threshold_map_digest(c.policy, model)
+    if digest is not None:  # likewise a recalibrated XAttention threshold map
+        key["threshold_map"] = digest
     return key
 
 
@@ -284,6 +287,23 @@ def _head_map_digest(entry: PolicyEntry, model) -> str | None:
     except (ValueError, OSError):
         return None
     return _digest(data.get("gates"))
+
+
+def _threshold_map_digest(entry: PolicyEntry, model) -> str | None:
+    """sha256 of the per-layer thresholds an xattention entry reads for ``model`` (its ``layer_thresholds`` map,
+    or the shipped one that fits), None without one."""
+    if model is None or "xattention" not in entry.policy.split("+"):
+        return None
+    from accel.policies.threshold_map import load_threshold_map
+
+    pol = _resolved_config(entry)["prefill"]
+    if pol.get("layer_thresholds", "none") == "none":
+        return None
+    try:
+        found = load_threshold_map(pol["layer_thresholds"], model.config)
+    except (ValueError, OSError):
+        return None
+    return None if found is None else _digest(found[1].get("thresholds"))
 
 
 def summarize(cells: list[dict], policies: list[str], lengths: list[int], tasks: list[str]) -> str:
