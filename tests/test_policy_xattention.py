@@ -163,6 +163,14 @@ def test_layer_thresholds_bad_input(tmp_path):
     bad = _threshold_map(tmp_path / "bad.json", model, [1.5] * model.config.num_hidden_layers)
     with pytest.raises(ValueError, match="outside"):
         accel.patch(model, "xattention", layer_thresholds=bad)
+    import json
+
+    other_blocks = tmp_path / "blocks.json"
+    data = json.loads(open(_threshold_map(other_blocks, model, [0.9] * model.config.num_hidden_layers)).read())
+    other_blocks.write_text(json.dumps({**data, "calibration": {"block_size": 128, "stride": 8}}))
+    with pytest.raises(ValueError, match="calibrated with"):
+        accel.patch(model, "xattention", layer_thresholds=str(other_blocks), block_size=64)
+    assert not accel.is_patched(model)
 
 
 def test_shipped_maps_fit_their_models():
@@ -214,3 +222,34 @@ def test_calibration_picks_per_layer_thresholds():
             assert t == (reached[0] if reached else C.GRID[-1])
         res[target] = need
     assert all(hi >= lo for lo, hi in zip(res[0.9], res[0.99]))
+
+
+def test_auto_picks_the_shipped_map_by_model_signature():
+    """``layer_thresholds="auto"`` finds the shipped map whose signature is the model's (only its config is read),
+    and keeps one threshold where the policy's block size differs from the map's calibration."""
+    import json
+    from importlib import resources
+    from types import SimpleNamespace
+
+    import transformers
+
+    from accel.policies.xattention import XAttentionPolicy
+
+    res = resources.files("accel.configs").joinpath("xattention_smollm2.json")
+    data = json.loads(res.read_text())
+    sig = data["model"]
+    cfg = transformers.LlamaConfig(num_hidden_layers=sig["num_hidden_layers"],
+                                   num_attention_heads=sig["num_attention_heads"],
+                                   num_key_value_heads=sig["num_key_value_heads"], hidden_size=sig["hidden_size"],
+                                   vocab_size=sig["vocab_size"])
+    fake = SimpleNamespace(config=cfg)
+    pol = XAttentionPolicy.from_options()
+    pol.check_model(fake)
+    assert pol.calibration_source.endswith("xattention_smollm2.json")
+    assert [pol.threshold_for(i) for i in range(sig["num_hidden_layers"])] == data["thresholds"]
+    pol = XAttentionPolicy.from_options(block_size=64)
+    pol.check_model(fake)
+    assert pol.calibration_source is None and pol.threshold_for(3) == pol.threshold
+    pol = XAttentionPolicy.from_options(threshold=0.9)  # an explicit threshold: one for every layer
+    pol.check_model(fake)
+    assert pol.calibration_source is None and pol.threshold_for(3) == 0.9

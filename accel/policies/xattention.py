@@ -69,8 +69,9 @@ class XAttentionPolicy(BlockSelectPolicy):
     ``scripts/calibrate_xattention.py MODEL`` holds, per layer, the smallest threshold reaching a target recall on
     calibration prompts. ``layer_thresholds``: ``"auto"`` (default) uses the shipped map that fits the model
     (configs/xattention_*.json) and ``threshold`` for models without one; ``"none"`` uses ``threshold`` everywhere;
-    a shipped name or a .json path names a map (an error if it was made for another model). Passing ``threshold``
-    without ``layer_thresholds`` means one threshold for every layer."""
+    a shipped name or a .json path names a map (an error if it was made for another model or other block size /
+    stride; ``"auto"`` then keeps one threshold). Passing ``threshold`` without ``layer_thresholds`` means one
+    threshold for every layer."""
 
     name = "xattention"
     description = "antidiagonal block scoring, keep blocks up to a cumulative threshold"
@@ -101,9 +102,19 @@ class XAttentionPolicy(BlockSelectPolicy):
         from .threshold_map import load_threshold_map, thresholds_by_layer
 
         found = load_threshold_map(self.layer_thresholds, model.config)
-        if found is not None:
-            self._map_source, data = found
-            self._by_layer = thresholds_by_layer(data)
+        if found is None:
+            return
+        src, data = found
+        cal = data.get("calibration") or {}
+        made = {k: cal[k] for k in ("block_size", "stride") if k in cal}
+        differs = {k: v for k, v in made.items() if getattr(self, k) != v}
+        if differs:  # thresholds calibrated for other blocks would not keep what they promise
+            if self.layer_thresholds == "auto":
+                return  # the shipped map does not apply: one threshold for every layer
+            raise ValueError(f"XAttention threshold map {src} was calibrated with {made}; this policy has "
+                             + ", ".join(f"{k}={getattr(self, k)}" for k in differs)
+                             + ". Calibrate one for these settings or pass layer_thresholds='none'")
+        self._map_source, self._by_layer = src, thresholds_by_layer(data)
 
     @property
     def calibration_source(self) -> str | None:
