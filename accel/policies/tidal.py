@@ -131,8 +131,8 @@ class TidalPolicy(Policy):
     def score(self, q: torch.Tensor, k: torch.Tensor, scale=None, softcap=None, kv_start=None,
               length: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 [B, 1, Sk] (``shared``) or [B, Hkv, Sk]: the selection layer's attention probabilities of the
-        newest query, reduced over all query heads or over each KV head's query group. ``length`` (a static cache's filled length, a tensor): keys at or past it are
-        left out of the softmax."""
+        newest query, reduced over all query heads or over each KV head's query group. ``length`` (a static
+        cache's filled length, a tensor): keys at or past it are left out of the softmax."""
         B, Hq, _, D = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         logits = torch.matmul(q[:, :, -1].reshape(B, Hkv, Hq // Hkv, D), k.transpose(-1, -2)).float()
