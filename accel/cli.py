@@ -458,8 +458,8 @@ def list_policies(as_json: bool = False) -> str:
     """Each policy's phase, paper, summary and options with their defaults (``--list-policies``)."""
     from accel.policies import REGISTRY, policy_defaults
 
-    items = [{"name": n, "phases": list(i.phases), "paper": i.paper.strip("-— ") or None, "description": i.description,
-              "options": policy_defaults(n)} for n, i in REGISTRY.items()]
+    items = [{"name": n, "phases": list(i.phases), "paper": i.paper.strip("-— ") or None,
+              "description": i.description, "options": policy_defaults(n)} for n, i in REGISTRY.items()]
     if as_json:
         return json.dumps(items, indent=2)
     lines = []

@@ -4,7 +4,8 @@ Each finished cell is one JSON file under ``OUT/cells/``, written atomically (te
 checksum of its content. On a rerun a cell file is used only when it parses, its checksum matches and it was made
 with the same settings (model, policy, length, task, samples, seed, depths, generation length) and the same resolved
 policy configuration (every option, defaults included: a cell made before a default changed is not the same
-setting); anything else is reported and recomputed, never mixed in. A crash or Ctrl-C loses at most the cell in progress.
+setting); anything else is reported and recomputed, never mixed in. A crash or Ctrl-C loses at most the cell in
+progress.
 """
 
 from __future__ import annotations

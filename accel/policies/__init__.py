@@ -74,5 +74,5 @@ def options_markdown() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["AttentionContext", "policy_defaults", "options_markdown", "Policy", "PolicyInfo", "REGISTRY", "policy_class", "PolicyNotImplemented",
-           "DensePolicy", "StreamingPolicy", "XAttentionPolicy"]
+__all__ = ["AttentionContext", "policy_defaults", "options_markdown", "Policy", "PolicyInfo", "REGISTRY",
+           "policy_class", "PolicyNotImplemented", "DensePolicy", "StreamingPolicy", "XAttentionPolicy"]
