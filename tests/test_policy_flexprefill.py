@@ -164,3 +164,37 @@ def test_reference_sdpa_path_equals_explicit_math():
     fast = vertical_slash_attention(q, k, v, vs, chunk=64)
     exact, _ = vertical_slash_attention(q, k, v, vs, chunk=64, return_lse=True)
     torch.testing.assert_close(fast, exact, atol=1e-5, rtol=1e-5)
+
+
+def test_per_layer_gamma_from_a_map(tmp_path):
+    """A per-layer map sets each layer's gamma (the XAttention map machinery): a layer at 1.0 keeps every causal
+    block, one at 0.3 skips blocks; a map calibrated at another block size does not apply under "auto" semantics and
+    raises when named; an explicit gamma is one value for every layer."""
+    import json
+
+    from accel.policies.duo import model_signature
+    from accel.policies.threshold_map import map_format
+
+    model = tiny_model("llama")
+    n = model.config.num_hidden_layers
+    path = tmp_path / "gamma.json"
+    data = {"format": map_format("flexprefill"), "model": model_signature(model.config), "target_recall": 0.96,
+            "thresholds": [1.0] + [0.3] * (n - 1)}
+    path.write_text(json.dumps(data))
+    x = ids(length=400)
+    kw = dict(block_size=64, min_budget=64, backend="reference", collect_stats=True)
+    accel.patch(model, "flexprefill", layer_thresholds=str(path), **kw)
+    with torch.no_grad():
+        model(x)
+    st = accel.stats(model)
+    assert st["calibration"] == {"flexprefill": str(path)}
+    dens = [layer["prefill_density"] for layer in st["layers"]]
+    assert dens[0] == 1.0 and all(d < 0.9 for d in dens[1:])
+    assert accel.parse_policy("flexprefill", gamma=0.9).prefill.layer_thresholds == "none"
+    path.write_text(json.dumps({**data, "calibration": {"block_size": 128}}))
+    with pytest.raises(ValueError, match="calibrated with"):
+        accel.patch(model, "flexprefill", layer_thresholds=str(path), **kw)
+    xmap = tmp_path / "x.json"
+    xmap.write_text(json.dumps({**data, "format": map_format("xattention")}))
+    with pytest.raises(ValueError, match="is not a flexprefill threshold map"):
+        accel.patch(model, "flexprefill", layer_thresholds=str(xmap), **kw)

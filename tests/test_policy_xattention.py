@@ -156,7 +156,7 @@ def test_layer_thresholds_bad_input(tmp_path):
     other = tiny_model("qwen3")
     path = _threshold_map(tmp_path / "other.json", other, [0.9] * other.config.num_hidden_layers)
     for value, match in ((path, "made for another model"), (str(tmp_path / "nope.json"), "does not exist"),
-                         ("no_such_model", "unknown XAttention threshold map")):
+                         ("no_such_model", "unknown xattention threshold map")):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             accel.patch(model, "xattention", layer_thresholds=value)
         assert not accel.is_patched(model)
@@ -173,24 +173,29 @@ def test_layer_thresholds_bad_input(tmp_path):
     assert not accel.is_patched(model)
 
 
-def test_shipped_maps_fit_their_models():
-    """configs/xattention_*.json: one threshold per full-attention layer of the demo model they name, in the
-    calibration grid, None for sliding-window layers."""
+@pytest.mark.parametrize("policy", ["xattention", "flexprefill"])
+def test_shipped_maps_fit_their_models(policy):
+    """configs/<policy>_*.json: one value per layer of the demo model they name (in the calibration grid, None for
+    sliding-window layers), in the policy's map format, calibrated with the policy's default settings."""
     import json
     from importlib import resources
 
     from accel.models import DEMO_MODELS
+    from accel.policies import policy_class
+    from accel.policies.threshold_map import CALIBRATED_SETTINGS, map_format
 
-    maps = [p for p in resources.files("accel.configs").iterdir() if p.name.startswith("xattention_")]
-    assert maps, "no shipped XAttention threshold map"
+    maps = [p for p in resources.files("accel.configs").iterdir()
+            if p.name.startswith(f"{policy}_") and p.name.endswith(".json")]
+    assert maps, f"no shipped {policy} threshold map"
+    cls = policy_class(policy)
     for p in maps:
         data = json.loads(p.read_text())
-        name = p.name[len("xattention_"):-5]
-        assert name in DEMO_MODELS
-        grid = data["calibration"]["grid"]
+        assert p.name[len(policy) + 1:-5] in DEMO_MODELS and data["format"] == map_format(policy)
+        cal = data["calibration"]
         assert len(data["thresholds"]) == data["model"]["num_hidden_layers"]
-        assert all(t is None or t in grid for t in data["thresholds"])
+        assert all(t is None or t in cal["grid"] for t in data["thresholds"])
         assert any(t is not None for t in data["thresholds"])
+        assert all(cal[k] == getattr(cls, k) for k in CALIBRATED_SETTINGS if k in cal)
 
 
 def test_calibration_picks_per_layer_thresholds():

@@ -258,7 +258,7 @@ def _cell_key(c: Cell, cfg: GridConfig, model=None) -> dict:
     if digest is not None:  # a recalibrated head map is another setting: its cells are not reused
         key["head_map"] = digest
     digest = _threshold_map_digest(c.policy, model)
-    if digest is not None:  # likewise a recalibrated XAttention threshold map
+    if digest is not None:  # likewise a recalibrated per-layer threshold map
         key["threshold_map"] = digest
     return key
 
@@ -291,17 +291,18 @@ def _head_map_digest(entry: PolicyEntry, model) -> str | None:
 
 
 def _threshold_map_digest(entry: PolicyEntry, model) -> str | None:
-    """sha256 of the per-layer thresholds an xattention entry reads for ``model`` (its ``layer_thresholds`` map,
-    or the shipped one that fits), None without one."""
-    if model is None or "xattention" not in entry.policy.split("+"):
+    """sha256 of the per-layer thresholds an xattention / flexprefill entry reads for ``model`` (its
+    ``layer_thresholds`` map, or the shipped one that fits), None without one."""
+    parts = set(entry.policy.split("+")) & {"xattention", "flexprefill"}
+    if model is None or not parts:
         return None
     from accel.policies.threshold_map import load_threshold_map
 
     pol = _resolved_config(entry)["prefill"]
-    if pol.get("layer_thresholds", "none") == "none":
+    if pol["name"] not in parts or pol.get("layer_thresholds", "none") == "none":
         return None
     try:
-        found = load_threshold_map(pol["layer_thresholds"], model.config)
+        found = load_threshold_map(pol["layer_thresholds"], model.config, pol["name"])
     except (ValueError, OSError):
         return None
     return None if found is None else _digest(found[1].get("thresholds"))

@@ -13,6 +13,7 @@ from accel.layouts import BlockLayout, DenseLayout
 
 from .base import Policy
 from .block_select import check_block_size, check_fraction, keep_by_threshold, layout_width
+from .threshold_map import LayerThresholds
 from .vertical_slash import _use_triton, last_query_scores
 
 
@@ -100,7 +101,7 @@ def _invisible_blocks(q_len: int, kv_len: int, block: int, device: torch.device)
 
 
 @dataclass
-class FlexPrefillPolicy(Policy):
+class FlexPrefillPolicy(LayerThresholds, Policy):
     """FlexPrefill (Lai et al. 2025, arXiv 2502.20766), per head:
 
     1. the last query block's exact attention gives the head's true key-block distribution; the mean-pooled last
@@ -120,7 +121,12 @@ class FlexPrefillPolicy(Policy):
     Default ``gamma`` 0.95, the value FlexPrefill used in its RULER runs on Llama-3.1-8B (its general default is
     0.9): at 0.9 Gemma-3-270M keeps mean recall 0.931 at 4K (0.888 at 8K), below issue 5's 0.95; at 0.95 SmolLM2-135M
     (2K/4K) keeps 0.985 at density 0.78 and Gemma 4K 0.957 at density 0.82 (8K: 0.933; gamma 0.97 would be needed
-    there, 0.957 at density 0.84; results/recall_sweep.md)."""
+    there, 0.957 at density 0.84; results/recall_sweep.md).
+
+    Per-layer ``gamma`` (``layer_thresholds``, as XAttention's per-layer thresholds: policies/threshold_map.py): a
+    map from ``scripts/calibrate_xattention.py MODEL --policy flexprefill`` holds per layer the smallest gamma whose
+    layouts keep a target recall on calibration prompts; ``"auto"`` (default) uses the shipped one that fits the
+    model (configs/flexprefill_*.json), ``"none"`` or an explicit ``gamma`` one value for every layer."""
 
     name = "flexprefill"
     phases = ("prefill",)
@@ -131,8 +137,12 @@ class FlexPrefillPolicy(Policy):
     gamma: float = 0.95  # paper default 0.9; 0.95 in its RULER runs (see the docstring)
     tau: float = 0.1
     min_budget: int = 1024
+    layer_thresholds: str = "auto"  # per-layer gamma: "auto" | "none" | shipped name | .json path (see the docstring)
+
+    _layer_option = "gamma"
 
     def validate(self) -> None:
+        self._check_layer_thresholds()
         check_block_size(self)
         check_fraction(self, "gamma")
         if not 0.0 <= self.tau <= 1.0:
@@ -147,6 +157,9 @@ class FlexPrefillPolicy(Policy):
             return DenseLayout(window=ctx.sliding_window)
         if q_len < bs or kv_len <= self.min_budget:
             return DenseLayout()  # nothing to skip; recorded as density 1.0
+        layer = self.at_layer(ctx.layer_idx)
+        if layer is not self:  # this layer's calibrated gamma
+            return layer.plan(q, k, ctx)
         if self.gamma < 1.0 and _use_triton(q) and -(-kv_len // bs) <= _max_layout_blocks():
             return self.select_layout(q, k)  # causality from the lengths, in the layout kernel: no block mask
         causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)

@@ -1,58 +1,68 @@
-"""Per-layer thresholds for XAttention, calibrated offline per model (XAttention's threshold prediction, per layer).
+"""Per-layer thresholds of a prefill policy, calibrated offline per model: XAttention's ``threshold`` (its paper's
+threshold prediction, per layer) and FlexPrefill's cumulative-attention ``gamma``.
 
-A map is JSON: ``{"format": "accel-xattention-thresholds/1", "model": <model signature>, "target_recall": r,
-"thresholds": [one float per layer, null for the model's sliding-window layers], "calibration": {...}}``, made by
-``scripts/calibrate_xattention.py MODEL`` and shipped as ``configs/xattention_<name>.json``."""
+A map is JSON: ``{"format": "accel-<policy>-thresholds/1", "model": <model signature>, "target_recall": r,
+"thresholds": [one value per layer, null for the model's sliding-window layers], "calibration": {...}}``, made by
+``scripts/calibrate_xattention.py MODEL [--policy flexprefill]`` and shipped as ``configs/<policy>_<name>.json``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from importlib import resources
+from typing import ClassVar
 
 from .duo import model_signature
 
-FORMAT = "accel-xattention-thresholds/1"
-PREFIX = "xattention_"
+# what a map's calibration records and a policy must share for the map to hold (block grid, estimate settings)
+CALIBRATED_SETTINGS = ("block_size", "stride", "tau", "min_budget")
 
 
-def _shipped() -> list:
+def map_format(policy: str) -> str:
+    return f"accel-{policy}-thresholds/1"
+
+
+FORMAT = map_format("xattention")
+
+
+def _shipped(policy: str) -> list:
     return sorted(p for p in resources.files("accel.configs").iterdir()
-                  if p.name.startswith(PREFIX) and p.name.endswith(".json"))
+                  if p.name.startswith(f"{policy}_") and p.name.endswith(".json"))
 
 
-def shipped_names() -> list[str]:
-    return [p.name[len(PREFIX):-5] for p in _shipped()]
+def shipped_names(policy: str = "xattention") -> list[str]:
+    return [p.name[len(policy) + 1:-5] for p in _shipped(policy)]
 
 
-def load_threshold_map(name: str, config) -> tuple[str, dict] | None:
-    """(source, data) of the map ``name`` for a model of ``config``: ``"auto"`` the shipped map whose signature
-    matches (None when there is none), a shipped name (``smollm2``) or a .json path (errors when missing or made
-    for another model)."""
+def load_threshold_map(name: str, config, policy: str = "xattention") -> tuple[str, dict] | None:
+    """(source, data) of ``policy``'s map ``name`` for a model of ``config``: ``"auto"`` the shipped map whose
+    signature matches (None when there is none), a shipped name (``smollm2``) or a .json path (errors when missing
+    or made for another model)."""
     sig = model_signature(config)
     if name == "auto":
-        for res in _shipped():
+        for res in _shipped(policy):
             data = json.loads(res.read_text())
-            if data.get("model") == sig:
+            if data.get("model") == sig and data.get("format") == map_format(policy):
                 return str(res), data
         return None
     if name.endswith(".json"):
         if not os.path.isfile(name):
-            raise FileNotFoundError(f"XAttention threshold map {name!r} does not exist; make one with "
-                                    "scripts/calibrate_xattention.py MODEL --out FILE")
+            raise FileNotFoundError(f"{policy} threshold map {name!r} does not exist; make one with "
+                                    f"scripts/calibrate_xattention.py MODEL --policy {policy} --out FILE")
         src, data = name, json.loads(open(name).read())
     else:
-        res = resources.files("accel.configs").joinpath(f"{PREFIX}{name.removeprefix(PREFIX)}.json")
+        res = resources.files("accel.configs").joinpath(f"{policy}_{name.removeprefix(policy + '_')}.json")
         if not res.is_file():
-            raise ValueError(f"unknown XAttention threshold map {name!r}; shipped: "
-                             f"{', '.join(shipped_names()) or '(none)'}, or a .json path from "
+            raise ValueError(f"unknown {policy} threshold map {name!r}; shipped: "
+                             f"{', '.join(shipped_names(policy)) or '(none)'}, or a .json path from "
                              "scripts/calibrate_xattention.py; layer_thresholds='none' for one threshold")
         src, data = str(res), json.loads(res.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{src} is not an XAttention threshold map (format {data.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+    if data.get("format") != map_format(policy):
+        raise ValueError(f"{src} is not a {policy} threshold map (format {data.get('format')!r}, "
+                         f"expected {map_format(policy)!r})")
     if data.get("model") != sig:
-        raise ValueError(f"XAttention threshold map {src} was made for another model ({data.get('model')}); this "
+        raise ValueError(f"{policy} threshold map {src} was made for another model ({data.get('model')}); this "
                          f"model is {sig}. Calibrate one with scripts/calibrate_xattention.py, or pass "
                          "layer_thresholds='none'")
     return src, data
@@ -65,9 +75,67 @@ def thresholds_by_layer(data: dict) -> dict[int, float]:
         if t is None:
             continue
         if not 0.0 < float(t) <= 1.0:
-            raise ValueError(f"XAttention threshold map: layer {i} has threshold {t}, outside (0, 1]")
+            raise ValueError(f"threshold map: layer {i} has threshold {t}, outside (0, 1]")
         out[i] = float(t)
     return out
 
 
-__all__ = ["FORMAT", "load_threshold_map", "thresholds_by_layer", "shipped_names"]
+class LayerThresholds:
+    """Mixin of a dataclass policy with a ``layer_thresholds`` option (``"auto"``: the shipped map that fits the
+    model, if any; ``"none"``: ``_layer_option`` everywhere; a shipped name or .json path) that sets the value of its
+    ``_layer_option`` (``"threshold"``, ``"gamma"``) per layer. Passing that option explicitly without
+    ``layer_thresholds`` means one value for every layer. A map applies only with the settings it was calibrated
+    with (block size, stride, ...): ``"auto"`` keeps one value otherwise, a named map raises."""
+
+    _layer_option: ClassVar[str] = "threshold"
+
+    @classmethod
+    def from_options(cls, **options):
+        if cls._layer_option in options and "layer_thresholds" not in options:
+            options["layer_thresholds"] = "none"  # an explicit value is one value for every layer
+        if "layer_thresholds" in options and options["layer_thresholds"] is None:
+            options["layer_thresholds"] = "none"  # as the CLI parses 'none'
+        return super().from_options(**options)
+
+    def _check_layer_thresholds(self) -> None:
+        if not isinstance(self.layer_thresholds, str) or not self.layer_thresholds:
+            raise ValueError(f"option 'layer_thresholds' of policy {self.name!r} must be 'auto', 'none', a shipped "
+                             f"map name or a .json path, got {self.layer_thresholds!r}")
+
+    def check_model(self, model) -> None:
+        """Called by accel.patch: load the per-layer values for ``model``."""
+        self._by_layer, self._map_source = {}, None
+        if self.layer_thresholds == "none":
+            return
+        found = load_threshold_map(self.layer_thresholds, model.config, self.name)
+        if found is None:
+            return
+        src, data = found
+        cal = data.get("calibration") or {}
+        made = {k: cal[k] for k in CALIBRATED_SETTINGS if k in cal and hasattr(self, k)}
+        differs = {k: v for k, v in made.items() if getattr(self, k) != v}
+        if differs:  # values calibrated for other settings would not keep what they promise
+            if self.layer_thresholds == "auto":
+                return  # the shipped map does not apply: one value for every layer
+            raise ValueError(f"{self.name} threshold map {src} was calibrated with {made}; this policy has "
+                             + ", ".join(f"{k}={getattr(self, k)}" for k in differs)
+                             + ". Calibrate one for these settings or pass layer_thresholds='none'")
+        self._map_source, self._by_layer = src, thresholds_by_layer(data)
+
+    @property
+    def calibration_source(self) -> str | None:
+        """The per-layer map in use (None: one value for every layer)."""
+        return getattr(self, "_map_source", None)
+
+    def layer_value(self, layer_idx: int) -> float:
+        return getattr(self, "_by_layer", {}).get(layer_idx, getattr(self, self._layer_option))
+
+    def at_layer(self, layer_idx: int):
+        """This policy with the layer's value as its one value (itself when that is already so)."""
+        value = self.layer_value(layer_idx)
+        if value == getattr(self, self._layer_option):
+            return self
+        return dataclasses.replace(self, **{self._layer_option: value, "layer_thresholds": "none"})
+
+
+__all__ = ["FORMAT", "LayerThresholds", "load_threshold_map", "map_format", "thresholds_by_layer", "shipped_names"]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .base import require_positive
 from .block_select import BlockSelectPolicy
+from .threshold_map import LayerThresholds
 
 
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, stride: int,
@@ -53,7 +54,7 @@ ESTIMATE_DTYPES = ("auto", "fp8", "input")
 
 
 @dataclass
-class XAttentionPolicy(BlockSelectPolicy):
+class XAttentionPolicy(LayerThresholds, BlockSelectPolicy):
     """XAttention (Xu et al. 2025, arXiv 2503.16428): antidiagonal sums inside strided sub-blocks score each
     block; keep the fewest blocks whose softmaxed scores reach the threshold.
 
@@ -86,49 +87,12 @@ class XAttentionPolicy(BlockSelectPolicy):
     estimate_dtype: str = "auto"
     layer_thresholds: str = "auto"  # "auto" | "none" | shipped name | .json path (see the docstring)
 
-    @classmethod
-    def from_options(cls, **options):
-        if "threshold" in options and "layer_thresholds" not in options:
-            options["layer_thresholds"] = "none"  # an explicit threshold is one threshold for every layer
-        if "layer_thresholds" in options and options["layer_thresholds"] is None:
-            options["layer_thresholds"] = "none"  # as the CLI parses 'none'
-        return super().from_options(**options)
-
-    def check_model(self, model) -> None:
-        """Called by accel.patch: load the per-layer thresholds for ``model`` (see the docstring)."""
-        self._by_layer, self._map_source = {}, None
-        if self.layer_thresholds == "none":
-            return
-        from .threshold_map import load_threshold_map, thresholds_by_layer
-
-        found = load_threshold_map(self.layer_thresholds, model.config)
-        if found is None:
-            return
-        src, data = found
-        cal = data.get("calibration") or {}
-        made = {k: cal[k] for k in ("block_size", "stride") if k in cal}
-        differs = {k: v for k, v in made.items() if getattr(self, k) != v}
-        if differs:  # thresholds calibrated for other blocks would not keep what they promise
-            if self.layer_thresholds == "auto":
-                return  # the shipped map does not apply: one threshold for every layer
-            raise ValueError(f"XAttention threshold map {src} was calibrated with {made}; this policy has "
-                             + ", ".join(f"{k}={getattr(self, k)}" for k in differs)
-                             + ". Calibrate one for these settings or pass layer_thresholds='none'")
-        self._map_source, self._by_layer = src, thresholds_by_layer(data)
-
-    @property
-    def calibration_source(self) -> str | None:
-        """The per-layer threshold map in use (None: one threshold for every layer)."""
-        return getattr(self, "_map_source", None)
-
     def threshold_for(self, layer_idx: int) -> float:
-        return getattr(self, "_by_layer", {}).get(layer_idx, self.threshold)
+        return self.layer_value(layer_idx)
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.layer_thresholds, str) or not self.layer_thresholds:
-            raise ValueError("option 'layer_thresholds' of policy 'xattention' must be 'auto', 'none', a shipped "
-                             f"map name or a .json path, got {self.layer_thresholds!r}")
+        self._check_layer_thresholds()
         require_positive(self, "stride")
         if self.block_size % self.stride:
             raise ValueError(f"option 'stride' ({self.stride}) must divide block_size ({self.block_size})")
