@@ -456,7 +456,7 @@ def format_report(res: dict[str, Any]) -> str:
 
 def list_policies(as_json: bool = False) -> str:
     """Each policy's phase, paper, summary and options with their defaults (``--list-policies``)."""
-    from accel.policies import REGISTRY, policy_defaults
+    from accel.policies import REGISTRY, phase_label, policy_defaults
 
     items = [{"name": n, "phases": list(i.phases), "paper": i.paper.strip("-— ") or None,
               "description": i.description, "options": policy_defaults(n)} for n, i in REGISTRY.items()]
@@ -464,8 +464,7 @@ def list_policies(as_json: bool = False) -> str:
         return json.dumps(items, indent=2)
     lines = []
     for it in items:
-        phase = "both" if len(it["phases"]) == 2 else it["phases"][0]
-        lines.append(f"{it['name']} ({phase}{', ' + it['paper'] if it['paper'] else ''}): {it['description']}")
+        lines.append(f"{it['name']} ({phase_label(it['name'])}{', ' + it['paper'] if it['paper'] else ''}): {it['description']}")
         opts = "  ".join(f"{k}={v!r}" for k, v in it["options"].items())
         lines.append(f"    {opts or '(no options)'}")
     lines.append("Options go to accel.patch(model, NAME, key=value) or accel-run --option key=value; "

@@ -257,7 +257,7 @@ def _cell_key(c: Cell, cfg: GridConfig, model=None) -> dict:
     digest = _head_map_digest(c.policy, model)
     if digest is not None:  # a recalibrated head map is another setting: its cells are not reused
         key["head_map"] = digest
-    digest = _threshold_map_digest(c.policy, model)
+    digest = _threshold_map_digest(key["config"]["prefill"], model)
     if digest is not None:  # likewise a recalibrated per-layer threshold map
         key["threshold_map"] = digest
     return key
@@ -290,17 +290,13 @@ def _head_map_digest(entry: PolicyEntry, model) -> str | None:
     return _digest(data.get("gates"))
 
 
-def _threshold_map_digest(entry: PolicyEntry, model) -> str | None:
-    """sha256 of the per-layer thresholds an xattention / flexprefill entry reads for ``model`` (its
-    ``layer_thresholds`` map, or the shipped one that fits), None without one."""
-    parts = set(entry.policy.split("+")) & {"xattention", "flexprefill"}
-    if model is None or not parts:
+def _threshold_map_digest(pol: dict, model) -> str | None:
+    """sha256 of the per-layer thresholds a resolved xattention / flexprefill prefill config (``_resolved_config``)
+    reads for ``model`` (its ``layer_thresholds`` map, or the shipped one that fits), None without one."""
+    if model is None or pol["name"] not in ("xattention", "flexprefill") or pol["layer_thresholds"] == "none":
         return None
     from accel.policies.threshold_map import load_threshold_map
 
-    pol = _resolved_config(entry)["prefill"]
-    if pol["name"] not in parts or pol.get("layer_thresholds", "none") == "none":
-        return None
     try:
         found = load_threshold_map(pol["layer_thresholds"], model.config, pol["name"])
     except (ValueError, OSError):

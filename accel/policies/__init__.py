@@ -59,6 +59,12 @@ def policy_class(name: str) -> type[Policy]:
     return info.cls
 
 
+def phase_label(name: str) -> str:
+    """'prefill', 'decode' or 'both'."""
+    phases = REGISTRY[name].phases
+    return "both" if len(phases) == 2 else phases[0]
+
+
 def policy_defaults(name: str) -> dict[str, Any]:
     """Every option of a policy with its default (``accel.patch(model, name, **options)`` overrides them)."""
     return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -66,13 +72,13 @@ def policy_defaults(name: str) -> dict[str, Any]:
 
 
 def options_markdown() -> str:
-    """The options table of the README (tests/test_api.py keeps the two in agreement)."""
+    """The options table of the README (tests/test_models_cli.py keeps the two in agreement)."""
     rows = ["| policy | phase | options (defaults) |", "| --- | --- | --- |"]
-    for name, info in REGISTRY.items():
+    for name in REGISTRY:
         opts = ", ".join(f"`{k}={v!r}`" for k, v in policy_defaults(name).items()) or "—"
-        rows.append(f"| `{name}` | {'both' if len(info.phases) == 2 else info.phases[0]} | {opts} |")
+        rows.append(f"| `{name}` | {phase_label(name)} | {opts} |")
     return "\n".join(rows)
 
 
-__all__ = ["AttentionContext", "policy_defaults", "options_markdown", "Policy", "PolicyInfo", "REGISTRY",
+__all__ = ["AttentionContext", "phase_label", "policy_defaults", "options_markdown", "Policy", "PolicyInfo", "REGISTRY",
            "policy_class", "PolicyNotImplemented", "DensePolicy", "StreamingPolicy", "XAttentionPolicy"]
