@@ -86,7 +86,7 @@ def calibrate(model, tok, *, lengths: list[int], depths: list[float], target: fl
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="demo name (smollm2, gemma3), .gguf file, model folder or hub id")
-    ap.add_argument("--policy", default="xattention", choices=["xattention", "flexprefill"])
+    ap.add_argument("--policy", default="xattention", choices=["xattention", "flexprefill", "proxy"])
     ap.add_argument("--target", type=float, default=0.96, help="recall each layer must keep (default 0.96)")
     ap.add_argument("--lengths", default="4096", help="calibration prompt lengths, comma-separated (default 4096)")
     ap.add_argument("--depths", default="0.3,0.7", help="needle depths of the calibration prompts")

@@ -95,3 +95,35 @@ def test_heads_per_proxy_must_divide_heads():
     pol = ProxyPolicy.from_options(heads_per_proxy=3, block_size=64)
     with pytest.raises(ValueError, match="divide"):
         pol.plan(torch.randn(1, 4, 200, 16), torch.randn(1, 2, 200, 16), CTX)
+
+
+def test_per_layer_gamma_from_a_map(tmp_path):
+    """A per-layer map sets each layer's gamma (policies/threshold_map.py): a layer at 1.0 keeps every causal block,
+    the others at 0.3 skip blocks; a map calibrated with another query stride raises when named and is not used
+    under "auto"; an explicit gamma is one value for every layer."""
+    import json
+
+    from accel.policies.duo import model_signature
+    from accel.policies.threshold_map import map_format
+
+    model = tiny_model("qwen2")
+    n = model.config.num_hidden_layers
+    path = tmp_path / "gamma.json"
+    data = {"format": map_format("proxy"), "model": model_signature(model.config), "target_recall": 0.96,
+            "thresholds": [1.0] + [0.3] * (n - 1), "calibration": {"block_size": 64, "query_stride": 8}}
+    path.write_text(json.dumps(data))
+    kw = dict(block_size=64, backend="reference", collect_stats=True)
+    accel.patch(model, "proxy", layer_thresholds=str(path), **kw)
+    with torch.no_grad():
+        model(ids(length=400))
+    st = accel.stats(model)
+    assert st["calibration"] == {"proxy": str(path)}
+    dens = [layer["prefill_density"] for layer in st["layers"]]
+    assert dens[0] == 1.0 and all(d < 0.9 for d in dens[1:])
+    accel.unpatch(model)
+    assert accel.parse_policy("proxy", gamma=0.9).prefill.layer_thresholds == "none"
+    with pytest.raises(ValueError, match="calibrated with"):
+        accel.patch(model, "proxy", layer_thresholds=str(path), **{**kw, "query_stride": 4})
+    with pytest.raises(ValueError, match="is not a proxy threshold map"):
+        path.write_text(json.dumps({**data, "format": map_format("flexprefill")}))
+        accel.patch(model, "proxy", layer_thresholds=str(path), **kw)

@@ -291,9 +291,10 @@ def _head_map_digest(entry: PolicyEntry, model) -> str | None:
 
 
 def _threshold_map_digest(pol: dict, model) -> str | None:
-    """sha256 of the per-layer thresholds a resolved xattention / flexprefill prefill config (``_resolved_config``)
-    reads for ``model`` (its ``layer_thresholds`` map, or the shipped one that fits), None without one."""
-    if model is None or pol["name"] not in ("xattention", "flexprefill") or pol["layer_thresholds"] == "none":
+    """sha256 of the per-layer thresholds a resolved prefill config with a ``layer_thresholds`` option (xattention,
+    flexprefill, proxy; ``_resolved_config``) reads for ``model`` (its map, or the shipped one that fits), None
+    without one."""
+    if model is None or pol.get("layer_thresholds", "none") == "none":
         return None
     from accel.policies.threshold_map import load_threshold_map
 

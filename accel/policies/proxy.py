@@ -10,6 +10,7 @@ from accel.layouts import DenseLayout
 from .base import Policy, require_positive
 from .block_select import check_block_size, check_fraction, fast_selection, layout_width
 from .flexprefill import pooled_means, tokens_to_cover, top_n_mask
+from .threshold_map import LayerThresholds
 
 
 def proxy_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, heads_per_proxy: int, stride: int,
@@ -56,7 +57,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block: int, heads_per_proxy: 
 
 
 @dataclass
-class ProxyPolicy(Policy):
+class ProxyPolicy(LayerThresholds, Policy):
     """ProxyAttn (Wang et al. 2025, arXiv 2509.24745): attention heads attend to largely the same tokens but differ
     in how sparse they are. So heads are pooled (not tokens): each proxy head averages ``heads_per_proxy`` query
     heads (default 0 = one proxy per GQA group, where pooling queries is exact pooling of logits) and scores keys at
@@ -74,7 +75,12 @@ class ProxyPolicy(Policy):
     0.930 (Gemma-3-270M, 4K/8K), below issue 5's 0.95; 0.93 lands on the edge on SmolLM2 (0.952, 4K prompts 0.946);
     0.94 keeps 0.959 / 0.962 at density 0.60 / 0.78 (0.95: 0.966 / 0.970 at 0.63 / 0.81). Sampling every 4th
     query instead of every 8th changes recall by <= 0.003 (results/recall_sweep.md).
-    ``gamma=1`` keeps every causal block (dense)."""
+    ``gamma=1`` keeps every causal block (dense).
+
+    Per-layer ``gamma`` (``layer_thresholds``, as XAttention's and FlexPrefill's: policies/threshold_map.py): a map
+    from ``scripts/calibrate_xattention.py MODEL --policy proxy`` holds per layer the smallest gamma whose layouts
+    keep a target recall on calibration prompts; ``"auto"`` (default) uses the shipped one that fits the model
+    (configs/proxy_*.json), ``"none"`` or an explicit ``gamma`` one value for every layer."""
 
     name = "proxy"
     phases = ("prefill",)
@@ -85,8 +91,12 @@ class ProxyPolicy(Policy):
     gamma: float = 0.94  # see the docstring
     heads_per_proxy: int = 0
     query_stride: int = 8
+    layer_thresholds: str = "auto"  # per-layer gamma: "auto" | "none" | shipped name | .json path (see the docstring)
+
+    _layer_option = "gamma"
 
     def validate(self) -> None:
+        self._check_layer_thresholds()
         check_block_size(self)
         check_fraction(self, "gamma")
         require_positive(self, "query_stride")
@@ -103,6 +113,9 @@ class ProxyPolicy(Policy):
             return DenseLayout(window=ctx.sliding_window)
         if q_len < bs:
             return DenseLayout()  # nothing to skip; recorded as density 1.0
+        layer = self.at_layer(ctx.layer_idx)
+        if layer is not self:  # this layer's calibrated gamma
+            return layer.plan(q, k, ctx)
         causal, _ = causal_block_mask(q_len, kv_len, bs, bs, device=q.device)
         if self.gamma >= 1.0:
             return build_block_layout(causal.expand(q.shape[0], q.shape[1], *causal.shape), q_len, kv_len, bs, bs)

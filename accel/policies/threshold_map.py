@@ -1,5 +1,5 @@
 """Per-layer thresholds of a prefill policy, calibrated offline per model: XAttention's ``threshold`` (its paper's
-threshold prediction, per layer) and FlexPrefill's cumulative-attention ``gamma``.
+threshold prediction, per layer), FlexPrefill's cumulative-attention ``gamma`` and ProxyAttn's ``gamma``.
 
 A map is JSON: ``{"format": "accel-<policy>-thresholds/1", "model": <model signature>, "target_recall": r,
 "thresholds": [one value per layer, null for the model's sliding-window layers], "calibration": {...}}``, made by
@@ -16,7 +16,7 @@ from typing import ClassVar
 from .duo import model_signature
 
 # what a map's calibration records and a policy must share for the map to hold (block grid, estimate settings)
-CALIBRATED_SETTINGS = ("block_size", "stride", "tau", "min_budget")
+CALIBRATED_SETTINGS = ("block_size", "stride", "tau", "min_budget", "heads_per_proxy", "query_stride")
 
 
 def map_format(policy: str) -> str:
