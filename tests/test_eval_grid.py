@@ -166,20 +166,22 @@ def test_changed_default_is_not_reused(capsys, tiny_dir, tmp_path, monkeypatch):
     assert json.loads(cell.read_text())["key"]["config"]["prefill"]["window"] == 64
 
 
-def test_threshold_map_change_is_not_reused(capsys, tiny_dir, tmp_path):
-    """An xattention cell's key carries the digest of the per-layer thresholds it read: a recalibrated map at the
+@pytest.mark.parametrize("policy", ["xattention", "proxy"])
+def test_threshold_map_change_is_not_reused(capsys, tiny_dir, tmp_path, policy):
+    """A cell's key carries the digest of the per-layer thresholds its policy read: a recalibrated map at the
     same path is recomputed."""
     from accel.policies.duo import model_signature
-    from accel.policies.threshold_map import FORMAT
+    from accel.policies.threshold_map import map_format
 
     cfg = transformers.AutoConfig.from_pretrained(tiny_dir)
     path = tmp_path / "thr.json"
 
     def write_map(t):
-        path.write_text(json.dumps({"format": FORMAT, "model": model_signature(cfg), "thresholds": [t, t]}))
+        path.write_text(json.dumps({"format": map_format(policy), "model": model_signature(cfg),
+                                    "thresholds": [t, t]}))
 
     out = tmp_path / "ev"
-    argv = ["--model", str(tiny_dir), "--out", str(out), "--policy", f"xattention:layer_thresholds={path}",
+    argv = ["--model", str(tiny_dir), "--out", str(out), "--policy", f"{policy}:layer_thresholds={path}",
             "--lengths", "300", "--tasks", "niah_single", "--samples", "1", "--max-new-tokens", "2", "--backend",
             "reference", "--device", "cpu", "--quiet", "--no-plots"]
     write_map(0.9)
