@@ -1,12 +1,12 @@
 """Per-layer thresholds of a prefill policy for a model: for each full-attention layer, the smallest threshold
-(XAttention's ``threshold``, FlexPrefill's and ProxyAttn's ``gamma``) whose layout keeps at least ``--target`` of the dense
-attention mass on every calibration prompt (XAttention's threshold prediction, per layer). Writes a map that the
+(XAttention's ``threshold``, FlexPrefill's and ProxyAttn's ``gamma``) whose layout keeps at least ``--target`` of
+the dense attention mass on every calibration prompt (XAttention's threshold prediction, per layer). Writes a map that the
 policy loads (``layer_thresholds``; the shipped ones under configs/ are picked automatically for their model).
 
     python scripts/calibrate_xattention.py smollm2                      # -> configs/xattention_smollm2.json
     python scripts/calibrate_xattention.py gemma3 --lengths 8192
-    python scripts/calibrate_xattention.py gemma3 --lengths 8192 --policy flexprefill   # configs/flexprefill_gemma3.json
-    python scripts/calibrate_xattention.py smollm2 --policy proxy                      # configs/proxy_smollm2.json
+    python scripts/calibrate_xattention.py gemma3 --lengths 8192 --policy flexprefill  # configs/flexprefill_gemma3.json
+    python scripts/calibrate_xattention.py smollm2 --policy proxy                     # configs/proxy_smollm2.json
     python scripts/calibrate_xattention.py ./my-model --out /tmp/thr.json --target 0.97
 
 Calibration prompts are needle prompts with seeds (100, 101, ...) that the evaluation scripts do not use, and the
