@@ -1,7 +1,7 @@
 """Per-layer thresholds of a prefill policy for a model: for each full-attention layer, the smallest threshold
 (XAttention's ``threshold``, FlexPrefill's and ProxyAttn's ``gamma``) whose layout keeps at least ``--target`` of
-the dense attention mass on every calibration prompt (XAttention's threshold prediction, per layer). Writes a map that the
-policy loads (``layer_thresholds``; the shipped ones under configs/ are picked automatically for their model).
+the dense attention mass on every calibration prompt (XAttention's threshold prediction, per layer). Writes a map
+that the policy loads (``layer_thresholds``; the shipped ones under configs/ are picked automatically for their model).
 
     python scripts/calibrate_xattention.py smollm2                      # -> configs/xattention_smollm2.json
     python scripts/calibrate_xattention.py gemma3 --lengths 8192
