@@ -99,8 +99,8 @@ def test_heads_per_proxy_must_divide_heads():
 
 def test_per_layer_gamma_from_a_map(tmp_path):
     """A per-layer map sets each layer's gamma (policies/threshold_map.py): a layer at 1.0 keeps every causal block,
-    the others at 0.3 skip blocks; a map calibrated with another query stride raises when named and is not used
-    under "auto"; an explicit gamma is one value for every layer."""
+    the others at 0.3 skip blocks; a map calibrated with another query stride raises when named; a map of another
+    policy raises; an explicit gamma is one value for every layer."""
     import json
 
     from accel.policies.duo import model_signature
@@ -124,6 +124,6 @@ def test_per_layer_gamma_from_a_map(tmp_path):
     assert accel.parse_policy("proxy", gamma=0.9).prefill.layer_thresholds == "none"
     with pytest.raises(ValueError, match="calibrated with"):
         accel.patch(model, "proxy", layer_thresholds=str(path), **{**kw, "query_stride": 4})
+    path.write_text(json.dumps({**data, "format": map_format("flexprefill")}))
     with pytest.raises(ValueError, match="is not a proxy threshold map"):
-        path.write_text(json.dumps({**data, "format": map_format("flexprefill")}))
         accel.patch(model, "proxy", layer_thresholds=str(path), **kw)

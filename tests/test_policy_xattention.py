@@ -173,7 +173,7 @@ def test_layer_thresholds_bad_input(tmp_path):
     assert not accel.is_patched(model)
 
 
-@pytest.mark.parametrize("policy", ["xattention", "flexprefill"])
+@pytest.mark.parametrize("policy", ["xattention", "flexprefill", "proxy"])
 def test_shipped_maps_fit_their_models(policy):
     """configs/<policy>_*.json: one value per layer of the demo model they name (in the calibration grid, None for
     sliding-window layers), in the policy's map format, calibrated with the policy's default settings."""

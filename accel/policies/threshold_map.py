@@ -3,7 +3,7 @@ threshold prediction, per layer), FlexPrefill's cumulative-attention ``gamma`` a
 
 A map is JSON: ``{"format": "accel-<policy>-thresholds/1", "model": <model signature>, "target_recall": r,
 "thresholds": [one value per layer, null for the model's sliding-window layers], "calibration": {...}}``, made by
-``scripts/calibrate_xattention.py MODEL [--policy flexprefill]`` and shipped as ``configs/<policy>_<name>.json``."""
+``scripts/calibrate_xattention.py MODEL [--policy flexprefill|proxy]`` and shipped as ``configs/<policy>_<name>.json``."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ class LayerThresholds:
 
     def check_model(self, model) -> None:
         """Called by accel.patch: load the per-layer values for ``model``."""
-        self._by_layer, self._map_source = {}, None
+        self._by_layer, self._map_source, self._layer_policies = {}, None, {}
         if self.layer_thresholds == "none":
             return
         found = load_threshold_map(self.layer_thresholds, model.config, self.name)
@@ -131,11 +131,15 @@ class LayerThresholds:
         return getattr(self, "_by_layer", {}).get(layer_idx, getattr(self, self._layer_option))
 
     def at_layer(self, layer_idx: int):
-        """This policy with the layer's value as its one value (itself when that is already so)."""
+        """This policy with the layer's value as its one value (itself when that is already so); made once per
+        layer, not on every plan."""
         value = self.layer_value(layer_idx)
         if value == getattr(self, self._layer_option):
             return self
-        return dataclasses.replace(self, **{self._layer_option: value, "layer_thresholds": "none"})
+        memo = self.__dict__.setdefault("_layer_policies", {})
+        if layer_idx not in memo:
+            memo[layer_idx] = dataclasses.replace(self, **{self._layer_option: value, "layer_thresholds": "none"})
+        return memo[layer_idx]
 
 
 __all__ = ["FORMAT", "LayerThresholds", "load_threshold_map", "map_format", "thresholds_by_layer", "shipped_names"]
