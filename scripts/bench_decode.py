@@ -507,6 +507,77 @@ def token_sweep(batches, hkv, budget, out, layers: int = 32) -> None:
     _write_sweep(out, "bench_decode_token_sweep", rows, md)
 
 
+def logits_sweep(batches, hkv, out, layers: int = 4) -> None:
+    """TidalDecode's selection layers: dense split-KV attention over every key that also writes each key's score
+    (``logits=``), 128K, ``layers`` layers in one graph (L2 cold), over splits x key tiles x stages x warps, against
+    cuDNN's SDPA and the same kernel without the scores on the same data; each setting checked against the
+    kernel's own launch first."""
+    import torch.nn.functional as F
+    from bench_utils import graph_of, replay_ms
+
+    from accel.kernels.triton.decode_attention import paged_decode_attention
+
+    ctx, d, G = 131072, 128, 4
+    rows = []
+    for B in batches:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        end = torch.tensor(ctx, device="cuda")
+        data = []
+        for _ in range(layers):
+            k = torch.randn(B, hkv, ctx, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            data.append((torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g), k,
+                         torch.randn_like(k), torch.empty(B, hkv * G, ctx, device="cuda")))
+
+        def calls(kw, scores=True):
+            return [lambda kw=kw, a=a: paged_decode_attention(*a[:3], kv_end=end, return_lse=True,
+                                                              logits=a[3] if scores else None, **kw)[0]
+                    for a in data]
+
+        def us(fns, check=None):
+            def run():
+                return [f() for f in fns]
+            outs = run()
+            for o, r in zip(outs, check or []):
+                torch.testing.assert_close(o, r, atol=2e-2, rtol=2e-2)
+            return replay_ms(graph_of(run)) * 1e3 / len(fns)
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
+            sdpa = us([lambda a=a: F.scaled_dot_product_attention(a[0], a[1], a[2], enable_gqa=True) for a in data])
+        ref = [f().clone() for f in calls({})]
+        base = {"batch": B, "sdpa_cudnn": sdpa, "no_scores": us(calls({}, scores=False)), "default": us(calls({}))}
+        print(json.dumps(base), flush=True)
+        for ns in (None, 8, 16, 32, 64, 128):
+            for bn in (64, 128):
+                for st in (1, 2, 3):
+                    for w in (4, 8):
+                        kw = dict(n_splits=ns, block_n=bn, num_stages=st, num_warps=w)
+                        try:
+                            t = us(calls(kw), ref)
+                        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory at 128 x 3 stages
+                            print(f"skip {kw}: {type(e).__name__}", flush=True)
+                            continue
+                        rows.append({**base, **kw, "n_splits": ns or "auto", "us": t})
+                        print(json.dumps(rows[-1]), flush=True)
+        data = ref = None  # free this batch's K/V before the next
+        torch.cuda.empty_cache()
+    best = {}
+    for r in rows:
+        if r["batch"] not in best or r["us"] < best[r["batch"]]["us"]:
+            best[r["batch"]] = r
+    md = [f"# Dense split-KV decode attention with scores (TidalDecode's selection layers) "
+          f"({torch.cuda.get_device_name()}, 128K, {hkv * G}/{hkv}/{d})", "",
+          f"`python scripts/bench_decode.py --logits-sweep --batches {','.join(map(str, batches))}`; median us per "
+          f"layer over a {layers}-layer graph (split + combine, L2 cold)", "",
+          "| batch | cuDNN SDPA | ours, no scores | ours with scores (default launch) | best with scores | its setting |",
+          "| --- | --- | --- | --- | --- | --- |"]
+    for B, r in best.items():
+        md.append(f"| {B} | {r['sdpa_cudnn']:.1f} | {r['no_scores']:.1f} | {r['default']:.1f} | {r['us']:.1f} | "
+                  f"splits {r['n_splits']}, block_n {r['block_n']}, stages {r['num_stages']}, warps {r['num_warps']} |")
+    md += ["", "| batch | splits | block_n | stages | warps | us |", "| --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['batch']} | {r['n_splits']} | {r['block_n']} | {r['num_stages']} | {r['num_warps']} | {r['us']:.1f} |"
+           for r in sorted(rows, key=lambda r: (r["batch"], r["us"]))]
+    _write_sweep(out, "bench_decode_logits", rows, md)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32768,131072")
@@ -528,6 +599,8 @@ def main(argv=None) -> int:
                     help="only sweep the split-KV kernel over token positions (TidalDecode) over a 32-layer graph")
     ap.add_argument("--split-stages", action="store_true",
                     help="only time the split-KV kernel's pipeline stages over a 32-layer graph (L2 cold)")
+    ap.add_argument("--logits-sweep", action="store_true",
+                    help="only sweep the dense split-KV kernel that also writes the scores (TidalDecode's selection)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -536,6 +609,7 @@ def main(argv=None) -> int:
     contexts = [int(x) for x in args.contexts.split(",")]
     hkv = int(args.heads.split(",")[1])
     sweeps = {  # each flag: one sweep, its own result files
+        "logits_sweep": lambda: logits_sweep(batches, hkv, args.out),
         "tile_sweep": lambda: tile_sweep(batches, hkv, args.budget, args.out),
         "token_sweep": lambda: token_sweep(batches, hkv, args.budget, args.out),
         "split_stages": lambda: split_stages(batches, hkv, args.budget, args.out),

@@ -165,6 +165,18 @@ def test_launch_tile_and_stages():
     assert [_stages(t, 64) for t in (1, 2, 4, 8)] == [1, 1, 2, None]
 
 
+@pytest.mark.parametrize("rows", [1, 4, 8, 16, 32, 64, 100, 264, 300])
+def test_splits_keep_one_wave(rows):
+    """Splits per (batch row, KV head) fill at most one wave of two programs per SM (132 SMs): rounding up put 24
+    of batch 4's 288 programs in a second wave (results/bench_decode_logits.md), and still fill most of it."""
+    from accel.kernels.triton.decode_attention import _splits
+
+    n = _splits(rows, 132)
+    assert n >= 1
+    assert rows * n <= max(264, rows)
+    assert rows * (n + 1) > 264
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("S", [1, 17, 150])
 def test_full_selection_is_dense_decode(S, splits):

@@ -243,9 +243,17 @@ def _tile(B: int, Hkv: int, width: int, n_splits: int | None, D: int, Dv: int, i
     3.54 ms (results/bench_decode_floor_tiles.md) while its sparse layers got faster."""
     if max(D, Dv) > 128 or itemsize > 2 or scores:
         return 64
-    per_row = n_splits or max(1, triton.cdiv(2 * sms, B * Hkv))
+    per_row = n_splits or _splits(B * Hkv, sms)
     programs = B * Hkv * min(per_row, triton.cdiv(width, 128))
     return 128 if 2 * programs >= 3 * sms else 64
+
+
+def _splits(rows: int, sms: int) -> int:
+    """Splits per (row, KV head): as many as keep the grid within one wave of two programs per SM. Rounded down,
+    not up: at batch 4 (32 rows on 132 SMs) 9 splits made 288 programs, 24 of them a second wave, and the dense
+    pass with scores (TidalDecode's selection layers) ran 590 us against 527 at 8 splits (H200, 128K; scripts/
+    bench_decode.py --logits-sweep, results/bench_decode_logits.md). Batch 1 (8 rows) is unchanged at 33."""
+    return max(1, (2 * sms) // rows)
 
 
 def _per_row(t: torch.Tensor, B: int, device, name: str) -> tuple[torch.Tensor, int]:
@@ -356,7 +364,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     if n_splits is None:
         # two programs per SM from K/V's heads alone: the ring's programs are short and fill in around them
         # (counting them here halved duo's retrieval splits into one and a bit waves: 13.6 -> 15.8 ms per step)
-        n_splits = 4 if interp else max(1, triton.cdiv(2 * _sm_count(q.device), B * Hkv))
+        n_splits = 4 if interp else _splits(B * Hkv, _sm_count(q.device))
     n_splits = max(1, min(n_splits, n_blocks))
     tok_per_split = triton.cdiv(n_blocks, n_splits) * block_n
     n_splits = triton.cdiv(width, tok_per_split)
