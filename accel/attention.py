@@ -72,18 +72,34 @@ class LayerState:
         }
 
 
-def _mean(acc: list[float]) -> float | None:
-    return acc[0] / acc[1] if acc[1] else None
+def _mean(acc: list) -> float | None:
+    if not acc[1]:
+        return None
+    total = acc[0]
+    return (float(total) if isinstance(total, torch.Tensor) else total) / acc[1]  # a device sum: one sync, here
 
 
-def _density(layout, q_len: int, total: int, collect: bool) -> float | None:
-    """Share of causal (query, key) pairs the layout computes; host arithmetic where possible."""
+def causal_block_count(q_len: int, kv_len: int, block_q: int, block_k: int) -> int:
+    """Key blocks with a key visible to some query of their query block, summed over the query blocks (what
+    ``kernels.reference_sparse.causal_block_mask`` marks), on the host."""
+    off = kv_len - q_len
+    return sum((off + min((m + 1) * block_q, q_len) - 1) // block_k + 1 for m in range(-(-q_len // block_q)))
+
+
+def _density(layout, q_len: int, total: int, collect: bool) -> float | torch.Tensor | None:
+    """Share of causal (query, key) pairs the layout computes; host arithmetic where possible. A block layout's
+    share is a device scalar (its listed blocks over the causal ones, no sync: read when ``stats`` is called), or
+    with ``collect`` the exact share of causal blocks kept (a block mask and one sync per call)."""
     if hasattr(layout, "density"):
         return layout.density(q_len, total)
-    if collect and isinstance(layout, BlockLayout):
-        from .kernels.reference_sparse import block_layout_density
+    if isinstance(layout, BlockLayout):
+        if collect:
+            from .kernels.reference_sparse import block_layout_density
 
-        return block_layout_density(layout, q_len, total)
+            return block_layout_density(layout, q_len, total)
+        B, H, _ = layout.counts.shape
+        causal = causal_block_count(q_len, total, layout.block_q, layout.block_k)
+        return layout.counts.sum(dtype=torch.float64) / float(causal * B * H)
     if collect and isinstance(layout, VerticalSlashLayout):
         from .recall import vertical_slash_density
 

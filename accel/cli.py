@@ -362,7 +362,8 @@ def run(args) -> dict[str, Any]:
     accel.patch(model, policy=policy, backend=args.backend, **options)
     main_res = one_run(spec.describe())
     stats = accel.stats(model)
-    main_res["stats"] = {k: stats.get(k) for k in ("policy", "backend_requested", "backends_used", "mean_density")}
+    main_res["stats"] = {k: stats.get(k) for k in ("policy", "backend_requested", "backends_used", "mean_density",
+                                                   "mean_prefill_density", "mean_decode_density")}
 
     result: dict[str, Any] = {
         "model": args.model or "smollm2",
@@ -423,8 +424,9 @@ def format_report(res: dict[str, Any]) -> str:
         f"model        {res['model']} ({res['model_class']}, {res['dtype']}, {res['device']}; loaded in "
         f"{res['load_s']:.1f} s)",
         f"policy       {res['policy']}  options={res['options'] or '{}'}  backend={res['backend']} "
-        f"(used: {', '.join(r['stats']['backends_used']) or 'n/a'}; mean density "
-        f"{_fmt(r['stats']['mean_density'], '.3f')})",
+        f"(used: {', '.join(r['stats']['backends_used']) or 'n/a'}; density prefill "
+        f"{_fmt(r['stats'].get('mean_prefill_density'), '.3f')}, decode "
+        f"{_fmt(r['stats'].get('mean_decode_density'), '.3f')})",
         f"prompt       {res['prompt_tokens']} tokens"
         + (f", needle at token {res['needle']['token_start']} (depth {res['needle']['depth']:.2f})"
            if res["needle"] else " (from --prompt-file)"),

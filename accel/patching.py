@@ -274,6 +274,10 @@ def stats(model: nn.Module) -> dict[str, Any]:
         raise ValueError("model is not patched; call accel.patch(model, ...) first")
     layers = [mod._accel.as_dict() for mod in record.modules]
     dens = [layer["density"] for layer in layers if layer["density"] is not None]
+
+    def phase_mean(key):  # over the layers that ran the phase
+        vals = [layer[key] for layer in layers if layer[key] is not None]
+        return sum(vals) / len(vals) if vals else None
     recalls = [layer["prefill_recall"] for layer in layers if layer["prefill_recall"] is not None]
     used: dict[str, int] = {}
     for layer in layers:
@@ -286,7 +290,9 @@ def stats(model: nn.Module) -> dict[str, Any]:
         "calibration": calibration,  # per-model files a policy read (head maps, per-layer thresholds), by policy
         "backend_requested": record.backend,
         "backends_used": used,
-        "mean_density": sum(dens) / len(dens) if dens else None,
+        "mean_density": sum(dens) / len(dens) if dens else None,  # over every call, prefill and decode alike
+        "mean_prefill_density": phase_mean("prefill_density"),
+        "mean_decode_density": phase_mean("decode_density"),
         "mean_recall": sum(recalls) / len(recalls) if recalls else None,  # collect_stats=True only
         "layers": layers,
     }

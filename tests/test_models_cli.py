@@ -331,6 +331,18 @@ def test_cli_static_cache_gives_the_dynamic_tokens(capsys, tiny_dir, policy):
     assert outs["static"]["result"]["new_token_ids"] == outs["dynamic"]["result"]["new_token_ids"]
 
 
+def test_cli_reports_prefill_and_decode_density_apart(capsys, tiny_dir):
+    """A sparse prefill's density shows without collect_stats, apart from the dense decode steps (the mean over
+    every call used to read ~1.0 for xattention, as if it ran dense)."""
+    code, out, err = _run(capsys, ["--model", str(tiny_dir), "--context-length", "300", "--max-new-tokens", "3",
+                                   "--policy", "xattention", "--option", "threshold=0.5", "--option", "block_size=64",
+                                   *BASE])
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("policy"))
+    prefill = float(line.split("density prefill ")[1].split(",")[0])
+    assert 0 < prefill < 1.0 and "decode 1.000" in line, line
+
+
 def test_cli_streaming_compare_text_report(capsys, tiny_dir):
     code, out, err = _run(capsys, ["--model", str(tiny_dir), "--context-length", "300", "--max-new-tokens", "3",
                                    "--policy", "streaming", "--option", "sink=4", "--option", "window=64",
