@@ -34,7 +34,8 @@ class LayerState:
     calls: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     backends_used: dict[str, int] = field(default_factory=dict)
     collect: bool = False  # opt-in stats that need a device sync (block-sparse density)
-    density: dict[str, list[float]] = field(default_factory=lambda: {"prefill": [0.0, 0], "decode": [0.0, 0]})
+    # per phase: [sum of known densities, calls with one, calls without one (then the phase's mean is unknown)]
+    density: dict[str, list] = field(default_factory=lambda: {"prefill": [0.0, 0, 0], "decode": [0.0, 0, 0]})
     fallbacks: set[str] = field(default_factory=set)  # auto: why a faster backend was skipped
     past_len: int = 0  # tokens in the cache before this call (set by the pre-forward hook; a compacted cache holds fewer)
     recall: list[float] = field(default_factory=lambda: [0.0, 0])  # opt-in: prefill attention recall (accel.recall)
@@ -65,7 +66,7 @@ class LayerState:
             "backends": dict(self.backends_used),
             "prefill_density": _mean(self.density["prefill"]),
             "decode_density": _mean(self.density["decode"]),
-            "density": _mean([sum(v[0] for v in self.density.values()), sum(v[1] for v in self.density.values())]),
+            "density": _mean([sum(v[i] for v in self.density.values()) for i in range(3)]),
             "auto_notes": sorted(self.fallbacks),
             "prefill_recall": _mean(self.recall),
             "static_cache": self.static_cache,
@@ -73,7 +74,9 @@ class LayerState:
 
 
 def _mean(acc: list) -> float | None:
-    if not acc[1]:
+    """Mean of an accumulator [sum, count(, calls left out)]; None when empty or when some call's value is unknown
+    (a mean over the others would pass for the whole)."""
+    if not acc[1] or (len(acc) > 2 and acc[2]):
         return None
     total = acc[0]
     return (float(total) if isinstance(total, torch.Tensor) else total) / acc[1]  # a device sum: one sync, here
@@ -286,8 +289,10 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, slid
     total = max(kv_len, state.past_len + q_len)
     # density against the full causal context (a compacted cache holds fewer keys than were seen)
     d = _density(layout, q_len, total, state.collect)
-    if d is not None:
-        acc = state.density[phase]
+    acc = state.density[phase]
+    if d is None:
+        acc[2] += 1
+    else:
         acc[0] += d
         acc[1] += 1
     if state.collect and phase == "prefill" and kv_start is None:

@@ -306,7 +306,7 @@ def reset_stats(model: nn.Module) -> None:
         s = mod._accel
         s.calls = {"prefill": 0, "decode": 0}
         s.backends_used, s.fallbacks = {}, set()
-        s.density = {"prefill": [0.0, 0], "decode": [0.0, 0]}
+        s.density = {"prefill": [0.0, 0, 0], "decode": [0.0, 0, 0]}
         s.recall = [0.0, 0]
 
 

@@ -43,3 +43,22 @@ def test_causal_block_count_matches_the_mask():
     for q_len, kv_len, bq, bk in [(400, 400, 64, 64), (100, 400, 64, 128), (1, 300, 128, 128), (257, 900, 128, 64)]:
         causal, _ = causal_block_mask(q_len, kv_len, bq, bk)
         assert causal_block_count(q_len, kv_len, bq, bk) == int(causal.sum())
+
+
+def test_unknown_prefill_density_is_not_averaged_away():
+    """A vertical-slash prefill's density needs collect_stats (it is not free to count): without it the prefill's
+    density is unknown (None), and so is the layer's mean over every call, instead of the decode steps' 1.0."""
+    model = tiny_model("llama")
+    x = ids(length=400)
+    opts = dict(vertical_size=32, slash_size=64, last_q=16, backend="reference")
+    accel.patch(model, "vertical_slash", **opts)
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=3, do_sample=False)
+    st = accel.stats(model)
+    assert all(layer["prefill_density"] is None and layer["density"] is None for layer in st["layers"])
+    assert st["mean_prefill_density"] is None and st["mean_density"] is None
+    assert st["mean_decode_density"] == 1.0
+    accel.patch(model, "vertical_slash", collect_stats=True, **opts)
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=3, do_sample=False)
+    assert accel.stats(model)["mean_prefill_density"] < 0.6
