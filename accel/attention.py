@@ -102,7 +102,8 @@ def _density(layout, q_len: int, total: int, collect: bool) -> float | torch.Ten
             return block_layout_density(layout, q_len, total)
         B, H, _ = layout.counts.shape
         causal = causal_block_count(q_len, total, layout.block_q, layout.block_k)
-        return layout.counts.sum(dtype=torch.float64) / float(causal * B * H)
+        wide = torch.float32 if layout.counts.device.type == "mps" else torch.float64  # MPS has no float64
+        return layout.counts.sum(dtype=wide) / float(causal * B * H)
     if collect and isinstance(layout, VerticalSlashLayout):
         from .recall import vertical_slash_density
 
