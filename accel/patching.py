@@ -273,11 +273,12 @@ def stats(model: nn.Module) -> dict[str, Any]:
     if record is None:
         raise ValueError("model is not patched; call accel.patch(model, ...) first")
     layers = [mod._accel.as_dict() for mod in record.modules]
-    dens = [layer["density"] for layer in layers if layer["density"] is not None]
 
-    def phase_mean(key):  # over the layers that ran the phase
-        vals = [layer[key] for layer in layers if layer[key] is not None]
-        return sum(vals) / len(vals) if vals else None
+    def mean_over(key, phases=("prefill", "decode")):
+        """Mean over the layers that ran ``phases``; None when none did or when one of them cannot tell (a mean of
+        the others would pass for the whole)."""
+        vals = [layer[key] for layer in layers if any(layer["calls"][p] for p in phases)]
+        return sum(vals) / len(vals) if vals and None not in vals else None
     recalls = [layer["prefill_recall"] for layer in layers if layer["prefill_recall"] is not None]
     used: dict[str, int] = {}
     for layer in layers:
@@ -290,9 +291,9 @@ def stats(model: nn.Module) -> dict[str, Any]:
         "calibration": calibration,  # per-model files a policy read (head maps, per-layer thresholds), by policy
         "backend_requested": record.backend,
         "backends_used": used,
-        "mean_density": sum(dens) / len(dens) if dens else None,  # over every call, prefill and decode alike
-        "mean_prefill_density": phase_mean("prefill_density"),
-        "mean_decode_density": phase_mean("decode_density"),
+        "mean_density": mean_over("density"),  # over every call, prefill and decode alike
+        "mean_prefill_density": mean_over("prefill_density", ("prefill",)),
+        "mean_decode_density": mean_over("decode_density", ("decode",)),
         "mean_recall": sum(recalls) / len(recalls) if recalls else None,  # collect_stats=True only
         "layers": layers,
     }
