@@ -11,6 +11,7 @@
 #                                                      # decode as CUDA graphs and compiled (batch 4 at 128K: H200)
 #   bash scripts/gpu_suite.sh decode_floor decode_tiles  # every decode policy's step attention vs its byte floor;
 #                                                      # the split-KV kernel's key tiles / stages (32-layer graphs)
+#   bash scripts/gpu_suite.sh decode_splits            # split-KV waves: the selection launch swept, step floors
 #   bash scripts/gpu_suite.sh tidal_floor tidal_e2e    # TidalDecode's shared selection vs one per KV head (before
 #                                                      # 2026-12-04): attention vs byte floor; compiled b1 / b4 steps
 #   bash scripts/gpu_suite.sh prefill_thresholds       # the prefill policies at defaults vs the settings that keep
@@ -88,6 +89,10 @@ for stage in "$@"; do
     decode_tiles)
       timeout 300 python3 scripts/bench_decode.py --tile-sweep --batches 1,4 --out "$OUT" | tail -12
       timeout 300 python3 scripts/bench_decode.py --token-sweep --batches 1,4 --out "$OUT" | tail -10 ;;
+    decode_splits)  # the split count's waves: TidalDecode's selection launch swept, then every policy's floor
+      timeout 200 python3 scripts/bench_decode.py --logits-sweep --batches 1,4 --out "$OUT" | tail -8
+      timeout 380 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense quest tidal duo lserve \
+        --out "$OUT/bench_decode_floor_splits" | tail -14 ;;
     tidal_floor)
       timeout 580 python3 scripts/bench_decode_floor.py --batches 1 4 \
         --runs dense tidal tidal:shared=false,group_reduce=sum --out "$OUT/bench_decode_floor_tidal_shared" | tail -10 ;;
