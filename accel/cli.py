@@ -416,6 +416,18 @@ def _versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
+def _kept_everything(res: dict[str, Any]) -> list[str]:
+    """A note for each sparse phase that computed every pair at this length (a budget or window covering the
+    context, a threshold the scores never fall below), so a density of 1.000 is not read as the policy failing."""
+    st = res["result"]["stats"]
+    prefill, _, decode = res["policy"].partition("+")
+    phases = (("prefill", prefill, st.get("mean_prefill_density")), ("decode", decode or prefill,
+                                                                     st.get("mean_decode_density")))
+    return [f"note         {phase} policy {name!r} kept every key at this length (its budget, window or threshold "
+            f"covers this context): try a longer --context-length or a smaller budget/window (--option)"
+            for phase, name, d in phases if name not in ("dense", "") and d is not None and d >= 1.0]
+
+
 def format_report(res: dict[str, Any]) -> str:
     r = res["result"]
     mem_kind = "CUDA max allocated" if r["peak_memory_kind"] == "cuda_max_allocated" else \
@@ -427,6 +439,7 @@ def format_report(res: dict[str, Any]) -> str:
         f"(used: {', '.join(r['stats']['backends_used']) or 'n/a'}; density prefill "
         f"{_fmt(r['stats'].get('mean_prefill_density'), '.3f')}, decode "
         f"{_fmt(r['stats'].get('mean_decode_density'), '.3f')})",
+        *_kept_everything(res),
         f"prompt       {res['prompt_tokens']} tokens"
         + (f", needle at token {res['needle']['token_start']} (depth {res['needle']['depth']:.2f})"
            if res["needle"] else " (from --prompt-file)"),

@@ -341,6 +341,15 @@ def test_cli_reports_prefill_and_decode_density_apart(capsys, tiny_dir):
     line = next(x for x in out.splitlines() if x.startswith("policy"))
     prefill = float(line.split("density prefill ")[1].split(",")[0])
     assert 0 < prefill < 1.0 and "decode 1.000" in line, line
+    assert "note " not in out  # the decode phase is dense by choice, the prefill sparse
+
+
+def test_cli_notes_a_budget_that_covers_the_context(capsys, tiny_dir):
+    code, out, err = _run(capsys, ["--model", str(tiny_dir), "--context-length", "300", "--max-new-tokens", "3",
+                                   "--decode", "quest", *BASE])  # budget 4096 > 300 tokens: every key is kept
+    assert code == 0, err
+    notes = [x for x in out.splitlines() if x.startswith("note")]
+    assert len(notes) == 1 and "decode policy 'quest' kept every key" in notes[0], out
 
 
 def test_cli_streaming_compare_text_report(capsys, tiny_dir):
