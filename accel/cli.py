@@ -334,7 +334,7 @@ def run(args) -> dict[str, Any]:
 
     needle = None
     if args.prompt_file is not None:
-        ids, prompt_text = _prompt_from_file(tokenizer, args.prompt_file)
+        ids, _ = _prompt_from_file(tokenizer, args.prompt_file)
     else:
         if limit is not None and args.context_length + args.max_new_tokens > limit:
             raise CLIError(
@@ -343,7 +343,7 @@ def run(args) -> dict[str, Any]:
                 f"--context-length {limit - args.max_new_tokens}"
             )
         needle = build_needle_prompt(tokenizer, args.context_length, args.depth, seed=args.seed)
-        ids, prompt_text = needle.input_ids, needle.prompt_text
+        ids = needle.input_ids
     if limit is not None and len(ids) + args.max_new_tokens > limit:
         raise CLIError(
             f"the prompt has {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that exceeds the "

@@ -1,7 +1,6 @@
 """Model loading, the needle prompt builder and the `accel-run` CLI, without downloads: a tiny random Llama and a
 byte-level BPE tokenizer trained here, saved to a temporary folder."""
 
-import io
 import json
 import sys
 import zipfile
