@@ -5,6 +5,7 @@ and counters."""
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,9 +83,11 @@ def _mean(acc: list) -> float | None:
     return (float(total) if isinstance(total, torch.Tensor) else total) / acc[1]  # a device sum: one sync, here
 
 
+@functools.lru_cache(maxsize=64)
 def causal_block_count(q_len: int, kv_len: int, block_q: int, block_k: int) -> int:
     """Key blocks with a key visible to some query of their query block, summed over the query blocks (what
-    ``kernels.reference_sparse.causal_block_mask`` marks), on the host."""
+    ``kernels.reference_sparse.causal_block_mask`` marks), on the host; cached, as every layer of a forward call
+    asks the same (1024 query blocks at 128K)."""
     off = kv_len - q_len
     return sum((off + min((m + 1) * block_q, q_len) - 1) // block_k + 1 for m in range(-(-q_len // block_q)))
 

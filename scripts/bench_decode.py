@@ -513,7 +513,6 @@ def logits_sweep(batches, hkv, out, layers: int = 4) -> None:
     cuDNN's SDPA and the same kernel without the scores on the same data; each setting checked against the
     kernel's own launch first."""
     import torch.nn.functional as F
-    from bench_utils import graph_of, replay_ms
 
     from accel.kernels.triton.decode_attention import paged_decode_attention
 
@@ -528,22 +527,16 @@ def logits_sweep(batches, hkv, out, layers: int = 4) -> None:
             data.append((torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g), k,
                          torch.randn_like(k), torch.empty(B, hkv * G, ctx, device="cuda")))
 
-        def calls(kw, scores=True):
-            return [lambda kw=kw, a=a: paged_decode_attention(*a[:3], kv_end=end, return_lse=True,
-                                                              logits=a[3] if scores else None, **kw)[0]
-                    for a in data]
-
-        def us(fns, check=None):
-            def run():
-                return [f() for f in fns]
-            outs = run()
-            for o, r in zip(outs, check or []):
-                torch.testing.assert_close(o, r, atol=2e-2, rtol=2e-2)
-            return replay_ms(graph_of(run)) * 1e3 / len(fns)
+        # one call per layer, each taking the launch overrides (as ``_per_layer_us`` passes them)
+        scored = [lambda kw, a=a: paged_decode_attention(*a[:3], kv_end=end, return_lse=True, logits=a[3], **kw)[0]
+                  for a in data]
+        plain = [lambda kw, a=a: paged_decode_attention(*a[:3], kv_end=end, return_lse=True, **kw)[0] for a in data]
         with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
-            sdpa = us([lambda a=a: F.scaled_dot_product_attention(a[0], a[1], a[2], enable_gqa=True) for a in data])
-        ref = [f().clone() for f in calls({})]
-        base = {"batch": B, "sdpa_cudnn": sdpa, "no_scores": us(calls({}, scores=False)), "default": us(calls({}))}
+            sdpa = _per_layer_us([lambda kw, a=a: F.scaled_dot_product_attention(a[0], a[1], a[2], enable_gqa=True)
+                                  for a in data], {})
+        ref = [f({}).clone() for f in scored]
+        base = {"batch": B, "sdpa_cudnn": sdpa, "no_scores": _per_layer_us(plain, {}),
+                "default": _per_layer_us(scored, {})}
         print(json.dumps(base), flush=True)
         for ns in (None, 8, 16, 32, 64, 128):
             for bn in (64, 128):
@@ -551,13 +544,13 @@ def logits_sweep(batches, hkv, out, layers: int = 4) -> None:
                     for w in (4, 8):
                         kw = dict(n_splits=ns, block_n=bn, num_stages=st, num_warps=w)
                         try:
-                            t = us(calls(kw), ref)
+                            t = _per_layer_us(scored, kw, ref)
                         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory at 128 x 3 stages
                             print(f"skip {kw}: {type(e).__name__}", flush=True)
                             continue
                         rows.append({**base, **kw, "n_splits": ns or "auto", "us": t})
                         print(json.dumps(rows[-1]), flush=True)
-        data = ref = None  # free this batch's K/V before the next
+        data = scored = plain = ref = None  # free this batch's K/V before the next
         torch.cuda.empty_cache()
     best = {}
     for r in rows:
