@@ -98,7 +98,8 @@ def layout_recall(layout, q: torch.Tensor, k: torch.Tensor, *, scale: float | No
 
 def capture_qk(model, input_ids: torch.Tensor) -> dict[int, dict]:
     """Run ``model`` once (dense, reference backend) and return, per layer index, the post-RoPE ``q`` and ``k`` as
-    the attention function receives them, with the layer's ``sliding_window``. The model is left as it was."""
+    the attention function receives them, with the layer's ``sliding_window``, ``scale`` and ``softcap``. The model
+    is left as it was."""
     from . import patching
     from .layouts import DenseLayout as _Dense
 
@@ -109,7 +110,8 @@ def capture_qk(model, input_ids: torch.Tensor) -> dict[int, dict]:
 
         def plan(self, q, k, ctx):
             captured[ctx.layer_idx] = {"q": q.detach().clone(), "k": k.detach().clone(),
-                                       "sliding_window": ctx.sliding_window}
+                                       "sliding_window": ctx.sliding_window, "scale": ctx.scale,
+                                       "softcap": ctx.softcap}
             return _Dense(window=ctx.sliding_window)
 
         def cache_limit(self, sliding_window):
@@ -129,6 +131,42 @@ def capture_qk(model, input_ids: torch.Tensor) -> dict[int, dict]:
             patching.patch(model, {"prefill": _spec_part(prev[0].prefill), "decode": _spec_part(prev[0].decode)},
                            backend=prev[1])
     return captured
+
+
+def quest_capture(q: torch.Tensor, k: torch.Tensor, *, budget: int, page_size: int, group_reduce: str = "max",
+                  keep_first: bool = False, scale: float | None = None, softcap: float | None = None) -> dict:
+    """How much of one decode query's attention Quest's page selection keeps. ``q`` [B, Hq, D] (the query),
+    ``k`` [B, Hkv, S, D] (the keys it sees). Returns, per query head, ``quest`` [B, Hq]: the share of the dense
+    softmax mass inside the pages Quest selects at ``budget`` (its page min/max bound, one selection per KV group),
+    and ``oracle`` [B, Hq]: the share inside the same number of pages chosen by their true mass summed over the KV
+    group (the best one selection per group can keep, with the pages Quest always keeps: the newest, and the first
+    with ``keep_first``); with ``mass`` [B, Hq, P] (each page's share) and
+    ``scores`` [B, Hkv, P] (Quest's criticality), float32."""
+    from .kernels import reference_decode as R
+
+    B, Hq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    qf, kf = q.float(), k.float()
+    logits = torch.matmul(qf.reshape(B, Hkv, g, D), kf.transpose(-1, -2)).reshape(B, Hq, S)
+    logits = logits * (scale if scale is not None else D ** -0.5)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    n_pages = -(-S // page_size)
+    mass = torch.nn.functional.pad(logits.softmax(-1), (0, n_pages * page_size - S))
+    mass = mass.reshape(B, Hq, n_pages, page_size).sum(-1)
+    kmin, kmax = R.page_bounds(kf, page_size)
+    scores = R.quest_scores(qf, kmin, kmax, group_reduce=group_reduce, page_size=page_size)
+    n_keep = min(budget // page_size, n_pages)
+    pages, _ = R.select_pages(scores, n_keep, kv_len=S, page_size=page_size, keep_first=keep_first)
+    keep = torch.zeros(B, Hkv, n_pages, dtype=torch.bool).scatter(-1, pages.long(), True).repeat_interleave(g, 1)
+    rank = mass.reshape(B, Hkv, g, n_pages).sum(2)
+    rank[..., -1] = float("inf")  # the oracle keeps what Quest always keeps: the newest page (and the first)
+    if keep_first:
+        rank[..., 0] = float("inf")
+    top = rank.topk(n_keep, -1).indices
+    best = torch.zeros(B, Hkv, n_pages, dtype=torch.bool).scatter(-1, top, True).repeat_interleave(g, 1)
+    return {"quest": (mass * keep).sum(-1), "oracle": (mass * best).sum(-1), "mass": mass, "scores": scores}
 
 
 def _spec_part(policy) -> dict:

@@ -21,36 +21,23 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from accel.eval.synth import generate_samples  # noqa: E402
-from accel.kernels import reference_decode as R  # noqa: E402
 from accel.models import load_model  # noqa: E402
-from accel.recall import capture_qk  # noqa: E402
+from accel.recall import capture_qk, quest_capture  # noqa: E402
 
 
-def layer_report(q, k, budget: int, page: int, keep_first: bool) -> dict:
+def layer_report(q, k, budget: int, page: int, keep_first: bool, scale=None, softcap=None) -> dict:
     """q [B, Hq, 1, D] (the decode query), k [B, Hkv, S, D] -> captured mass per query head for Quest and the oracle."""
-    B, Hq, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    logits = torch.matmul(q.reshape(B, Hkv, g, 1, D), k[:, :, None].transpose(-1, -2)).reshape(B, Hq, S) * D**-0.5
-    probs = logits.softmax(-1)
-    n_pages = -(-S // page)
-    mass = torch.nn.functional.pad(probs, (0, n_pages * page - S)).reshape(B, Hq, n_pages, page).sum(-1)
-    kmin, kmax = R.page_bounds(k, page)
-    scores = R.quest_scores(q, kmin, kmax, group_reduce="max", page_size=page)  # [B, Hkv, n_pages]
-    n_keep = budget // page
-    pages, _ = R.select_pages(scores, n_keep, kv_len=S, page_size=page, keep_first=keep_first)
-    sel = torch.zeros(B, Hkv, n_pages, dtype=torch.bool).scatter(-1, pages.long(), True).repeat_interleave(g, 1)
-    group_mass = mass.reshape(B, Hkv, g, n_pages).sum(2)
-    top = group_mass.topk(min(n_keep, n_pages), -1).indices
-    oracle = torch.zeros(B, Hkv, n_pages, dtype=torch.bool).scatter(-1, top, True).repeat_interleave(g, 1)
-    quest_kept, oracle_kept = (mass * sel).sum(-1)[0], (mass * oracle).sum(-1)[0]  # [Hq]
+    g = q.shape[1] // k.shape[1]
+    cap = quest_capture(q[:, :, -1], k, budget=budget, page_size=page, keep_first=keep_first, scale=scale,
+                        softcap=softcap)
+    quest_kept, oracle_kept, mass, scores = cap["quest"][0], cap["oracle"][0], cap["mass"], cap["scores"]
     worst = int(quest_kept.argmin())
     heavy = int(mass[0, worst].argmax())
     rank = int((scores[0, worst // g] > scores[0, worst // g, heavy]).sum())
     return {"quest_mean": float(quest_kept.mean()), "quest_min": float(quest_kept.min()),
             "oracle_mean": float(oracle_kept.mean()), "worst_head": worst, "worst_head_top_page": heavy,
             "worst_head_top_page_mass": float(mass[0, worst, heavy]), "worst_head_top_page_rank": rank,
-            "pages": n_pages}
+            "pages": mass.shape[-1]}
 
 
 def main(argv=None) -> None:
@@ -76,8 +63,9 @@ def main(argv=None) -> None:
         if li < args.dense_layers or cap[li]["sliding_window"] is not None:
             continue
         q, k = cap[li]["q"][:, :, -1:], cap[li]["k"]
-        r = {"layer": li, **layer_report(q, k, args.budget, args.page, False)}
-        r["quest_keep_first_mean"] = layer_report(q, k, args.budget, args.page, True)["quest_mean"]
+        sc = (cap[li]["scale"], cap[li]["softcap"])
+        r = {"layer": li, **layer_report(q, k, args.budget, args.page, False, *sc)}
+        r["quest_keep_first_mean"] = layer_report(q, k, args.budget, args.page, True, *sc)["quest_mean"]
         rows.append(r)
         print(json.dumps(r), flush=True)
     meta = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv or sys.argv[1:])),

@@ -192,3 +192,34 @@ def test_threshold_map_change_is_not_reused(capsys, tiny_dir, tmp_path, policy):
     assert _run(capsys, argv)[0] == 0
     meta = json.loads((out / "eval.json").read_text())["meta"]
     assert meta["cells_computed"] == 1 and meta["cells_recomputed"]
+
+
+def test_quest_layer_map_change_is_not_reused(capsys, tiny_dir, tmp_path):
+    """A quest cell's key carries the digest of the dense layers its layer map lists: a recalibrated map at the
+    same path is recomputed."""
+    from accel.policies.duo import model_signature
+    from accel.policies.quest import LAYER_MAP_FORMAT
+
+    cfg = transformers.AutoConfig.from_pretrained(tiny_dir)
+    path = tmp_path / "quest.json"
+
+    def write_map(dense):
+        path.write_text(json.dumps({"format": LAYER_MAP_FORMAT, "model": model_signature(cfg),
+                                    "dense_layers": dense, "calibration": {"page_size": 16, "budget": 64}}))
+
+    out = tmp_path / "ev"
+    argv = ["--model", str(tiny_dir), "--out", str(out), "--policy",
+            f"quest:layer_map={path},budget=64,dense_layers=0", "--lengths", "300", "--tasks", "niah_single",
+            "--samples", "1", "--max-new-tokens", "2", "--backend", "reference", "--device", "cpu", "--quiet",
+            "--no-plots"]
+    write_map([])
+    assert _run(capsys, argv)[0] == 0
+    cell = json.loads(next((out / "cells").glob("*.json")).read_text())["payload"]
+    assert cell["calibration"] == {"quest": str(path)}  # the map the cell ran with, and each phase's density
+    assert cell["mean_prefill_density"] == 1.0 and cell["mean_decode_density"] < 1.0
+    assert _run(capsys, argv)[0] == 0
+    assert json.loads((out / "eval.json").read_text())["meta"]["cells_reused"] == 1
+    write_map([1])
+    assert _run(capsys, argv)[0] == 0
+    meta = json.loads((out / "eval.json").read_text())["meta"]
+    assert meta["cells_computed"] == 1 and meta["cells_recomputed"]

@@ -133,3 +133,177 @@ def test_real_model_needle_with_small_budget():
     assert needle_found(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), p.answer)
     dec = [layer["decode_density"] for layer in accel.stats(model)["layers"][2:]]
     assert max(dec) < 0.3
+
+
+# --- layer map: layers a calibration found Quest's bound to lose, left dense ---------------------------------------
+
+def _write_layer_map(path, model, dense, **cal):
+    import json
+
+    from accel.policies.duo import model_signature
+    from accel.policies.quest import LAYER_MAP_FORMAT
+
+    path.write_text(json.dumps({"format": LAYER_MAP_FORMAT, "model": model_signature(model.config),
+                                "dense_layers": dense,
+                                "calibration": {"page_size": 16, "group_reduce": "max", "keep_first_page": False,
+                                                "budget": 32, **cal}}))
+    return str(path)
+
+
+def _decode_density(model):
+    return [layer["decode_density"] for layer in accel.stats(model)["layers"]]
+
+
+def test_layer_map_leaves_its_layers_dense(tmp_path):
+    """A map's layers run dense decode (no page-bounds cache, density 1.0) while the others select; a map of every
+    layer reproduces dense generation exactly; stats name the map."""
+    x = ids(length=90)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        ref = _gen(model, x, n=6)
+    path = _write_layer_map(tmp_path / "one.json", model, [1])
+    accel.patch(model, "quest", budget=32, dense_layers=0, layer_map=path, backend="reference")
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    dens = _decode_density(model)
+    assert dens[0] < 0.5 and dens[1] == 1.0
+    assert accel.stats(model)["calibration"] == {"quest": path}
+    assert not torch.equal(torch.stack(out.logits), torch.stack(ref.logits))  # layer 0 still selects
+    pol = accel.parse_policy("quest", dense_layers=0, layer_map=path).decode
+    pol.check_model(model)
+    assert pol.cache_kind(None, 1) is None and pol.cache_kind(None, 0) is not None
+
+    accel.patch(model, "quest", budget=32, dense_layers=0,
+                layer_map=_write_layer_map(tmp_path / "all.json", model, [0, 1]), backend="reference")
+    with torch.no_grad():
+        out = _gen(model, x, n=6)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert _decode_density(model) == [1.0, 1.0]
+
+
+def test_layer_map_none_and_auto_without_a_map_select_everywhere(tmp_path):
+    model = tiny_model("llama")
+    for opt in ({"layer_map": "none"}, {}, {"layer_map": None}):
+        accel.patch(model, "quest", budget=32, dense_layers=0, backend="reference", **opt)
+        with torch.no_grad():
+            model.generate(ids(length=90), max_new_tokens=3, do_sample=False)
+        assert all(d < 0.5 for d in _decode_density(model))
+        assert "quest" not in accel.stats(model)["calibration"]
+
+
+def test_layer_map_applies_only_with_its_settings(tmp_path, monkeypatch):
+    """A map chosen at one budget / page size holds for a larger budget but not a smaller one or another page size:
+    'auto' then selects everywhere, a named map raises and leaves the model as it was."""
+    from accel.policies import quest as Q
+
+    model = tiny_model("llama")
+    path = _write_layer_map(tmp_path / "m.json", model, [1], budget=64)
+    found = (path, __import__("json").loads(open(path).read()))
+    monkeypatch.setattr(Q, "load_layer_map", lambda name, config: found if name in ("auto", path) else None)
+    for opts, applies in (({"budget": 64}, True), ({"budget": 128}, True), ({"budget": 32}, False),
+                          ({"budget": 64, "page_size": 32}, False), ({"budget": 64, "group_reduce": "sum"}, False)):
+        pol = accel.parse_policy("quest", dense_layers=0, **opts).decode
+        pol.check_model(model)
+        assert (pol.calibration_source == path) is applies, opts
+        assert pol._selects(None, 1) is not applies
+        if not applies:
+            named = accel.parse_policy("quest", dense_layers=0, layer_map=path, **opts).decode
+            with pytest.raises(ValueError, match="calibrated with .*layer_map='none'"):
+                named.check_model(model)
+    with pytest.raises(ValueError, match="calibrated with budget=64 or more"):
+        accel.patch(model, "quest", budget=32, layer_map=path)
+    assert not accel.is_patched(model)
+
+
+def test_layer_map_bad_input(tmp_path):
+    model = tiny_model("llama")
+    other = tiny_model("qwen3")
+    with pytest.raises(ValueError, match="made for another model"):
+        accel.patch(model, "quest", layer_map=_write_layer_map(tmp_path / "o.json", other, [1]))
+    with pytest.raises(ValueError, match="layer indices"):
+        accel.patch(model, "quest", budget=32, layer_map=_write_layer_map(tmp_path / "b.json", model, [5]))
+    with pytest.raises(FileNotFoundError, match="calibrate_quest.py"):
+        accel.patch(model, "quest", layer_map=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="unknown quest layer map"):
+        accel.patch(model, "quest", layer_map="nosuchmodel")
+    with pytest.raises(ValueError, match="layer_map"):
+        accel.parse_policy("quest", layer_map=3)
+    assert not accel.is_patched(model)
+
+
+def test_shipped_layer_maps_fit_demo_shapes():
+    """Each shipped map names the demo model it was calibrated on (signature) and only layers Quest would select in."""
+    import json
+    from importlib import resources
+
+    from accel.policies.quest import LAYER_MAP_FORMAT
+
+    maps = [p for p in resources.files("accel.configs").iterdir() if p.name.startswith("quest_")]
+    assert maps
+    for res in maps:
+        data = json.loads(res.read_text())
+        assert data["format"] == LAYER_MAP_FORMAT
+        cal = data["calibration"]
+        n = data["model"]["num_hidden_layers"]
+        assert all(cal["first_dense_layers"] <= i < n for i in data["dense_layers"])
+        checked = {r["layer"] for r in cal["layers"]}
+        assert set(data["dense_layers"]) == {r["layer"] for r in cal["layers"] if r["min_ratio"] < data["floor"]}
+        assert set(data["dense_layers"]) <= checked
+
+
+def test_quest_capture_is_the_oracle_when_bounds_are_exact():
+    """With every page's keys equal, Quest's bound is the page's true logit: its pages are the oracle's. With a
+    heavy key hidden in a narrow page among wide random pages, the bound ranks it low and the capture says so."""
+    from accel.recall import quest_capture
+
+    torch.manual_seed(0)
+    D, P = 16, 12
+    q = torch.randn(1, 2, D)
+    k = torch.randn(1, 2, P, 1, D).expand(1, 2, P, 16, D).reshape(1, 2, P * 16, D)
+    cap = quest_capture(q, k, budget=64, page_size=16)
+    torch.testing.assert_close(cap["quest"], cap["oracle"])
+    assert cap["mass"].sum(-1).sub(1).abs().max() < 1e-5
+
+    wide = torch.randn(1, 1, P * 16, D) * 3  # pages whose key ranges span much: large bounds, modest logits
+    wide[0, 0, 5 * 16:6 * 16] = 0.0
+    wide[0, 0, 5 * 16 + 3] = q[0, 0] * 3.5  # the one key this query wants, on an otherwise flat page
+    hit = quest_capture(q[:, :1], wide, budget=32, page_size=16)
+    assert hit["oracle"][0, 0] > 0.9 and hit["quest"][0, 0] < 0.5 * hit["oracle"][0, 0]
+
+
+def test_calibrate_script_writes_a_map_that_patches(tmp_path):
+    """scripts/calibrate_quest.py on a tiny model: the map lists the checked layers below the floor and patches."""
+    import importlib.util
+    import json
+    import pathlib
+
+    import transformers
+
+    from test_eval_synth import tiny_tokenizer
+
+    folder = tmp_path / "tiny"
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                   max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "calibrate_quest.py"
+    spec = importlib.util.spec_from_file_location("calibrate_quest", path)
+    calib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calib)
+    out = tmp_path / "quest_tiny.json"
+    assert calib.main([str(folder), "--out", str(out), "--lengths", "200", "--samples", "2", "--budget", "32",
+                       "--dense-layers", "1", "--floor", "0.9"]) == 0
+    data = json.loads(out.read_text())
+    rows = data["calibration"]["layers"]
+    assert [r["layer"] for r in rows] == [1, 2]  # layer 0 is one of the first dense layers: not checked
+    assert all(0.0 <= r["min_ratio"] <= r["mean_ratio"] + 1e-6 for r in rows)
+    assert data["dense_layers"] == [r["layer"] for r in rows if r["min_ratio"] < 0.9]
+    model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    accel.patch(model, "quest", budget=32, dense_layers=1, layer_map=str(out), backend="reference")
+    assert accel.stats(model)["calibration"] == {"quest": str(out)}
+    with pytest.raises(SystemExit):
+        calib.main([str(folder), "--out", str(out), "--lengths", "20", "--budget", "32"])  # nothing to select

@@ -208,6 +208,33 @@ def test_quest_over_static_cache_matches_dynamic(fam, padded):
     assert st["backends_used"]["static-paged"] == 11 * len(selecting)
 
 
+def test_quest_layer_map_over_static_cache(tmp_path):
+    """A layer Quest's map lists stays a plain StaticLayer with dense decode under the static cache too, and the
+    static run matches the dynamic one."""
+    import json
+
+    from accel.policies.duo import model_signature
+    from accel.policies.quest import LAYER_MAP_FORMAT
+
+    model = tiny_model("llama")
+    path = tmp_path / "quest.json"
+    path.write_text(json.dumps({"format": LAYER_MAP_FORMAT, "model": model_signature(model.config),
+                                "dense_layers": [1], "calibration": {"page_size": 16, "budget": 64}}))
+    x, mask = _two_rows(False)
+    accel.patch(model, "quest", budget=64, page_size=16, dense_layers=0, layer_map=str(path), backend="reference")
+    dynamic = _generate(model, x, attention_mask=mask)
+    accel.reset_stats(model)
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                             pad_token_id=0, cache_implementation="static", disable_compile=True,
+                             return_dict_in_generate=True)
+    assert torch.equal(out.sequences, dynamic)
+    layers = out.past_key_values.layers
+    assert isinstance(layers[0], accel.cache.PagedStaticLayer)
+    assert not isinstance(layers[1], accel.cache.PagedStaticLayer)
+    assert accel.stats(model)["backends_used"]["static-paged"] == 11  # layer 0 only
+
+
 def test_quest_static_cache_bounds_and_budget():
     """The page bounds fold every written key; a budget above the context reproduces dense decode exactly."""
     model = tiny_model("llama")

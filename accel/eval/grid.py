@@ -234,7 +234,9 @@ def run_grid(model, tokenizer, cfg: GridConfig, out_dir: Path, quiet: bool = Fal
                 "score": sum(r["score"] for r in rows) / max(1, len(rows)), "n": len(rows),
                 "seconds": time.perf_counter() - t0, "samples": rows,
                 "policy_resolved": st.get("policy"), "backends_used": st.get("backends_used"),
-                "mean_density": st.get("mean_density"), "computed_on": _computed_on(model),
+                "mean_density": st.get("mean_density"), "mean_prefill_density": st.get("mean_prefill_density"),
+                "mean_decode_density": st.get("mean_decode_density"), "calibration": st.get("calibration"),
+                "computed_on": _computed_on(model),
             }
             write_cell(cells_dir / c.filename(), key, payload)
             done[c.filename()] = payload
@@ -260,6 +262,9 @@ def _cell_key(c: Cell, cfg: GridConfig, model=None) -> dict:
     digest = _threshold_map_digest(key["config"]["prefill"], model)
     if digest is not None:  # likewise a recalibrated per-layer threshold map
         key["threshold_map"] = digest
+    digest = _quest_layer_map_digest(key["config"]["decode"], model)
+    if digest is not None:  # and Quest's map of dense layers
+        key["quest_layer_map"] = digest
     return key
 
 
@@ -303,6 +308,20 @@ def _threshold_map_digest(pol: dict, model) -> str | None:
     except (ValueError, OSError):
         return None
     return None if found is None else _digest(found[1].get("thresholds"))
+
+
+def _quest_layer_map_digest(pol: dict, model) -> str | None:
+    """sha256 of the dense layers a resolved ``quest`` decode config reads for ``model`` (its ``layer_map``, or the
+    shipped one that fits), None for other policies or without one."""
+    if model is None or pol.get("name") != "quest" or pol.get("layer_map", "none") == "none":
+        return None
+    from accel.policies.quest import load_layer_map
+
+    try:
+        found = load_layer_map(pol["layer_map"], model.config)
+    except (ValueError, OSError):
+        return None
+    return None if found is None else _digest(found[1].get("dense_layers"))
 
 
 def summarize(cells: list[dict], policies: list[str], lengths: list[int], tasks: list[str]) -> str:

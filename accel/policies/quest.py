@@ -10,6 +10,18 @@ from accel.layouts import DenseLayout, PageSelection
 from .base import Policy
 
 PAGE_SIZES = (8, 16, 32, 64, 128)  # what the decode kernels take
+LAYER_MAP_FORMAT = "accel-quest-layers/1"
+# what a layer map's calibration records and a policy must share for the map to hold
+CALIBRATED_SETTINGS = ("page_size", "group_reduce", "keep_first_page")
+
+
+def load_layer_map(name: str, config) -> tuple[str, dict] | None:
+    """(source, data) of a Quest layer map for a model of ``config``: ``"auto"`` the shipped one that fits (None
+    when there is none), a shipped name or a .json path (an error when missing or made for another model)."""
+    from .threshold_map import load_model_map
+
+    return load_model_map(name, config, "quest", LAYER_MAP_FORMAT, "quest layer map",
+                          "scripts/calibrate_quest.py MODEL", "layer_map='none'")
 
 
 def quest_scores(q, layer: PagedKVLayer, group_reduce: str, kv_start=None) -> torch.Tensor:
@@ -49,7 +61,20 @@ class QuestPolicy(Policy):
     The cache keeps each page's elementwise key min/max (PagedKVLayer, updated incrementally). Per decode step a
     page's criticality is ``sum_d max(q_d * max_d, q_d * min_d)``, an upper bound of q.k over the page; the top
     ``budget // page_size`` pages (the newest, partial page always among them) are attended to. The first
-    ``dense_layers`` layers stay dense, as in the paper. Quest's code is multi-head only; with GQA one selection
+    ``dense_layers`` layers stay dense, as in the paper.
+
+    Layer map: the bound is not equally faithful in every layer. On SmolLM2-135M at 8K it ranks the needle page of
+    layer 18's retrieval head 395th of 511 (0.02 of that head's mass kept at budget 4096, against 0.999 for an
+    oracle of the same budget; results/quest_selection.md), which is enough to lose the needle, while the other
+    layers keep 0.96-1.0. ``scripts/calibrate_quest.py MODEL`` finds such layers on synthetic passkey prompts (a
+    head whose selected pages hold less than ``floor`` of what the oracle's hold) and writes a map of layers to
+    leave dense, ``configs/quest_<model>.json``. ``layer_map``: ``"auto"`` (default) uses the shipped map that fits
+    the model, when the policy has the map's page size, group reduction and first-page rule and a budget at least
+    the map's (a larger budget keeps a superset of the pages); ``"none"`` selects in every layer from
+    ``dense_layers`` on; a shipped name or a .json path names a map (an error when it does not fit). The map's
+    layers add to the first ``dense_layers``; ``accel.stats(model)["calibration"]`` names the map in use.
+
+    Quest's code is multi-head only; with GQA one selection
     per KV head serves its query group, scored by the ``max`` (default) or ``sum`` of the group's criticalities,
     so each selected page is read once per group. A budget at or above the context attends to everything (the
     layout is dense and ``accel.stats`` records decode density 1.0)."""
@@ -64,8 +89,18 @@ class QuestPolicy(Policy):
     dense_layers: int = 2
     group_reduce: str = "max"
     keep_first_page: bool = False
+    layer_map: str = "auto"  # "auto" | "none" | shipped name | .json path (see the docstring)
+
+    @classmethod
+    def from_options(cls, **options):
+        if "layer_map" in options and options["layer_map"] is None:
+            options["layer_map"] = "none"  # as the CLI parses 'none'
+        return super().from_options(**options)
 
     def validate(self) -> None:
+        if not isinstance(self.layer_map, str) or not self.layer_map:
+            raise ValueError(f"option 'layer_map' of policy {self.name!r} must be 'auto', 'none', a shipped map name "
+                             f"or a .json path, got {self.layer_map!r}")
         if self.page_size not in PAGE_SIZES:
             raise ValueError(f"option 'page_size' of policy {self.name!r} must be one of {PAGE_SIZES} (the sizes the "
                              f"decode kernels take), got {self.page_size}")
@@ -79,8 +114,42 @@ class QuestPolicy(Policy):
             raise ValueError(f"option 'group_reduce' of policy {self.name!r} must be 'max' or 'sum', "
                              f"got {self.group_reduce!r}")
 
+    def check_model(self, model) -> None:
+        """Called by accel.patch: load the layer map for ``model`` (see the docstring)."""
+        self._map_dense, self._map_source = frozenset(), None
+        if self.layer_map == "none":
+            return
+        found = load_layer_map(self.layer_map, model.config)
+        if found is None:
+            return
+        src, data = found
+        cal = data.get("calibration") or {}
+        differs = {k: cal[k] for k in CALIBRATED_SETTINGS if k in cal and getattr(self, k) != cal[k]}
+        if "budget" in cal and self.budget < cal["budget"]:
+            differs["budget"] = cal["budget"]
+        if differs:  # layers chosen for other settings would not keep what the map promises
+            if self.layer_map == "auto":
+                return  # the shipped map does not apply: select in every layer
+            raise ValueError(f"quest layer map {src} was calibrated with "
+                             + ", ".join(f"{k}={v}{' or more' if k == 'budget' else ''}" for k, v in differs.items())
+                             + "; this policy has " + ", ".join(f"{k}={getattr(self, k)}" for k in differs)
+                             + ". Calibrate one for these settings (scripts/calibrate_quest.py) or pass "
+                             "layer_map='none'")
+        cfg = getattr(model.config, "text_config", None) or model.config
+        bad = [i for i in data.get("dense_layers", [None])
+               if not isinstance(i, int) or not 0 <= i < cfg.num_hidden_layers]
+        if bad:
+            raise ValueError(f"quest layer map {src}: dense_layers must be layer indices, got {bad}")
+        self._map_dense, self._map_source = frozenset(data["dense_layers"]), src
+
+    @property
+    def calibration_source(self) -> str | None:
+        """The layer map in use (None: none)."""
+        return getattr(self, "_map_source", None)
+
     def _selects(self, sliding_window, layer_idx) -> bool:
-        return sliding_window is None and layer_idx >= self.dense_layers
+        return (sliding_window is None and layer_idx >= self.dense_layers
+                and layer_idx not in getattr(self, "_map_dense", ()))
 
     def cache_kind(self, sliding_window, layer_idx):
         if not self._selects(sliding_window, layer_idx):
@@ -117,7 +186,7 @@ class QuestPolicy(Policy):
         kv_len = k.shape[2]
         n_pages = -(-kv_len // self.page_size)
         n_keep = self.budget // self.page_size
-        if ctx.layer_idx < self.dense_layers or q.shape[2] != 1 or n_keep >= n_pages:
+        if not self._selects(None, ctx.layer_idx) or q.shape[2] != 1 or n_keep >= n_pages:
             return DenseLayout()  # budget covers the context: exact (recorded as density 1.0)
         layer = require_paged_layer(self.name, ctx.cache_layer, kv_len, self.page_size, ctx.layer_idx)
         kv_start = getattr(ctx, "kv_start", None)

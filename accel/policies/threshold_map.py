@@ -35,37 +35,43 @@ def shipped_names(policy: str = "xattention") -> list[str]:
     return [p.name[len(policy) + 1:-5] for p in _shipped(policy)]
 
 
-def load_threshold_map(name: str, config, policy: str = "xattention") -> tuple[str, dict] | None:
-    """(source, data) of ``policy``'s map ``name`` for a model of ``config``: ``"auto"`` the shipped map whose
-    signature matches (None when there is none), a shipped name (``smollm2``) or a .json path (errors when missing
-    or made for another model)."""
+def load_model_map(name: str, config, policy: str, fmt: str, what: str, make: str, off: str
+                   ) -> tuple[str, dict] | None:
+    """(source, data) of a per-model calibration file of ``policy`` in format ``fmt``: ``"auto"`` the shipped
+    ``configs/<policy>_*.json`` whose signature matches (None when there is none), a shipped name (``smollm2``) or a
+    .json path (errors when missing, of another format or made for another model). ``what`` names the file in
+    errors (``"xattention threshold map"``), ``make`` is the command that makes one, ``off`` how to do without."""
     sig = model_signature(config)
     if name == "auto":
         for res in _shipped(policy):
             data = json.loads(res.read_text())
-            if data.get("model") == sig and data.get("format") == map_format(policy):
+            if data.get("model") == sig and data.get("format") == fmt:
                 return str(res), data
         return None
     if name.endswith(".json"):
         if not os.path.isfile(name):
-            raise FileNotFoundError(f"{policy} threshold map {name!r} does not exist; make one with "
-                                    f"scripts/calibrate_xattention.py MODEL --policy {policy} --out FILE")
+            raise FileNotFoundError(f"{what} {name!r} does not exist; make one with {make} --out FILE")
         src, data = name, json.loads(open(name).read())
     else:
         res = resources.files("accel.configs").joinpath(f"{policy}_{name.removeprefix(policy + '_')}.json")
         if not res.is_file():
-            raise ValueError(f"unknown {policy} threshold map {name!r}; shipped: "
-                             f"{', '.join(shipped_names(policy)) or '(none)'}, or a .json path from "
-                             "scripts/calibrate_xattention.py; layer_thresholds='none' for one threshold")
+            raise ValueError(f"unknown {what} {name!r}; shipped: "
+                             f"{', '.join(shipped_names(policy)) or '(none)'}, or a .json path from {make}; {off}")
         src, data = str(res), json.loads(res.read_text())
-    if data.get("format") != map_format(policy):
-        raise ValueError(f"{src} is not a {policy} threshold map (format {data.get('format')!r}, "
-                         f"expected {map_format(policy)!r})")
+    if data.get("format") != fmt:
+        raise ValueError(f"{src} is not a {what} (format {data.get('format')!r}, expected {fmt!r})")
     if data.get("model") != sig:
-        raise ValueError(f"{policy} threshold map {src} was made for another model ({data.get('model')}); this "
-                         f"model is {sig}. Calibrate one with scripts/calibrate_xattention.py, or pass "
-                         "layer_thresholds='none'")
+        raise ValueError(f"{what} {src} was made for another model ({data.get('model')}); this model is {sig}. "
+                         f"Calibrate one with {make}, or pass {off}")
     return src, data
+
+
+def load_threshold_map(name: str, config, policy: str = "xattention") -> tuple[str, dict] | None:
+    """(source, data) of ``policy``'s per-layer threshold map ``name`` for a model of ``config`` (see
+    ``load_model_map``)."""
+    return load_model_map(name, config, policy, map_format(policy), f"{policy} threshold map",
+                          f"scripts/calibrate_xattention.py MODEL --policy {policy}",
+                          "layer_thresholds='none' for one threshold")
 
 
 def thresholds_by_layer(data: dict) -> dict[int, float]:
@@ -142,4 +148,4 @@ class LayerThresholds:
         return memo[layer_idx]
 
 
-__all__ = ["FORMAT", "LayerThresholds", "load_threshold_map", "map_format", "thresholds_by_layer", "shipped_names"]
+__all__ = ["FORMAT", "LayerThresholds", "load_model_map", "load_threshold_map", "map_format", "thresholds_by_layer", "shipped_names"]
