@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -90,7 +91,8 @@ def calibrate(model, tokenizer, *, lengths: list[int], n_samples: int, seed: int
                     worst[li] = {"min_ratio": low, "length": ids.shape[1], "depth": depth, "answer_query": qi,
                                  "head": head}
             log(f"  length {ids.shape[1]} depth {depth:.2f}: {time.time() - t:.0f} s")
-            del cap
+            cap = c = None
+            gc.collect()  # a long capture holds every layer's q and k: free it before the next
     report = [{"layer": li, "mean_ratio": round(sums[li][0] / sums[li][1], 4),
                **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in worst[li].items()}}
               for li in sorted(worst)]
