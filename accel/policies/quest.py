@@ -74,9 +74,8 @@ class QuestPolicy(Policy):
     ``dense_layers`` on; a shipped name or a .json path names a map (an error when it does not fit). The map's
     layers add to the first ``dense_layers``; ``accel.stats(model)["calibration"]`` names the map in use.
 
-    Quest's code is multi-head only; with GQA one selection
-    per KV head serves its query group, scored by the ``max`` (default) or ``sum`` of the group's criticalities,
-    so each selected page is read once per group. A budget at or above the context attends to everything (the
+    Quest's code is multi-head only; with GQA one selection per KV head serves its query group, scored by the
+    ``max`` (default) or ``sum`` of the group's criticalities, so each selected page is read once per group. A budget at or above the context attends to everything (the
     layout is dense and ``accel.stats`` records decode density 1.0)."""
 
     name = "quest"
