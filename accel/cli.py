@@ -363,7 +363,7 @@ def run(args) -> dict[str, Any]:
     main_res = one_run(spec.describe())
     stats = accel.stats(model)
     main_res["stats"] = {k: stats.get(k) for k in ("policy", "backend_requested", "backends_used", "mean_density",
-                                                   "mean_prefill_density", "mean_decode_density")}
+                                                   "mean_prefill_density", "mean_decode_density", "calibration")}
 
     result: dict[str, Any] = {
         "model": args.model or "smollm2",
@@ -428,6 +428,18 @@ def _kept_everything(res: dict[str, Any]) -> list[str]:
             for phase, name, d in phases if name not in ("dense", "") and d is not None and d >= 1.0]
 
 
+def _calibration(res: dict[str, Any]) -> list[str]:
+    """The per-model calibration files the policies read (head maps, per-layer thresholds, Quest's layer map): a
+    shipped one by its name under configs/, another by its path."""
+    from importlib import resources
+
+    cal = res["result"]["stats"].get("calibration") or {}
+    shipped = os.path.realpath(str(resources.files("accel.configs")))
+    names = [f"{pol}: " + (f"configs/{os.path.basename(src)}" if os.path.dirname(os.path.realpath(src)) == shipped
+                           else src) for pol, src in cal.items()]
+    return [f"calibration  {', '.join(names)}"] if names else []
+
+
 def format_report(res: dict[str, Any]) -> str:
     r = res["result"]
     mem_kind = "CUDA max allocated" if r["peak_memory_kind"] == "cuda_max_allocated" else \
@@ -439,6 +451,7 @@ def format_report(res: dict[str, Any]) -> str:
         f"(used: {', '.join(r['stats']['backends_used']) or 'n/a'}; density prefill "
         f"{_fmt(r['stats'].get('mean_prefill_density'), '.3f')}, decode "
         f"{_fmt(r['stats'].get('mean_decode_density'), '.3f')})",
+        *_calibration(res),
         *_kept_everything(res),
         f"prompt       {res['prompt_tokens']} tokens"
         + (f", needle at token {res['needle']['token_start']} (depth {res['needle']['depth']:.2f})"

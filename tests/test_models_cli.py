@@ -351,6 +351,29 @@ def test_cli_notes_a_budget_that_covers_the_context(capsys, tiny_dir):
     assert len(notes) == 1 and "decode policy 'quest' kept every key" in notes[0], out
 
 
+def test_cli_names_the_calibration_files_it_read(capsys, tiny_dir, tmp_path):
+    """The report names the per-model files the policy read: a shipped map by its configs/ name, another by path."""
+    from importlib import resources
+
+    from accel.cli import _calibration
+    from accel.policies.duo import model_signature
+    from accel.policies.quest import LAYER_MAP_FORMAT
+
+    cfg = transformers.AutoConfig.from_pretrained(tiny_dir)
+    path = tmp_path / "quest.json"
+    path.write_text(json.dumps({"format": LAYER_MAP_FORMAT, "model": model_signature(cfg), "dense_layers": [1],
+                                "calibration": {"page_size": 16, "budget": 64}}))
+    code, out, err = _run(capsys, ["--model", str(tiny_dir), "--context-length", "300", "--max-new-tokens", "3",
+                                   "--decode", "quest", "--option", "budget=64", "--option", f"layer_map={path}",
+                                   *BASE])
+    assert code == 0, err
+    assert f"calibration  quest: {path}" in out.splitlines(), out
+    shipped = str(resources.files("accel.configs").joinpath("quest_smollm2.json"))
+    res = {"result": {"stats": {"calibration": {"quest": shipped, "xattention": str(path)}}}}
+    assert _calibration(res) == [f"calibration  quest: configs/quest_smollm2.json, xattention: {path}"]
+    assert _calibration({"result": {"stats": {"calibration": {}}}}) == []
+
+
 def test_cli_streaming_compare_text_report(capsys, tiny_dir):
     code, out, err = _run(capsys, ["--model", str(tiny_dir), "--context-length", "300", "--max-new-tokens", "3",
                                    "--policy", "streaming", "--option", "sink=4", "--option", "window=64",
