@@ -95,6 +95,7 @@ def run(model, tok, policies, lengths, depths, new_tokens, agree_len, agree_toke
             cells.append({"policy": label, "length": p.num_tokens, "target_length": n, "depth": d,
                           "found": needle_found(text, p.answer), "answer": p.answer, "output": text,
                           "decode_density": sum(dec) / len(dec) if dec else None,
+                          "calibration": {k: os.path.basename(v) for k, v in (st.get("calibration") or {}).items()},
                           "seconds": round(time.time() - t0, 1)})
             accel.reset_stats(model)
             log(f"{label:12s} {p.num_tokens:5d} tok depth {d:.2f}: {'FOUND' if cells[-1]['found'] else 'miss '} "
@@ -130,6 +131,10 @@ def markdown(res) -> str:
                      f"{c['output'].strip()!r} |")
     lines += ["", f"Agreement prompt: {res['agree_prompt_tokens']} tokens of filler text to continue, "
                   f"{res['agree_tokens']} greedy tokens."]
+    used = {label: cal for c in res["cells"] if (cal := c.get("calibration")) for label in [c["policy"]]}
+    if used:  # rows older than this field show nothing here
+        lines += ["", "Per-model calibration files a row read (from accel.stats): " + "; ".join(
+            f"{label}: {', '.join(f'{k} {v}' for k, v in cal.items())}" for label, cal in used.items())]
     return "\n".join(lines) + "\n"
 
 

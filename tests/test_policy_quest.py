@@ -192,16 +192,18 @@ def test_layer_map_none_and_auto_without_a_map_select_everywhere(tmp_path):
 
 
 def test_layer_map_applies_only_with_its_settings(tmp_path, monkeypatch):
-    """A map chosen at one budget / page size holds for a larger budget but not a smaller one or another page size:
-    'auto' then selects everywhere, a named map raises and leaves the model as it was."""
+    """A map holds at any budget (its layers lose attention at the calibrated one, and a smaller budget keeps less)
+    but not for another page size, group reduction or first-page rule: 'auto' then selects everywhere, a named map
+    raises and leaves the model as it was."""
     from accel.policies import quest as Q
 
     model = tiny_model("llama")
     path = _write_layer_map(tmp_path / "m.json", model, [1], budget=64)
     found = (path, __import__("json").loads(open(path).read()))
     monkeypatch.setattr(Q, "load_layer_map", lambda name, config: found if name in ("auto", path) else None)
-    for opts, applies in (({"budget": 64}, True), ({"budget": 128}, True), ({"budget": 32}, False),
-                          ({"budget": 64, "page_size": 32}, False), ({"budget": 64, "group_reduce": "sum"}, False)):
+    for opts, applies in (({"budget": 64}, True), ({"budget": 128}, True), ({"budget": 32}, True),
+                          ({"budget": 64, "page_size": 32}, False), ({"budget": 64, "group_reduce": "sum"}, False),
+                          ({"budget": 64, "keep_first_page": True}, False)):
         pol = accel.parse_policy("quest", dense_layers=0, **opts).decode
         pol.check_model(model)
         assert (pol.calibration_source == path) is applies, opts
@@ -210,8 +212,8 @@ def test_layer_map_applies_only_with_its_settings(tmp_path, monkeypatch):
             named = accel.parse_policy("quest", dense_layers=0, layer_map=path, **opts).decode
             with pytest.raises(ValueError, match="calibrated with .*layer_map='none'"):
                 named.check_model(model)
-    with pytest.raises(ValueError, match="calibrated with budget=64 or more"):
-        accel.patch(model, "quest", budget=32, layer_map=path)
+    with pytest.raises(ValueError, match="calibrated with page_size=16; this policy has page_size=32"):
+        accel.patch(model, "quest", page_size=32, layer_map=path)
     assert not accel.is_patched(model)
 
 

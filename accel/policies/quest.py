@@ -69,14 +69,16 @@ class QuestPolicy(Policy):
     layers keep 0.96-1.0. ``scripts/calibrate_quest.py MODEL`` finds such layers on synthetic passkey prompts (a
     head whose selected pages hold less than ``floor`` of what the oracle's hold) and writes a map of layers to
     leave dense, ``configs/quest_<model>.json``. ``layer_map``: ``"auto"`` (default) uses the shipped map that fits
-    the model, when the policy has the map's page size, group reduction and first-page rule and a budget at least
-    the map's (a larger budget keeps a superset of the pages); ``"none"`` selects in every layer from
-    ``dense_layers`` on; a shipped name or a .json path names a map (an error when it does not fit). The map's
-    layers add to the first ``dense_layers``; ``accel.stats(model)["calibration"]`` names the map in use.
+    the model, when the policy has the map's page size, group reduction and first-page rule; ``"none"`` selects in
+    every layer from ``dense_layers`` on; a shipped name or a .json path names a map (an error when it does not
+    fit). The budget does not gate it: a larger budget keeps a superset of the pages the calibration saw, a smaller
+    one keeps less in every layer, so the map's layers are then the least that should stay dense. The map's layers
+    add to the first ``dense_layers``; ``accel.stats(model)["calibration"]`` names the map in use.
 
     Quest's code is multi-head only; with GQA one selection per KV head serves its query group, scored by the
-    ``max`` (default) or ``sum`` of the group's criticalities, so each selected page is read once per group. A budget at or above the context attends to everything (the
-    layout is dense and ``accel.stats`` records decode density 1.0)."""
+    ``max`` (default) or ``sum`` of the group's criticalities, so each selected page is read once per group. A
+    budget at or above the context attends to everything (the layout is dense and ``accel.stats`` records decode
+    density 1.0)."""
 
     name = "quest"
     phases = ("decode",)
@@ -124,13 +126,11 @@ class QuestPolicy(Policy):
         src, data = found
         cal = data.get("calibration") or {}
         differs = {k: cal[k] for k in CALIBRATED_SETTINGS if k in cal and getattr(self, k) != cal[k]}
-        if "budget" in cal and self.budget < cal["budget"]:
-            differs["budget"] = cal["budget"]
-        if differs:  # layers chosen for other settings would not keep what the map promises
+        if differs:  # layers chosen for other pages / scores say nothing about these
             if self.layer_map == "auto":
                 return  # the shipped map does not apply: select in every layer
             raise ValueError(f"quest layer map {src} was calibrated with "
-                             + ", ".join(f"{k}={v}{' or more' if k == 'budget' else ''}" for k, v in differs.items())
+                             + ", ".join(f"{k}={v}" for k, v in differs.items())
                              + "; this policy has " + ", ".join(f"{k}={getattr(self, k)}" for k in differs)
                              + ". Calibrate one for these settings (scripts/calibrate_quest.py) or pass "
                              "layer_map='none'")

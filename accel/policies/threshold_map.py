@@ -148,4 +148,5 @@ class LayerThresholds:
         return memo[layer_idx]
 
 
-__all__ = ["FORMAT", "LayerThresholds", "load_model_map", "load_threshold_map", "map_format", "thresholds_by_layer", "shipped_names"]
+__all__ = ["FORMAT", "LayerThresholds", "load_model_map", "load_threshold_map", "map_format", "thresholds_by_layer",
+           "shipped_names"]
