@@ -134,7 +134,7 @@ def markdown(res) -> str:
     used = {label: cal for c in res["cells"] if (cal := c.get("calibration")) for label in [c["policy"]]}
     if used:  # rows older than this field show nothing here
         lines += ["", "Per-model calibration files a row read (from accel.stats): " + "; ".join(
-            f"{label}: {', '.join(f'{k} {v}' for k, v in cal.items())}" for label, cal in used.items())]
+            f"{label}: {', '.join(cal.values())}" for label, cal in used.items())]
     return "\n".join(lines) + "\n"
 
 

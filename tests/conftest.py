@@ -61,6 +61,18 @@ def tiny_model(family: str, seed: int = 0, attn: str | None = None):
     return model
 
 
+def save_tiny_llama(folder, tok, num_hidden_layers: int = 2):
+    """Save a tiny random Llama sized for ``tok`` and the tokenizer into ``folder``, like a hub checkpoint."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                   max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

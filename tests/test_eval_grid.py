@@ -3,10 +3,10 @@
 import json
 
 import pytest
-import torch
 import transformers
 
 from accel.eval import cli, grid
+from conftest import save_tiny_llama
 from test_eval_synth import tiny_tokenizer
 
 BASE = ["--policy", "dense", "--policy", "streaming:sink=4,window=64", "--lengths", "300,500", "--tasks",
@@ -16,16 +16,7 @@ BASE = ["--policy", "dense", "--policy", "streaming:sink=4,window=64", "--length
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-eval-llama")
-    tok = tiny_tokenizer(chat=True)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                   max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-eval-llama"), tiny_tokenizer(chat=True))
 
 
 def _run(capsys, argv):

@@ -5,27 +5,18 @@ import builtins
 import json
 
 import pytest
-import torch
 import transformers
 
 pytest.importorskip("lm_eval", reason="the eval extra is not installed")
 
 from accel.eval import lm_cli  # noqa: E402
+from conftest import save_tiny_llama  # noqa: E402
 from test_eval_synth import tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-lm-eval")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                   max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-lm-eval"), tiny_tokenizer())
 
 
 def test_accel_lm_eval_runs_offline_task_and_ruler_niah_single_1(tiny_dir, tmp_path, capsys):
