@@ -140,8 +140,8 @@ def quest_capture(q: torch.Tensor, k: torch.Tensor, *, budget: int, page_size: i
     softmax mass inside the pages Quest selects at ``budget`` (its page min/max bound, one selection per KV group),
     and ``oracle`` [B, Hq]: the share inside the same number of pages chosen by their true mass summed over the KV
     group (the best one selection per group can keep, with the pages Quest always keeps: the newest, and the first
-    with ``keep_first``); with ``mass`` [B, Hq, P] (each page's share) and
-    ``scores`` [B, Hkv, P] (Quest's criticality), float32."""
+    with ``keep_first``); with ``mass`` [B, Hq, P] (each page's share) and ``scores`` [B, Hkv, P] (Quest's
+    criticality), float32."""
     from .kernels import reference_decode as R
 
     B, Hq, D = q.shape
@@ -159,13 +159,15 @@ def quest_capture(q: torch.Tensor, k: torch.Tensor, *, budget: int, page_size: i
     scores = R.quest_scores(qf, kmin, kmax, group_reduce=group_reduce, page_size=page_size)
     n_keep = min(budget // page_size, n_pages)
     pages, _ = R.select_pages(scores, n_keep, kv_len=S, page_size=page_size, keep_first=keep_first)
-    keep = torch.zeros(B, Hkv, n_pages, dtype=torch.bool).scatter(-1, pages.long(), True).repeat_interleave(g, 1)
+    keep = torch.zeros(B, Hkv, n_pages, dtype=torch.bool, device=q.device).scatter(-1, pages.long(), True)
+    keep = keep.repeat_interleave(g, 1)
     rank = mass.reshape(B, Hkv, g, n_pages).sum(2)
     rank[..., -1] = float("inf")  # the oracle keeps what Quest always keeps: the newest page (and the first)
     if keep_first:
         rank[..., 0] = float("inf")
     top = rank.topk(n_keep, -1).indices
-    best = torch.zeros(B, Hkv, n_pages, dtype=torch.bool).scatter(-1, top, True).repeat_interleave(g, 1)
+    best = torch.zeros(B, Hkv, n_pages, dtype=torch.bool, device=q.device).scatter(-1, top, True)
+    best = best.repeat_interleave(g, 1)
     return {"quest": (mass * keep).sum(-1), "oracle": (mass * best).sum(-1), "mass": mass, "scores": scores}
 
 
