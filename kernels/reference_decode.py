@@ -39,17 +39,37 @@ def _mapped_heads(kv_heads: torch.Tensor, group: int | None, device) -> torch.Te
     return (kv_heads.to(device).long()[:, None] * group + torch.arange(group, device=device)).flatten()
 
 
+GROUP_REDUCES = ("max", "sum", "max_norm")
+
+
+def head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Each query head's Quest bound over the whole cache (the box of every page's bounds): float32 [B, Hq] from q
+    [B, Hq, D] and kmin/kmax [B, Hkv, P, D]. Pages never written keep +inf / -inf bounds and drop out of the box.
+    ``group_reduce="max_norm"`` subtracts it, so a head whose bounds run large (wide key ranges) does not rank the
+    pages for its whole group: a page scores how close it comes to its head's own ceiling."""
+    B, Hq, D = q.shape
+    Hkv = kmin.shape[1]
+    qf = q.float().reshape(B, Hkv, Hq // Hkv, D)
+    hi, lo = kmax.float().amax(2)[:, :, None], kmin.float().amin(2)[:, :, None]
+    return (qf.clamp_min(0) * hi + qf.clamp_max(0) * lo).sum(-1).reshape(B, Hq)
+
+
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, group_reduce: str = "max",
                  page_size: int = 16, kv_start: torch.Tensor | None = None, kv_heads: torch.Tensor | None = None,
                  group: int | None = None) -> torch.Tensor:
     """Quest criticality per (batch, KV head, page): for each query head ``sum_d max(q_d * max_d, q_d * min_d)``
-    (an upper bound of q.k over the page), reduced over the query heads of the KV group by ``max`` or ``sum``.
+    (an upper bound of q.k over the page), reduced over the query heads of the KV group by ``max`` or ``sum``, or
+    ``max_norm``: the max after subtracting each head's bound over the whole cache (``head_bounds``).
 
     q: [B, Hq, 1, D] (or [B, Hq, D]); kmin/kmax: [B, Hkv, P, D]. Returns float32 [B, Hkv, P]; pages entirely in
     the left padding get -inf. ``kv_heads``/``group``: kmin/kmax hold those KV heads of the layer, q is full."""
     if q.dim() == 4:
         q = q[:, :, -1]
+    if group_reduce not in GROUP_REDUCES:
+        raise ValueError(f"group_reduce must be one of {GROUP_REDUCES}, got {group_reduce!r}")
     if kv_heads is not None:
+        if group_reduce == "max_norm":
+            raise ValueError("quest_scores: group_reduce='max_norm' takes no kv_heads map")
         q = q.index_select(1, _mapped_heads(kv_heads, group, q.device))
     B, Hq, D = q.shape
     Hkv, P = kmin.shape[1], kmin.shape[2]
@@ -58,7 +78,9 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
     # max(q*M, q*m) = relu(q)*M + min(q, 0)*m: two matmuls
     s = torch.matmul(qf.clamp_min(0), kmax.float().transpose(-1, -2)) + torch.matmul(
         qf.clamp_max(0), kmin.float().transpose(-1, -2))  # [B, Hkv, g, P]
-    s = s.amax(2) if group_reduce == "max" else s.sum(2)
+    if group_reduce == "max_norm":
+        s = s - head_bounds(q, kmin, kmax).reshape(B, Hkv, g, 1)
+    s = s.sum(2) if group_reduce == "sum" else s.amax(2)
     if kv_start is not None:
         page_end = (torch.arange(P, device=q.device) + 1) * page_size
         s = s.masked_fill(page_end[None, None, :] <= kv_start.to(q.device).long()[:, None, None], float("-inf"))

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--group-reduce", default="max", choices=("max", "sum"))
+    ap.add_argument("--group-reduce", default="max", choices=("max", "sum", "max_norm"))
     ap.add_argument("--keep-first-page", action="store_true")
     ap.add_argument("--dense-layers", type=int, default=2, help="the first layers Quest leaves dense (not checked)")
     ap.add_argument("--floor", type=float, default=0.5,

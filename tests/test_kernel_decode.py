@@ -28,7 +28,7 @@ def test_page_bounds_partial_page():
 
 
 @pytest.mark.parametrize("group", [1, 4, 7])
-@pytest.mark.parametrize("reduce", ["max", "sum"])
+@pytest.mark.parametrize("reduce", ["max", "sum", "max_norm"])
 def test_quest_scores_match_reference(group, reduce):
     q, k, _ = _qkv(2, 2, group, 101)
     mn, mx = R.page_bounds(k, 16)
@@ -53,6 +53,26 @@ def test_quest_scores_merge_physical_pages(merge, block_p):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="power of two"):
         quest_scores(q, mn, mx, merge=3)
+
+
+def test_quest_scores_max_norm():
+    """``max_norm``: each head's bounds minus its bound over the whole cache (a ceiling no page exceeds), then the
+    group max. Pages never written (+-inf bounds, as a
+    static cache keeps them) drop out of the ceiling; a head map is refused."""
+    q, k, _ = _qkv(1, 1, 2, 64, seed=5)
+    mn, mx = R.page_bounds(k, 16)
+    per_head = [R.quest_scores(q[:, h:h + 1], mn, mx) for h in range(2)]
+    ceil = R.head_bounds(q[:, :, 0], mn, mx)
+    want = torch.maximum(per_head[0] - ceil[0, 0], per_head[1] - ceil[0, 1])
+    torch.testing.assert_close(R.quest_scores(q, mn, mx, group_reduce="max_norm"), want)
+    assert (want <= 1e-5).all()
+    spare = (torch.full_like(mn[:, :, :2], float("inf")), torch.full_like(mx[:, :, :2], float("-inf")))
+    torch.testing.assert_close(R.head_bounds(q[:, :, 0], torch.cat([mn, spare[0]], 2), torch.cat([mx, spare[1]], 2)),
+                               ceil)
+    with pytest.raises(ValueError, match="kv_heads"):
+        quest_scores(q, mn, mx, group_reduce="max_norm", kv_heads=torch.tensor([0]), group=2)
+    with pytest.raises(ValueError, match="group_reduce"):
+        R.quest_scores(q, mn, mx, group_reduce="mean")
 
 
 def test_quest_score_bounds_every_key():

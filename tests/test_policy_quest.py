@@ -29,12 +29,13 @@ def test_budget_covering_everything_is_dense(family, backend):
     assert decode and all(d == 1.0 for d in decode)  # budget above the context: everything, recorded
 
 
-def test_small_budget_same_on_both_backends():
+@pytest.mark.parametrize("reduce", ["max", "max_norm"])
+def test_small_budget_same_on_both_backends(reduce):
     x = ids(length=90)
     res = {}
     for backend in ("reference", "triton"):
         model = tiny_model("qwen3")
-        accel.patch(model, "quest", budget=32, dense_layers=1, backend=backend)
+        accel.patch(model, "quest", budget=32, dense_layers=1, group_reduce=reduce, backend=backend)
         with torch.no_grad():
             res[backend] = _gen(model, x, n=8)
         st = accel.stats(model)

@@ -192,13 +192,15 @@ def test_lserve_static_budget_above_context_is_dense_over_retrieval_heads(tmp_pa
     assert torch.equal(lserve, duo)
 
 
-@pytest.mark.parametrize("fam", ["llama", "gemma3", "qwen2"])
+@pytest.mark.parametrize("fam,reduce", [("llama", "max"), ("gemma3", "max"), ("qwen2", "max"),
+                                        ("llama", "max_norm")])
 @pytest.mark.parametrize("padded", [False, True])
-def test_quest_over_static_cache_matches_dynamic(fam, padded):
-    """Quest's device-side selection over PagedStaticLayer picks what the dynamic-cache plan picks."""
+def test_quest_over_static_cache_matches_dynamic(fam, reduce, padded):
+    """Quest's device-side selection over PagedStaticLayer picks what the dynamic-cache plan picks (the static
+    buffer's unwritten pages stay out of max_norm's per-head ceiling)."""
     model = tiny_model(fam)
     x, mask = _two_rows(padded)
-    accel.patch(model, "quest", budget=64, page_size=16, dense_layers=0, backend="reference")
+    accel.patch(model, "quest", budget=64, page_size=16, dense_layers=0, group_reduce=reduce, backend="reference")
     dynamic = _generate(model, x, attention_mask=mask)
     accel.reset_stats(model)
     static = _generate(model, x, attention_mask=mask, cache_implementation="static", disable_compile=True)

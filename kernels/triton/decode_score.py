@@ -2,8 +2,9 @@
 
 Same function as ``kernels.reference_decode.quest_scores``. For each query head the criticality of a page is
 ``sum_d max(q_d * max_d, q_d * min_d) = relu(q) . kmax + min(q, 0) . kmin`` — two small matmuls per tile. The query
-heads of one KV group are packed into the M rows of those matmuls (padded to 16) and reduced by ``max`` (default)
-or ``sum``, so the page metadata is read once per KV head. Grid: (B * Hkv, cdiv(n_pages, BLOCK_P)).
+heads of one KV group are packed into the M rows of those matmuls (padded to 16) and reduced by ``max`` (default),
+``sum`` or ``max_norm`` (``max`` after subtracting each head's bound over the whole cache, computed in torch), so
+the page metadata is read once per KV head. Grid: (B * Hkv, cdiv(n_pages, BLOCK_P)).
 
 With a KV-head map (``kv_heads``, ``group``) the bounds hold a subset of the layer's KV heads (LServe's retrieval
 heads) and q stays the full layer's query: program ``j`` reads query heads ``kv_heads[j] * group + g``, so the
@@ -16,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference_decode import GROUP_REDUCES, head_bounds
 from .checks import device_ints, head_map
 from .decode_topk import check_reuse, reused
 
@@ -23,10 +25,11 @@ from .decode_topk import check_reuse, reused
 # P (pages) and the strides of scores [B, H, P] grow during decode: not specialised, or each divisible-by-16 count
 # compiles a variant mid-decode
 @triton.jit(do_not_specialize=["P", "sob", "soh"])
-def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SEL, KV_LEN,
+def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SEL, KV_LEN, OFF,
                         sqb, sqh, sqd, smb, smh, smp, smd, sxb, sxh, sxp, sxd, sob, soh, sop,
                         Hkv, G, P, PAGE, STEPS,
                         REDUCE_MAX: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_HEADS: tl.constexpr,
+                        HAS_OFF: tl.constexpr,
                         DOT_F32: tl.constexpr,
                         IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_REUSE: tl.constexpr, MERGE: tl.constexpr):
@@ -66,6 +69,8 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SEL, KV_LEN,
     else:
         s = tl.dot(q_pos, tl.trans(kmax))
         s = tl.dot(q_neg, tl.trans(kmin), s)
+    if HAS_OFF:  # "max_norm": each query head's bounds relative to its bound over the whole cache
+        s = s - tl.load(OFF + b * Hkv * G + hq0 + offs_g, mask=g_ok, other=0.0)[:, None]
     if REDUCE_MAX:
         s = tl.where(g_ok[:, None], s, float("-inf"))
         score = tl.max(s, axis=0)
@@ -114,8 +119,10 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
         q = q[:, :, -1]
     B, Hq, D = q.shape
     Hkv, P = kmin.shape[1], kmin.shape[2]
-    if group_reduce not in ("max", "sum"):
-        raise ValueError(f"group_reduce must be 'max' or 'sum', got {group_reduce!r}")
+    if group_reduce not in GROUP_REDUCES:
+        raise ValueError(f"group_reduce must be one of {GROUP_REDUCES}, got {group_reduce!r}")
+    if group_reduce == "max_norm" and kv_heads is not None:
+        raise ValueError("quest_scores: group_reduce='max_norm' takes no kv_heads map")
     kv_heads, G = head_map(kv_heads, group, Hq, Hkv, q.device, "quest_scores")
     if D < 16 or D & (D - 1):
         raise ValueError(f"quest_scores: head_dim {D} must be a power of two >= 16")
@@ -128,6 +135,7 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
     block_p = max(block_p or (32 if interp else 64), merge)
     if kv_start is not None:
         kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
+    off = head_bounds(q, kmin, kmax).contiguous() if group_reduce == "max_norm" else None  # [B, Hq] float32
     q = q.to(kmin.dtype)
     sel, length, steps = out, out, 0
     if reuse is not None:
@@ -137,10 +145,11 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
     grid = (B * Hkv, triton.cdiv(P, block_p))
     _quest_score_kernel[grid](
         q, kmin, kmax, kv_start if kv_start is not None else out, kv_heads if kv_heads is not None else out, out,
-        sel, length,
+        sel, length, off if off is not None else out,
         *q.stride(), *kmin.stride(), *kmax.stride(), *out.stride(),
         Hkv, G, P, page_size, int(steps),
-        REDUCE_MAX=group_reduce == "max", HAS_KV_START=kv_start is not None, HAS_HEADS=kv_heads is not None,
+        REDUCE_MAX=group_reduce != "sum", HAS_KV_START=kv_start is not None, HAS_HEADS=kv_heads is not None,
+        HAS_OFF=off is not None,
         DOT_F32=interp and kmin.dtype != torch.float32, IEEE=kmin.dtype == torch.float32 and not interp,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D, HAS_REUSE=reuse is not None,
         MERGE=merge, num_warps=num_warps or 2,
