@@ -203,7 +203,8 @@ def test_layer_map_applies_only_with_its_settings(tmp_path, monkeypatch):
     model = tiny_model("llama")
     path = _write_layer_map(tmp_path / "m.json", model, [1], budget=64)
     found = (path, __import__("json").loads(open(path).read()))
-    monkeypatch.setattr(Q, "load_layer_map", lambda name, config: found if name in ("auto", path) else None)
+    monkeypatch.setattr(Q, "load_layer_map", lambda name, config, settings=None: found if name in ("auto", path)
+                        else None)
     for opts, applies in (({"budget": 64}, True), ({"budget": 128}, True), ({"budget": 32}, True),
                           ({"budget": 64, "page_size": 32}, False), ({"budget": 64, "group_reduce": "sum"}, False),
                           ({"budget": 64, "keep_first_page": True}, False)):
@@ -305,3 +306,23 @@ def test_calibrate_script_writes_a_map_that_patches(tmp_path):
     assert accel.stats(model)["calibration"] == {"quest": str(out)}
     with pytest.raises(SystemExit):
         calib.main([str(folder), "--out", str(out), "--lengths", "20", "--budget", "32"])  # nothing to select
+
+
+def test_auto_picks_the_shipped_map_of_the_scoring_rule():
+    """A model ships one map per group reduction: 'auto' reads the one calibrated with the policy's settings, and
+    none for settings no map was made with."""
+    import json
+    import types
+    from importlib import resources
+
+    from accel.policies.quest import load_layer_map
+
+    for name in ("smollm2", "gemma3"):
+        data = json.loads(resources.files("accel.configs").joinpath(f"quest_{name}.json").read_text())
+        cfg = types.SimpleNamespace(**data["model"])
+        base = {"page_size": 16, "keep_first_page": False}
+        for reduce, file in (("max", f"quest_{name}.json"), ("max_norm", f"quest_{name}_max_norm.json")):
+            src, got = load_layer_map("auto", cfg, {**base, "group_reduce": reduce})
+            assert src.endswith(file) and got["calibration"]["group_reduce"] == reduce
+        assert load_layer_map("auto", cfg, {**base, "group_reduce": "sum"}) is None
+        assert load_layer_map("auto", cfg, {**base, "group_reduce": "max", "page_size": 32}) is None

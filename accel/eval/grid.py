@@ -315,10 +315,10 @@ def _quest_layer_map_digest(pol: dict, model) -> str | None:
     shipped one that fits), None for other policies or without one."""
     if model is None or pol.get("name") != "quest" or pol.get("layer_map", "none") == "none":
         return None
-    from accel.policies.quest import load_layer_map
+    from accel.policies.quest import CALIBRATED_SETTINGS, load_layer_map
 
     try:
-        found = load_layer_map(pol["layer_map"], model.config)
+        found = load_layer_map(pol["layer_map"], model.config, {k: pol[k] for k in CALIBRATED_SETTINGS if k in pol})
     except (ValueError, OSError):
         return None
     return None if found is None else _digest(found[1].get("dense_layers"))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,21 @@ LAYER_MAP_FORMAT = "accel-quest-layers/1"
 CALIBRATED_SETTINGS = ("page_size", "group_reduce", "keep_first_page")
 
 
-def load_layer_map(name: str, config) -> tuple[str, dict] | None:
-    """(source, data) of a Quest layer map for a model of ``config``: ``"auto"`` the shipped one that fits (None
-    when there is none), a shipped name or a .json path (an error when missing or made for another model)."""
-    from .threshold_map import load_model_map
+def load_layer_map(name: str, config, settings: dict | None = None) -> tuple[str, dict] | None:
+    """(source, data) of a Quest layer map for a model of ``config``: ``"auto"`` the shipped one that fits the model
+    and, given ``settings``, was calibrated with them (None when there is none), a shipped name or a .json path (an
+    error when missing or made for another model)."""
+    from .threshold_map import _shipped, load_model_map, model_signature
 
+    if name == "auto" and settings is not None:  # a model may ship one map per scoring rule (max, max_norm)
+        sig = model_signature(config)
+        for res in _shipped("quest"):
+            data = json.loads(res.read_text())
+            cal = data.get("calibration") or {}
+            if data.get("model") == sig and data.get("format") == LAYER_MAP_FORMAT and all(
+                    cal.get(k, v) == v for k, v in settings.items()):
+                return str(res), data
+        return None
     return load_model_map(name, config, "quest", LAYER_MAP_FORMAT, "quest layer map",
                           "scripts/calibrate_quest.py MODEL", "layer_map='none'")
 
@@ -69,8 +80,8 @@ class QuestPolicy(Policy):
     oracle of the same budget; results/quest_selection.md), which is enough to lose the needle, while the other
     layers keep 0.96-1.0. ``scripts/calibrate_quest.py MODEL`` finds such layers on synthetic passkey prompts (a
     head whose selected pages hold less than ``floor`` of what the oracle's hold) and writes a map of layers to
-    leave dense, ``configs/quest_<model>.json``. ``layer_map``: ``"auto"`` (default) uses the shipped map that fits
-    the model, when the policy has the map's page size, group reduction and first-page rule; ``"none"`` selects in
+    leave dense, ``configs/quest_<model>[_<rule>].json``. ``layer_map``: ``"auto"`` (default) uses the shipped map
+    made for the model with the policy's page size, group reduction and first-page rule; ``"none"`` selects in
     every layer from ``dense_layers`` on; a shipped name or a .json path names a map (an error when it does not
     fit). The budget does not gate it: a larger budget keeps a superset of the pages the calibration saw, a smaller
     one keeps less in every layer, so the map's layers are then the least that should stay dense. The map's layers
@@ -79,10 +90,11 @@ class QuestPolicy(Policy):
     Quest's code is multi-head only; with GQA one selection per KV head serves its query group, scored by the
     ``max`` (default) or ``sum`` of the group's criticalities, so each selected page is read once per group.
     ``group_reduce="max_norm"`` takes the max after subtracting each query head's bound over the whole cache, so a
-    head whose keys span wide ranges (large bounds everywhere) does not rank the pages for the others: in CPU probes
-    at 8K it lifted the worst head's share of the oracle's mass in Gemma-3's layer 17 from 0.17 to 0.97 and in
-    SmolLM2's layer 7 from 0.76 to 0.995 (not SmolLM2's layer 18, where the head's own bound misranks). Not the
-    default: its cost on the GPU (one more reduction over the page bounds per layer) is not measured yet. A
+    head whose keys span wide ranges (large bounds everywhere) does not rank the pages for the others. It is not
+    better everywhere: in the 8K calibrations Gemma-3's layer 17 goes from 0.17 to 0.97 of the oracle's share at
+    worst (its max_norm map lists no layer), SmolLM2's layers 14 and 17 from 0.87 to 0.98, but SmolLM2's layer 7
+    from 0.77 to 0.003 (its map lists 7 and 18, against 18 with ``max``). Not the default: its cost on the GPU (one
+    more reduction over the page bounds per layer) is not measured yet. A
     budget at or above the context attends to everything (the layout is dense and ``accel.stats`` records decode
     density 1.0)."""
 
@@ -126,7 +138,7 @@ class QuestPolicy(Policy):
         self._map_dense, self._map_source = frozenset(), None
         if self.layer_map == "none":
             return
-        found = load_layer_map(self.layer_map, model.config)
+        found = load_layer_map(self.layer_map, model.config, {k: getattr(self, k) for k in CALIBRATED_SETTINGS})
         if found is None:
             return
         src, data = found
