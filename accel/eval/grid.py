@@ -303,11 +303,7 @@ def _threshold_map_digest(pol: dict, model) -> str | None:
         return None
     from accel.policies.threshold_map import load_threshold_map
 
-    try:
-        found = load_threshold_map(pol["layer_thresholds"], model.config, pol["name"])
-    except (ValueError, OSError):
-        return None
-    return None if found is None else _digest(found[1].get("thresholds"))
+    return _map_digest(lambda: load_threshold_map(pol["layer_thresholds"], model.config, pol["name"]), "thresholds")
 
 
 def _quest_layer_map_digest(pol: dict, model) -> str | None:
@@ -317,11 +313,17 @@ def _quest_layer_map_digest(pol: dict, model) -> str | None:
         return None
     from accel.policies.quest import CALIBRATED_SETTINGS, load_layer_map
 
+    settings = {k: pol[k] for k in CALIBRATED_SETTINGS if k in pol}
+    return _map_digest(lambda: load_layer_map(pol["layer_map"], model.config, settings), "dense_layers")
+
+
+def _map_digest(load: Callable, field: str) -> str | None:
+    """sha256 of ``field`` of the map ``load()`` finds; None when it finds none or fails (patching then raises)."""
     try:
-        found = load_layer_map(pol["layer_map"], model.config, {k: pol[k] for k in CALIBRATED_SETTINGS if k in pol})
+        found = load()
     except (ValueError, OSError):
         return None
-    return None if found is None else _digest(found[1].get("dense_layers"))
+    return None if found is None else _digest(found[1].get(field))
 
 
 def summarize(cells: list[dict], policies: list[str], lengths: list[int], tasks: list[str]) -> str:

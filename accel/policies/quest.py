@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
@@ -21,19 +20,14 @@ def load_layer_map(name: str, config, settings: dict | None = None) -> tuple[str
     """(source, data) of a Quest layer map for a model of ``config``: ``"auto"`` the shipped one that fits the model
     and, given ``settings``, was calibrated with them (None when there is none), a shipped name or a .json path (an
     error when missing or made for another model)."""
-    from .threshold_map import _shipped, load_model_map, model_signature
+    from .threshold_map import load_model_map
 
-    if name == "auto" and settings is not None:  # a model may ship one map per scoring rule (max, max_norm)
-        sig = model_signature(config)
-        for res in _shipped("quest"):
-            data = json.loads(res.read_text())
-            cal = data.get("calibration") or {}
-            if data.get("model") == sig and data.get("format") == LAYER_MAP_FORMAT and all(
-                    cal.get(k, v) == v for k, v in settings.items()):
-                return str(res), data
-        return None
+    def fits(data: dict) -> bool:  # a model may ship one map per scoring rule (max, max_norm)
+        cal = data.get("calibration") or {}
+        return all(cal.get(k, v) == v for k, v in (settings or {}).items())
+
     return load_model_map(name, config, "quest", LAYER_MAP_FORMAT, "quest layer map",
-                          "scripts/calibrate_quest.py MODEL", "layer_map='none'")
+                          "scripts/calibrate_quest.py MODEL", "layer_map='none'", fits)
 
 
 def quest_scores(q, layer: PagedKVLayer, group_reduce: str, kv_start=None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from importlib import resources
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from .duo import model_signature
 
@@ -35,17 +35,18 @@ def shipped_names(policy: str = "xattention") -> list[str]:
     return [p.name[len(policy) + 1:-5] for p in _shipped(policy)]
 
 
-def load_model_map(name: str, config, policy: str, fmt: str, what: str, make: str, off: str
-                   ) -> tuple[str, dict] | None:
+def load_model_map(name: str, config, policy: str, fmt: str, what: str, make: str, off: str,
+                   fits: Callable[[dict], bool] | None = None) -> tuple[str, dict] | None:
     """(source, data) of a per-model calibration file of ``policy`` in format ``fmt``: ``"auto"`` the shipped
-    ``configs/<policy>_*.json`` whose signature matches (None when there is none), a shipped name (``smollm2``) or a
-    .json path (errors when missing, of another format or made for another model). ``what`` names the file in
-    errors (``"xattention threshold map"``), ``make`` is the command that makes one, ``off`` how to do without."""
+    ``configs/<policy>_*.json`` whose signature matches and that ``fits`` accepts, if given (None when there is
+    none), a shipped name (``smollm2``) or a .json path (errors when missing, of another format or made for another
+    model). ``what`` names the file in errors (``"xattention threshold map"``), ``make`` is the command that makes
+    one, ``off`` how to do without."""
     sig = model_signature(config)
     if name == "auto":
         for res in _shipped(policy):
             data = json.loads(res.read_text())
-            if data.get("model") == sig and data.get("format") == fmt:
+            if data.get("model") == sig and data.get("format") == fmt and (fits is None or fits(data)):
                 return str(res), data
         return None
     if name.endswith(".json"):
