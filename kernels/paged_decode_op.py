@@ -14,9 +14,13 @@ import torch
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, counts: torch.Tensor,
                  page_size: int, scale: float, softcap: float, kv_start: torch.Tensor | None,
                  kv_end: torch.Tensor | None) -> torch.Tensor:
-    """``paged_decode_attention`` of kernels/triton/decode_attention.py; ``softcap`` 0 for none."""
+    """``paged_decode_attention`` of kernels/triton/decode_attention.py; ``softcap`` 0 for none. ``pages`` may hold
+    one row per batch row ([B, 1, n], TidalDecode's shared selection): expanded over the KV heads here, inside the
+    op, where the view is free (expanded outside, inductor wrote it out every layer and step)."""
     from .triton.decode_attention import paged_decode_attention
 
+    if pages.shape[1] == 1 and k.shape[1] > 1:
+        pages = pages.expand(pages.shape[0], k.shape[1], pages.shape[2])
     return paged_decode_attention(q, k, v, pages, counts, page_size, scale=scale, softcap=softcap or None,
                                   kv_start=kv_start, kv_end=kv_end)
 

@@ -187,6 +187,57 @@ def topk_tail(batches, hkv, budget, page, out) -> None:
     _write_sweep(out, "bench_decode_topk_tail", rows, md)
 
 
+def _topk_rows(B, ctx, hkv, page):
+    """Quest criticality rows of random bf16 keys (32 query heads, page ``page``) and LServe's physical-page rows
+    (each 4 * page tokens, the max of 4 logical pages) of a static cache of ``ctx + 1`` tokens: spare pages past the
+    length score NaN. Yields (kind, scores, page size, length, filled pages)."""
+    from accel.kernels import reference_decode as R
+
+    q = torch.randn(B, hkv * 4, 1, 128, device="cuda", dtype=torch.bfloat16)
+    kmin, kmax = R.page_bounds(torch.randn(B, hkv, ctx + 4 * page, 128, device="cuda", dtype=torch.bfloat16), page)
+    quest = R.quest_scores(q, kmin, kmax).float()
+    length = ctx + 1  # the newest page holds one token, the last page none
+    for kind, s, pg in (("quest", quest, page), ("lserve", quest.unflatten(-1, (-1, 4)).amax(-1), 4 * page)):
+        n_filled = -(-length // pg)
+        s = s.clone()
+        s[..., n_filled:] = float("nan")
+        yield kind, s, pg, length, n_filled
+
+
+def topk_search(contexts, batches, hkv, budget, page, out) -> None:
+    """The top-k's threshold search: the packed ternary search (finite range) against the radix select at 8 and 4
+    bits per pass, on the rows of ``_topk_rows``, graph-replayed, each checked against the torch twin first."""
+    from accel.kernels import reference_decode as R
+
+    rows = []
+    for B in batches:
+        for ctx in contexts:
+            for kind, s, pg, length, n_filled in _topk_rows(B, ctx, hkv, page):
+                k = budget // pg
+                ref = R.select_pages(s[..., :n_filled], k, kv_len=length, page_size=pg)
+                dev_len = torch.tensor(length, device="cuda")
+                row = {"batch": B, "context": ctx, "rows": kind, "pages": s.shape[-1], "k": k}
+                for name, kw in (("ternary", {"search": "ternary"}), ("radix8", {"search": "radix"}),
+                                 ("radix4", {"search": "radix", "radix_bits": 4})):
+                    row[name] = _checked_topk_ms(ref, (kind, name), scores=s, k=k, kv_len=dev_len, page_size=pg,
+                                                 **kw)
+                rows.append(row)
+                print(json.dumps(row))
+    md = [f"# Top-k page selection: ternary search against radix select ({torch.cuda.get_device_name()}, {hkv} KV "
+          f"heads, budget {budget})", "", "`python scripts/bench_decode.py --topk-search --contexts "
+          f"{','.join(map(str, contexts))} --batches {','.join(map(str, batches))}`; graph-replayed median us. "
+          "Rows as in bench_decode_topk_range.md (Quest page-16 criticality, LServe 64-token physical pages, a static "
+          "cache's row read on the device). ternary: two packed counts per pass over the finite range (the kernel's "
+          "search before); radix8 / radix4: a histogram of the next 8 / 4 bits of the keys still in the running per "
+          "pass (at most 4 / 8 passes).", "",
+          "| batch | context | rows | pages | k | ternary | radix8 | radix4 | best radix gain |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['batch']} | {r['context']} | {r['rows']} | {r['pages']} | {r['k']} | {r['ternary'] * 1e3:.1f} | "
+           f"{r['radix8'] * 1e3:.1f} | {r['radix4'] * 1e3:.1f} | {r['ternary'] / min(r['radix8'], r['radix4']):.2f}x |"
+           for r in rows]
+    _write_sweep(out, "bench_decode_topk_search", rows, md)
+
+
 def topk_range(contexts, batches, hkv, budget, page, out) -> None:
     """Top-k with the search starting on the finite scores' range against the whole range (+inf of the forced newest
     page included), on Quest rows (page 16) and LServe rows (each 64-token physical page the max of its 4 logical
@@ -197,22 +248,14 @@ def topk_range(contexts, batches, hkv, budget, page, out) -> None:
     rows = []
     for B in batches:
         for ctx in contexts:
-            q = torch.randn(B, hkv * 4, 1, 128, device="cuda", dtype=torch.bfloat16)
-            kmin, kmax = R.page_bounds(torch.randn(B, hkv, ctx + 4 * page, 128, device="cuda",
-                                                   dtype=torch.bfloat16), page)
-            quest = R.quest_scores(q, kmin, kmax).float()
-            length = ctx + 1  # the newest page holds one token, the last page none
-            for kind, s, pg in (("quest", quest, page), ("lserve", quest.unflatten(-1, (-1, 4)).amax(-1), 4 * page)):
-                n_filled = -(-length // pg)
-                s = s.clone()
-                s[..., n_filled:] = float("nan")
+            for kind, s, pg, length, n_filled in _topk_rows(B, ctx, hkv, page):
                 k = budget // pg
                 ref = R.select_pages(s[..., :n_filled], k, kv_len=length, page_size=pg)
                 dev_len = torch.tensor(length, device="cuda")
                 row = {"batch": B, "context": ctx, "rows": kind, "pages": s.shape[-1], "k": k}
                 for name, finite in (("whole", False), ("finite", True)):
                     row[name] = _checked_topk_ms(ref, (kind, name), scores=s, k=k, kv_len=dev_len, page_size=pg,
-                                                 finite_range=finite)
+                                                 search="ternary", finite_range=finite)
                 rows.append(row)
                 print(json.dumps(row))
     md = [f"# Top-k page selection: where the search starts ({torch.cuda.get_device_name()}, {hkv} KV heads, "
@@ -583,6 +626,8 @@ def main(argv=None) -> int:
     ap.add_argument("--topk-tail", action="store_true", help="only time the top-k kernel on rows past a power of two")
     ap.add_argument("--topk-range", action="store_true",
                     help="only time the top-k search started on the finite scores' range against the whole range")
+    ap.add_argument("--topk-search", action="store_true",
+                    help="only time the top-k's ternary search against the radix select")
     ap.add_argument("--score-tiles", action="store_true",
                     help="only sweep the Quest scoring kernel's pages per program / warps over a 32-layer graph")
     ap.add_argument("--split-sweep", action="store_true", help="only sweep the split-KV kernel's splits / warps")
@@ -609,6 +654,7 @@ def main(argv=None) -> int:
         "split_sweep": lambda: split_sweep(batches, hkv, args.budget, args.out),
         "topk_tail": lambda: topk_tail(batches, hkv, args.budget, args.page, args.out),
         "score_tiles": lambda: score_tiles(batches, hkv, args.out),
+        "topk_search": lambda: topk_search(contexts, batches, hkv, args.budget, args.page, args.out),
         "topk_range": lambda: topk_range(contexts, batches, hkv, args.budget, args.page, args.out),
         "topk_sweep": lambda: topk_sweep(contexts, batches, hkv, args.budget, args.page, args.out),
     }

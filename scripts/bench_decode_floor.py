@@ -140,9 +140,16 @@ def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
 
 
 def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
+    """``run``: a policy spec (``quest``, ``quest:group_reduce=max_norm``), optionally ``@ternary`` / ``@radix``: the
+    top-k kernel's threshold search for this run (decode_topk.SEARCH)."""
+    from accel.kernels.triton import decode_topk
+
     row = {"run": run, "context": ctx, "batch": batch}
+    spec, _, search = run.partition("@")
+    default_search = decode_topk.SEARCH
     try:
-        patch_decode(model, run, args.model)
+        decode_topk.SEARCH = search or default_search
+        patch_decode(model, spec, args.model)
         torch.cuda.empty_cache()
         with torch.no_grad():
             cache, _ = filled_cache(model, ctx, batch, 16)
@@ -170,6 +177,7 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     except Exception as e:  # noqa: BLE001 - a run that cannot run is recorded, not fatal
         row["error"] = _err(e)
     finally:
+        decode_topk.SEARCH = default_search
         accel.unpatch(model)
         torch._dynamo.reset()
         torch.cuda.empty_cache()

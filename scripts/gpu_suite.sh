@@ -13,6 +13,7 @@
 #                                                      # the split-KV kernel's key tiles / stages (32-layer graphs)
 #   bash scripts/gpu_suite.sh decode_splits            # split-KV waves: the selection launch swept, step floors
 #   bash scripts/gpu_suite.sh quest_norm_floor         # Quest's group_reduce='max_norm' against 'max': its cost
+#   bash scripts/gpu_suite.sh topk_search              # the top-k's radix select against its ternary search
 #   bash scripts/gpu_suite.sh tidal_floor tidal_e2e    # TidalDecode's shared selection vs one per KV head (before
 #                                                      # 2026-12-04): attention vs byte floor; compiled b1 / b4 steps
 #   bash scripts/gpu_suite.sh prefill_thresholds       # the prefill policies at defaults vs the settings that keep
@@ -94,6 +95,11 @@ for stage in "$@"; do
       timeout 200 python3 scripts/bench_decode.py --logits-sweep --batches 1,4 --out "$OUT" | tail -8
       timeout 380 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense quest tidal duo lserve \
         --out "$OUT/bench_decode_floor_splits" | tail -14 ;;
+    topk_search)  # the top-k's radix select against the ternary search: the kernel alone, then in the step floor
+      timeout 150 python3 scripts/bench_decode.py --topk-search --batches 1,4 --out "$OUT" | tail -10
+      timeout 400 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense quest quest@radix lserve \
+        lserve@radix lserve:reuse_steps=1 lserve:reuse_steps=1@radix --out "$OUT/bench_decode_floor_topk_search" \
+        | tail -16 ;;
     quest_norm_floor)  # Quest's max_norm group reduction (one more reduction over the page bounds) vs max
       timeout 500 python3 scripts/bench_decode_floor.py --batches 1 4 \
         --runs dense quest quest:group_reduce=max_norm --out "$OUT/bench_decode_floor_quest_norm" | tail -10 ;;

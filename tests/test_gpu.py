@@ -209,3 +209,22 @@ def test_split_kv_decode_at_model_shape(page, batch):
     ref = R.paged_decode_attention(q.float(), k.float(), v.float(), pages, counts, page or 16, scale=D**-0.5,
                                    kv_end=end.reshape(1).expand(batch))
     torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("search", ["ternary", "radix"])
+@pytest.mark.parametrize("n_pages", [2052, 8196, 16384])
+def test_select_pages_at_model_rows(search, n_pages):
+    """The top-k kernel compiled for the GPU (its warps, the histogram's lowering) on rows of a 32K / 128K static
+    cache and a whole 16K-page row: Gaussian scores with a run of ties, NaN past the length read on the device."""
+    from accel.kernels import reference_decode as R
+    from accel.kernels.triton.decode_topk import select_pages
+
+    g = torch.Generator(device="cuda").manual_seed(n_pages)
+    s = torch.randn(4, 8, n_pages, device="cuda", generator=g)
+    s[1, 3, 100:700] = 0.75  # ties around the cut
+    length = (n_pages - 3) * 16 + 1
+    s[..., n_pages - 2:] = float("nan")  # the pages past the newest (n_pages - 3)
+    for k in (64, 256):
+        ref = R.select_pages(s[..., : n_pages - 2], k, kv_len=length, page_size=16)
+        got = select_pages(s, k, kv_len=torch.tensor(length, device="cuda"), page_size=16, search=search)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -10,6 +10,10 @@ from accel.kernels.triton.decode_attention import paged_decode_attention
 from accel.kernels.triton.decode_score import quest_scores
 from accel.kernels.triton.decode_topk import select_pages
 
+# the top-k's threshold searches: bisection, the packed ternary search, the radix select at 8 and 4 bits per pass
+SEARCHES = [{"n_cuts": 1}, {"n_cuts": 2}, {"search": "radix"}, {"search": "radix", "radix_bits": 4}]
+SEARCH_IDS = ["bisect", "ternary", "radix8", "radix4"]
+
 
 def _qkv(B, hkv, group, S, D=32, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -86,14 +90,14 @@ def test_quest_score_bounds_every_key():
 
 @pytest.mark.parametrize("k_pages", [1, 3, 7, 40])
 @pytest.mark.parametrize("keep_first", [False, True])
-@pytest.mark.parametrize("n_cuts", [1, 2])
-def test_select_pages_matches_reference(k_pages, keep_first, n_cuts):
+@pytest.mark.parametrize("how", SEARCHES, ids=SEARCH_IDS)
+def test_select_pages_matches_reference(k_pages, keep_first, how):
     g = torch.Generator().manual_seed(k_pages)
     s = torch.randn(2, 3, 33, generator=g)
     s[0, 0, 5:9] = 0.25  # ties
     s[1, 2, :4] = float("-inf")
     kv_len = 33 * 16 - 5
-    got = select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first, n_cuts=n_cuts)
+    got = select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first, **how)
     ref = R.select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     if k_pages >= 2 or not keep_first:
@@ -101,13 +105,13 @@ def test_select_pages_matches_reference(k_pages, keep_first, n_cuts):
 
 
 @pytest.mark.parametrize("k_pages", [1, 17, 60, 199])
-@pytest.mark.parametrize("n_cuts", [1, 2])
-def test_select_pages_heavy_ties_and_early_stop(k_pages, n_cuts):
+@pytest.mark.parametrize("how", SEARCHES, ids=SEARCH_IDS)
+def test_select_pages_heavy_ties_and_early_stop(k_pages, how):
     # integer scores: most cuts land inside a run of equal keys, so the search's stop at a cut with exactly k keys
     # above it and the tie ranking after it both decide the result; continuous rows stop early instead
-    g = torch.Generator().manual_seed(k_pages + n_cuts)
+    g = torch.Generator().manual_seed(k_pages)
     s = torch.cat([torch.randint(0, 6, (2, 2, 200), generator=g).float(), torch.randn(2, 2, 200, generator=g)], 1)
-    got = select_pages(s, k_pages, kv_len=200 * 16, page_size=16, n_cuts=n_cuts)
+    got = select_pages(s, k_pages, kv_len=200 * 16, page_size=16, **how)
     ref = R.select_pages(s, k_pages, kv_len=200 * 16, page_size=16)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
@@ -127,9 +131,9 @@ def test_select_pages_cut_among_infinite_keys(n_pages, k_pages, keep_first):
     s[3, 0, ::3] = float("-inf")  # left-padding-like -inf pages among finite ones
     kv_len = n_pages * 16 - 7
     ref = R.select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first)
-    for finite in (True, False):
-        got = select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first, finite_range=finite)
-        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), finite
+    for kw in ({"finite_range": True}, {"finite_range": False}, {"search": "radix"}):  # radix: +-inf need no start
+        got = select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first, **kw)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), kw
 
 
 @pytest.mark.parametrize("group", [1, 4, 7])
@@ -268,11 +272,15 @@ def test_search_passes_cover_every_int32_key():
     assert [search_passes(n) for n in (1, 2, 3)] == [32, 21, 16]
     with pytest.raises(ValueError, match="1 \\(bisection\\) or 2"):
         select_pages(torch.randn(1, 1, 8), 2, kv_len=128, page_size=16, n_cuts=3)
+    with pytest.raises(ValueError, match="'ternary' or 'radix'"):
+        select_pages(torch.randn(1, 1, 8), 2, kv_len=128, page_size=16, search="sort")
+    with pytest.raises(ValueError, match="radix_bits must be 4 or 8"):
+        select_pages(torch.randn(1, 1, 8), 2, kv_len=128, page_size=16, search="radix", radix_bits=5)
 
 
 @pytest.mark.parametrize("n_pages", [16, 17, 40, 64, 100])
-@pytest.mark.parametrize("n_cuts", [1, 2])
-def test_select_pages_tail_block(n_pages, n_cuts):
+@pytest.mark.parametrize("how", SEARCHES, ids=SEARCH_IDS)
+def test_select_pages_tail_block(n_pages, how):
     """Rows past a power of two: a power-of-two block plus a tail block (kernel ``blocks``); ties straddle the two
     (the lowest page ids win across both), the newest page sits in the tail, and on the device the length ends
     inside it."""
@@ -285,30 +293,30 @@ def test_select_pages_tail_block(n_pages, n_cuts):
     s[0, 1, 10:30] = 0.5  # a run of ties across the block boundary at 16 or 32
     s[0, 1, :10] = -1.0
     for k in (3, 15, n_pages - 1):
-        got = select_pages(s, k, kv_len=n_pages * 16 - 3, page_size=16, n_cuts=n_cuts)
+        got = select_pages(s, k, kv_len=n_pages * 16 - 3, page_size=16, **how)
         ref = R.select_pages(s, k, kv_len=n_pages * 16 - 3, page_size=16)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-        one = select_pages(s, k, kv_len=n_pages * 16 - 3, page_size=16, n_cuts=n_cuts, tail_block=False)
+        one = select_pages(s, k, kv_len=n_pages * 16 - 3, page_size=16, **how, tail_block=False)
         assert torch.equal(one[0], ref[0]) and torch.equal(one[1], ref[1])
     length = (n_pages - 2) * 16 + 1  # the last filled page is the one before the last
     s_nan = s.clone()
     s_nan[..., n_pages - 1:] = float("nan")
-    pages, counts = select_pages(s_nan, 5, kv_len=torch.tensor(length), page_size=16, n_cuts=n_cuts)
+    pages, counts = select_pages(s_nan, 5, kv_len=torch.tensor(length), page_size=16, **how)
     want_p, want_c = R.select_pages(s[..., : n_pages - 1], 5, kv_len=length, page_size=16)
     assert torch.equal(pages, want_p) and torch.equal(counts, want_c)
 
 
 @pytest.mark.parametrize("length", [1, 37, 130, 160])
-@pytest.mark.parametrize("n_cuts", [1, 2])
+@pytest.mark.parametrize("how", SEARCHES, ids=SEARCH_IDS)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_select_pages_with_device_length(length, n_cuts, dtype):
+def test_select_pages_with_device_length(length, how, dtype):
     """A static cache's length read on the device: pages past it (NaN scores from +-inf bounds) are never chosen and
     the rest matches the host-length selection over the filled pages."""
     g = torch.Generator().manual_seed(length)
     scores = torch.randn(2, 3, 10, generator=g)
     n_filled = -(-length // 16)
     scores[..., n_filled:] = float("nan")
-    pages, counts = select_pages(scores, 4, kv_len=torch.tensor(length, dtype=dtype), page_size=16, n_cuts=n_cuts)
+    pages, counts = select_pages(scores, 4, kv_len=torch.tensor(length, dtype=dtype), page_size=16, **how)
     want_p, want_c = R.select_pages(scores[..., :n_filled], 4, kv_len=length, page_size=16)
     assert torch.equal(counts, want_c)
     for b in range(2):
@@ -316,7 +324,8 @@ def test_select_pages_with_device_length(length, n_cuts, dtype):
             assert torch.equal(pages[b, h, : counts[b, h]], want_p[b, h, : want_c[b, h]])
 
 
-def test_select_pages_reuse_per_row():
+@pytest.mark.parametrize("search", ["ternary", "radix"])
+def test_select_pages_reuse_per_row(search):
     """LServe's reuse in the top-k kernel, row by row: a row whose selection is fresh enough keeps its pages and
     count and gets the page begun since in the spare slot (counted in ``live``); a row that never selected, or whose
     selection is ``steps`` tokens old, selects anew (as without reuse) and records the length."""
@@ -335,9 +344,9 @@ def test_select_pages_reuse_per_row():
     sel0 = sel_len.clone()
     live = torch.full((B, H), -1, dtype=torch.int32)
     got_p, got_live = select_pages(scores.clone(), k, kv_len=length, page_size=page, out=(pages, counts),
-                                   reuse=(sel_len, steps, live))
+                                   reuse=(sel_len, steps, live), search=search)
     assert got_p is pages and got_live is live
-    fresh_p, fresh_c = select_pages(scores, k, kv_len=length, page_size=page)
+    fresh_p, fresh_c = select_pages(scores, k, kv_len=length, page_size=page, search=search)
     assert torch.equal(pages[0, 0, :5], torch.tensor([1, 3, 5, 6, 7], dtype=torch.int32)) and live[0, 0] == 5
     assert torch.equal(pages[0, 1, :4], kept[0, 0]) and pages[0, 1, 4] == 7 and live[0, 1] == 4
     assert torch.equal(sel_len[0], sel0[0]) and torch.equal(counts[0], torch.tensor([4, 4], dtype=torch.int32))

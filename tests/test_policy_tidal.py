@@ -259,7 +259,8 @@ def test_static_selection_in_one_pass_matches_torch(reduce, shared, softcap, pad
     pol = TidalPolicy(budget=24, group_reduce=reduce, shared=shared)
     kept = {}
     for triton in (False, True):
-        h = _StaticHandle(Layer(), torch.zeros(B, 1 if shared else Hkv, 24, dtype=torch.int32), True)
+        counts = torch.full((B, Hkv), 24, dtype=torch.int32)
+        h = _StaticHandle(Layer(), torch.zeros(B, 1 if shared else Hkv, 24, dtype=torch.int32), True, counts)
         out = pol.static_decode(q, k, v, h, mask=None, kv_start=start, scale=0.3, softcap=softcap, use_triton=triton)
         kept[triton] = h.positions.sort(-1).values
         if triton:
@@ -273,3 +274,8 @@ def test_static_selection_in_one_pass_matches_torch(reduce, shared, softcap, pad
     assert (kept[True] == L - 1).any(-1).all()  # the newest token, always
     if padded:
         assert (kept[True][1] >= 9).all()  # never a padding slot
+    # a reusing layer: the buffer as stored ([B, 1, n] when shared, expanded inside the op) and the handle's counts
+    reuse = _StaticHandle(Layer(), h.positions, False, counts)
+    outs = [pol.static_decode(q, k, v, reuse, mask=None, kv_start=start, scale=0.3, softcap=softcap, use_triton=t)
+            for t in (False, True)]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)

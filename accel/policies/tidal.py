@@ -21,6 +21,7 @@ class _StaticHandle:
     layer: Any
     positions: torch.Tensor
     select: bool
+    counts: torch.Tensor  # int32 [batch, kv_heads], every entry the positions' width: made once, read every step
 
     @property
     def cumulative_length(self) -> torch.Tensor:
@@ -197,7 +198,12 @@ class TidalPolicy(Policy):
         if buf is None or buf.shape != (batch, rows, n) or buf.device != torch.device(device):
             buf = slots[("static", src)] = torch.zeros(batch, rows, n, dtype=torch.int32, device=device)
             torch._dynamo.mark_static_address(buf)
-        return _StaticHandle(layers[layer_idx], buf, layer_idx in (sel, resel))
+        counts = slots.get(("static_counts", src))
+        if counts is None or counts.shape != (batch, kv_heads) or counts.device != buf.device:
+            counts = slots[("static_counts", src)] = torch.full((batch, kv_heads), n, dtype=torch.int32,
+                                                                device=device)
+            torch._dynamo.mark_static_address(counts)
+        return _StaticHandle(layers[layer_idx], buf, layer_idx in (sel, resel), counts)
 
     def static_decode(self, q, k, v, handle: "_StaticHandle", *, mask, kv_start, scale, softcap, use_triton: bool):
         """One decode step over a static cache, on the device. A selection layer scores the filled keys (the
@@ -224,16 +230,17 @@ class TidalPolicy(Policy):
             # unsorted: attention is order-free, and sorting the top-k cost a radix sort per selection layer
             positions.copy_(s.topk(positions.shape[-1], dim=-1, sorted=False).indices)
             return out
-        positions = positions.expand(q.shape[0], k.shape[1], positions.shape[-1])  # shared: one row for all heads
-        counts = torch.full(positions.shape[:2], positions.shape[-1], dtype=torch.int32, device=q.device)
+        counts = handle.counts
         kv_end = length.reshape(1).expand(q.shape[0])
         if use_triton:  # an opaque op: a fullgraph compile does not trace the Triton launch wrapper
             from accel.kernels.paged_decode_op import paged_decode
 
             scale = float(scale if scale is not None else q.shape[-1] ** -0.5)
+            # shared: the [B, 1, n] buffer as it is (the op expands it over the KV heads)
             return paged_decode(q, k, v, positions, counts, 1, scale, float(softcap or 0.0), kv_start, kv_end)
         from accel.kernels.reference_decode import paged_decode_attention
 
+        positions = positions.expand(q.shape[0], k.shape[1], positions.shape[-1])  # shared: one row for all heads
         return paged_decode_attention(q, k, v, positions, counts, 1, scale=scale, softcap=softcap, kv_start=kv_start,
                                       kv_end=kv_end)
 

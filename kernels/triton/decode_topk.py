@@ -84,37 +84,9 @@ def reused(SEL, idx, length, STEPS):
     return (sel != 0) & (length.to(tl.int64) - sel < STEPS)
 
 
-# P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
-# compile mid-decode)
-@triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
-def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
-                   STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
-                   TAIL: tl.constexpr, HAS_REUSE: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr,
-                   CH: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // Hkv
-    h = pid % Hkv
-    if LEN_ON_DEVICE:
-        length = tl.load(KV_LEN)  # int32 or int64
-        LAST = ((length - 1) // PAGE).to(tl.int32)
-    if HAS_REUSE:  # LServe over a static cache: the bookkeeping of a reused selection, here instead of in torch
-        # (it was three fused elementwise launches per layer and step in the compiled graph)
-        if reused(SEL, pid, length, STEPS):
-            n = tl.load(COUNTS + pid)
-            # the physical page begun since the selection (at most one), in the spare slot after the kept ones
-            begun = LAST > ((tl.load(SEL + pid) - 1) // PAGE).to(tl.int32)
-            tl.store(PAGES + b * spb + h * sph + n * sps, LAST)
-            tl.store(LIVE + pid, n + begun.to(tl.int32))
-            return
-    row = SCORES + b * ssb + h * ssh
-    offs = tl.arange(0, BLOCK_P)
-    key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
-    if TAIL > 0:  # the pages past the power-of-two block
-        toffs = BLOCK_P + tl.arange(0, TAIL)
-        tkey, tok = _keys(row, toffs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
-    else:  # unused stand-ins
-        tkey = key
-        tok = ok
+@triton.jit
+def _ternary_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr):
+    """(the K-th largest valid key, count(key >= it)) by an (NC + 1)-ary search over the key values."""
     if FINITE:
         # The search starts on the finite keys' range: the forced pages score +inf, and an interval reaching up to
         # +inf is ~2^30 keys wide for scores around 10-100 against ~2^24 for the finite range (simulated: about 13
@@ -174,6 +146,83 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
             hi = tl.where(n1 < K, u1 - 1, hi)
             lo = new_lo
         hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
+    return lo, c_lo
+
+
+@triton.jit
+def _radix_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, RADIX: tl.constexpr):
+    """(the K-th largest valid key, count(key >= it)) by a most-significant-digit radix select: each pass takes a
+    histogram of the next RADIX bits of the keys that share the digits chosen so far and keeps the bin that holds the
+    K-th largest, so 32 / RADIX passes at most (against up to 21 counting passes of the ternary search). It stops at
+    a bin whose keys are exactly the ones still needed: its lowest value (the remaining bits zero) is then a cut with
+    exactly K keys at or above it."""
+    NB: tl.constexpr = 1 << RADIX
+    bins = tl.arange(0, NB)
+    sign = -2147483647 - 1  # flipping the sign bit makes the signed key order the unsigned bit order
+    ukey = key ^ sign
+    tukey = tkey ^ sign
+    match = ok
+    tmatch = tok
+    need = K  # keys still to take among the matching ones
+    prefix = tl.zeros((), tl.int32)  # the chosen digits, in the unsigned image
+    c_lo = K
+    shift = tl.full((), 32 - RADIX, tl.int32)
+    go = shift >= 0
+    while go:
+        d = (ukey >> shift) & (NB - 1)  # an arithmetic shift: the mask drops the sign's copies
+        h = tl.histogram(d, NB, mask=match)
+        if TAIL > 0:
+            td = (tukey >> shift) & (NB - 1)
+            h += tl.histogram(td, NB, mask=tmatch)
+        ge = tl.cumsum(h, axis=0, reverse=True)  # matching keys with this digit or a higher one
+        top = tl.max(tl.where(ge >= need, bins, 0), axis=0)  # the highest bin that still reaches the K-th key
+        in_top = tl.sum(tl.where(bins == top, h, 0), axis=0)
+        need -= tl.sum(tl.where(bins == top, ge, 0), axis=0) - in_top  # the keys in higher bins are all taken
+        prefix = prefix | (top << shift)
+        match = match & (d == top)
+        if TAIL > 0:
+            tmatch = tmatch & (td == top)
+        c_lo = K - need + in_top  # count(key >= the lowest key with these digits)
+        shift -= RADIX
+        go = (shift >= 0) & (in_top != need)
+    return prefix ^ sign, c_lo
+
+
+# P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
+# compile mid-decode)
+@triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
+def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
+                   STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
+                   TAIL: tl.constexpr, HAS_REUSE: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr,
+                   CH: tl.constexpr, RADIX: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
+    if LEN_ON_DEVICE:
+        length = tl.load(KV_LEN)  # int32 or int64
+        LAST = ((length - 1) // PAGE).to(tl.int32)
+    if HAS_REUSE:  # LServe over a static cache: the bookkeeping of a reused selection, here instead of in torch
+        # (it was three fused elementwise launches per layer and step in the compiled graph)
+        if reused(SEL, pid, length, STEPS):
+            n = tl.load(COUNTS + pid)
+            # the physical page begun since the selection (at most one), in the spare slot after the kept ones
+            begun = LAST > ((tl.load(SEL + pid) - 1) // PAGE).to(tl.int32)
+            tl.store(PAGES + b * spb + h * sph + n * sps, LAST)
+            tl.store(LIVE + pid, n + begun.to(tl.int32))
+            return
+    row = SCORES + b * ssb + h * ssh
+    offs = tl.arange(0, BLOCK_P)
+    key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
+    if TAIL > 0:  # the pages past the power-of-two block
+        toffs = BLOCK_P + tl.arange(0, TAIL)
+        tkey, tok = _keys(row, toffs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
+    else:  # unused stand-ins
+        tkey = key
+        tok = ok
+    if RADIX > 0:
+        lo, c_lo = _radix_threshold(key, ok, tkey, tok, K, TAIL, RADIX)
+    else:
+        lo, c_lo = _ternary_threshold(key, ok, tkey, tok, K, TAIL, NC, FINITE)
     lo = lo.to(tl.int32)
     sel = (key >= lo) & ok
     if TAIL > 0:
@@ -212,6 +261,8 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
 # 17.0 vs 17.5 us at 128K, 7.8 vs 9.4 at 32K; Gaussian rows 18.1 vs 17.0 and 7.1 vs 8.0 (the passes fall from ~20
 # to ~13, but at 8K pages the row's fixed cost dominates).
 N_CUTS = 2
+# How the threshold is found (select_pages' ``search``): 'ternary' until the radix select's GPU time is measured.
+SEARCH = "ternary"
 
 
 def search_passes(n_cuts: int) -> int:
@@ -238,8 +289,8 @@ def _warps(block_p: int) -> int:
 
 def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, page_size: int,
                  keep_first: bool = False, num_warps: int | None = None, n_cuts: int | None = None,
-                 tail_block: bool = True, finite_range: bool = True,
-                 out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 tail_block: bool = True, finite_range: bool = True, search: str | None = None,
+                 radix_bits: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None,
                  reuse: tuple[torch.Tensor, int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
     ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
@@ -247,6 +298,8 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     (default N_CUTS). ``tail_block=False``: one power-of-two block for the whole row (the
     layout before the tail block, kept for benchmarks). ``finite_range=False``: the search starts on the whole
     range of keys, +inf of the forced pages included (the search before the finite range, kept for benchmarks).
+    ``search``: how the k-th largest score is found, ``'ternary'`` (counting passes) or ``'radix'`` (histograms of
+    ``radix_bits`` bits per pass, 4 or 8); default SEARCH. ``n_cuts`` and ``finite_range`` apply to the ternary one.
     ``out``: (pages, counts) buffers to write into (pages may be wider than ``k``).
 
     ``reuse`` (LServe over a static cache, with a device-side ``kv_len`` and ``out``): ``(sel_len, steps, live)``,
@@ -278,6 +331,11 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     nc = n_cuts or N_CUTS
     if nc not in (1, 2):
         raise ValueError(f"select_pages: n_cuts must be 1 (bisection) or 2 (two packed counts per pass), got {nc}")
+    search = search or SEARCH
+    if search not in ("ternary", "radix"):
+        raise ValueError(f"select_pages: search must be 'ternary' or 'radix', got {search!r}")
+    if search == "radix" and radix_bits not in (4, 8):
+        raise ValueError(f"select_pages: radix_bits must be 4 or 8 (it divides the 32-bit keys), got {radix_bits}")
     sel = live = counts
     steps = 0
     if reuse is not None:
@@ -290,6 +348,7 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
                              0 if on_device else (kv_len - 1) // page_size, page_size, int(steps),
                              LEN_ON_DEVICE=on_device, KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, TAIL=tail,
                              HAS_REUSE=reuse is not None, NC=nc, FINITE=bool(finite_range), CH=min(64, block_p),
+                             RADIX=radix_bits if search == "radix" else 0,
                              num_warps=num_warps or _warps(block_p))  # main >= tail
     return pages, (live if reuse is not None else counts)
 
