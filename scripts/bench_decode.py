@@ -204,9 +204,9 @@ def _topk_rows(B, ctx, hkv, page):
         yield kind, s, pg, length, n_filled
 
 
-def topk_search(contexts, batches, hkv, budget, page, out) -> None:
-    """The top-k's threshold search: the packed ternary search (finite range) against the radix select at 8 and 4
-    bits per pass, on the rows of ``_topk_rows``, graph-replayed, each checked against the torch twin first."""
+def _time_topk_variants(contexts, batches, hkv, budget, page, variants: dict) -> list:
+    """Each ``select_pages`` keyword set of ``variants`` (name -> kwargs) on the rows of ``_topk_rows``, checked
+    against the torch twin, then graph-replayed: one row per (batch, context, kind) with a time per variant."""
     from accel.kernels import reference_decode as R
 
     rows = []
@@ -217,12 +217,20 @@ def topk_search(contexts, batches, hkv, budget, page, out) -> None:
                 ref = R.select_pages(s[..., :n_filled], k, kv_len=length, page_size=pg)
                 dev_len = torch.tensor(length, device="cuda")
                 row = {"batch": B, "context": ctx, "rows": kind, "pages": s.shape[-1], "k": k}
-                for name, kw in (("ternary", {"search": "ternary"}), ("radix8", {"search": "radix"}),
-                                 ("radix4", {"search": "radix", "radix_bits": 4})):
+                for name, kw in variants.items():
                     row[name] = _checked_topk_ms(ref, (kind, name), scores=s, k=k, kv_len=dev_len, page_size=pg,
                                                  **kw)
                 rows.append(row)
                 print(json.dumps(row))
+    return rows
+
+
+def topk_search(contexts, batches, hkv, budget, page, out) -> None:
+    """The top-k's threshold search: the packed ternary search (finite range) against the radix select at 8 and 4
+    bits per pass, on the rows of ``_topk_rows``, graph-replayed, each checked against the torch twin first."""
+    rows = _time_topk_variants(contexts, batches, hkv, budget, page, {
+        "ternary": {"search": "ternary"}, "radix8": {"search": "radix"},
+        "radix4": {"search": "radix", "radix_bits": 4}})
     md = [f"# Top-k page selection: ternary search against radix select ({torch.cuda.get_device_name()}, {hkv} KV "
           f"heads, budget {budget})", "", "`python scripts/bench_decode.py --topk-search --contexts "
           f"{','.join(map(str, contexts))} --batches {','.join(map(str, batches))}`; graph-replayed median us. "
@@ -243,21 +251,8 @@ def topk_range(contexts, batches, hkv, budget, page, out) -> None:
     page included), on Quest rows (page 16) and LServe rows (each 64-token physical page the max of its 4 logical
     pages) of a static cache (spare pages past the length, read on the device, scoring NaN), graph-replayed, each
     checked against the torch twin first."""
-    from accel.kernels import reference_decode as R
-
-    rows = []
-    for B in batches:
-        for ctx in contexts:
-            for kind, s, pg, length, n_filled in _topk_rows(B, ctx, hkv, page):
-                k = budget // pg
-                ref = R.select_pages(s[..., :n_filled], k, kv_len=length, page_size=pg)
-                dev_len = torch.tensor(length, device="cuda")
-                row = {"batch": B, "context": ctx, "rows": kind, "pages": s.shape[-1], "k": k}
-                for name, finite in (("whole", False), ("finite", True)):
-                    row[name] = _checked_topk_ms(ref, (kind, name), scores=s, k=k, kv_len=dev_len, page_size=pg,
-                                                 search="ternary", finite_range=finite)
-                rows.append(row)
-                print(json.dumps(row))
+    rows = _time_topk_variants(contexts, batches, hkv, budget, page, {
+        "whole": {"search": "ternary", "finite_range": False}, "finite": {"search": "ternary", "finite_range": True}})
     md = [f"# Top-k page selection: where the search starts ({torch.cuda.get_device_name()}, {hkv} KV heads, "
           f"budget {budget})", "", "`python scripts/bench_decode.py --topk-range --contexts "
           f"{','.join(map(str, contexts))} --batches {','.join(map(str, batches))}`; graph-replayed median us. "
