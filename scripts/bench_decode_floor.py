@@ -140,15 +140,22 @@ def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
 
 
 def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
-    """``run``: a policy spec (``quest``, ``quest:group_reduce=max_norm``), optionally ``@ternary`` / ``@radix``: the
-    top-k kernel's threshold search for this run (decode_topk.SEARCH)."""
-    from accel.kernels.triton import decode_topk
+    """``run``: a policy spec (``quest``, ``quest:group_reduce=max_norm``), optionally followed by kernel switches
+    for this run: ``@radix`` / ``@ternary`` (the top-k's threshold search, decode_topk.SEARCH), ``@fused`` /
+    ``@unfused`` (the split-KV merge in the split launch or a second one, decode_attention.FUSE_COMBINE)."""
+    from accel.kernels.triton import decode_attention, decode_topk
 
     row = {"run": run, "context": ctx, "batch": batch}
-    spec, _, search = run.partition("@")
-    default_search = decode_topk.SEARCH
+    spec, *switches = run.split("@")
+    defaults = (decode_topk.SEARCH, decode_attention.FUSE_COMBINE)
     try:
-        decode_topk.SEARCH = search or default_search
+        for sw in switches:
+            if sw in ("radix", "ternary"):
+                decode_topk.SEARCH = sw
+            elif sw in ("fused", "unfused"):
+                decode_attention.FUSE_COMBINE = sw == "fused"
+            else:
+                raise ValueError(f"unknown switch @{sw}: use @radix, @ternary, @fused or @unfused")
         patch_decode(model, spec, args.model)
         torch.cuda.empty_cache()
         with torch.no_grad():
@@ -177,7 +184,7 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     except Exception as e:  # noqa: BLE001 - a run that cannot run is recorded, not fatal
         row["error"] = _err(e)
     finally:
-        decode_topk.SEARCH = default_search
+        decode_topk.SEARCH, decode_attention.FUSE_COMBINE = defaults
         accel.unpatch(model)
         torch._dynamo.reset()
         torch.cuda.empty_cache()

@@ -14,6 +14,7 @@
 #   bash scripts/gpu_suite.sh decode_splits            # split-KV waves: the selection launch swept, step floors
 #   bash scripts/gpu_suite.sh quest_norm_floor         # Quest's group_reduce='max_norm' against 'max': its cost
 #   bash scripts/gpu_suite.sh topk_search              # the top-k's radix select against its ternary search
+#   bash scripts/gpu_suite.sh fused_combine            # split-KV merge inside the split launch vs a second launch
 #   bash scripts/gpu_suite.sh tidal_floor tidal_e2e    # TidalDecode's shared selection vs one per KV head (before
 #                                                      # 2026-12-04): attention vs byte floor; compiled b1 / b4 steps
 #   bash scripts/gpu_suite.sh prefill_thresholds       # the prefill policies at defaults vs the settings that keep
@@ -100,6 +101,9 @@ for stage in "$@"; do
       timeout 400 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense quest quest@radix lserve \
         lserve@radix lserve:reuse_steps=1 lserve:reuse_steps=1@radix --out "$OUT/bench_decode_floor_topk_search" \
         | tail -16 ;;
+    fused_combine)  # the split-KV merge in the split launch (its last program per row and KV head) vs a 2nd launch
+      timeout 560 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense quest quest@fused tidal tidal@fused \
+        lserve lserve@fused duo duo@fused --out "$OUT/bench_decode_floor_fused" | tail -22 ;;
     quest_norm_floor)  # Quest's max_norm group reduction (one more reduction over the page bounds) vs max
       timeout 500 python3 scripts/bench_decode_floor.py --batches 1 4 \
         --runs dense quest quest:group_reduce=max_norm --out "$OUT/bench_decode_floor_quest_norm" | tail -10 ;;

@@ -182,9 +182,10 @@ def _decode_kernel_variants() -> dict:
     return {name: sum(len(c[0]) for c in fn.device_caches.values()) for name, fn in fns.items()}
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("page", [None, 1, 16, 64])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_split_kv_decode_at_model_shape(page, batch):
+def test_split_kv_decode_at_model_shape(page, batch, fused):
     """The split-KV decode kernel at Llama-3.1-8B's head shape (32/8/128, bf16, 32K, budget 4096) with its own
     launch choice, which takes 128-key tiles here (``_tile``; the CPU tests run the interpreter's 32), against the
     torch twin."""
@@ -205,10 +206,24 @@ def test_split_kv_decode_at_model_shape(page, batch):
         counts = torch.full((batch, hkv), n, dtype=torch.int32, device="cuda")
     width = S if page is None else 4096
     assert _tile(batch, hkv, width, None, D, D, 2, _sm_count(q.device)) == 128
-    got = paged_decode_attention(q, k, v, pages, counts, page or 16, scale=D**-0.5, kv_end=end)
+    got = paged_decode_attention(q, k, v, pages, counts, page or 16, scale=D**-0.5, kv_end=end, fuse_combine=fused)
     ref = R.paged_decode_attention(q.float(), k.float(), v.float(), pages, counts, page or 16, scale=D**-0.5,
                                    kv_end=end.reshape(1).expand(batch))
     torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+    if fused:  # replayed in a CUDA graph with new queries: the self-resetting counters start every replay at zero
+        out = torch.empty_like(got)
+        paged_decode_attention(q, k, v, pages, counts, page or 16, scale=D**-0.5, kv_end=end, fuse_combine=True,
+                               out=out)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            paged_decode_attention(q, k, v, pages, counts, page or 16, scale=D**-0.5, kv_end=end, fuse_combine=True,
+                                   out=out)
+        for _ in range(3):
+            q.copy_(torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g))
+            graph.replay()
+            ref = R.paged_decode_attention(q.float(), k.float(), v.float(), pages, counts, page or 16,
+                                           scale=D**-0.5, kv_end=end.reshape(1).expand(batch))
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("search", ["ternary", "radix"])

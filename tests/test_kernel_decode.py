@@ -504,6 +504,38 @@ def test_select_pages_packed_counts_at_the_largest_row(n_cuts):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
+@pytest.mark.parametrize("case", ["dense", "paged", "head_map", "ring", "logits"])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_fused_combine_matches_two_launches(case, splits):
+    """``fuse_combine``: the last split program of each (row, KV head) merges the partials in the split launch. The
+    result equals the two-launch one (the same merge, in another program), lse included, for every source layout;
+    the counters it counts arrivals in are back at zero afterwards, so the next call (or graph replay) starts clean."""
+    from accel.kernels.triton import decode_attention as DA
+
+    group = 2
+    q, k, v = _qkv(2, 3, group, 90, D=16, seed=11)
+    kw = dict(scale=0.3, kv_end=torch.tensor([90, 61], dtype=torch.int32), return_lse=True, n_splits=splits)
+    args = (q, k, v)
+    if case == "paged":
+        mn, mx = R.page_bounds(k, 16)
+        pages, counts = R.select_pages(R.quest_scores(q, mn, mx), 3, kv_len=90, page_size=16)
+        args = (q, k, v, pages, counts, 16)
+    elif case in ("head_map", "ring"):
+        heads, _ = _mapped(group)
+        args = (q, k[:, heads.long()], v[:, heads.long()])
+        kw.update(kv_heads=heads, group=group)
+        if case == "ring":
+            kw["ring"] = (k[:, 1:2, :24], v[:, 1:2, :24], torch.tensor([1], dtype=torch.int32))
+    elif case == "logits":
+        kw.pop("kv_end")
+    got = {}
+    for fused in (False, True):
+        extra = {"logits": torch.zeros(2, 3 * group, 90)} if case == "logits" else {}
+        got[fused] = paged_decode_attention(*args, fuse_combine=fused, **kw, **extra)
+    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
+    assert all(int(c.abs().sum()) == 0 for c in DA._COUNTERS.values())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("bounds", list(BOUNDS))
