@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import build_model, model_config  # noqa: E402
 from bench_static_decode import filled_cache, patch_decode  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
-from bench_utils import graph_of, meta_lines, replay_ms, write_json, write_markdown  # noqa: E402
+from bench_utils import graph_of, kernel_switches, meta_lines, replay_ms, write_json, write_markdown  # noqa: E402
 
 import accel  # noqa: E402
 
@@ -140,23 +140,12 @@ def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
 
 
 def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
-    """``run``: a policy spec (``quest``, ``quest:group_reduce=max_norm``), optionally followed by kernel switches
-    for this run: ``@radix`` / ``@ternary`` (the top-k's threshold search, decode_topk.SEARCH), ``@fused`` /
-    ``@unfused`` (the split-KV merge in the split launch or a second one, decode_attention.FUSE_COMBINE)."""
-    from accel.kernels.triton import decode_attention, decode_topk
-
+    """``run``: a policy spec (``quest``, ``quest:group_reduce=max_norm``), optionally with kernel switches
+    (``quest@fused``, ``lserve@radix``: bench_utils.kernel_switches)."""
     row = {"run": run, "context": ctx, "batch": batch}
-    spec, *switches = run.split("@")
-    defaults = (decode_topk.SEARCH, decode_attention.FUSE_COMBINE)
+    switches = kernel_switches(run)
     try:
-        for sw in switches:
-            if sw in ("radix", "ternary"):
-                decode_topk.SEARCH = sw
-            elif sw in ("fused", "unfused"):
-                decode_attention.FUSE_COMBINE = sw == "fused"
-            else:
-                raise ValueError(f"unknown switch @{sw}: use @radix, @ternary, @fused or @unfused")
-        patch_decode(model, spec, args.model)
+        patch_decode(model, switches.__enter__(), args.model)
         torch.cuda.empty_cache()
         with torch.no_grad():
             cache, _ = filled_cache(model, ctx, batch, 16)
@@ -184,7 +173,7 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     except Exception as e:  # noqa: BLE001 - a run that cannot run is recorded, not fatal
         row["error"] = _err(e)
     finally:
-        decode_topk.SEARCH, decode_attention.FUSE_COMBINE = defaults
+        switches.__exit__(None, None, None)
         accel.unpatch(model)
         torch._dynamo.reset()
         torch.cuda.empty_cache()

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_e2e import build_model, model_config, speed_head_map  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
-from bench_utils import meta_lines, parse_spec, write_json, write_markdown  # noqa: E402
+from bench_utils import kernel_switches, meta_lines, parse_spec, write_json, write_markdown  # noqa: E402
 
 import accel  # noqa: E402
 
@@ -78,9 +78,11 @@ def patch_decode(model, run: str, model_name: str) -> None:
 def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     row = {"run": run, "context": ctx, "batch": batch, "mode": args.mode}
     patched = run != "sdpa"
+    switches = kernel_switches(run)  # POLICY[:opts][@fused|@radix...]
     try:
+        spec = switches.__enter__()
         if patched:
-            patch_decode(model, run, args.model)
+            patch_decode(model, spec, args.model)
         else:
             model.set_attn_implementation("sdpa")
         torch.cuda.empty_cache()
@@ -134,6 +136,7 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     except Exception as e:  # noqa: BLE001 - a run that cannot run is recorded, not fatal
         row["error"] = _err(e)
     finally:
+        switches.__exit__(None, None, None)
         if patched:
             accel.unpatch(model)
         torch._dynamo.reset()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 
 def err(e: BaseException) -> str:
     """One line describing an exception, for a results table cell."""
@@ -38,6 +40,35 @@ def model_policy_spec(entry: str, model_name: str) -> tuple[str, dict]:
     if head.endswith("@fp8"):
         return head[:-4], {"estimate_dtype": "fp8", **opts}
     return head, opts
+
+
+SWITCHES = {"radix": ("decode_topk", "SEARCH", "radix"), "ternary": ("decode_topk", "SEARCH", "ternary"),
+            "fused": ("decode_attention", "FUSE_COMBINE", True), "unfused": ("decode_attention", "FUSE_COMBINE", False)}
+
+
+@contextlib.contextmanager
+def kernel_switches(run: str):
+    """A decode run ``POLICY[:opts][@switch...]``: yields ``POLICY[:opts]`` with the switches set on the kernel
+    modules for the run, restored after: ``@radix`` / ``@ternary`` (the top-k's threshold search,
+    decode_topk.SEARCH), ``@fused`` / ``@unfused`` (the split-KV merge in the split launch or a second one,
+    decode_attention.FUSE_COMBINE)."""
+    import importlib
+
+    spec, *names = run.split("@")
+    saved = []
+    try:
+        for name in names:
+            if name not in SWITCHES:
+                raise ValueError(f"unknown switch @{name} in {run!r}: use one of "
+                                 + ", ".join(f"@{k}" for k in SWITCHES))
+            mod, attr, value = SWITCHES[name]
+            mod = importlib.import_module(f"accel.kernels.triton.{mod}")
+            saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, value)
+        yield spec
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
 
 
 def write_json(results: dict, out: str) -> None:
