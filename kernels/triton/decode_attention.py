@@ -175,15 +175,15 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP, LOGIT
             row0 = (b * HT + hh) * G
             for gi in range(0, G):
                 _combine_row(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, row0 + gi, HT * G, G,
-                             NS, Hkv, RETURN_LSE, HAS_HEADS, TWO, BLOCK_S, BLOCK_DV, BLOCK_DV, True)
+                             NS, Hkv, RETURN_LSE, HAS_HEADS, TWO, BLOCK_S, BLOCK_DV, BLOCK_DV, ".cg")
 
 
 @triton.jit
 def _combine_row(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, row, R, G, NS, H1,
                  RETURN_LSE: tl.constexpr, HAS_HEADS: tl.constexpr, TWO: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, DV, CG: tl.constexpr):
-    """Merge the NS partial outputs of output row ``row`` (b * R + r) into ``OUT`` (and its lse). ``CG``: read the
-    partials past L1 (``.cg``): they were written by other programs of the same launch."""
+                 BLOCK_DV: tl.constexpr, DV, CACHE: tl.constexpr):
+    """Merge the NS partial outputs of output row ``row`` (b * R + r) into ``OUT`` (and its lse). ``CACHE``: the
+    partials' load cache modifier (``".cg"``, past L1, where other programs of the same launch wrote them)."""
     b = row // R
     r = row % R
     hq = r  # without a head map, row r is query head r
@@ -199,13 +199,9 @@ def _combine_row(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < NS
-    if CG:
-        lse = tl.load(LP + row * NS + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(OP + (row * NS + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0,
-                    cache_modifier=".cg")
-    else:
-        lse = tl.load(LP + row * NS + offs_s, mask=s_ok, other=float("-inf"))
-        o = tl.load(OP + (row * NS + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
+    lse = tl.load(LP + row * NS + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+    o = tl.load(OP + (row * NS + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0,
+                cache_modifier=CACHE)
     m = tl.max(lse, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m_safe)
@@ -223,7 +219,7 @@ def _combine_kernel(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, 
                     BLOCK_DV: tl.constexpr, DV):
     # one program per output row: b * R + r, with R = (KV heads of K/V [+ of the second source]) * G rows per batch
     _combine_row(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, tl.program_id(0), R, G, NS, H1,
-                 RETURN_LSE, HAS_HEADS, TWO, BLOCK_S, BLOCK_DV, DV, False)
+                 RETURN_LSE, HAS_HEADS, TWO, BLOCK_S, BLOCK_DV, DV, "")
 
 
 # decided once, when Triton wrapped the kernel: ``type()`` of a kernel inside torch.compile's trace is an error
