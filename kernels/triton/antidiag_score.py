@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_positive_ints, check_qk
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_positive_ints, check_qk, gpu_path
 
 MAX_ROWS_PER_BLOCK = 128  # block // stride: one block's strided rows must fit a tile
 _LOG2E = 1.4426950408889634
@@ -128,7 +128,7 @@ def _default_config(q: torch.Tensor) -> dict:
     128 x 64 with 8 warps and 3 stages of q/k tiles in flight; smaller for head_dim 256 and float32. Under the
     interpreter: small tiles (fewer wasted masked elements on tiny inputs)."""
     D = q.shape[-1]
-    if not q.is_cuda:
+    if not gpu_path(q):
         return dict(BLOCK_R=16, BLOCK_C=16, num_warps=4, num_stages=1)
     if q.dtype == torch.float32:
         return dict(BLOCK_R=64, BLOCK_C=32, num_warps=4, num_stages=2)
@@ -213,9 +213,9 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, s
         from . import antidiag_score_onepass as op
 
         budget = op.DEFAULT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
-        if fp8 or method == "one_pass" or (q.is_cuda and op.scratch_bytes_per_head(
+        if fp8 or method == "one_pass" or (gpu_path(q) and op.scratch_bytes_per_head(
                 q, k, block=block, stride=stride, config=config) <= budget):
-            if config is None and q.is_cuda and q.dtype != torch.float32 and q.shape[-1] <= 128:
+            if config is None and gpu_path(q) and q.dtype != torch.float32 and q.shape[-1] <= 128:
                 config = _measured_onepass_config(q, k, block, stride, scratch_bytes, fp8)
             return op.antidiagonal_scores_onepass(q, k, block=block, stride=stride, config=config,
                                                   scratch_bytes=scratch_bytes, fp8=fp8)
@@ -236,7 +236,7 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, s
             raise ValueError(f"config {name}={t} must be a power of two")
     lq, lk = -(-Sq // stride), -(-Sk // stride)  # strided rows / columns that hold a query / key
     diag = (Sk - Sq + stride - 1) // stride  # row r sees columns c <= r + diag
-    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    upcast = q.dtype == torch.bfloat16 and not gpu_path(q)
     n_r_tiles = triton.cdiv(lq, br)
     grid = (n_r_tiles, B * Hq)
     _antidiag_score_fwd[grid](

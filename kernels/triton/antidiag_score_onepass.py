@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .antidiag_score import _LOG2E, _logits, check_inputs
+from .checks import gpu_path
 
 DEFAULT_SCRATCH_BYTES = 512 << 20
 
@@ -120,7 +121,7 @@ def default_config(q: torch.Tensor) -> dict:
     run: 128x256/8/2 20.6 ms, 128x256/16/2 21.9, 128x128/8/3 24.8, 128x128/8/2 25.1, 128x64/8/3 34.3); interpreter:
     small tiles."""
     D = q.shape[-1]
-    if not q.is_cuda:
+    if not gpu_path(q):
         return dict(BLOCK_R=16, BLOCK_C=16, EPI_KB=8, num_warps=4, num_stages=1)
     if q.dtype == torch.float32:
         return dict(BLOCK_R=64, BLOCK_C=32, EPI_KB=32, num_warps=4, num_stages=2)
@@ -171,7 +172,7 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     nq, nk = -(-Sq // block), -(-Sk // block)
     rpb = block // stride
     cfg = _tiles(q, block, stride, config)
-    if fp8 and q.is_cuda and "num_stages" not in (config or {}):
+    if fp8 and gpu_path(q) and "num_stages" not in (config or {}):
         # FP8 tiles take half the shared memory: two more K stages in flight (H200, 128 x 256 / 8 warps, structured
         # inputs: 32K 1.043 -> 0.946 ms, 128K 12.09 -> 10.59 ms; 3 stages 0.951 / 10.67, 128 x 128 / 4 stages
         # 1.036 / 11.77, 256 x 128 tiles 1.11+ / 12.97+)
@@ -192,7 +193,7 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     n_bh = B * Hq
     chunk = max(1, min(n_bh, budget // per_head))
     scratch = torch.empty(chunk, nkp, lqp, dtype=torch.float32, device=q.device)
-    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    upcast = q.dtype == torch.bfloat16 and not gpu_path(q)
     prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     dq = out  # unused pointer unless fp8
     if fp8:

@@ -21,7 +21,7 @@ import triton.language as tl
 from accel.layouts import BlockLayout
 
 from ..reference_sparse import SUPPORTED_BLOCK_SIZES, validate_block_layout
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_qkv, interpreting
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_qkv, gpu_path, interpreting
 from .online_softmax import softmax_step
 
 _LOG2E = 1.4426950408889634
@@ -143,7 +143,7 @@ def _default_config(q: torch.Tensor, block_q: int, block_k: int) -> dict:
     """Tile sizes and launch parameters. On the GPU: BLOCK_M 128 / BLOCK_N 64 with 8 warps and 3 stages for
     head_dim 128 (H100); smaller tiles for head_dim 256 and float32. Under the interpreter: the largest tiles."""
     D = q.shape[-1]
-    if not q.is_cuda:
+    if not gpu_path(q):
         return dict(BLOCK_M=min(block_q, 128), BLOCK_N=min(block_k, 128), num_warps=4, num_stages=1)
     if q.dtype == torch.float32:
         bm, bn, warps, stages = 64, 32, 4, 2
@@ -211,7 +211,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, softcap=
     indices = layout.indices.expand(B, -1, -1, -1)
     if indices.shape[-1] == 0:  # no block anywhere: keep a valid pointer
         indices = torch.zeros(*indices.shape[:3], 1, dtype=torch.int32, device=q.device)
-    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    upcast = q.dtype == torch.bfloat16 and not gpu_path(q)
     n_m_tiles = triton.cdiv(Sq, bm)
     grid = (n_m_tiles, B * Hq)
     _block_sparse_fwd[grid](

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from accel.layouts import BlockLayout
 
-from .checks import interpreting
+from .checks import gpu_path, interpreting
 
 MAX_N = 4096  # entries per row (key blocks): one row per program, in registers
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -190,7 +190,7 @@ def check_scores(scores: torch.Tensor, what: str = "scores", dims: int | None = 
     if scores.shape[-1] > MAX_N:
         raise ValueError(f"{what} rows have {scores.shape[-1]} entries; the Triton block selection supports at most "
                          f"MAX_N={MAX_N} per row (use the torch selection for longer rows)")
-    if not scores.is_cuda and not interpreting():
+    if not gpu_path(scores) and not interpreting():
         raise ValueError("the Triton block selection needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors; "
                          "accel.policies.block_select.keep_by_threshold is the torch version)")
 

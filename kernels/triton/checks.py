@@ -10,8 +10,18 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Set by scripts/compile_check.py, which fakes Triton's driver so that launches only compile (for a GPU target, on
+# a machine without one): CPU tensors then stand in for CUDA ones and the wrappers pick their GPU configurations.
+COMPILE_ONLY = False
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def gpu_path(t: torch.Tensor) -> bool:
+    """Whether a launch on ``t`` takes the GPU configuration (tiles, bf16 dots) rather than the interpreter's."""
+    return t.is_cuda or COMPILE_ONLY
 
 
 def device_ints(t: torch.Tensor, device) -> torch.Tensor:
@@ -44,7 +54,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) ->
                          f"{v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not q.is_cuda and not interpreting():
+    if not gpu_path(q) and not interpreting():
         raise ValueError(f"the Triton {kernel} kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
 
 
@@ -69,7 +79,7 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, what: str, kernel: str, twin: str
         raise ValueError(f"q and k must share one dtype of float16/bfloat16/float32, got {q.dtype}, {k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on one device, got {q.device}, {k.device}")
-    if not q.is_cuda and not interpreting():
+    if not gpu_path(q) and not interpreting():
         raise ValueError(f"the Triton {kernel} kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
                          f"tensors; {twin} is the torch version)")
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import gpu_path
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -278,7 +280,7 @@ def _check(q, k, v, scale, sink, window, softcap, kv_start):
         raise TypeError(f"flash_attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if q.device.type != "cuda" and not _interpreting():
+    if not gpu_path(q) and not _interpreting():
         raise RuntimeError(
             f"flash_attention: the Triton kernel needs CUDA tensors, got {q.device.type} tensors. Move the model to "
             "a CUDA device, or set TRITON_INTERPRET=1 before importing triton to run it (slowly) on the CPU.")

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_positive_ints, check_qk
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_positive_ints, check_qk, gpu_path
 
 MAX_ROWS = 128  # queries per launch (more are processed in several launches that accumulate)
 MAX_CHUNKS = 256  # key chunks per row (the combine step loads them all at once)
@@ -308,7 +308,7 @@ def _default_config(q: torch.Tensor, method: str) -> dict:
     method the diagonal pass's tile (BLOCK_O offsets x BLOCK_R rows per step, slash_warps). Register counts below:
     sm_90 AOT compiles with unit head_dim strides (NOTES.md). Interpreter: small tiles."""
     D = q.shape[-1]
-    if not q.is_cuda:
+    if not gpu_path(q):
         return dict(BLOCK_M=16, BLOCK_N=16, CHUNK=0, PROGRAMS=4, num_warps=4, num_stages=1,
                     BLOCK_O=16, BLOCK_R=16, slash_warps=4)
     slash = dict(BLOCK_O=128, BLOCK_R=16, slash_warps=4)
@@ -401,9 +401,9 @@ def lastq_scores(q: torch.Tensor, k: torch.Tensor, n_last: int = 64, *, scale: f
         if not isinstance(t, int) or t < 16 or t & (t - 1):
             raise ValueError(f"config {name}={t!r} must be a power of two >= 16")
     group = Hq // Hkv
-    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    upcast = q.dtype == torch.bfloat16 and not gpu_path(q)
     if q.dtype == torch.float32 or upcast:
-        prec = "tf32x3" if q.is_cuda else "ieee"
+        prec = "tf32x3" if gpu_path(q) else "ieee"
     else:
         prec = "tf32"
     qk_scale = (D**-0.5 if scale is None else float(scale)) * _LOG2E

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, gpu_path, interpreting
 from .online_softmax import row_stats_step
 
 _LOG2E = 1.4426950408889634
@@ -126,7 +126,7 @@ def _default_config(x: torch.Tensor) -> dict:
     128K, and tf32x3 dots on float32 tiles spill registers at every tile size tried on sm_90: 255 regs + 300-900
     bytes of stack, ieee 64 x 32 compiles to 168 regs, no stack); 32 x 32 for head_dim 256. Interpreter: small."""
     D = x.shape[-1]
-    if not x.is_cuda:
+    if not gpu_path(x):
         return dict(ROWS=16, BLOCK_M=16, BLOCK_N=16, PREC="ieee", num_warps=4, num_stages=1)
     if D <= 128:
         return dict(ROWS=32, BLOCK_M=64, BLOCK_N=32, PREC="ieee", num_warps=4, num_stages=2)
@@ -142,7 +142,7 @@ def _check_tensor(x, name: str, dtypes) -> None:
     if x.dtype not in dtypes:
         raise ValueError(f"{name} must be one of {', '.join(str(d).replace('torch.', '') for d in dtypes)}, "
                          f"got {x.dtype}")
-    if not x.is_cuda and not interpreting():
+    if not gpu_path(x) and not interpreting():
         raise ValueError("the Triton pooled-score kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors; "
                          "accel.kernels.reference_estimation.pooled_scores_reference is the torch version)")
 
@@ -239,7 +239,7 @@ def pooled_block_scores(q_pool: torch.Tensor, k_pool: torch.Tensor, *, q_len: in
         q_pool, k_pool, out, scale * _LOG2E,
         *q_pool.stride(), *k_pool.stride(), *out.stride(),
         Hq, Hq // Hkv, q_len, kv_len, nq, nk, block,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, PREC=cfg["PREC"] if q_pool.is_cuda else "ieee",
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D, PREC=cfg["PREC"] if gpu_path(q_pool) else "ieee",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_positive_ints, check_qk
+from .checks import check_positive_ints, check_qk, gpu_path
 from .online_softmax import row_stats_step
 
 MAX_ROWS_PER_BLOCK = 128  # block // stride: one query block's sampled rows must fit a tile
@@ -253,7 +253,7 @@ def _default_config(q: torch.Tensor) -> dict:
     stages of K tiles in flight for head_dim <= 128 (the flash kernel's best dense tile), 64 x 64 for head_dim 256,
     smaller for float32. Under the interpreter: small tiles."""
     D = q.shape[-1]
-    if not q.is_cuda:
+    if not gpu_path(q):
         return dict(BLOCK_R=16, BLOCK_C=16, num_warps=4, num_stages=1)
     if q.dtype == torch.float32:
         return dict(BLOCK_R=64, BLOCK_C=32, num_warps=4, num_stages=2)
@@ -327,7 +327,7 @@ def proxy_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, heads_pe
     for name, t in (("BLOCK_R", br), ("BLOCK_C", bc)):
         if t & (t - 1):
             raise ValueError(f"config {name}={t} must be a power of two")
-    dot_f32 = not q.is_cuda or q.dtype == torch.float32  # the interpreter's bf16 dot is wrong: fp32 there
+    dot_f32 = not gpu_path(q) or q.dtype == torch.float32  # the interpreter's bf16 dot is wrong: fp32 there
     if group % per == 0:
         k_src, kv_div = k, group // per  # every head of a proxy reads KV head p // kv_div: no pooling
     else:

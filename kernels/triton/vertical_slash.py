@@ -41,7 +41,7 @@ import triton.language as tl
 from accel.layouts import VerticalSlashLayout
 
 from ..reference_sparse import block_mask_to_layout, validate_vertical_slash_layout
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_qkv  # noqa: F401
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_qkv, gpu_path  # noqa: F401
 from .online_softmax import softmax_step
 
 _BIG = 1 << 30  # padding of the sorted lists (never counted)
@@ -418,7 +418,7 @@ def default_config(q: torch.Tensor) -> dict:
     """Tiles and launch parameters: sm_90 compiles without spills (NOTES.md, vertical_slash.py section). BLOCK_N <= 64
     (one int64 of mask bits per row). Under the interpreter: 64 x 64, one stage."""
     D = q.shape[-1]
-    if not q.is_cuda:
+    if not gpu_path(q):
         return dict(block_m=64, block_n=64, num_warps=4, num_stages=1, masked_stages=1)
     if q.dtype == torch.float32:  # exact fp32 dots on CUDA cores: larger tiles spill
         cfg = dict(block_m=32, block_n=16, num_warps=8, num_stages=1, masked_stages=1)
@@ -476,7 +476,7 @@ def vertical_slash_attention(q, k, v, layout: VerticalSlashLayout, *, scale=None
 
     counts, part, full, cols = bcast(plan.work), bcast(plan.part), bcast(plan.full), bcast(plan.cols)
     win, cwin, cov = bcast(plan.win), bcast(plan.cwin), bcast(plan.cov)
-    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    upcast = q.dtype == torch.bfloat16 and not gpu_path(q)
     n_m = -(-Sq // plan.block_m)
     _vertical_slash_fwd[(n_m, B * Hq)](
         q, k, v, out, lse, counts, part, full, cols, win, cwin, cov,
