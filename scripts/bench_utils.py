@@ -43,7 +43,8 @@ def model_policy_spec(entry: str, model_name: str) -> tuple[str, dict]:
 
 
 SWITCHES = {"radix": ("decode_topk", "SEARCH", "radix"), "ternary": ("decode_topk", "SEARCH", "ternary"),
-            "fused": ("decode_attention", "FUSE_COMBINE", True), "unfused": ("decode_attention", "FUSE_COMBINE", False)}
+            "fused": ("decode_attention", "FUSE_COMBINE", True), "unfused": ("decode_attention", "FUSE_COMBINE", False),
+            "widetopk": ("wide_topk", "ENABLED", True), "torchtopk": ("wide_topk", "ENABLED", False)}
 
 
 @contextlib.contextmanager
@@ -51,7 +52,7 @@ def kernel_switches(run: str):
     """A decode run ``POLICY[:opts][@switch...]``: yields ``POLICY[:opts]`` with the switches set on the kernel
     modules for the run, restored after: ``@radix`` / ``@ternary`` (the top-k's threshold search,
     decode_topk.SEARCH), ``@fused`` / ``@unfused`` (the split-KV merge in the split launch or a second one,
-    decode_attention.FUSE_COMBINE)."""
+    decode_attention.FUSE_COMBINE), ``@widetopk`` / ``@torchtopk`` (TidalDecode's selection top-k, wide_topk.ENABLED)."""
     import importlib
 
     spec, *names = run.split("@")

@@ -121,7 +121,7 @@ def _cases():
     from accel.kernels.triton import (antidiag_score, block_sparse, block_topk, decode_append, decode_attention,
                                       decode_score, decode_topk, fa4_layout, flash_fwd, flex_estimate, flex_layout,
                                       fp8_quant, lastq_score, mass_threshold, pooled_score, proxy_score,
-                                      vertical_slash)
+                                      vertical_slash, wide_topk)
     from accel.layouts import VerticalSlashLayout
 
     bf = torch.bfloat16
@@ -267,6 +267,10 @@ def _cases():
         pages = torch.randint(0, P, (1, 8, 256), generator=g, dtype=torch.int32)
         decode_attention.paged_decode_attention(q, k, v, pages, torch.full((1, 8), 256, dtype=torch.int32), 16,
                                                 kv_end=kv_len, softcap=50.0)
+
+    @case("decode/wide_topk (TidalDecode's selection, 128K keys)")
+    def _():
+        wide_topk.wide_topk(torch.rand(1, 1, 131072 + 48, generator=g), 4096)
 
     @case("decode/append (ring + page bounds)")
     def _():

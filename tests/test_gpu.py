@@ -49,18 +49,22 @@ def test_auto_picks_a_gpu_backend():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("policy", ["quest", "tidal", "duo", "lserve", "lserve-mixed", "lserve-reuse"])
-def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path):
+@pytest.mark.parametrize("policy", ["quest", "tidal", "tidal-wide", "duo", "lserve", "lserve-mixed", "lserve-reuse"])
+def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path, monkeypatch):
     """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
     the Triton static decode (Quest's op, TidalDecode's shared positions, DuoAttention's and LServe's KV-head maps,
-    LServe's page selection) must give the dynamic-cache tokens (float32 so the selections agree exactly)."""
+    LServe's page selection) must give the dynamic-cache tokens (float32 so the selections agree exactly).
+    ``tidal-wide``: TidalDecode's selection top-k by kernels/triton/wide_topk.py."""
+    from accel.kernels.triton import wide_topk
+
+    monkeypatch.setattr(wide_topk, "ENABLED", policy == "tidal-wide")
     torch._dynamo.reset()
     model = tiny_model(family).cuda()
     x = _ids(300, batch=2)
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
     if policy == "quest":
         opts = dict(budget=64, page_size=16, dense_layers=0)
-    elif policy == "tidal":
+    elif policy.startswith("tidal"):
         opts = dict(budget=64, select_layer=0 if family == "llama" else 2, reselect_layer=None)
     else:
         from test_policy_duo import _head_map
@@ -224,6 +228,27 @@ def test_split_kv_decode_at_model_shape(page, batch, fused):
             ref = R.paged_decode_attention(q.float(), k.float(), v.float(), pages, counts, page or 16,
                                            scale=D**-0.5, kv_end=end.reshape(1).expand(batch))
             torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("rows", [(1, 1), (4, 8)])
+def test_wide_topk_at_tidal_rows(rows, warps, monkeypatch):
+    """TidalDecode's selection top-k compiled for the GPU (atomics, histograms): rows of a 128K static cache's
+    probabilities with the newest at +inf, the unfilled slots at 0 and a run of tied values; the kept values are
+    torch.topk's, at distinct positions."""
+    from accel.kernels.triton import wide_topk as W
+
+    monkeypatch.setattr(W, "WARPS", warps)
+    g = torch.Generator(device="cuda").manual_seed(warps)
+    S, ctx = 131072 + 48, 131072
+    p = torch.softmax(torch.randn(*rows, S, device="cuda", generator=g) * 3, -1)
+    p[..., ctx:] = 0.0
+    p[..., ctx - 1] = float("inf")
+    p[..., 1000:3000] = p[..., : ctx - 1].topk(200, dim=-1).values[..., -1:]  # 2000 ties across k = 256's cut
+    for k in (256, 4096):
+        got = W.wide_topk(p, k)
+        assert torch.equal(p.gather(-1, got.long()).sort(-1).values, p.topk(k, dim=-1).values.sort(-1).values)
+        assert got.sort(-1).values.diff(dim=-1).gt(0).all()
 
 
 @pytest.mark.parametrize("search", ["ternary", "radix"])
