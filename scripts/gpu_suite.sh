@@ -15,6 +15,7 @@
 #   bash scripts/gpu_suite.sh quest_norm_floor         # Quest's group_reduce='max_norm' against 'max': its cost
 #   bash scripts/gpu_suite.sh topk_search              # the top-k's radix select against its ternary search
 #   bash scripts/gpu_suite.sh fused_combine            # split-KV merge inside the split launch vs a second launch
+#   bash scripts/gpu_suite.sh wide_topk                # TidalDecode's selection top-k: our radix select vs torch.topk
 #   bash scripts/gpu_suite.sh tidal_floor tidal_e2e    # TidalDecode's shared selection vs one per KV head (before
 #                                                      # 2026-12-04): attention vs byte floor; compiled b1 / b4 steps
 #   bash scripts/gpu_suite.sh prefill_thresholds       # the prefill policies at defaults vs the settings that keep
@@ -104,6 +105,11 @@ for stage in "$@"; do
     fused_combine)  # the split-KV merge in the split launch (its last program per row and KV head) vs a 2nd launch
       timeout 560 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense quest quest@fused tidal tidal@fused \
         lserve lserve@fused duo duo@fused --out "$OUT/bench_decode_floor_fused" | tail -22 ;;
+    wide_topk)  # TidalDecode's selection top-k: kernels/triton/wide_topk.py vs torch.topk, alone then in the step
+      timeout 120 python3 scripts/bench_decode.py --wide-topk --contexts 32768,131072 --batches 1,4 --out "$OUT" \
+        | tail -10
+      timeout 400 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense tidal tidal@widetopk \
+        tidal@widetopk@fused --out "$OUT/bench_decode_floor_wide_topk" | tail -12 ;;
     quest_norm_floor)  # Quest's max_norm group reduction (one more reduction over the page bounds) vs max
       timeout 500 python3 scripts/bench_decode_floor.py --batches 1 4 \
         --runs dense quest quest:group_reduce=max_norm --out "$OUT/bench_decode_floor_quest_norm" | tail -10 ;;
