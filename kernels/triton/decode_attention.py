@@ -279,8 +279,9 @@ def _splits(rows: int, sms: int) -> int:
 
 
 # Merge the splits in the split launch (its last program per (row, KV head), through a self-resetting counter)
-# instead of a second launch: paged_decode_attention's ``fuse_combine`` default. Off until its GPU time is measured
-# (scripts/bench_decode_floor.py runs ``policy@fused``).
+# instead of a second launch: paged_decode_attention's ``fuse_combine`` default. Off: measured slower (H100, 128K,
+# batch 1, 32-layer step attention: Quest 1.888 -> 2.096 ms, TidalDecode 1.296 -> 1.522;
+# results/bench_decode_floor_opts_b1.md). Not traceable by torch.compile (LServe's static step traces this wrapper).
 FUSE_COMBINE = False
 _COUNTERS: dict = {}  # (device, stream) -> int32 counters, zero between launches
 _RETIRED: list = []  # outgrown counters: a captured CUDA graph may still point at them, so they are never freed
@@ -432,6 +433,9 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     dummy = part_l
     two = dict(K2=k2, V2=v2, HEADS2=heads2, strides=(*k2.stride(), *v2.stride())) if H2 else None
     fused = FUSE_COMBINE if fuse_combine is None else bool(fuse_combine)
+    if fused and torch.compiler.is_compiling():
+        raise RuntimeError("paged_decode_attention: fuse_combine keeps per-stream counters that torch.compile cannot "
+                           "trace; call it through a custom op (kernels/paged_decode_op.py) or leave FUSE_COMBINE off")
     cnt = _counters(B * HT, q.device) if fused else None
     block_s = max(2, triton.next_power_of_2(n_splits))
     lse_strides = (lse.stride(0), lse.stride(1)) if return_lse else (0, 0)

@@ -263,7 +263,8 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
 # 17.0 vs 17.5 us at 128K, 7.8 vs 9.4 at 32K; Gaussian rows 18.1 vs 17.0 and 7.1 vs 8.0 (the passes fall from ~20
 # to ~13, but at 8K pages the row's fixed cost dominates).
 N_CUTS = 2
-# How the threshold is found (select_pages' ``search``): 'ternary' until the radix select's GPU time is measured.
+# How the threshold is found (select_pages' ``search``): 'ternary'. The radix select measured slower in the step
+# (H100, 128K, batch 1, 32-layer attention: Quest 1.888 -> 2.265 ms; results/bench_decode_floor_opts_b1.md).
 SEARCH = "ternary"
 
 

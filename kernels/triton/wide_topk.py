@@ -26,9 +26,10 @@ import triton.language as tl
 NBINS = 2048  # 11-bit digits
 BLOCK = 4096  # keys per program
 WARPS = 8
-# TidalDecode's static-cache selection layers take this top-k instead of torch.topk (accel/policies/tidal.py). Off
-# until measured on the GPU: `python scripts/bench_decode.py --wide-topk`, `scripts/bench_decode_floor.py --runs
-# tidal tidal@widetopk`.
+# TidalDecode's static-cache selection layers take this top-k instead of torch.topk (accel/policies/tidal.py). Off:
+# measured slower (H100, 128K: 66 us against torch.topk's 55 for one shared row, 0.27-0.66x with a row per KV head;
+# results/bench_decode_wide_topk.md). Likely cause, not profiled: Triton's histogram cost grows with its bins (an
+# earlier probe: 256 -> 512 bins, 20 -> 34 us; kernels/triton/NOTES.md), and these have 2048 per program.
 ENABLED = False
 
 
