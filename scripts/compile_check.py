@@ -75,7 +75,7 @@ def _install_fakes(arch: int) -> list[dict]:
     checks.COMPILE_ONLY = True
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     records: list[dict] = []
-    seen: set[str] = set()
+    seen: set = set()  # compiled kernels' hashes: each is reported once
     original = jit.JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):

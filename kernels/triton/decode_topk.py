@@ -7,7 +7,7 @@ scores by a ternary search (two counts per pass packed in one reduction; at most
 registers) started on the finite scores' range (the forced pages score +inf and are counted, not searched), then a
 prefix sum over rows of 64 pages compacts the selected page ids (a 1-D one ranks ties only when there are any).
 ``search='radix'`` finds the same k-th largest key by a most-significant-digit radix select instead (histograms of 8
-or 4 key bits per pass, at most 4 or 8 passes): an option until its GPU time is measured (kernels/triton/NOTES.md).
+or 4 key bits per pass, at most 4 or 8 passes): an option, measured slower in the step (kernels/triton/NOTES.md).
 
 The row is held as the largest power-of-two block that fits in it plus a smaller tail block for the rest, so a row
 just past a power of two (a static cache of 128K + a few tokens) costs about what the power of two costs instead of
