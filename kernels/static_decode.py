@@ -26,7 +26,12 @@ def _quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin
         from .triton.decode_score import quest_scores
         from .triton.decode_topk import select_pages
 
+        from .triton import select_attend as fused
+
         scores = quest_scores(q, kmin, kmax, group_reduce=group_reduce, page_size=page_size, kv_start=kv_start)
+        if fused.ENABLED:  # the top-k inside the split launch (kernels/triton/select_attend.py)
+            return fused.select_attend(q, k, v, scores, n_keep, kv_len=length, page_size=page_size, scale=scale,
+                                       softcap=softcap or None, kv_start=kv_start)
         pages, counts = select_pages(scores, n_keep, kv_len=length, page_size=page_size)
     else:
         attention = _ref_attention

@@ -34,6 +34,7 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
     from accel.kernels.triton.decode_score import quest_scores
     from accel.kernels.triton.decode_topk import select_pages
     from accel.kernels.static_decode import quest_static_decode
+    from accel.kernels.triton.select_attend import select_attend
 
     dev = "cuda"
     q = torch.randn(B, hq, 1, d, device=dev, dtype=dtype)
@@ -60,6 +61,11 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
         return quest_static_decode(q, k, v, kmin, kmax, length, None, n_keep, page, "max", d**-0.5, 0.0, True)
 
     torch.testing.assert_close(quest_static().float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+    def quest_fused():  # the top-k inside the split launch (kernels/triton/select_attend.py)
+        return select_attend(q, k, v, quest_scores(q, kmin, kmax, page_size=page), n_keep, kv_len=ctx, page_size=page)
+
+    torch.testing.assert_close(quest_fused().float(), ref.float(), atol=2e-2, rtol=2e-2)
     fns = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "triton_dense": lambda: paged_decode_attention(q, k, v),
@@ -68,6 +74,7 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
         "quest_attn_only": lambda: paged_decode_attention(q, k, v, pages, counts, page),
         "quest_total": quest,
         "quest_static": quest_static,
+        "quest_fused": quest_fused,
     }
     try:  # FA4 dense decode (one query row), when flash-attn-4 is installed
         from flash_attn.cute import flash_attn_func
@@ -87,6 +94,7 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
             "floor_speedup_reused": dense_bytes / sel_bytes,
             "speedup": {tn: {"quest": t["sdpa"][tn] / t["quest_total"][tn],
                              "quest_static": t["sdpa"][tn] / t["quest_static"][tn],
+                             "quest_fused": t["sdpa"][tn] / t["quest_fused"][tn],
                              "reused": t["sdpa"][tn] / t["quest_attn_only"][tn]} for tn in timers}}
 
 
@@ -653,6 +661,88 @@ def logits_sweep(batches, hkv, out, layers: int = 4) -> None:
     _write_sweep(out, "bench_decode_logits", rows, md)
 
 
+def select_attend_sweep(batches, hkv, budget, page, out, layers: int = 32) -> None:
+    """Quest at 128K: scoring + top-k + split + combine (three launches after the scoring) against scoring + the
+    top-k inside the split launch + combine (kernels/triton/select_attend.py) over its warps x splits x key tiles;
+    per layer, one layer replayed as a graph (as the main table times it) and ``layers`` layers in one graph (each
+    over its own K/V: L2 as cold as in a model step). SDPA over the same layers for the ratios; every setting checked
+    against the two-launch output first."""
+    import torch.nn.functional as F
+
+    from accel.kernels import reference_decode as R
+    from accel.kernels.triton.decode_attention import paged_decode_attention
+    from accel.kernels.triton.decode_score import quest_scores
+    from accel.kernels.triton.decode_topk import select_pages
+    from accel.kernels.triton.select_attend import select_attend
+
+    ctx, d, G = 131072, 128, 4
+    n_keep = budget // page
+    end = torch.tensor(ctx + 48, device="cuda")  # a static cache of 128K + 48 slots, filled to 128K + 48
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for B in batches:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        data = []
+        for _ in range(max(4, layers // B)):  # ~17 GB of K/V per batch row over 32 layers: fewer at larger batches
+            k = torch.randn(B, hkv, ctx + 48, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn_like(k)
+            kmin, kmax = R.page_bounds(k, page)
+            data.append((torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g), k, v,
+                         kmin, kmax))
+
+        def two(kw, a):
+            s = quest_scores(a[0], a[3], a[4], page_size=page)
+            p, c = select_pages(s, n_keep, kv_len=end, page_size=page)
+            return paged_decode_attention(a[0], a[1], a[2], p, c, page, kv_end=end)
+
+        def fused(kw, a):
+            return select_attend(a[0], a[1], a[2], quest_scores(a[0], a[3], a[4], page_size=page), n_keep,
+                                 kv_len=end, page_size=page, **kw)
+
+        def sdpa(kw, a):
+            return F.scaled_dot_product_attention(a[0], a[1], a[2], enable_gqa=True)
+
+        def timed(fn, kw, check=None):
+            many = [lambda kw, a=a: fn(kw, a) for a in data]
+            return {"one": _per_layer_us(many[:1], kw, check[:1] if check else None),
+                    "many": _per_layer_us(many, kw, check)}
+
+        ref = [two({}, a).clone() for a in data]
+        base = {"batch": B, "sdpa": timed(sdpa, {}), "two_launch": timed(two, {}, ref)}
+        print(json.dumps(base), flush=True)
+        auto = max(1, sms // (B * hkv))
+        for w in (8, 16):
+            for ns in (None, 2 * auto):
+                for bn in (64, 128):
+                    kw = dict(num_warps=w, n_splits=ns, block_n=bn)
+                    try:
+                        t = timed(fused, kw, ref)
+                    except Exception as e:  # noqa: BLE001 - e.g. out of registers / shared memory
+                        print(f"skip {kw}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                        continue
+                    rows.append({**base, **kw, "n_splits": ns or f"auto ({auto})", "fused": t})
+                    print(json.dumps(rows[-1]), flush=True)
+        rows.append({**base, "default": True, "fused": timed(fused, {}, ref)})
+        print(json.dumps(rows[-1]), flush=True)
+        data = ref = None
+        torch.cuda.empty_cache()
+    md = [f"# Quest's top-k inside the split launch ({torch.cuda.get_device_name()}, 128K + 48, {hkv * G}/{hkv}/{d}, "
+          f"budget {budget}, page {page})", "",
+          f"`python scripts/bench_decode.py --select-attend --batches {','.join(map(str, batches))}`; us per layer: "
+          f"one = one layer replayed as a graph (the main table's timing), many = {layers} / batch layers (at least 4) "
+          "in one graph (L2 cold); two-launch = scoring + top-k + split + combine; fused = scoring + select_attend (top-k in the "
+          "split launch) + combine", "",
+          "| batch | warps | splits | block_n | fused one | fused many | two-launch one | two-launch many | SDPA one | "
+          "SDPA many | fused vs SDPA (one) | two-launch vs SDPA (one) |", "| --- " * 12 + "|"]
+    for r in rows:
+        f, t2, sd = r["fused"], r["two_launch"], r["sdpa"]
+        setting = ("default", "", "") if r.get("default") else (r["num_warps"], r["n_splits"], r["block_n"])
+        md.append(f"| {r['batch']} | {setting[0]} | {setting[1]} | {setting[2]} | {f['one']:.1f} | {f['many']:.1f} | "
+                  f"{t2['one']:.1f} | {t2['many']:.1f} | {sd['one']:.1f} | {sd['many']:.1f} | "
+                  f"{sd['one'] / f['one']:.2f}x | {sd['one'] / t2['one']:.2f}x |")
+    _write_sweep(out, "bench_decode_select_attend", rows, md)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32768,131072")
@@ -680,6 +770,8 @@ def main(argv=None) -> int:
                     help="only time the split-KV kernel's pipeline stages over a 32-layer graph (L2 cold)")
     ap.add_argument("--logits-sweep", action="store_true",
                     help="only sweep the dense split-KV kernel that also writes the scores (TidalDecode's selection)")
+    ap.add_argument("--select-attend", action="store_true",
+                    help="only time Quest's top-k inside the split launch against its own launch (128K)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -688,6 +780,7 @@ def main(argv=None) -> int:
     contexts = [int(x) for x in args.contexts.split(",")]
     hkv = int(args.heads.split(",")[1])
     sweeps = {  # each flag: one sweep, its own result files
+        "select_attend": lambda: select_attend_sweep(batches, hkv, args.budget, args.page, args.out),
         "logits_sweep": lambda: logits_sweep(batches, hkv, args.out),
         "tile_sweep": lambda: tile_sweep(batches, hkv, args.budget, args.out),
         "token_sweep": lambda: token_sweep(batches, hkv, args.budget, args.out),
@@ -727,13 +820,14 @@ def main(argv=None) -> int:
           "Median ms of one layer's decode attention. **graph**: the call replayed as a CUDA graph (GPU time: what a "
           "static-cache step under torch.compile or a captured graph pays); **eager**: CUDA events around eager "
           "launches (launch overhead included). quest = page scoring + top-k + split-KV attention; quest static = the "
-          "same as one device-side op over a static cache; reused = attention over an already selected set (LServe "
+          "same as one device-side op over a static cache; quest fused = scoring, then the top-k inside the split launch "
+          "(kernels/triton/select_attend.py); reused = attention over an already selected set (LServe "
           "reuse). floor = dense bytes / policy bytes read.", ""]
     for tn in ("graph", "eager"):
         md += [f"### {tn}", "",
                "| batch | context | SDPA | FA4 | Triton dense | quest (score + top-k + attn) | quest static | vs SDPA "
-               "| static vs SDPA | floor | reused vs SDPA | reused floor |",
-               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+               "| static vs SDPA | quest fused | fused vs SDPA | floor | reused vs SDPA | reused floor |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
             t = {k: v[tn] for k, v in r["ms"].items()}
             sp = r["speedup"][tn]
@@ -741,7 +835,8 @@ def main(argv=None) -> int:
             md.append(f"| {r['batch']} | {r['context']} | {t['sdpa']:.3f} | {fa4} | {t['triton_dense']:.3f} | "
                       f"{t['quest_total']:.3f} ({t['quest_score']:.3f} + {t['quest_topk']:.3f} + "
                       f"{t['quest_attn_only']:.3f}) | {t['quest_static']:.3f} | {sp['quest']:.2f}x | "
-                      f"{sp['quest_static']:.2f}x | {r['floor_speedup_quest']:.2f}x | {sp['reused']:.2f}x | "
+                      f"{sp['quest_static']:.2f}x | {t['quest_fused']:.3f} | {sp['quest_fused']:.2f}x | "
+                      f"{r['floor_speedup_quest']:.2f}x | {sp['reused']:.2f}x | "
                       f"{r['floor_speedup_reused']:.2f}x |")
         md.append("")
     with open(os.path.join(args.out, "bench_decode.md"), "w") as f:

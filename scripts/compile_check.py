@@ -121,7 +121,7 @@ def _cases():
     from accel.kernels.triton import (antidiag_score, block_sparse, block_topk, decode_append, decode_attention,
                                       decode_score, decode_topk, fa4_layout, flash_fwd, flex_estimate, flex_layout,
                                       fp8_quant, lastq_score, mass_threshold, pooled_score, proxy_score,
-                                      vertical_slash, wide_topk)
+                                      select_attend, vertical_slash, wide_topk)
     from accel.layouts import VerticalSlashLayout
 
     bf = torch.bfloat16
@@ -236,6 +236,11 @@ def _cases():
             scores = torch.randn(1, 8, P, generator=g)
             decode_topk.select_pages(scores, 256, kv_len=kv_len, page_size=16, keep_first=True, search=search,
                                      radix_bits=bits)
+
+    @case("decode/select_attend (Quest's top-k in the split pass, 128K + 48 tokens of pages)")
+    def _():
+        q, k, v = qkv(S=S, Sq=1)
+        select_attend.select_attend(q, k, v, torch.randn(1, 8, 8195, generator=g), 256, kv_len=kv_len, page_size=16)
 
     for fused in (False, True):
         tag = " fused" if fused else ""

@@ -49,20 +49,23 @@ def test_auto_picks_a_gpu_backend():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("policy", ["quest", "tidal", "tidal-wide", "duo", "lserve", "lserve-mixed", "lserve-reuse"])
+@pytest.mark.parametrize("policy", ["quest", "quest-fused", "tidal", "tidal-wide", "duo", "lserve", "lserve-mixed",
+                                    "lserve-reuse"])
 def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path, monkeypatch):
     """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
     the Triton static decode (Quest's op, TidalDecode's shared positions, DuoAttention's and LServe's KV-head maps,
     LServe's page selection) must give the dynamic-cache tokens (float32 so the selections agree exactly).
-    ``tidal-wide``: TidalDecode's selection top-k by kernels/triton/wide_topk.py."""
-    from accel.kernels.triton import wide_topk
+    ``tidal-wide``: TidalDecode's selection top-k by kernels/triton/wide_topk.py; ``quest-fused``: Quest's top-k
+    inside the split launch (kernels/triton/select_attend.py)."""
+    from accel.kernels.triton import select_attend, wide_topk
 
     monkeypatch.setattr(wide_topk, "ENABLED", policy == "tidal-wide")
+    monkeypatch.setattr(select_attend, "ENABLED", policy == "quest-fused")
     torch._dynamo.reset()
     model = tiny_model(family).cuda()
     x = _ids(300, batch=2)
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
-    if policy == "quest":
+    if policy.startswith("quest"):
         opts = dict(budget=64, page_size=16, dense_layers=0)
     elif policy.startswith("tidal"):
         opts = dict(budget=64, select_layer=0 if family == "llama" else 2, reselect_layer=None)
@@ -268,3 +271,44 @@ def test_select_pages_at_model_rows(search, n_pages):
         ref = R.select_pages(s[..., : n_pages - 2], k, kv_len=length, page_size=16)
         got = select_pages(s, k, kv_len=torch.tensor(length, device="cuda"), page_size=16, search=search)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("warps", [8, 16])
+@pytest.mark.parametrize("n_pages", [2052, 8196])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_select_attend_at_model_shape(batch, n_pages, warps):
+    """Quest's top-k inside the split launch (kernels/triton/select_attend.py) compiled for the GPU, its own launch
+    choice (one program per SM, 128-key tiles), at Llama-3.1-8B's heads over a 32K / 128K static cache with the
+    length on the device, ties around the cut: the output of select_pages + paged_decode_attention's torch twins,
+    also when replayed in a CUDA graph with new queries."""
+    from accel.kernels import reference_decode as R
+    from accel.kernels.triton.select_attend import select_attend
+
+    hkv, G, D, page, n_keep = 8, 4, 128, 16, 256
+    S = n_pages * page
+    length = S - 2 * page - 5
+    g = torch.Generator(device="cuda").manual_seed(n_pages + batch)
+    q = torch.randn(batch, hkv * G, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    s = torch.randn(batch, hkv, n_pages, device="cuda", generator=g)
+    s[0, 3, 100:700] = 0.75  # ties around the cut
+    filled = -(-length // page)
+    s[..., filled:] = float("nan")  # unfilled pages of a static buffer
+    end = torch.tensor(length, device="cuda")
+
+    def ref():
+        pages, counts = R.select_pages(s[..., :filled], n_keep, kv_len=length, page_size=page)
+        return R.paged_decode_attention(q.float(), k[:, :, :length].float(), v[:, :, :length].float(), pages, counts,
+                                        page)
+
+    got = select_attend(q, k, v, s, n_keep, kv_len=end, page_size=page, num_warps=warps)
+    torch.testing.assert_close(got.float(), ref(), atol=2e-2, rtol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = select_attend(q, k, v, s, n_keep, kv_len=end, page_size=page, num_warps=warps)
+    for _ in range(2):
+        q.copy_(torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g))
+        s.copy_(torch.where(s.isnan(), s, torch.randn(s.shape, device="cuda", generator=g)))
+        graph.replay()
+        torch.testing.assert_close(out.float(), ref(), atol=2e-2, rtol=2e-2)

@@ -35,6 +35,48 @@ def _tanh(x):
     return 2.0 / (1.0 + tl.exp2(x * (-2.0 * 1.4426950408889634))) - 1.0
 
 
+@triton.jit
+def tile_scores(q, kt, ok, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+    """Base-2 scores [BLOCK_G, N] of q [BLOCK_G, D] against kt [D, N], soft-capped, -inf where not ``ok`` [N]."""
+    if IEEE:
+        qk = tl.dot(q, kt, input_precision="ieee")
+    else:
+        qk = tl.dot(q, kt)
+    if SOFTCAP:
+        s = _tanh(qk * cap_in) * cap_out
+    else:
+        s = qk * qk_scale
+    return tl.where(ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def online_softmax(s, vv, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One tile of the online softmax in base 2: scores s [BLOCK_G, N] and values vv [N, Dv] into the running
+    (max, sum, accumulator)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = tl.dot(p, vv, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_partial(OP, LP, row, NS, split, m_i, l_i, acc, g_ok, BLOCK_DV: tl.constexpr):
+    """A split's normalised partial output and log-sum-exp (natural log) for output rows ``row`` [BLOCK_G], as the
+    combine kernel reads them; rows that saw no key store 0 and -inf."""
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(OP + (row[:, None] * NS + split) * BLOCK_DV + offs_dv[None, :], o, mask=g_ok[:, None])
+    tl.store(LP + row * NS + split, lse, mask=g_ok)
+
+
 # per-step lengths are not specialised: Triton's divisible-by-16 variants would compile anew mid-decode
 @triton.jit(do_not_specialize=["Sk", "NS", "TOK_PER_SPLIT", "Sk2", "TOK2"])
 def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP, LOGITS, slgb, slgh,
@@ -139,34 +181,13 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP, LOGIT
         if DOT_F32:
             kt = kt.to(tl.float32)
             vv = vv.to(tl.float32)
-        if IEEE:
-            qk = tl.dot(q, kt, input_precision="ieee")
-        else:
-            qk = tl.dot(q, kt)
-        if SOFTCAP:
-            s = _tanh(qk * cap_in) * cap_out
-        else:
-            s = qk * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
+        s = tile_scores(q, kt, ok, qk_scale, cap_in, cap_out, SOFTCAP, IEEE)
         if HAS_LOGITS:  # the scores themselves, for a selection that ranks keys by them (TidalDecode)
             tl.store(LOGITS + b.to(tl.int64) * slgb + (hq0 + offs_g).to(tl.int64)[:, None] * slgh + tok[None, :], s,
                      mask=g_ok[:, None] & ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = tl.dot(p, vv, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
-        m_i = m_new
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        m_i, l_i, acc = online_softmax(s, vv, m_i, l_i, acc, IEEE)
     row = (b * HT + hh) * G + offs_g  # without a head map: b * Hq + query head
-    tl.store(OP + (row[:, None] * NS + split) * BLOCK_DV + offs_dv[None, :], o, mask=g_ok[:, None])
-    tl.store(LP + row * NS + split, lse, mask=g_ok)
+    store_partial(OP, LP, row, NS, split, m_i, l_i, acc, g_ok, BLOCK_DV)
     if FUSED:  # the last split of this (row, head) to finish merges the partials: no second launch
         tl.debug_barrier()  # every thread's partial stored before the release below
         done = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
@@ -276,6 +297,28 @@ def _splits(rows: int, sms: int) -> int:
     pass with scores (TidalDecode's selection layers) ran 590 us against 527 at 8 splits (H200, 128K; scripts/
     bench_decode.py --logits-sweep, results/bench_decode_logits.md). Batch 1 (8 rows) is unchanged at 33."""
     return max(1, (2 * sms) // rows)
+
+
+def launch_shape(q: torch.Tensor, Hkv: int, width: int, Dv: int, page_size: int, n_splits: int | None,
+                 block_n: int | None, scores: bool = False) -> tuple[int, int, int, int | None]:
+    """(keys per tile, splits, tokens per split, pipeline stages or None for Triton's default) of a split pass over
+    at most ``width`` tokens per (row, KV head): ``_tile`` / ``_splits`` / ``_stages`` on the GPU, small fixed
+    shapes under the interpreter; a tile holds whole pages."""
+    interp = _interpreting()
+    B, D = q.shape[0], q.shape[-1]
+    if block_n is None:
+        block_n = 32 if interp else _tile(B, Hkv, width, n_splits, D, Dv, q.element_size(), _sm_count(q.device),
+                                          scores=scores)
+    block_n = max(block_n, page_size)
+    n_blocks = max(1, triton.cdiv(width, block_n))
+    if n_splits is None:
+        # two programs per SM from K/V's heads alone: the ring's programs are short and fill in around them
+        # (counting them here halved duo's retrieval splits into one and a bit waves: 13.6 -> 15.8 ms per step)
+        n_splits = 4 if interp else _splits(B * Hkv, _sm_count(q.device))
+    n_splits = max(1, min(n_splits, n_blocks))
+    tok_per_split = triton.cdiv(n_blocks, n_splits) * block_n
+    n_splits = triton.cdiv(width, tok_per_split)
+    return block_n, n_splits, tok_per_split, None if interp else _stages(tok_per_split // block_n, block_n)
 
 
 # Merge the splits in the split launch (its last program per (row, KV head), through a self-resetting counter)
@@ -401,22 +444,11 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         counts = counts.to(torch.int32).contiguous()
     else:
         width = Sk
-    if block_n is None:
-        block_n = 32 if interp else _tile(B, Hkv, width, n_splits, D, Dv, q.element_size(), _sm_count(q.device),
-                                          scores=logits is not None)
-    if pages is not None:
-        block_n = max(block_n, page_size)
-    n_blocks = max(1, triton.cdiv(width, block_n))
-    if n_splits is None:
-        # two programs per SM from K/V's heads alone: the ring's programs are short and fill in around them
-        # (counting them here halved duo's retrieval splits into one and a bit waves: 13.6 -> 15.8 ms per step)
-        n_splits = 4 if interp else _splits(B * Hkv, _sm_count(q.device))
-    n_splits = max(1, min(n_splits, n_blocks))
-    tok_per_split = triton.cdiv(n_blocks, n_splits) * block_n
-    n_splits = triton.cdiv(width, tok_per_split)
+    block_n, n_splits, tok_per_split, stages = launch_shape(q, Hkv, width, Dv, page_size if pages is not None else 1,
+                                                            n_splits, block_n, scores=logits is not None)
     tok2 = triton.cdiv(triton.cdiv(Sk2, block_n), n_splits) * block_n if H2 else 0  # the ring over the same splits
-    if num_stages is None and not interp:
-        num_stages = _stages(tok_per_split // block_n, block_n)
+    if num_stages is None:
+        num_stages = stages
     part_o = torch.empty(B * rows * n_splits * Dv, dtype=torch.float32, device=q.device)
     part_l = torch.empty(B * rows * n_splits, dtype=torch.float32, device=q.device)
     s_start = s_end = 0

@@ -190,6 +190,62 @@ def _radix_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, RADIX: tl.conste
     return prefix ^ sign, c_lo
 
 
+@triton.jit
+def select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
+               TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr, RADIX: tl.constexpr):
+    """The kept flags of one score row (pages ``[0, BLOCK_P)`` and the tail block's ``[BLOCK_P, BLOCK_P + TAIL)``,
+    the main block's flags standing in for the tail's when TAIL is 0): its K highest valid scores, the newest page
+    (and page 0 with KEEP_FIRST) forced in, ties to the lower page index."""
+    offs = tl.arange(0, BLOCK_P)
+    key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
+    if TAIL > 0:  # the pages past the power-of-two block
+        toffs = BLOCK_P + tl.arange(0, TAIL)
+        tkey, tok = _keys(row, toffs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
+    else:  # unused stand-ins
+        tkey = key
+        tok = ok
+    if RADIX > 0:
+        lo, c_lo = _radix_threshold(key, ok, tkey, tok, K, TAIL, RADIX)
+    else:
+        lo, c_lo = _ternary_threshold(key, ok, tkey, tok, K, TAIL, NC, FINITE)
+    lo = lo.to(tl.int32)
+    sel = (key >= lo) & ok
+    tsel = sel
+    if TAIL > 0:
+        tsel = (tkey >= lo) & tok
+    if c_lo > K:  # more than K keys tie at or above the threshold: the lowest page ids among the tied ones
+        n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
+        if TAIL > 0:
+            n_gt += tl.sum((tkey > lo).to(tl.int32), axis=0)
+        need = K - n_gt
+        tie = ((key == lo) & ok).to(tl.int32)
+        sel = (key > lo) | ((tie > 0) & (tl.cumsum(tie, axis=0) - tie < need))
+        if TAIL > 0:
+            ttie = ((tkey == lo) & tok).to(tl.int32)
+            before = tl.sum(tie, axis=0)  # ties in the main block rank first
+            tsel = (tkey > lo) | ((ttie > 0) & (tl.cumsum(ttie, axis=0) - ttie + before < need))
+    return sel, tsel
+
+
+@triton.jit
+def page_slots(sel, BLOCK_P: tl.constexpr, CH: tl.constexpr):
+    """(slot [BLOCK_P // CH, CH]: each kept page's index in the ascending list of kept pages, -1 where not kept;
+    the count kept). A prefix sum taken within rows of CH pages and then over the row totals (a 1-D scan over 8K
+    pages took ~1 us more; kernels/triton/NOTES.md)."""
+    sel2 = tl.reshape(sel.to(tl.int32), (BLOCK_P // CH, CH))
+    tot = tl.sum(sel2, axis=1)
+    slot = (tl.cumsum(tot, axis=0) - tot)[:, None] + tl.cumsum(sel2, axis=1) - sel2
+    return tl.where(sel2 > 0, slot, -1), tl.sum(tot, axis=0)
+
+
+@triton.jit
+def tail_slots(tsel, n_before):
+    """The tail block's slots after the ``n_before`` kept pages of the main block (-1 where not kept) and the new
+    count."""
+    t = tsel.to(tl.int32)
+    return tl.where(tsel, tl.cumsum(t, axis=0) - t + n_before, -1), n_before + tl.sum(t, axis=0)
+
+
 # P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
 # compile mid-decode)
 @triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
@@ -213,45 +269,13 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
             tl.store(LIVE + pid, n + begun.to(tl.int32))
             return
     row = SCORES + b * ssb + h * ssh
-    offs = tl.arange(0, BLOCK_P)
-    key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
-    if TAIL > 0:  # the pages past the power-of-two block
-        toffs = BLOCK_P + tl.arange(0, TAIL)
-        tkey, tok = _keys(row, toffs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
-    else:  # unused stand-ins
-        tkey = key
-        tok = ok
-    if RADIX > 0:
-        lo, c_lo = _radix_threshold(key, ok, tkey, tok, K, TAIL, RADIX)
-    else:
-        lo, c_lo = _ternary_threshold(key, ok, tkey, tok, K, TAIL, NC, FINITE)
-    lo = lo.to(tl.int32)
-    sel = (key >= lo) & ok
-    if TAIL > 0:
-        tsel = (tkey >= lo) & tok
-    if c_lo > K:  # more than K keys tie at or above the threshold: the lowest page ids among the tied ones
-        n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
-        if TAIL > 0:
-            n_gt += tl.sum((tkey > lo).to(tl.int32), axis=0)
-        need = K - n_gt
-        tie = ((key == lo) & ok).to(tl.int32)
-        sel = (key > lo) | ((tie > 0) & (tl.cumsum(tie, axis=0) - tie < need))
-        if TAIL > 0:
-            ttie = ((tkey == lo) & tok).to(tl.int32)
-            before = tl.sum(tie, axis=0)  # ties in the main block rank first
-            tsel = (tkey > lo) | ((ttie > 0) & (tl.cumsum(ttie, axis=0) - ttie + before < need))
+    sel, tsel = select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P, TAIL, NC, FINITE, RADIX)
     out = PAGES + b * spb + h * sph
-    # each selected page's slot: a prefix sum of the kept flags, taken within rows of CH pages and then over the
-    # row totals (a 1-D scan over 8K pages took ~1 us more; kernels/triton/NOTES.md)
-    sel2 = tl.reshape(sel.to(tl.int32), (BLOCK_P // CH, CH))
-    tot = tl.sum(sel2, axis=1)
-    slot = (tl.cumsum(tot, axis=0) - tot)[:, None] + tl.cumsum(sel2, axis=1) - sel2
-    tl.store(out + slot * sps, tl.reshape(offs, (BLOCK_P // CH, CH)), mask=sel2 > 0)
-    n_sel = tl.sum(tot, axis=0)
+    slot, n_sel = page_slots(sel, BLOCK_P, CH)
+    tl.store(out + slot * sps, tl.reshape(tl.arange(0, BLOCK_P), (BLOCK_P // CH, CH)), mask=slot >= 0)
     if TAIL > 0:
-        tsel_i = tsel.to(tl.int32)
-        tl.store(out + (tl.cumsum(tsel_i, axis=0) - tsel_i + n_sel) * sps, toffs, mask=tsel)
-        n_sel += tl.sum(tsel_i, axis=0)
+        tslot, n_sel = tail_slots(tsel, n_sel)
+        tl.store(out + tslot * sps, BLOCK_P + tl.arange(0, TAIL), mask=tslot >= 0)
     tl.store(COUNTS + pid, n_sel)
     if HAS_REUSE:  # a fresh selection: it holds the newest page, none is begun
         tl.store(SEL + pid, length.to(SEL.dtype.element_ty))
