@@ -711,9 +711,9 @@ def select_attend_sweep(batches, hkv, budget, page, out, layers: int = 32) -> No
         base = {"batch": B, "sdpa": timed(sdpa, {}), "two_launch": timed(two, {}, ref)}
         print(json.dumps(base), flush=True)
         auto = max(1, sms // (B * hkv))
-        for w in (8, 16):
-            for ns in (None, 2 * auto):
-                for bn in (64, 128):
+        for w in (16,):  # 8 warps and twice the splits measured slower (results/bench_decode_select_attend.md)
+            for ns in (None,):
+                for bn in (128, 256):
                     kw = dict(num_warps=w, n_splits=ns, block_n=bn)
                     try:
                         t = timed(fused, kw, ref)

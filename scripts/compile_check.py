@@ -240,7 +240,9 @@ def _cases():
     @case("decode/select_attend (Quest's top-k in the split pass, 128K + 48 tokens of pages)")
     def _():
         q, k, v = qkv(S=S, Sq=1)
-        select_attend.select_attend(q, k, v, torch.randn(1, 8, 8195, generator=g), 256, kv_len=kv_len, page_size=16)
+        scores = torch.randn(1, 8, 8195, generator=g)
+        for splits in (1, 16):  # 16: an H100's / H200's batch-1 launch (132 SMs), one 256-key tile a program
+            select_attend.select_attend(q, k, v, scores, 256, kv_len=kv_len, page_size=16, n_splits=splits)
 
     for fused in (False, True):
         tag = " fused" if fused else ""

@@ -11,7 +11,7 @@ merged by decode_attention's combine kernel, so the output is the two-launch pat
 Same function as ``select_pages`` + ``paged_decode_attention`` (kernels/reference_decode.py for both). Quest's
 static-cache op takes it by default (``ENABLED``; measured in kernels/triton/NOTES.md). The row of keys takes a
 program's registers (16 warps, ~115 registers a thread), so the launch has one program per SM: 16 splits per
-(batch, KV head) at batch 1 on 132 SMs, each over two 128-key tiles.
+(batch, KV head) at batch 1 on 132 SMs, each over one 256-key tile.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from .decode_topk import MAX_PAGES, N_CUTS, blocks, page_slots, select_row, tail
 
 # Quest's static-cache op (kernels/static_decode.py) runs through this launch when True (switches ``@selattend`` /
 # ``@twolaunch`` in scripts/bench_utils.py). On: H100, 128K, budget 4096, one layer graph-replayed 50.7 -> 45.3 us
-# (batch 1), 104.6 -> 101.3 (batch 4) (results/bench_decode_select_attend.md); the 32-layer step attention 1.829 ->
-# 1.670 ms and the compiled batch-1 step 8.53 -> 8.22 ms (results/bench_decode_floor_selattend_b1.md,
-# results/bench_static_decode_compile_b1_selattend.md).
+# (batch 1), 104.6 -> 101.3 (batch 4) (results/bench_decode_select_attend.md); with 256-key tiles at batch 1 the
+# 32-layer step attention 1.880 -> 1.661 ms and the compiled batch-1 step 8.76 -> 8.41 ms
+# (results/bench_decode_floor_selattend256_b1.md, results/bench_static_decode_compile_b1_selattend256.md).
 ENABLED = True
 # Warps of the fused launch: at 8K pages (128K tokens) 16 warps hold the row in 116 registers a thread without
 # spilling; 8 warps need 255 and spill (scripts/compile_check.py)
@@ -119,8 +119,8 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
     ``keep_first``) always in: ``paged_decode_attention(q, k, v, *select_pages(scores, n_keep, ...))`` in two
     launches (selection + split pass, then the combine) instead of three. k, v [B, Hkv, Sk, D] (cache views work);
     ``kv_len`` the filled length, an int or a 0-d tensor read on the device (a static cache: keys at or past it are
-    masked, pages past it never chosen); ``kv_start`` int [B] (or one value): left padding. Returns
-    [B, Hq, 1, Dv] in q's dtype."""
+    masked, pages past it never chosen); ``kv_start`` int [B] (or one value): left padding. ``n_splits``,
+    ``block_n``, ``num_warps`` override the launch. Returns [B, Hq, 1, Dv] in q's dtype."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     P = scores.shape[-1]
@@ -160,8 +160,12 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
         # warps, 255 and a spill at 8, Triton 3.9, sm_90), so two programs would not share an SM
         n_splits = max(1, _sm_count(q.device) // (B * Hkv))
     if block_n is None and not interp and max(D, Dv) <= 128 and q.element_size() == 2:
-        block_n = 128  # fewer, longer programs than the split pass's: 128-key tiles halve their trips
+        # fewer, longer programs than the split pass's: one 256-key tile where it covers a program's share (batch
+        # 1: 4096 tokens over 16 splits), else 128-key tiles (H100, 128K: 24.5 against 26.4 us at batch 1)
+        block_n = 256 if width <= 256 * (n_splits or 4) else 128
     block_n, n_splits, tok_per_split, stages = launch_shape(q, Hkv, width, Dv, page_size, n_splits, block_n)
+    if block_n >= 256:
+        stages = 1  # a K and a V tile of 256 x 128 take 128 KB: one stage fits in shared memory, two do not
     pages = torch.empty(B * Hkv, n_splits * tok_per_split // page_size, dtype=torch.int32, device=q.device)
     part_o = torch.empty(B * Hq * n_splits * Dv, dtype=torch.float32, device=q.device)
     part_l = torch.empty(B * Hq * n_splits, dtype=torch.float32, device=q.device)
