@@ -20,7 +20,8 @@ from .reference_decode import quest_scores as _ref_scores
 
 def _quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                          length: torch.Tensor, kv_start: torch.Tensor | None, n_keep: int, page_size: int,
-                         group_reduce: str, scale: float, softcap: float, use_triton: bool) -> torch.Tensor:
+                         group_reduce: str, scale: float, softcap: float, use_triton: bool,
+                         keep_first: bool = False) -> torch.Tensor:
     if use_triton:
         from .triton.decode_attention import paged_decode_attention as attention
         from .triton.decode_score import quest_scores
@@ -31,17 +32,19 @@ def _quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin
         scores = quest_scores(q, kmin, kmax, group_reduce=group_reduce, page_size=page_size, kv_start=kv_start)
         if fused.ENABLED:  # the top-k inside the split launch (kernels/triton/select_attend.py)
             return fused.select_attend(q, k, v, scores, n_keep, kv_len=length, page_size=page_size, scale=scale,
-                                       softcap=softcap or None, kv_start=kv_start)
-        pages, counts = select_pages(scores, n_keep, kv_len=length, page_size=page_size)
+                                       softcap=softcap or None, kv_start=kv_start, keep_first=keep_first)
+        pages, counts = select_pages(scores, n_keep, kv_len=length, page_size=page_size, keep_first=keep_first)
     else:
         attention = _ref_attention
-        pages, counts = _select_torch(q, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce)
+        pages, counts = _select_torch(q, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, keep_first)
     return attention(q, k, v, pages, counts, page_size, scale=scale, softcap=softcap or None, kv_start=kv_start,
                      kv_end=length.reshape(1).expand(q.shape[0]))
 
 
-def _select_torch(q, kmin, kmax, length, kv_start, n_keep: int, page_size: int, group_reduce: str):
-    """The selection in torch ops (CPU, or backend='reference'): where + topk over every page of the buffer."""
+def _select_torch(q, kmin, kmax, length, kv_start, n_keep: int, page_size: int, group_reduce: str,
+                  keep_first: bool = False):
+    """The selection in torch ops (CPU, or backend='reference'): where + topk over every page of the buffer (page 0
+    forced in with ``keep_first``, as the dynamic plan does)."""
     B, Hkv, n_pages = kmin.shape[0], kmin.shape[1], kmin.shape[2]
     scores = _ref_scores(q, kmin, kmax, group_reduce=group_reduce, page_size=page_size, kv_start=kv_start)
     pg = torch.arange(n_pages, device=q.device)
@@ -52,6 +55,8 @@ def _select_torch(q, kmin, kmax, length, kv_start, n_keep: int, page_size: int, 
     # unfilled pages keep +-inf bounds (NaN scores): `where`, not arithmetic, drops them
     scores = torch.where(valid[:, None, :], scores, float("-inf"))
     scores = torch.where((pg == filled - 1)[None, None, :], float("inf"), scores)  # the newest page, always
+    if keep_first:
+        scores = torch.where((pg == 0)[None, None, :], float("inf"), scores)
     pages = scores.topk(min(n_keep, n_pages), dim=-1).indices.to(torch.int32)
     counts = torch.full((B, Hkv), pages.shape[-1], dtype=torch.int32, device=q.device)
     return pages, counts
@@ -242,16 +247,18 @@ def _physical_max(s: torch.Tensor, r: int) -> torch.Tensor:
 @torch.library.custom_op("accel::quest_static_decode", mutates_args=())
 def quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                         length: torch.Tensor, kv_start: torch.Tensor | None, n_keep: int, page_size: int,
-                        group_reduce: str, scale: float, softcap: float, use_triton: bool) -> torch.Tensor:
+                        group_reduce: str, scale: float, softcap: float, use_triton: bool,
+                        keep_first: bool = False) -> torch.Tensor:
     """q [B, Hq, 1, D]; k, v the static buffers [B, Hkv, S, D]; kmin/kmax [B, Hkv, ceil(S / page_size), D];
-    ``length`` 0-d int tensor, keys filled (the current one included); ``softcap`` 0 for none. Returns
-    [B, Hq, 1, Dv]."""
+    ``length`` 0-d int tensor, keys filled (the current one included); ``softcap`` 0 for none; ``keep_first``:
+    page 0 always selected (Quest's ``keep_first_page``). Returns [B, Hq, 1, Dv]."""
     return _quest_static_decode(q, k, v, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, scale,
-                                softcap, use_triton)
+                                softcap, use_triton, keep_first)
 
 
 @quest_static_decode.register_fake
-def _(q, k, v, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, scale, softcap, use_triton):
+def _(q, k, v, kmin, kmax, length, kv_start, n_keep, page_size, group_reduce, scale, softcap, use_triton,
+      keep_first=False):
     return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
 
 

@@ -98,9 +98,10 @@ def test_bad_input():
         select_attend(q.expand(1, 4, 2, 32), k, v, s, 2, kv_len=64, page_size=16)
 
 
+@pytest.mark.parametrize("keep_first", [False, True])
 @pytest.mark.parametrize("enabled", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_quest_static_op_with_and_without_it(monkeypatch, padded, enabled):
+def test_quest_static_op_with_and_without_it(monkeypatch, padded, enabled, keep_first):
     """kernels/static_decode.py's Quest op (the compiled static-cache step) through the fused launch (the default)
     or the two-launch path (select_pages, then paged_decode_attention) equals its torch twin either way."""
     from accel.kernels.static_decode import quest_static_decode
@@ -116,7 +117,10 @@ def test_quest_static_op_with_and_without_it(monkeypatch, padded, enabled):
     pad = torch.full((2, 2, 16 - kmin.shape[2], 32), float("inf"))
     kmin, kmax = torch.cat([kmin, pad], 2), torch.cat([kmax, -pad], 2)  # a static buffer of 256 slots
     start = torch.tensor([0, 21], dtype=torch.int32) if padded else None
+    kmin[:, :, 0], kmax[:, :, 0] = 0.0, 0.0  # page 0's bound is 0, below every other page's: chosen only if forced
     args = (q, k, v, kmin, kmax, length, start, 4, 16, "max", 0.25, 0.0)
-    torch.testing.assert_close(quest_static_decode(*args, True), quest_static_decode(*args, False), atol=1e-5,
-                               rtol=1e-5)
+    got = quest_static_decode(*args, True, keep_first)
+    torch.testing.assert_close(got, quest_static_decode(*args, False, keep_first), atol=1e-5, rtol=1e-5)
     assert bool(calls) == enabled
+    if keep_first and not padded:  # page 0 (not all padding) is attended only because it is forced
+        assert not torch.allclose(got, quest_static_decode(*args, False, False), atol=1e-3)

@@ -105,15 +105,16 @@ def test_compiled_static_decode_matches_dynamic(policy, tmp_path):
     assert layer0["calls"] == {"prefill": 1, "decode": 0} and layer0["static_cache"]
 
 
-@pytest.mark.parametrize("policy", ["quest", "tidal"])
+@pytest.mark.parametrize("policy", ["quest", "quest_keep_first", "tidal"])
 def test_compiled_static_decode_triton_kernels(policy):
     """The Triton kernels (interpreted here) inside a fullgraph-compiled decode step: their launch wrappers sit
     behind custom ops, so dynamo never traces them (tracing ``type()`` of a kernel failed on the GPU)."""
     torch._dynamo.reset()
     model = tiny_model("llama")
     opts = {"quest": dict(budget=64, page_size=16, dense_layers=1),
+            "quest_keep_first": dict(budget=64, page_size=16, dense_layers=1, keep_first_page=True),
             "tidal": dict(budget=48, select_layer=0, reselect_layer=None)}[policy]
-    accel.patch(model, policy, backend="triton", **opts)
+    accel.patch(model, policy.split("_")[0], backend="triton", **opts)
     x = ids()
     dynamic = _generate(model, x)
     compiled = _generate(model, x, cache_implementation="static", compile_config=_compile_config())
@@ -208,6 +209,18 @@ def test_quest_over_static_cache_matches_dynamic(fam, reduce, padded):
     st = accel.stats(model)
     selecting = [layer for layer in st["layers"] if layer["sliding_window"] is None]
     assert st["backends_used"]["static-paged"] == 11 * len(selecting)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_quest_keep_first_page_over_static_cache(padded):
+    """``keep_first_page`` (page 0 always selected) over a static cache: the device-side selection forces page 0
+    as the dynamic plan does, so both caches generate the same tokens."""
+    model = tiny_model("llama")
+    x, mask = _two_rows(padded)
+    accel.patch(model, "quest", budget=48, page_size=16, dense_layers=0, keep_first_page=True, backend="reference")
+    dynamic = _generate(model, x, attention_mask=mask)
+    static = _generate(model, x, attention_mask=mask, cache_implementation="static", disable_compile=True)
+    assert torch.equal(static, dynamic)
 
 
 def test_quest_layer_map_over_static_cache(tmp_path):

@@ -181,12 +181,10 @@ class QuestPolicy(Policy):
         as ``plan`` with the length read from ``layer.cumulative_length`` (kernels/static_decode.py)."""
         from accel.kernels.static_decode import quest_static_decode
 
-        if self.keep_first_page:
-            raise ValueError("keep_first_page is not supported over a static cache; use the default dynamic cache")
         return quest_static_decode(
             q, k, v, layer.kmin, layer.kmax, layer.cumulative_length, kv_start, self.budget // self.page_size,
             self.page_size, self.group_reduce, float(scale if scale is not None else q.shape[-1] ** -0.5),
-            float(softcap or 0.0), use_triton)
+            float(softcap or 0.0), use_triton, self.keep_first_page)
 
     def score(self, q: torch.Tensor, layer: PagedKVLayer, kv_start=None) -> torch.Tensor:
         return quest_scores(q, layer, self.group_reduce, kv_start)
