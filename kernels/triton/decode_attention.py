@@ -36,6 +36,23 @@ def _tanh(x):
 
 
 @triton.jit
+def load_kv_tile(k_base, v_base, tok, ok, start, end, kn, kd, vn, vd, offs_d, offs_dv, HAS_KV_START: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """Keys ``tok`` [N] of one (row, KV head): (tok as int64, the mask ``ok`` narrowed to keys in [start, end),
+    K^T [D, N], V [N, Dv]), masked keys read as 0 (float32 with DOT_F32: the interpreter's dots)."""
+    ok = ok & (tok < end)
+    if HAS_KV_START:
+        ok = ok & (tok >= start)
+    tok = tok.to(tl.int64)
+    kt = tl.load(k_base + tok[None, :] * kn + offs_d[:, None] * kd, mask=ok[None, :], other=0.0)
+    vv = tl.load(v_base + tok[:, None] * vn + offs_dv[None, :] * vd, mask=ok[:, None], other=0.0)
+    if DOT_F32:
+        kt = kt.to(tl.float32)
+        vv = vv.to(tl.float32)
+    return tok, ok, kt, vv
+
+
+@triton.jit
 def tile_scores(q, kt, ok, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
     """Base-2 scores [BLOCK_G, N] of q [BLOCK_G, D] against kt [D, N], soft-capped, -inf where not ``ok`` [N]."""
     if IEEE:
@@ -172,15 +189,8 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP, LOGIT
                 tok = page * PAGE + t % PAGE
         else:
             tok = t
-        ok = ok & (tok < end)
-        if HAS_KV_START:
-            ok = ok & (tok >= start)
-        tok = tok.to(tl.int64)
-        kt = tl.load(k_base + tok[None, :] * kn + offs_d[:, None] * kd, mask=ok[None, :], other=0.0)
-        vv = tl.load(v_base + tok[:, None] * vn + offs_dv[None, :] * vd, mask=ok[:, None], other=0.0)
-        if DOT_F32:
-            kt = kt.to(tl.float32)
-            vv = vv.to(tl.float32)
+        tok, ok, kt, vv = load_kv_tile(k_base, v_base, tok, ok, start, end, kn, kd, vn, vd, offs_d, offs_dv,
+                                       HAS_KV_START, DOT_F32)
         s = tile_scores(q, kt, ok, qk_scale, cap_in, cap_out, SOFTCAP, IEEE)
         if HAS_LOGITS:  # the scores themselves, for a selection that ranks keys by them (TidalDecode)
             tl.store(LOGITS + b.to(tl.int64) * slgb + (hq0 + offs_g).to(tl.int64)[:, None] * slgh + tok[None, :], s,

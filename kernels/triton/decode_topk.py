@@ -335,12 +335,7 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     way the newest page is written after the kept ones and ``live`` gets the count to attend to (plus one when that
     page was begun since the selection): pages must be at least ``k + 1`` wide. Returns (pages, live)."""
     B, H, P = scores.shape
-    k = min(int(k), P)
-    if k < 1:
-        raise ValueError(f"select_pages: k must be >= 1, got {k}")
-    on_device = isinstance(kv_len, torch.Tensor)
-    if on_device and kv_len.numel() != 1:
-        raise ValueError(f"select_pages: a device-side kv_len holds one length, got {kv_len.numel()} values")
+    k, on_device = check_budget(k, P, kv_len, "select_pages", "k")
     if P > MAX_PAGES:
         if on_device:
             raise ValueError(f"select_pages: {P} pages with a device-side length exceed MAX_PAGES ({MAX_PAGES})")
@@ -380,6 +375,18 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     return pages, (live if reuse is not None else counts)
 
 
+def check_budget(k: int, n_pages: int, kv_len, fn: str, name: str) -> tuple[int, bool]:
+    """(pages to keep, capped at the row's ``n_pages``; whether ``kv_len`` is a device-side length), or a clear error
+    for a budget below one page or a device length holding more than one value."""
+    k = min(int(k), n_pages)
+    if k < 1:
+        raise ValueError(f"{fn}: {name} must be >= 1, got {k}")
+    on_device = isinstance(kv_len, torch.Tensor)
+    if on_device and kv_len.numel() != 1:
+        raise ValueError(f"{fn}: a device-side kv_len holds one length, got {kv_len.numel()} values")
+    return k, on_device
+
+
 def check_reuse(sel_len: torch.Tensor, live: torch.Tensor | None, counts: torch.Tensor | None, B: int, H: int,
                 kernel: str) -> None:
     """LServe's reuse buffers: contiguous int32 [B, H] (the kernels index them by program)."""
@@ -389,4 +396,4 @@ def check_reuse(sel_len: torch.Tensor, live: torch.Tensor | None, counts: torch.
                              f"{t.dtype} {tuple(t.shape)}")
 
 
-__all__ = ["select_pages", "blocks", "MAX_PAGES", "reused", "check_reuse"]
+__all__ = ["select_pages", "blocks", "MAX_PAGES", "reused", "check_reuse", "check_budget"]

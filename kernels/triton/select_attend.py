@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .checks import device_ints
 from .decode_attention import (LOG2E, PAGE_SIZES, _combine_kernel, _interpreting, _sm_count, launch_shape,
-                               online_softmax, store_partial, tile_scores)
-from .decode_topk import MAX_PAGES, N_CUTS, blocks, page_slots, select_row, tail_slots
+                               load_kv_tile, online_softmax, store_partial, tile_scores)
+from .decode_topk import MAX_PAGES, N_CUTS, blocks, check_budget, page_slots, select_row, tail_slots
 
 # Quest's static-cache op (kernels/static_decode.py) runs through this launch when True (switches ``@selattend`` /
 # ``@twolaunch`` in scripts/bench_utils.py). On: H100, 128K, budget 4096, one layer graph-replayed 50.7 -> 45.3 us
@@ -95,16 +95,8 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, ssb,
         t = t0 + offs_n
         ok = t < hi
         page = tl.load(out + (t // PAGE) * sps, mask=ok, other=0)
-        tok = page * PAGE + t % PAGE
-        ok = ok & (tok < end)
-        if HAS_KV_START:
-            ok = ok & (tok >= start)
-        tok = tok.to(tl.int64)
-        kt = tl.load(k_base + tok[None, :] * skn + offs_d[:, None] * skd, mask=ok[None, :], other=0.0)
-        vv = tl.load(v_base + tok[:, None] * svn + offs_dv[None, :] * svd, mask=ok[:, None], other=0.0)
-        if DOT_F32:
-            kt = kt.to(tl.float32)
-            vv = vv.to(tl.float32)
+        tok, ok, kt, vv = load_kv_tile(k_base, v_base, page * PAGE + t % PAGE, ok, start, end, skn, skd, svn, svd,
+                                       offs_d, offs_dv, HAS_KV_START, DOT_F32)
         s = tile_scores(q, kt, ok, qk_scale, cap_in, cap_out, SOFTCAP, IEEE)
         m_i, l_i, acc = online_softmax(s, vv, m_i, l_i, acc, IEEE)
     store_partial(OP, LP, pid * G + offs_g, NS, split, m_i, l_i, acc, g_ok, BLOCK_DV)
@@ -140,12 +132,7 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"select_attend: q, k, v must share float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}")
-    n_keep = min(int(n_keep), P)
-    if n_keep < 1:
-        raise ValueError(f"select_attend: n_keep must be >= 1, got {n_keep}")
-    on_device = isinstance(kv_len, torch.Tensor)
-    if on_device and kv_len.numel() != 1:
-        raise ValueError(f"select_attend: a device-side kv_len holds one length, got {kv_len.numel()} values")
+    n_keep, on_device = check_budget(n_keep, P, kv_len, "select_attend", "n_keep")
     G = Hq // Hkv
     out = q.new_empty(B, Hq, 1, Dv)
     if B * Hq == 0:
