@@ -21,7 +21,7 @@ import triton.language as tl
 from accel.layouts import BlockLayout
 
 from ..reference_sparse import SUPPORTED_BLOCK_SIZES, validate_block_layout
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_qkv, gpu_path, interpreting
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_qkv, gpu_path
 from .online_softmax import softmax_step
 
 _LOG2E = 1.4426950408889634
@@ -164,7 +164,6 @@ def check_inputs(q, k, v, layout) -> None:
         raise ValueError(f"expected a BlockLayout, got {type(layout).__name__}")
     check_qkv(q, k, v, "block-sparse")
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
     for name, bs in (("block_q", layout.block_q), ("block_k", layout.block_k)):
         if bs not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"BlockLayout.{name}={bs} is not supported; use one of {SUPPORTED_BLOCK_SIZES}")
