@@ -45,7 +45,8 @@ def model_policy_spec(entry: str, model_name: str) -> tuple[str, dict]:
 SWITCHES = {"radix": ("decode_topk", "SEARCH", "radix"), "ternary": ("decode_topk", "SEARCH", "ternary"),
             "fused": ("decode_attention", "FUSE_COMBINE", True), "unfused": ("decode_attention", "FUSE_COMBINE", False),
             "widetopk": ("wide_topk", "ENABLED", True), "torchtopk": ("wide_topk", "ENABLED", False),
-            "selattend": ("select_attend", "ENABLED", True), "twolaunch": ("select_attend", "ENABLED", False)}
+            "selattend": ("select_attend", "ENABLED", True), "twolaunch": ("select_attend", "ENABLED", False),
+            "narrow": ("decode_topk", "NARROW", 1024), "nonarrow": ("decode_topk", "NARROW", 0)}
 
 
 @contextlib.contextmanager
@@ -54,7 +55,8 @@ def kernel_switches(run: str):
     modules for the run, restored after: ``@radix`` / ``@ternary`` (the top-k's threshold search,
     decode_topk.SEARCH), ``@fused`` / ``@unfused`` (the split-KV merge in the split launch or a second one,
     decode_attention.FUSE_COMBINE), ``@widetopk`` / ``@torchtopk`` (TidalDecode's selection top-k, wide_topk.ENABLED),
-    ``@selattend`` / ``@twolaunch`` (Quest's top-k inside the split launch or its own, select_attend.ENABLED)."""
+    ``@selattend`` / ``@twolaunch`` (Quest's top-k inside the split launch or its own, select_attend.ENABLED),
+    ``@narrow`` / ``@nonarrow`` (the top-k's search compacts its last 1024 candidates, decode_topk.NARROW)."""
     import importlib
 
     spec, *names = run.split("@")

@@ -244,6 +244,17 @@ def _cases():
         for splits in (1, 16):  # 16: an H100's / H200's batch-1 launch (132 SMs), one 256-key tile a program
             select_attend.select_attend(q, k, v, scores, 256, kv_len=kv_len, page_size=16, n_splits=splits)
 
+    @case("decode/top-k narrowed search (select_pages, select_attend at 128K + 48)")
+    def _():
+        q, k, v = qkv(S=S, Sq=1)
+        scores = torch.randn(1, 8, 8195, generator=g)
+        saved, decode_topk.NARROW = decode_topk.NARROW, decode_topk.NARROW_ON
+        try:
+            decode_topk.select_pages(scores, 256, kv_len=kv_len, page_size=16)
+            select_attend.select_attend(q, k, v, scores, 256, kv_len=kv_len, page_size=16, n_splits=16)
+        finally:
+            decode_topk.NARROW = saved
+
     for fused in (False, True):
         tag = " fused" if fused else ""
 

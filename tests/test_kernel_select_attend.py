@@ -124,3 +124,17 @@ def test_quest_static_op_with_and_without_it(monkeypatch, padded, enabled, keep_
     assert bool(calls) == enabled
     if keep_first and not padded:  # page 0 (not all padding) is attended only because it is forced
         assert not torch.allclose(got, quest_static_decode(*args, False, False), atol=1e-3)
+
+
+@pytest.mark.parametrize("narrow", [8, 32])
+def test_narrowed_search(monkeypatch, narrow):
+    """With the top-k's narrowed search (``decode_topk.NARROW``), every split program compacts its row's remaining
+    candidates into one scratch row per (batch, KV head) that all of them write alike: still the reference."""
+    from accel.kernels.triton import decode_topk
+
+    monkeypatch.setattr(decode_topk, "NARROW", narrow)
+    page, S = 16, 16 * 90 - 7
+    q, k, v, s = _case(2, 2, 4, S, page, seed=narrow)
+    s[1, 0, 10:30] = s[1, 0, 5]  # a run of ties
+    got = select_attend(q, k, v, s, 11, kv_len=S, page_size=page, n_splits=3)
+    torch.testing.assert_close(got, _ref(q, k, v, s, 11, S, page), atol=1e-5, rtol=1e-5)

@@ -87,8 +87,48 @@ def reused(SEL, idx, length, STEPS):
 
 
 @triton.jit
-def _ternary_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr):
-    """(the K-th largest valid key, count(key >= it)) by an (NC + 1)-ary search over the key values."""
+def _search_pass(key, tkey, lo, hi, c_lo, c_hi, K, base, TAIL: tl.constexpr, NC: tl.constexpr):
+    """One pass of the (NC + 1)-ary search over ``key`` (and the tail's ``tkey``), ``base`` keys above them all:
+    the new (lo, hi, count(key >= lo), count(key > hi)). Invariant: count(key >= lo) >= K > count(key > hi)."""
+    w = hi - lo + 1
+    if NC == 1:
+        u1 = lo + w // 2
+        u2 = u1
+    else:
+        u1 = lo + tl.maximum(w // 3, 1)  # both cuts in (lo, hi] for w >= 2
+        u2 = lo + tl.maximum((2 * w) // 3, 1)
+    t = _count(key, u1.to(tl.int32), u2.to(tl.int32), NC)
+    if TAIL > 0:
+        t += _count(tkey, u1.to(tl.int32), u2.to(tl.int32), NC)
+    if NC == 1:
+        n1 = t + base
+        take = n1 >= K
+        lo = tl.where(take, u1, lo)
+        c_lo = tl.where(take, n1, c_lo)
+        c_hi = tl.where(take, c_hi, n1)
+        hi = tl.where(take, hi, u1 - 1)
+    else:
+        n1 = (t & 0xFFFF) + base
+        n2 = ((t >> 16) & 0xFFFF) + base
+        new_lo = tl.where(n1 >= K, u1, lo)  # counts fall with the cut: the higher taken cut wins
+        c_lo = tl.where(n1 >= K, n1, c_lo)
+        new_lo = tl.where(n2 >= K, u2, new_lo)
+        c_lo = tl.where(n2 >= K, n2, c_lo)
+        hi = tl.where(n2 < K, u2 - 1, hi)  # the lower untaken cut wins
+        c_hi = tl.where(n2 < K, n2, c_hi)
+        hi = tl.where(n1 < K, u1 - 1, hi)
+        c_hi = tl.where(n1 < K, n1, c_hi)
+        lo = new_lo
+    hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
+    return lo, hi, c_lo, c_hi
+
+
+@triton.jit
+def _ternary_threshold(key, ok, tkey, tok, K, CAND, TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr,
+                       NARROW: tl.constexpr, BLOCK_P: tl.constexpr, CH: tl.constexpr):
+    """(the K-th largest valid key, count(key >= it)) by an (NC + 1)-ary search over the key values. NARROW > 0:
+    once at most NARROW keys lie in the interval, they are compacted into ``CAND`` (NARROW int32 of scratch) and the
+    search goes on over them alone."""
     if FINITE:
         # The search starts on the finite keys' range: the forced pages score +inf, and an interval reaching up to
         # +inf is ~2^30 keys wide for scores around 10-100 against ~2^24 for the finite range (simulated: about 13
@@ -107,10 +147,13 @@ def _ternary_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, NC: tl.constex
         n_ok = (tally & 0x1FFFFF).to(tl.int32)
         n_top = ((tally >> 21) & 0x1FFFFF).to(tl.int32)
         c_lo = n_ok - (tally >> 42).to(tl.int32)  # count(key >= lo): the finite keys and the keys above them
+        c_hi = n_top  # count(key > hi): the keys at or above +inf
         if (n_top >= K) | (c_lo < K):  # the cut lies among the infinite keys (so does a row without finite keys)
             lo, hi, c_lo = _whole_range(key, ok, tkey, tok, TAIL)
+            c_hi = c_lo * 0
     else:
         lo, hi, c_lo = _whole_range(key, ok, tkey, tok, TAIL)
+        c_hi = c_lo * 0
     lo = lo.to(tl.int64)  # scalars in int64: hi - lo may pass 2^31
     hi = hi.to(tl.int64)
     hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
@@ -121,33 +164,28 @@ def _ternary_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, NC: tl.constex
     # (H200, results/bench_decode_topk.md). A cut with exactly K keys at or above it is the threshold already (the
     # keys above it are the top K, ties included): the search stops there, which on real score rows ends it after
     # about half of the passes the worst case needs (search_passes).
-    while lo < hi:
-        w = hi - lo + 1
-        if NC == 1:
-            u1 = lo + w // 2
-            u2 = u1
-        else:
-            u1 = lo + tl.maximum(w // 3, 1)  # both cuts in (lo, hi] for w >= 2
-            u2 = lo + tl.maximum((2 * w) // 3, 1)
-        t = _count(key, u1.to(tl.int32), u2.to(tl.int32), NC)
-        if TAIL > 0:
-            t += _count(tkey, u1.to(tl.int32), u2.to(tl.int32), NC)
-        if NC == 1:
-            take = t >= K
-            lo = tl.where(take, u1, lo)
-            c_lo = tl.where(take, t, c_lo)
-            hi = tl.where(take, hi, u1 - 1)
-        else:
-            n1 = t & 0xFFFF
-            n2 = (t >> 16) & 0xFFFF
-            new_lo = tl.where(n1 >= K, u1, lo)  # counts fall with the cut: the higher taken cut wins
-            c_lo = tl.where(n1 >= K, n1, c_lo)
-            new_lo = tl.where(n2 >= K, u2, new_lo)
-            c_lo = tl.where(n2 >= K, n2, c_lo)
-            hi = tl.where(n2 < K, u2 - 1, hi)  # the lower untaken cut wins
-            hi = tl.where(n1 < K, u1 - 1, hi)
-            lo = new_lo
-        hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
+    if NARROW > 0:  # full passes until at most NARROW keys lie in [lo, hi], then passes over those keys alone
+        while (lo < hi) & (c_lo - c_hi > NARROW):
+            lo, hi, c_lo, c_hi = _search_pass(key, tkey, lo, hi, c_lo, c_hi, K, 0, TAIL, NC)
+        if lo < hi:
+            # each pass costs about its per-key work (one program, 16-32 keys a thread; kernels/triton/NOTES.md), so
+            # the keys still in play are compacted into CAND once: the later passes count ~1-2 keys a thread, the
+            # keys above hi (c_hi of them) added as a constant
+            inb = ok & (key >= lo) & (key <= hi)
+            slot, n = page_slots(inb, BLOCK_P, CH)
+            tl.store(CAND + slot, tl.reshape(key, (BLOCK_P // CH, CH)), mask=slot >= 0)
+            if TAIL > 0:
+                tslot, n = tail_slots(tok & (tkey >= lo) & (tkey <= hi), n)
+                tl.store(CAND + tslot, tkey, mask=tslot >= 0)
+            tl.debug_barrier()  # every thread's candidates stored before any thread reads them
+            offs_c = tl.arange(0, NARROW)
+            ckey = tl.load(CAND + offs_c, mask=offs_c < n, other=-2147483647 - 1)  # INT32_MIN: below every cut
+            base = c_hi
+            while lo < hi:
+                lo, hi, c_lo, c_hi = _search_pass(ckey, ckey, lo, hi, c_lo, c_hi, K, base, 0, NC)
+    else:
+        while lo < hi:
+            lo, hi, c_lo, c_hi = _search_pass(key, tkey, lo, hi, c_lo, c_hi, K, 0, TAIL, NC)
     return lo, c_lo
 
 
@@ -191,11 +229,13 @@ def _radix_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, RADIX: tl.conste
 
 
 @triton.jit
-def select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
-               TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr, RADIX: tl.constexpr):
+def select_row(row, ssp, P, LAST, K, CAND, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr,
+               BLOCK_P: tl.constexpr, TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr, RADIX: tl.constexpr,
+               NARROW: tl.constexpr, CH: tl.constexpr):
     """The kept flags of one score row (pages ``[0, BLOCK_P)`` and the tail block's ``[BLOCK_P, BLOCK_P + TAIL)``,
     the main block's flags standing in for the tail's when TAIL is 0): its K highest valid scores, the newest page
-    (and page 0 with KEEP_FIRST) forced in, ties to the lower page index."""
+    (and page 0 with KEEP_FIRST) forced in, ties to the lower page index. ``CAND``: NARROW int32 of scratch for the
+    search's candidates (NARROW 0: unused)."""
     offs = tl.arange(0, BLOCK_P)
     key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
     if TAIL > 0:  # the pages past the power-of-two block
@@ -207,7 +247,7 @@ def select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl
     if RADIX > 0:
         lo, c_lo = _radix_threshold(key, ok, tkey, tok, K, TAIL, RADIX)
     else:
-        lo, c_lo = _ternary_threshold(key, ok, tkey, tok, K, TAIL, NC, FINITE)
+        lo, c_lo = _ternary_threshold(key, ok, tkey, tok, K, CAND, TAIL, NC, FINITE, NARROW, BLOCK_P, CH)
     lo = lo.to(tl.int32)
     sel = (key >= lo) & ok
     tsel = sel
@@ -249,10 +289,10 @@ def tail_slots(tsel, n_before):
 # P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
 # compile mid-decode)
 @triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
-def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
-                   STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
+def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, CAND, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST,
+                   PAGE, STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
                    TAIL: tl.constexpr, HAS_REUSE: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr,
-                   CH: tl.constexpr, RADIX: tl.constexpr):
+                   CH: tl.constexpr, RADIX: tl.constexpr, NARROW: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
@@ -269,7 +309,8 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
             tl.store(LIVE + pid, n + begun.to(tl.int32))
             return
     row = SCORES + b * ssb + h * ssh
-    sel, tsel = select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P, TAIL, NC, FINITE, RADIX)
+    sel, tsel = select_row(row, ssp, P, LAST, K, CAND + pid * NARROW, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P, TAIL, NC,
+                           FINITE, RADIX, NARROW, CH)
     out = PAGES + b * spb + h * sph
     slot, n_sel = page_slots(sel, BLOCK_P, CH)
     tl.store(out + slot * sps, tl.reshape(tl.arange(0, BLOCK_P), (BLOCK_P // CH, CH)), mask=slot >= 0)
@@ -287,6 +328,10 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
 # 17.0 vs 17.5 us at 128K, 7.8 vs 9.4 at 32K; Gaussian rows 18.1 vs 17.0 and 7.1 vs 8.0 (the passes fall from ~20
 # to ~13, but at 8K pages the row's fixed cost dominates).
 N_CUTS = 2
+# Candidates the threshold search compacts once at most this many keys remain in its interval (0: never; a power of
+# two). Off until measured on the GPU (``@narrow`` in the benchmarks; kernels/triton/NOTES.md).
+NARROW = 0
+NARROW_ON = 1024  # the capacity ``@narrow`` sets
 # How the threshold is found (select_pages' ``search``): 'ternary'. The radix select measured slower in the step
 # (H100, 128K, batch 1, 32-layer attention: Quest 1.888 -> 2.265 ms; results/bench_decode_floor_opts_b1.md).
 SEARCH = "ternary"
@@ -366,11 +411,13 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
         if not on_device or out is None or pages.shape[-1] < k + 1:
             raise ValueError("select_pages: reuse needs a device-side kv_len and out=(pages, counts) with pages at "
                              f"least k + 1 = {k + 1} wide")
-    _select_kernel[(B * H,)](scores, pages, counts, length, sel, live, *scores.stride(), *pages.stride(), H, P, k,
+    narrow = NARROW if search == "ternary" and finite_range else 0
+    cand = torch.empty(B * H * max(narrow, 1), dtype=torch.int32, device=scores.device)
+    _select_kernel[(B * H,)](scores, pages, counts, length, sel, live, cand, *scores.stride(), *pages.stride(), H, P, k,
                              0 if on_device else (kv_len - 1) // page_size, page_size, int(steps),
                              LEN_ON_DEVICE=on_device, KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, TAIL=tail,
                              HAS_REUSE=reuse is not None, NC=nc, FINITE=bool(finite_range), CH=min(64, block_p),
-                             RADIX=radix_bits if search == "radix" else 0,
+                             RADIX=radix_bits if search == "radix" else 0, NARROW=narrow,
                              num_warps=num_warps or _warps(block_p))  # main >= tail
     return pages, (live if reuse is not None else counts)
 
