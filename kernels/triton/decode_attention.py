@@ -354,16 +354,36 @@ def _counters(n: int, device) -> torch.Tensor:
     return buf
 
 
-def _per_row(t: torch.Tensor, B: int, device, name: str) -> tuple[torch.Tensor, int]:
+def _per_row(t: torch.Tensor, B: int, device, name: str, fn: str = "paged_decode_attention"
+             ) -> tuple[torch.Tensor, int]:
     """A per-row int bound ([B], or one value for every row, e.g. a static cache's 0-d length) and its row stride.
     int32/int64 are read as they are: no cast or broadcast copy launched before the kernel."""
     t = device_ints(t, device)
     if t.numel() == 1:
         return t, 0
     if t.numel() != B:
-        raise ValueError(f"paged_decode_attention: {name} must hold one value or one per batch row ({B}), got "
-                         f"{t.numel()}")
+        raise ValueError(f"{fn}: {name} must hold one value or one per batch row ({B}), got {t.numel()}")
     return t, t.stride(0)
+
+
+def check_decode_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fn: str) -> None:
+    """One query per row, power-of-two head dims from 16 to 256, q / k / v in one 16- or 32-bit float dtype."""
+    if q.shape[2] != 1:
+        raise ValueError(f"{fn} takes one query per row, got {q.shape[2]}")
+    for name, d in (("head_dim", q.shape[-1]), ("value head_dim", v.shape[-1])):
+        if d < 16 or d > 256 or d & (d - 1):
+            raise ValueError(f"{fn}: {name} {d} must be a power of two from 16 to 256")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{fn}: q, k, v must share float16/bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def softmax_consts(scale: float | None, softcap: float | None, D: int) -> tuple[float, float, float]:
+    """(qk_scale, cap_in, cap_out) for the kernels' base-2 softmax: without ``softcap`` the scores are
+    ``q.k * qk_scale``, with it ``tanh(q.k * cap_in) * cap_out`` (log2(e) folded in either way)."""
+    scale = D**-0.5 if scale is None else float(scale)
+    if softcap is not None:
+        return 0.0, scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0, 0.0
 
 
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor | None = None,
@@ -400,19 +420,12 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     loops over); scripts/bench_decode.py --split-sweep measured that no split or warp setting beats the defaults by
     more than 1 us at batch 1, --tile-sweep / --token-sweep chose the tiles. ``fuse_combine`` (None: FUSE_COMBINE):
     the last split program of each (row, KV head) merges the partials, one launch instead of two."""
-    B, Hq, Sq, D = q.shape
+    B, Hq, _, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    if Sq != 1:
-        raise ValueError(f"paged_decode_attention takes one query per row, got {Sq}")
+    check_decode_qkv(q, k, v, "paged_decode_attention")
     kv_heads, G = head_map(kv_heads, group, Hq, Hkv, q.device, "paged_decode_attention")
-    for name, d in (("head_dim", D), ("value head_dim", Dv)):
-        if d < 16 or d > 256 or d & (d - 1):
-            raise ValueError(f"paged_decode_attention: {name} {d} must be a power of two from 16 to 256")
     if pages is not None and page_size not in PAGE_SIZES:
         raise ValueError(f"paged_decode_attention: page size {page_size} is not supported; use one of {PAGE_SIZES}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"paged_decode_attention: q, k, v must share float16/bfloat16/float32, got {q.dtype}, "
-                        f"{k.dtype}, {v.dtype}")
     mapped = kv_heads is not None
     H2 = Sk2 = 0
     if ring is not None:
@@ -466,11 +479,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         kv_start, s_start = _per_row(kv_start, B, q.device, "kv_start")
     if kv_end is not None:
         kv_end, s_end = _per_row(kv_end, B, q.device, "kv_end")
-    scale = D**-0.5 if scale is None else float(scale)
-    if softcap is not None:
-        cap_in, cap_out, qk_scale = scale / softcap, softcap * LOG2E, 0.0
-    else:
-        cap_in, cap_out, qk_scale = 0.0, 0.0, scale * LOG2E
+    qk_scale, cap_in, cap_out = softmax_consts(scale, softcap, D)
     f32 = q.dtype == torch.float32
     dummy = part_l
     two = dict(K2=k2, V2=v2, HEADS2=heads2, strides=(*k2.stride(), *v2.stride())) if H2 else None

@@ -411,7 +411,7 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
         if not on_device or out is None or pages.shape[-1] < k + 1:
             raise ValueError("select_pages: reuse needs a device-side kv_len and out=(pages, counts) with pages at "
                              f"least k + 1 = {k + 1} wide")
-    narrow = NARROW if search == "ternary" and finite_range else 0
+    narrow = NARROW if search == "ternary" else 0  # the radix select has no interval to narrow
     cand = torch.empty(B * H * max(narrow, 1), dtype=torch.int32, device=scores.device)
     _select_kernel[(B * H,)](scores, pages, counts, length, sel, live, cand, *scores.stride(), *pages.stride(), H, P, k,
                              0 if on_device else (kv_len - 1) // page_size, page_size, int(steps),

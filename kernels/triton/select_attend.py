@@ -22,8 +22,9 @@ import triton.language as tl
 
 from . import decode_topk
 from .checks import device_ints
-from .decode_attention import (LOG2E, PAGE_SIZES, _combine_kernel, _interpreting, _sm_count, launch_shape,
-                               load_kv_tile, online_softmax, store_partial, tile_scores)
+from .decode_attention import (PAGE_SIZES, _combine_kernel, _interpreting, _per_row, _sm_count, check_decode_qkv,
+                               launch_shape, load_kv_tile, online_softmax, softmax_consts, store_partial,
+                               tile_scores)
 from .decode_topk import MAX_PAGES, N_CUTS, blocks, check_budget, page_slots, select_row, tail_slots
 
 # Quest's static-cache op (kernels/static_decode.py) runs through this launch when True (switches ``@selattend`` /
@@ -115,11 +116,10 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
     ``kv_len`` the filled length, an int or a 0-d tensor read on the device (a static cache: keys at or past it are
     masked, pages past it never chosen); ``kv_start`` int [B] (or one value): left padding. ``n_splits``,
     ``block_n``, ``num_warps`` override the launch. Returns [B, Hq, 1, Dv] in q's dtype."""
-    B, Hq, Sq, D = q.shape
+    B, Hq, _, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     P = scores.shape[-1]
-    if Sq != 1:
-        raise ValueError(f"select_attend takes one query per row, got {Sq}")
+    check_decode_qkv(q, k, v, "select_attend")
     if tuple(scores.shape[:2]) != (B, Hkv) or Hq % Hkv:
         raise ValueError(f"select_attend: scores must be [{B}, {Hkv}, pages] and the query heads ({Hq}) a multiple "
                          f"of the KV heads, got scores {tuple(scores.shape)}")
@@ -128,12 +128,6 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
     if P > MAX_PAGES:
         raise ValueError(f"select_attend: {P} pages exceed one program's row ({MAX_PAGES}); use select_pages + "
                          "paged_decode_attention")
-    for name, d in (("head_dim", D), ("value head_dim", Dv)):
-        if d < 16 or d > 256 or d & (d - 1):
-            raise ValueError(f"select_attend: {name} {d} must be a power of two from 16 to 256")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"select_attend: q, k, v must share float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
     n_keep, on_device = check_budget(n_keep, P, kv_len, "select_attend", "n_keep")
     G = Hq // Hkv
     out = q.new_empty(B, Hq, 1, Dv)
@@ -151,7 +145,7 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
     if block_n is None and not interp and max(D, Dv) <= 128 and q.element_size() == 2:
         # fewer, longer programs than the split pass's: one 256-key tile where it covers a program's share (batch
         # 1: 4096 tokens over 16 splits), else 128-key tiles (H100, 128K: 24.5 against 26.4 us at batch 1)
-        block_n = 256 if width <= 256 * (n_splits or 4) else 128
+        block_n = 256 if width <= 256 * n_splits else 128
     block_n, n_splits, tok_per_split, stages = launch_shape(q, Hkv, width, Dv, page_size, n_splits, block_n)
     if block_n >= 256:
         stages = 1  # a K and a V tile of 256 x 128 take 128 KB: one stage fits in shared memory, two do not
@@ -161,16 +155,8 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
     length = device_ints(kv_len, q.device) if on_device else part_l
     s_start = 0
     if kv_start is not None:
-        kv_start = device_ints(kv_start, q.device)
-        if kv_start.numel() not in (1, B):
-            raise ValueError(f"select_attend: kv_start must hold one value or one per batch row ({B}), got "
-                             f"{kv_start.numel()}")
-        s_start = kv_start.stride(0) if kv_start.numel() == B and kv_start.dim() else 0
-    scale = D**-0.5 if scale is None else float(scale)
-    if softcap is not None:
-        cap_in, cap_out, qk_scale = scale / softcap, softcap * LOG2E, 0.0
-    else:
-        cap_in, cap_out, qk_scale = 0.0, 0.0, scale * LOG2E
+        kv_start, s_start = _per_row(kv_start, B, q.device, "kv_start", "select_attend")
+    qk_scale, cap_in, cap_out = softmax_consts(scale, softcap, D)
     f32 = q.dtype == torch.float32
     narrow = decode_topk.NARROW
     cand = torch.empty(B * Hkv * max(narrow, 1), dtype=torch.int32, device=q.device)  # shared by a row's programs
