@@ -46,7 +46,7 @@ SWITCHES = {"radix": ("decode_topk", "SEARCH", "radix"), "ternary": ("decode_top
             "fused": ("decode_attention", "FUSE_COMBINE", True), "unfused": ("decode_attention", "FUSE_COMBINE", False),
             "widetopk": ("wide_topk", "ENABLED", True), "torchtopk": ("wide_topk", "ENABLED", False),
             "selattend": ("select_attend", "ENABLED", True), "twolaunch": ("select_attend", "ENABLED", False),
-            "narrow": ("decode_topk", "NARROW", 1024), "nonarrow": ("decode_topk", "NARROW", 0)}
+            "onelaunch": ("quest_decode", "ENABLED", True), "noonelaunch": ("quest_decode", "ENABLED", False)}
 
 
 @contextlib.contextmanager
@@ -56,7 +56,8 @@ def kernel_switches(run: str):
     decode_topk.SEARCH), ``@fused`` / ``@unfused`` (the split-KV merge in the split launch or a second one,
     decode_attention.FUSE_COMBINE), ``@widetopk`` / ``@torchtopk`` (TidalDecode's selection top-k, wide_topk.ENABLED),
     ``@selattend`` / ``@twolaunch`` (Quest's top-k inside the split launch or its own, select_attend.ENABLED),
-    ``@narrow`` / ``@nonarrow`` (the top-k's search compacts its last 1024 candidates, decode_topk.NARROW)."""
+    ``@onelaunch`` / ``@noonelaunch`` (Quest's scoring, top-k and attention in one launch, quest_decode.ENABLED; off:
+    the select_attend / two-launch forms above)."""
     import importlib
 
     spec, *names = run.split("@")

@@ -577,31 +577,3 @@ def test_paged_attention_hands_back_its_scores(dtype, paged, bounds):
     torch.testing.assert_close(out[:, :, 0].float(), want, atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="logits must be a float32"):
         paged_decode_attention(q, k, v, logits=torch.zeros(2, 8, 69))
-
-
-@pytest.mark.parametrize("narrow", [8, 64])
-@pytest.mark.parametrize("rows", ["gaussian", "ties", "infinite", "tail"])
-def test_select_pages_narrowed_search(monkeypatch, rows, narrow):
-    """``decode_topk.NARROW``: once at most that many keys remain in the search's interval they are compacted into a
-    scratch row and the later passes count them alone (plus the keys above the interval): the same pages as the
-    reference on continuous rows, integer rows full of ties, +-inf keys, a tail block and a device-side length."""
-    from accel.kernels.triton import decode_topk
-
-    monkeypatch.setattr(decode_topk, "NARROW", narrow)
-    g = torch.Generator().manual_seed(narrow)
-    n = 200 if rows != "tail" else 70  # 70 pages: a 64-page block and a tail
-    s = torch.randn(3, 2, n, generator=g) * 4
-    if rows == "ties":
-        s = s.round()
-    if rows == "infinite":
-        s[0, 0, 3:9] = float("inf")
-        s[1, 1, ::4] = float("-inf")
-    for k in (1, 7, 40):
-        ref = R.select_pages(s, k, kv_len=n * 16 - 3, page_size=16)
-        got = select_pages(s, k, kv_len=n * 16 - 3, page_size=16)
-        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), k
-    length = (n - 5) * 16 + 1  # a static buffer's length on the device: the last 4 pages unfilled (NaN)
-    s[..., n - 4:] = float("nan")
-    ref = R.select_pages(s[..., : n - 4], 12, kv_len=length, page_size=16)
-    got = select_pages(s, 12, kv_len=torch.tensor(length), page_size=16)
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -99,17 +99,22 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("keep_first", [False, True])
-@pytest.mark.parametrize("enabled", [False, True])
+@pytest.mark.parametrize("path", ["onelaunch", "selattend", "twolaunch"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_quest_static_op_with_and_without_it(monkeypatch, padded, enabled, keep_first):
-    """kernels/static_decode.py's Quest op (the compiled static-cache step) through the fused launch (the default)
-    or the two-launch path (select_pages, then paged_decode_attention) equals its torch twin either way."""
+def test_quest_static_op_on_each_path(monkeypatch, padded, path, keep_first):
+    """kernels/static_decode.py's Quest op (the compiled static-cache step) through the one-launch kernel
+    (quest_decode, the default), the fused top-k launch (select_attend) or the two-launch path (select_pages, then
+    paged_decode_attention) equals its torch twin each way."""
     from accel.kernels.static_decode import quest_static_decode
+    from accel.kernels.triton import quest_decode as one
     from accel.kernels.triton import select_attend as mod
 
     calls = []
-    monkeypatch.setattr(mod, "ENABLED", enabled)
-    monkeypatch.setattr(mod, "select_attend", lambda *a, **kw: calls.append(1) or select_attend(*a, **kw))
+    monkeypatch.setattr(one, "ENABLED", path == "onelaunch")
+    monkeypatch.setattr(mod, "ENABLED", path == "selattend")
+    quest_decode = one.quest_decode
+    monkeypatch.setattr(one, "quest_decode", lambda *a, **kw: calls.append("onelaunch") or quest_decode(*a, **kw))
+    monkeypatch.setattr(mod, "select_attend", lambda *a, **kw: calls.append("selattend") or select_attend(*a, **kw))
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, n, s, 32, generator=g) for n, s in ((8, 1), (2, 256), (2, 256)))
     length = torch.tensor(150)
@@ -121,20 +126,7 @@ def test_quest_static_op_with_and_without_it(monkeypatch, padded, enabled, keep_
     args = (q, k, v, kmin, kmax, length, start, 4, 16, "max", 0.25, 0.0)
     got = quest_static_decode(*args, True, keep_first)
     torch.testing.assert_close(got, quest_static_decode(*args, False, keep_first), atol=1e-5, rtol=1e-5)
-    assert bool(calls) == enabled
+    assert calls == ([] if path == "twolaunch" else [path])
     if keep_first and not padded:  # page 0 (not all padding) is attended only because it is forced
         assert not torch.allclose(got, quest_static_decode(*args, False, False), atol=1e-3)
 
-
-@pytest.mark.parametrize("narrow", [8, 32])
-def test_narrowed_search(monkeypatch, narrow):
-    """With the top-k's narrowed search (``decode_topk.NARROW``), every split program compacts its row's remaining
-    candidates into one scratch row per (batch, KV head) that all of them write alike: still the reference."""
-    from accel.kernels.triton import decode_topk
-
-    monkeypatch.setattr(decode_topk, "NARROW", narrow)
-    page, S = 16, 16 * 90 - 7
-    q, k, v, s = _case(2, 2, 4, S, page, seed=narrow)
-    s[1, 0, 10:30] = s[1, 0, 5]  # a run of ties
-    got = select_attend(q, k, v, s, 11, kv_len=S, page_size=page, n_splits=3)
-    torch.testing.assert_close(got, _ref(q, k, v, s, 11, S, page), atol=1e-5, rtol=1e-5)

@@ -27,12 +27,16 @@ MAX_PAGES = 65536  # one row per program; beyond this the selection runs through
 
 
 @triton.jit
-def _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr):
-    """Order-preserving int32 keys of the scores at ``offs`` (INT32_MIN where not a candidate) and the valid mask."""
+def _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, CG: tl.constexpr = False):
+    """Order-preserving int32 keys of the scores at ``offs`` (INT32_MIN where not a candidate) and the valid mask.
+    ``CG``: read through L2 only (scores other programs of the launch wrote: kernels/triton/quest_decode.py)."""
     ok = offs < P
     if LEN_ON_DEVICE:  # a static cache: the length is a tensor, pages past it hold nothing (and score NaN)
         ok = ok & (offs <= LAST)
-    s = tl.load(row + offs * ssp, mask=ok, other=0.0)
+    if CG:
+        s = tl.load(row + offs * ssp, mask=ok, other=0.0, cache_modifier=".cg")
+    else:
+        s = tl.load(row + offs * ssp, mask=ok, other=0.0)
     force = offs == LAST
     if KEEP_FIRST:
         force = force | (offs == 0)
@@ -124,11 +128,8 @@ def _search_pass(key, tkey, lo, hi, c_lo, c_hi, K, base, TAIL: tl.constexpr, NC:
 
 
 @triton.jit
-def _ternary_threshold(key, ok, tkey, tok, K, CAND, TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr,
-                       NARROW: tl.constexpr, BLOCK_P: tl.constexpr, CH: tl.constexpr):
-    """(the K-th largest valid key, count(key >= it)) by an (NC + 1)-ary search over the key values. NARROW > 0:
-    once at most NARROW keys lie in the interval, they are compacted into ``CAND`` (NARROW int32 of scratch) and the
-    search goes on over them alone."""
+def _ternary_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr):
+    """(the K-th largest valid key, count(key >= it)) by an (NC + 1)-ary search over the key values."""
     if FINITE:
         # The search starts on the finite keys' range: the forced pages score +inf, and an interval reaching up to
         # +inf is ~2^30 keys wide for scores around 10-100 against ~2^24 for the finite range (simulated: about 13
@@ -164,28 +165,8 @@ def _ternary_threshold(key, ok, tkey, tok, K, CAND, TAIL: tl.constexpr, NC: tl.c
     # (H200, results/bench_decode_topk.md). A cut with exactly K keys at or above it is the threshold already (the
     # keys above it are the top K, ties included): the search stops there, which on real score rows ends it after
     # about half of the passes the worst case needs (search_passes).
-    if NARROW > 0:  # full passes until at most NARROW keys lie in [lo, hi], then passes over those keys alone
-        while (lo < hi) & (c_lo - c_hi > NARROW):
-            lo, hi, c_lo, c_hi = _search_pass(key, tkey, lo, hi, c_lo, c_hi, K, 0, TAIL, NC)
-        if lo < hi:
-            # each pass costs about its per-key work (one program, 16-32 keys a thread; kernels/triton/NOTES.md), so
-            # the keys still in play are compacted into CAND once: the later passes count ~1-2 keys a thread, the
-            # keys above hi (c_hi of them) added as a constant
-            inb = ok & (key >= lo) & (key <= hi)
-            slot, n = page_slots(inb, BLOCK_P, CH)
-            tl.store(CAND + slot, tl.reshape(key, (BLOCK_P // CH, CH)), mask=slot >= 0)
-            if TAIL > 0:
-                tslot, n = tail_slots(tok & (tkey >= lo) & (tkey <= hi), n)
-                tl.store(CAND + tslot, tkey, mask=tslot >= 0)
-            tl.debug_barrier()  # every thread's candidates stored before any thread reads them
-            offs_c = tl.arange(0, NARROW)
-            ckey = tl.load(CAND + offs_c, mask=offs_c < n, other=-2147483647 - 1)  # INT32_MIN: below every cut
-            base = c_hi
-            while lo < hi:
-                lo, hi, c_lo, c_hi = _search_pass(ckey, ckey, lo, hi, c_lo, c_hi, K, base, 0, NC)
-    else:
-        while lo < hi:
-            lo, hi, c_lo, c_hi = _search_pass(key, tkey, lo, hi, c_lo, c_hi, K, 0, TAIL, NC)
+    while lo < hi:
+        lo, hi, c_lo, c_hi = _search_pass(key, tkey, lo, hi, c_lo, c_hi, K, 0, TAIL, NC)
     return lo, c_lo
 
 
@@ -229,13 +210,12 @@ def _radix_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, RADIX: tl.conste
 
 
 @triton.jit
-def select_row(row, ssp, P, LAST, K, CAND, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr,
+def select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr,
                BLOCK_P: tl.constexpr, TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr, RADIX: tl.constexpr,
-               NARROW: tl.constexpr, CH: tl.constexpr):
+               CH: tl.constexpr):
     """The kept flags of one score row (pages ``[0, BLOCK_P)`` and the tail block's ``[BLOCK_P, BLOCK_P + TAIL)``,
     the main block's flags standing in for the tail's when TAIL is 0): its K highest valid scores, the newest page
-    (and page 0 with KEEP_FIRST) forced in, ties to the lower page index. ``CAND``: NARROW int32 of scratch for the
-    search's candidates (NARROW 0: unused)."""
+    (and page 0 with KEEP_FIRST) forced in, ties to the lower page index."""
     offs = tl.arange(0, BLOCK_P)
     key, ok = _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE, KEEP_FIRST)
     if TAIL > 0:  # the pages past the power-of-two block
@@ -247,7 +227,7 @@ def select_row(row, ssp, P, LAST, K, CAND, LEN_ON_DEVICE: tl.constexpr, KEEP_FIR
     if RADIX > 0:
         lo, c_lo = _radix_threshold(key, ok, tkey, tok, K, TAIL, RADIX)
     else:
-        lo, c_lo = _ternary_threshold(key, ok, tkey, tok, K, CAND, TAIL, NC, FINITE, NARROW, BLOCK_P, CH)
+        lo, c_lo = _ternary_threshold(key, ok, tkey, tok, K, TAIL, NC, FINITE)
     lo = lo.to(tl.int32)
     sel = (key >= lo) & ok
     tsel = sel
@@ -289,10 +269,10 @@ def tail_slots(tsel, n_before):
 # P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
 # compile mid-decode)
 @triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
-def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, CAND, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST,
+def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST,
                    PAGE, STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
                    TAIL: tl.constexpr, HAS_REUSE: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr,
-                   CH: tl.constexpr, RADIX: tl.constexpr, NARROW: tl.constexpr):
+                   CH: tl.constexpr, RADIX: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
@@ -309,8 +289,8 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, CAND, ssb, ssh, ssp
             tl.store(LIVE + pid, n + begun.to(tl.int32))
             return
     row = SCORES + b * ssb + h * ssh
-    sel, tsel = select_row(row, ssp, P, LAST, K, CAND + pid * NARROW, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P, TAIL, NC,
-                           FINITE, RADIX, NARROW, CH)
+    sel, tsel = select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P, TAIL, NC, FINITE, RADIX,
+                           CH)
     out = PAGES + b * spb + h * sph
     slot, n_sel = page_slots(sel, BLOCK_P, CH)
     tl.store(out + slot * sps, tl.reshape(tl.arange(0, BLOCK_P), (BLOCK_P // CH, CH)), mask=slot >= 0)
@@ -328,10 +308,6 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, CAND, ssb, ssh, ssp
 # 17.0 vs 17.5 us at 128K, 7.8 vs 9.4 at 32K; Gaussian rows 18.1 vs 17.0 and 7.1 vs 8.0 (the passes fall from ~20
 # to ~13, but at 8K pages the row's fixed cost dominates).
 N_CUTS = 2
-# Candidates the threshold search compacts once at most this many keys remain in its interval (0: never; a power of
-# two). Off until measured on the GPU (``@narrow`` in the benchmarks; kernels/triton/NOTES.md).
-NARROW = 0
-NARROW_ON = 1024  # the capacity ``@narrow`` sets
 # How the threshold is found (select_pages' ``search``): 'ternary'. The radix select measured slower in the step
 # (H100, 128K, batch 1, 32-layer attention: Quest 1.888 -> 2.265 ms; results/bench_decode_floor_opts_b1.md).
 SEARCH = "ternary"
@@ -411,13 +387,11 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
         if not on_device or out is None or pages.shape[-1] < k + 1:
             raise ValueError("select_pages: reuse needs a device-side kv_len and out=(pages, counts) with pages at "
                              f"least k + 1 = {k + 1} wide")
-    narrow = NARROW if search == "ternary" else 0  # the radix select has no interval to narrow
-    cand = torch.empty(B * H * max(narrow, 1), dtype=torch.int32, device=scores.device)
-    _select_kernel[(B * H,)](scores, pages, counts, length, sel, live, cand, *scores.stride(), *pages.stride(), H, P, k,
+    _select_kernel[(B * H,)](scores, pages, counts, length, sel, live, *scores.stride(), *pages.stride(), H, P, k,
                              0 if on_device else (kv_len - 1) // page_size, page_size, int(steps),
                              LEN_ON_DEVICE=on_device, KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, TAIL=tail,
                              HAS_REUSE=reuse is not None, NC=nc, FINITE=bool(finite_range), CH=min(64, block_p),
-                             RADIX=radix_bits if search == "radix" else 0, NARROW=narrow,
+                             RADIX=radix_bits if search == "radix" else 0,
                              num_warps=num_warps or _warps(block_p))  # main >= tail
     return pages, (live if reuse is not None else counts)
 

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import decode_topk
 from .checks import device_ints
 from .decode_attention import (PAGE_SIZES, _combine_kernel, _interpreting, _per_row, _sm_count, check_decode_qkv,
                                launch_shape, load_kv_tile, online_softmax, softmax_consts, store_partial,
@@ -40,14 +39,13 @@ WARPS = 16
 
 # P, LAST, the lengths and the scores' strides change during decode: not specialised
 @triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh", "Sk", "NS", "TOK_PER_SPLIT"])
-def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, CAND, ssb, ssh, ssp, sqb, sqh, sqd,
+def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, ssb, ssh, ssp, sqb, sqh, sqd,
                           skb, skh, skn, skd, svb, svh, svn, svd, sph, sps, s_start, Hkv, G, Sk, P, NK, LAST,
                           NS, TOK_PER_SPLIT, qk_scale, cap_in, cap_out, PAGE: tl.constexpr,
                           LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
                           TAIL: tl.constexpr, NC: tl.constexpr, CH: tl.constexpr, HAS_KV_START: tl.constexpr,
                           SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          NARROW: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     qk_scale = tl.full([], qk_scale, tl.float32)
     cap_in = tl.full([], cap_in, tl.float32)
     cap_out = tl.full([], cap_out, tl.float32)
@@ -61,8 +59,8 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, CAND
         LAST = (length - 1) // PAGE
         end = tl.minimum(length, Sk)
     # 1. the row's selection, as select_pages makes it
-    sel, tsel = select_row(SCORES + b * ssb + h * ssh, ssp, P, LAST, NK, CAND + pid * NARROW, LEN_ON_DEVICE,
-                           KEEP_FIRST, BLOCK_P, TAIL, NC, True, 0, NARROW, CH)
+    sel, tsel = select_row(SCORES + b * ssb + h * ssh, ssp, P, LAST, NK, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P,
+                           TAIL, NC, True, 0, CH)
     slot, n_sel = page_slots(sel, BLOCK_P, CH)
     # 2. this program's share of the kept list: slots [s0, s1), written where its loop below reads them
     s0 = split * (TOK_PER_SPLIT // PAGE)
@@ -158,16 +156,14 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
         kv_start, s_start = _per_row(kv_start, B, q.device, "kv_start", "select_attend")
     qk_scale, cap_in, cap_out = softmax_consts(scale, softcap, D)
     f32 = q.dtype == torch.float32
-    narrow = decode_topk.NARROW
-    cand = torch.empty(B * Hkv * max(narrow, 1), dtype=torch.int32, device=q.device)  # shared by a row's programs
     _select_attend_kernel[(B * Hkv, n_splits)](
-        scores, q, k, v, pages, length, kv_start if kv_start is not None else part_l, part_o, part_l, cand,
+        scores, q, k, v, pages, length, kv_start if kv_start is not None else part_l, part_o, part_l,
         *scores.stride(), q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *pages.stride(),
         s_start, Hkv, G, Sk, P, n_keep, 0 if on_device else (int(kv_len) - 1) // page_size, n_splits, tok_per_split,
         qk_scale, cap_in, cap_out, PAGE=page_size, LEN_ON_DEVICE=on_device, KEEP_FIRST=bool(keep_first),
         BLOCK_P=block_p, TAIL=tail, NC=N_CUTS, CH=min(64, block_p), HAS_KV_START=kv_start is not None,
         SOFTCAP=softcap is not None, DOT_F32=interp and not f32, IEEE=f32 and not interp,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv, NARROW=narrow,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv,
         num_warps=warps, **({"num_stages": stages} if stages else {}))
     _combine_kernel[(B * Hq,)](part_o, part_l, part_l, part_l, out, out, out.stride(0), out.stride(1), out.stride(3),
                                0, 0, Hq, G, n_splits, Hkv, RETURN_LSE=False, HAS_HEADS=False, TWO=False,
