@@ -27,15 +27,8 @@ def _quest_static_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin
         from .triton.decode_score import quest_scores
         from .triton.decode_topk import select_pages
 
-        from .triton import quest_decode as one
         from .triton import select_attend as fused
 
-        if one.ENABLED and group_reduce != "max_norm" and one.fits(q.shape[0], k.shape[1], q.device):
-            # scoring, top-k and attention in one launch, the row's programs splitting the row
-            # (kernels/triton/quest_decode.py)
-            return one.quest_decode(q, k, v, kmin, kmax, n_keep, kv_len=length, page_size=page_size,
-                                    keep_first=keep_first, group_reduce=group_reduce, scale=scale,
-                                    softcap=softcap or None, kv_start=kv_start)
         scores = quest_scores(q, kmin, kmax, group_reduce=group_reduce, page_size=page_size, kv_start=kv_start)
         if fused.ENABLED:  # the top-k inside the split launch (kernels/triton/select_attend.py)
             return fused.select_attend(q, k, v, scores, n_keep, kv_len=length, page_size=page_size, scale=scale,

@@ -45,8 +45,7 @@ def model_policy_spec(entry: str, model_name: str) -> tuple[str, dict]:
 SWITCHES = {"radix": ("decode_topk", "SEARCH", "radix"), "ternary": ("decode_topk", "SEARCH", "ternary"),
             "fused": ("decode_attention", "FUSE_COMBINE", True), "unfused": ("decode_attention", "FUSE_COMBINE", False),
             "widetopk": ("wide_topk", "ENABLED", True), "torchtopk": ("wide_topk", "ENABLED", False),
-            "selattend": ("select_attend", "ENABLED", True), "twolaunch": ("select_attend", "ENABLED", False),
-            "onelaunch": ("quest_decode", "ENABLED", True), "noonelaunch": ("quest_decode", "ENABLED", False)}
+            "selattend": ("select_attend", "ENABLED", True), "twolaunch": ("select_attend", "ENABLED", False)}
 
 
 @contextlib.contextmanager
@@ -55,9 +54,7 @@ def kernel_switches(run: str):
     modules for the run, restored after: ``@radix`` / ``@ternary`` (the top-k's threshold search,
     decode_topk.SEARCH), ``@fused`` / ``@unfused`` (the split-KV merge in the split launch or a second one,
     decode_attention.FUSE_COMBINE), ``@widetopk`` / ``@torchtopk`` (TidalDecode's selection top-k, wide_topk.ENABLED),
-    ``@selattend`` / ``@twolaunch`` (Quest's top-k inside the split launch or its own, select_attend.ENABLED),
-    ``@onelaunch`` / ``@noonelaunch`` (Quest's scoring, top-k and attention in one launch, quest_decode.ENABLED; off:
-    the select_attend / two-launch forms above)."""
+    ``@selattend`` / ``@twolaunch`` (Quest's top-k inside the split launch or its own, select_attend.ENABLED)."""
     import importlib
 
     spec, *names = run.split("@")

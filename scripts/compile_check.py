@@ -121,7 +121,7 @@ def _cases():
     from accel.kernels.triton import (antidiag_score, block_sparse, block_topk, decode_append, decode_attention,
                                       decode_score, decode_topk, fa4_layout, flash_fwd, flex_estimate, flex_layout,
                                       fp8_quant, lastq_score, mass_threshold, pooled_score, proxy_score,
-                                      quest_decode, select_attend, vertical_slash, wide_topk)
+                                      select_attend, vertical_slash, wide_topk)
     from accel.layouts import VerticalSlashLayout
 
     bf = torch.bfloat16
@@ -243,13 +243,6 @@ def _cases():
         scores = torch.randn(1, 8, 8195, generator=g)
         for splits in (1, 16):  # 16: an H100's / H200's batch-1 launch (132 SMs), one 256-key tile a program
             select_attend.select_attend(q, k, v, scores, 256, kv_len=kv_len, page_size=16, n_splits=splits)
-
-    @case("decode/quest_decode (scoring, top-k and attention in one launch, 128K + 48 tokens of pages)")
-    def _():
-        q, k, v = qkv(S=S, Sq=1)
-        kmin = torch.randn(1, 8, 8195, 128, generator=g).to(bf)
-        for splits in (1, 16):  # 16: an H100's / H200's batch-1 launch (132 SMs)
-            quest_decode.quest_decode(q, k, v, kmin, kmin + 1, 256, kv_len=kv_len, page_size=16, n_splits=splits)
 
     for fused in (False, True):
         tag = " fused" if fused else ""

@@ -49,20 +49,18 @@ def test_auto_picks_a_gpu_backend():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("policy", ["quest", "quest-fused", "quest-onelaunch", "tidal", "tidal-wide", "duo", "lserve", "lserve-mixed",
+@pytest.mark.parametrize("policy", ["quest", "quest-fused", "tidal", "tidal-wide", "duo", "lserve", "lserve-mixed",
                                     "lserve-reuse"])
 def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path, monkeypatch):
     """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
     the Triton static decode (Quest's op, TidalDecode's shared positions, DuoAttention's and LServe's KV-head maps,
     LServe's page selection) must give the dynamic-cache tokens (float32 so the selections agree exactly).
     ``tidal-wide``: TidalDecode's selection top-k by kernels/triton/wide_topk.py; ``quest-fused``: Quest's top-k
-    inside the split launch (kernels/triton/select_attend.py); ``quest-onelaunch``: scoring, top-k and attention in
-    one launch (kernels/triton/quest_decode.py)."""
-    from accel.kernels.triton import quest_decode, select_attend, wide_topk
+    inside the split launch (kernels/triton/select_attend.py)."""
+    from accel.kernels.triton import select_attend, wide_topk
 
     monkeypatch.setattr(wide_topk, "ENABLED", policy == "tidal-wide")
     monkeypatch.setattr(select_attend, "ENABLED", policy == "quest-fused")
-    monkeypatch.setattr(quest_decode, "ENABLED", policy == "quest-onelaunch")
     torch._dynamo.reset()
     model = tiny_model(family).cuda()
     x = _ids(300, batch=2)
@@ -273,52 +271,6 @@ def test_select_pages_at_model_rows(search, n_pages):
         ref = R.select_pages(s[..., : n_pages - 2], k, kv_len=length, page_size=16)
         got = select_pages(s, k, kv_len=torch.tensor(length, device="cuda"), page_size=16, search=search)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-
-
-@pytest.mark.parametrize("span", [1, 8])
-@pytest.mark.parametrize("n_pages", [2052, 8196])
-@pytest.mark.parametrize("batch", [1, 4])
-def test_quest_decode_at_model_shape(batch, n_pages, span):
-    """Quest's scoring, top-k and attention in one launch (kernels/triton/quest_decode.py: the row barriers run
-    only here, on the GPU) at Llama-3.1-8B's heads over a 32K / 128K static cache with the length on the device,
-    also replayed in a CUDA graph with new queries: the output of the torch twins. Queries and bounds are small
-    integers, so every score is exact whatever the order of the sums and the selections must agree: span 1 ties
-    by the thousand (the whole-row search), span 8 few ties (the histogram path)."""
-    from accel.kernels import reference_decode as R
-    from accel.kernels.triton.quest_decode import quest_decode
-
-    hkv, G, D, page, n_keep = 8, 4, 128, 16, 256
-    S = n_pages * page
-    length = S - 2 * page - 5
-    g = torch.Generator(device="cuda").manual_seed(n_pages + batch + span)
-
-    def ints(*shape):
-        return torch.randint(-span, span + 1, shape, device="cuda", generator=g).to(torch.bfloat16)
-
-    q = ints(batch, hkv * G, 1, D)
-    k = torch.randn(batch, hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn_like(k)
-    lo, hi = ints(batch, hkv, n_pages, D), ints(batch, hkv, n_pages, D)
-    kmin, kmax = torch.minimum(lo, hi), torch.maximum(lo, hi)
-    filled = -(-length // page)
-    kmin[:, :, filled:], kmax[:, :, filled:] = float("inf"), float("-inf")  # unfilled pages of a static buffer
-    end = torch.tensor(length, device="cuda")
-
-    def ref():
-        s = R.quest_scores(q.float(), kmin[:, :, :filled].float(), kmax[:, :, :filled].float(), page_size=page)
-        pages, counts = R.select_pages(s, n_keep, kv_len=length, page_size=page)
-        return R.paged_decode_attention(q.float(), k[:, :, :length].float(), v[:, :, :length].float(), pages, counts,
-                                        page)
-
-    got = quest_decode(q, k, v, kmin, kmax, n_keep, kv_len=end, page_size=page)
-    torch.testing.assert_close(got.float(), ref(), atol=2e-2, rtol=2e-2)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = quest_decode(q, k, v, kmin, kmax, n_keep, kv_len=end, page_size=page)
-    for _ in range(3):
-        q.copy_(ints(*q.shape))
-        graph.replay()
-        torch.testing.assert_close(out.float(), ref(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("warps", [8, 16])

@@ -99,21 +99,17 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("keep_first", [False, True])
-@pytest.mark.parametrize("path", ["onelaunch", "selattend", "twolaunch"])
+@pytest.mark.parametrize("path", ["selattend", "twolaunch"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_quest_static_op_on_each_path(monkeypatch, padded, path, keep_first):
-    """kernels/static_decode.py's Quest op (the compiled static-cache step) through the one-launch kernel
-    (quest_decode, the default), the fused top-k launch (select_attend) or the two-launch path (select_pages, then
-    paged_decode_attention) equals its torch twin each way."""
+    """kernels/static_decode.py's Quest op (the compiled static-cache step) through the fused top-k launch
+    (select_attend, the default) or the two-launch path (select_pages, then paged_decode_attention) equals its torch
+    twin either way."""
     from accel.kernels.static_decode import quest_static_decode
-    from accel.kernels.triton import quest_decode as one
     from accel.kernels.triton import select_attend as mod
 
     calls = []
-    monkeypatch.setattr(one, "ENABLED", path == "onelaunch")
     monkeypatch.setattr(mod, "ENABLED", path == "selattend")
-    quest_decode = one.quest_decode
-    monkeypatch.setattr(one, "quest_decode", lambda *a, **kw: calls.append("onelaunch") or quest_decode(*a, **kw))
     monkeypatch.setattr(mod, "select_attend", lambda *a, **kw: calls.append("selattend") or select_attend(*a, **kw))
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, n, s, 32, generator=g) for n, s in ((8, 1), (2, 256), (2, 256)))

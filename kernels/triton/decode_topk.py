@@ -27,16 +27,12 @@ MAX_PAGES = 65536  # one row per program; beyond this the selection runs through
 
 
 @triton.jit
-def _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, CG: tl.constexpr = False):
-    """Order-preserving int32 keys of the scores at ``offs`` (INT32_MIN where not a candidate) and the valid mask.
-    ``CG``: read through L2 only (scores other programs of the launch wrote: kernels/triton/quest_decode.py)."""
+def _keys(row, offs, ssp, P, LAST, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr):
+    """Order-preserving int32 keys of the scores at ``offs`` (INT32_MIN where not a candidate) and the valid mask."""
     ok = offs < P
     if LEN_ON_DEVICE:  # a static cache: the length is a tensor, pages past it hold nothing (and score NaN)
         ok = ok & (offs <= LAST)
-    if CG:
-        s = tl.load(row + offs * ssp, mask=ok, other=0.0, cache_modifier=".cg")
-    else:
-        s = tl.load(row + offs * ssp, mask=ok, other=0.0)
+    s = tl.load(row + offs * ssp, mask=ok, other=0.0)
     force = offs == LAST
     if KEEP_FIRST:
         force = force | (offs == 0)
