@@ -87,43 +87,6 @@ def reused(SEL, idx, length, STEPS):
 
 
 @triton.jit
-def _search_pass(key, tkey, lo, hi, c_lo, c_hi, K, base, TAIL: tl.constexpr, NC: tl.constexpr):
-    """One pass of the (NC + 1)-ary search over ``key`` (and the tail's ``tkey``), ``base`` keys above them all:
-    the new (lo, hi, count(key >= lo), count(key > hi)). Invariant: count(key >= lo) >= K > count(key > hi)."""
-    w = hi - lo + 1
-    if NC == 1:
-        u1 = lo + w // 2
-        u2 = u1
-    else:
-        u1 = lo + tl.maximum(w // 3, 1)  # both cuts in (lo, hi] for w >= 2
-        u2 = lo + tl.maximum((2 * w) // 3, 1)
-    t = _count(key, u1.to(tl.int32), u2.to(tl.int32), NC)
-    if TAIL > 0:
-        t += _count(tkey, u1.to(tl.int32), u2.to(tl.int32), NC)
-    if NC == 1:
-        n1 = t + base
-        take = n1 >= K
-        lo = tl.where(take, u1, lo)
-        c_lo = tl.where(take, n1, c_lo)
-        c_hi = tl.where(take, c_hi, n1)
-        hi = tl.where(take, hi, u1 - 1)
-    else:
-        n1 = (t & 0xFFFF) + base
-        n2 = ((t >> 16) & 0xFFFF) + base
-        new_lo = tl.where(n1 >= K, u1, lo)  # counts fall with the cut: the higher taken cut wins
-        c_lo = tl.where(n1 >= K, n1, c_lo)
-        new_lo = tl.where(n2 >= K, u2, new_lo)
-        c_lo = tl.where(n2 >= K, n2, c_lo)
-        hi = tl.where(n2 < K, u2 - 1, hi)  # the lower untaken cut wins
-        c_hi = tl.where(n2 < K, n2, c_hi)
-        hi = tl.where(n1 < K, u1 - 1, hi)
-        c_hi = tl.where(n1 < K, n1, c_hi)
-        lo = new_lo
-    hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
-    return lo, hi, c_lo, c_hi
-
-
-@triton.jit
 def _ternary_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr):
     """(the K-th largest valid key, count(key >= it)) by an (NC + 1)-ary search over the key values."""
     if FINITE:
@@ -144,13 +107,10 @@ def _ternary_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, NC: tl.constex
         n_ok = (tally & 0x1FFFFF).to(tl.int32)
         n_top = ((tally >> 21) & 0x1FFFFF).to(tl.int32)
         c_lo = n_ok - (tally >> 42).to(tl.int32)  # count(key >= lo): the finite keys and the keys above them
-        c_hi = n_top  # count(key > hi): the keys at or above +inf
         if (n_top >= K) | (c_lo < K):  # the cut lies among the infinite keys (so does a row without finite keys)
             lo, hi, c_lo = _whole_range(key, ok, tkey, tok, TAIL)
-            c_hi = c_lo * 0
     else:
         lo, hi, c_lo = _whole_range(key, ok, tkey, tok, TAIL)
-        c_hi = c_lo * 0
     lo = lo.to(tl.int64)  # scalars in int64: hi - lo may pass 2^31
     hi = hi.to(tl.int64)
     hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
@@ -162,7 +122,32 @@ def _ternary_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, NC: tl.constex
     # keys above it are the top K, ties included): the search stops there, which on real score rows ends it after
     # about half of the passes the worst case needs (search_passes).
     while lo < hi:
-        lo, hi, c_lo, c_hi = _search_pass(key, tkey, lo, hi, c_lo, c_hi, K, 0, TAIL, NC)
+        w = hi - lo + 1
+        if NC == 1:
+            u1 = lo + w // 2
+            u2 = u1
+        else:
+            u1 = lo + tl.maximum(w // 3, 1)  # both cuts in (lo, hi] for w >= 2
+            u2 = lo + tl.maximum((2 * w) // 3, 1)
+        t = _count(key, u1.to(tl.int32), u2.to(tl.int32), NC)
+        if TAIL > 0:
+            t += _count(tkey, u1.to(tl.int32), u2.to(tl.int32), NC)
+        if NC == 1:
+            take = t >= K
+            lo = tl.where(take, u1, lo)
+            c_lo = tl.where(take, t, c_lo)
+            hi = tl.where(take, hi, u1 - 1)
+        else:
+            n1 = t & 0xFFFF
+            n2 = (t >> 16) & 0xFFFF
+            new_lo = tl.where(n1 >= K, u1, lo)  # counts fall with the cut: the higher taken cut wins
+            c_lo = tl.where(n1 >= K, n1, c_lo)
+            new_lo = tl.where(n2 >= K, u2, new_lo)
+            c_lo = tl.where(n2 >= K, n2, c_lo)
+            hi = tl.where(n2 < K, u2 - 1, hi)  # the lower untaken cut wins
+            hi = tl.where(n1 < K, u1 - 1, hi)
+            lo = new_lo
+        hi = tl.where(c_lo == K, lo, hi)  # exactly K keys at or above lo: done
     return lo, c_lo
 
 
@@ -206,9 +191,8 @@ def _radix_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, RADIX: tl.conste
 
 
 @triton.jit
-def select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr,
-               BLOCK_P: tl.constexpr, TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr, RADIX: tl.constexpr,
-               CH: tl.constexpr):
+def select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
+               TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr, RADIX: tl.constexpr):
     """The kept flags of one score row (pages ``[0, BLOCK_P)`` and the tail block's ``[BLOCK_P, BLOCK_P + TAIL)``,
     the main block's flags standing in for the tail's when TAIL is 0): its K highest valid scores, the newest page
     (and page 0 with KEEP_FIRST) forced in, ties to the lower page index."""
@@ -265,8 +249,8 @@ def tail_slots(tsel, n_before):
 # P, LAST and the strides of scores [B, H, P] grow during decode: not specialised (a divisible-by-16 variant would
 # compile mid-decode)
 @triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh"])
-def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST,
-                   PAGE, STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
+def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
+                   STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
                    TAIL: tl.constexpr, HAS_REUSE: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr,
                    CH: tl.constexpr, RADIX: tl.constexpr):
     pid = tl.program_id(0)
@@ -285,8 +269,7 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
             tl.store(LIVE + pid, n + begun.to(tl.int32))
             return
     row = SCORES + b * ssb + h * ssh
-    sel, tsel = select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P, TAIL, NC, FINITE, RADIX,
-                           CH)
+    sel, tsel = select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P, TAIL, NC, FINITE, RADIX)
     out = PAGES + b * spb + h * sph
     slot, n_sel = page_slots(sel, BLOCK_P, CH)
     tl.store(out + slot * sps, tl.reshape(tl.arange(0, BLOCK_P), (BLOCK_P // CH, CH)), mask=slot >= 0)

@@ -60,7 +60,7 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, ssb,
         end = tl.minimum(length, Sk)
     # 1. the row's selection, as select_pages makes it
     sel, tsel = select_row(SCORES + b * ssb + h * ssh, ssp, P, LAST, NK, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P,
-                           TAIL, NC, True, 0, CH)
+                           TAIL, NC, True, 0)
     slot, n_sel = page_slots(sel, BLOCK_P, CH)
     # 2. this program's share of the kept list: slots [s0, s1), written where its loop below reads them
     s0 = split * (TOK_PER_SPLIT // PAGE)
