@@ -743,6 +743,76 @@ def select_attend_sweep(batches, hkv, budget, page, out, layers: int = 32) -> No
     _write_sweep(out, "bench_decode_select_attend", rows, md)
 
 
+def select_attend_stamps(batches, hkv, budget, page, out, layers: int = 8) -> None:
+    """Where select_attend's microseconds go, program by program (kernels/triton/timer.py): Quest at 128K + 48 over
+    ``layers`` layers (each its own K/V and bounds: L2 as cold as in a model step) replayed as one CUDA graph of
+    scoring + select_attend + combine per layer; every program's global timer at its start, selection done, share of
+    page ids stored, attention done and end. Per layer, times since that layer's first program started; medians (and
+    the slowest program) over the programs, then the median over the layers. The attention rate is the share's K and
+    V bytes over (attention done - share stored)."""
+    from bench_utils import graph_of, replay_ms
+
+    from accel.kernels import reference_decode as R
+    from accel.kernels.triton.decode_score import quest_scores
+    from accel.kernels.triton.select_attend import SLOTS, select_attend
+
+    ctx, d, G = 131072, 128, 4
+    n_keep = budget // page
+    end = torch.tensor(ctx + 48, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    names = ["selected", "stored", "attended", "end"]
+    rows = []
+    for B in batches:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        n_splits = max(1, sms // (B * hkv))
+        data = []
+        for _ in range(layers):
+            k = torch.randn(B, hkv, ctx + 48, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn_like(k)
+            kmin, kmax = R.page_bounds(k, page)
+            st = torch.zeros(B * hkv * n_splits * SLOTS.value, dtype=torch.int64, device="cuda")
+            data.append((torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g), k, v,
+                         kmin, kmax, st))
+
+        def run():
+            return [select_attend(q, k, v, quest_scores(q, a, b, page_size=page), n_keep, kv_len=end, page_size=page,
+                                  stamps=st) for q, k, v, a, b, st in data]
+
+        graph = graph_of(run)
+        us = replay_ms(graph) * 1e3 / layers
+        per = {n: [] for n in names}
+        worst = {n: [] for n in names}
+        rate = []
+        share_bytes = -(-n_keep // n_splits) * page * 2 * d * 2  # K and V of one program's share, bf16
+        for *_, st in data:
+            t = st.view(-1, SLOTS.value)[:, :5].double().cpu()
+            d_us = (t - t[:, 0].min()) / 1e3
+            for i, n in enumerate(names, start=1):
+                per[n].append(d_us[:, i].median().item())
+                worst[n].append(d_us[:, i].max().item())
+            rate.append(share_bytes / ((t[:, 3] - t[:, 2]).median().item() * 1e-9) / 1e9)
+        med = {n: float(torch.tensor(per[n]).median()) for n in names}
+        mx = {n: float(torch.tensor(worst[n]).median()) for n in names}
+        rows.append({"batch": B, "n_splits": n_splits, "us_per_layer": us, "median": med, "slowest": mx,
+                     "share_bytes": share_bytes, "attention_GBps_per_program": float(torch.tensor(rate).median())})
+        print(json.dumps(rows[-1]), flush=True)
+        data = None
+        torch.cuda.empty_cache()
+    md = [f"# select_attend phase by phase ({torch.cuda.get_device_name()}, Quest 128K + 48, {hkv * G}/{hkv}/{d}, "
+          f"budget {budget}, page {page})", "",
+          f"`python scripts/bench_decode.py --stamps --batches {','.join(map(str, batches))}`: {layers} layers in one "
+          "graph (scoring + select_attend + combine each); each program's global timer (kernels/triton/timer.py), us "
+          "since its layer's first program started: median program (slowest program), median over the layers; "
+          "attention rate = the share's K + V bytes / (attended - stored), per program", "",
+          "| batch | programs / KV head | us per layer (graph) | selected | share stored | attended | end | "
+          "share KB | attention GB/s a program |", "| --- " * 9 + "|"]
+    for r in rows:
+        cells = " | ".join(f"{r['median'][n]:.1f} ({r['slowest'][n]:.1f})" for n in names)
+        md.append(f"| {r['batch']} | {r['n_splits']} | {r['us_per_layer']:.1f} | {cells} | "
+                  f"{r['share_bytes'] / 1024:.0f} | {r['attention_GBps_per_program']:.1f} |")
+    _write_sweep(out, "bench_decode_select_attend_stamps", rows, md)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="32768,131072")
@@ -772,6 +842,8 @@ def main(argv=None) -> int:
                     help="only sweep the dense split-KV kernel that also writes the scores (TidalDecode's selection)")
     ap.add_argument("--select-attend", action="store_true",
                     help="only time Quest's top-k inside the split launch against its own launch (128K)")
+    ap.add_argument("--stamps", action="store_true",
+                    help="only time select_attend's phases inside the kernel, program by program (128K)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -781,6 +853,7 @@ def main(argv=None) -> int:
     hkv = int(args.heads.split(",")[1])
     sweeps = {  # each flag: one sweep, its own result files
         "select_attend": lambda: select_attend_sweep(batches, hkv, args.budget, args.page, args.out),
+        "stamps": lambda: select_attend_stamps(batches, hkv, args.budget, args.page, args.out),
         "logits_sweep": lambda: logits_sweep(batches, hkv, args.out),
         "tile_sweep": lambda: tile_sweep(batches, hkv, args.budget, args.out),
         "token_sweep": lambda: token_sweep(batches, hkv, args.budget, args.out),

@@ -243,6 +243,8 @@ def _cases():
         scores = torch.randn(1, 8, 8195, generator=g)
         for splits in (1, 16):  # 16: an H100's / H200's batch-1 launch (132 SMs), one 256-key tile a program
             select_attend.select_attend(q, k, v, scores, 256, kv_len=kv_len, page_size=16, n_splits=splits)
+        stamps = torch.zeros(8 * 16 * select_attend.SLOTS.value, dtype=torch.int64)  # the timer probe's variant
+        select_attend.select_attend(q, k, v, scores, 256, kv_len=kv_len, page_size=16, n_splits=16, stamps=stamps)
 
     for fused in (False, True):
         tag = " fused" if fused else ""

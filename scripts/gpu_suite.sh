@@ -17,6 +17,7 @@
 #   bash scripts/gpu_suite.sh fused_combine            # split-KV merge inside the split launch vs a second launch
 #   bash scripts/gpu_suite.sh wide_topk                # TidalDecode's selection top-k: our radix select vs torch.topk
 #   bash scripts/gpu_suite.sh select_attend            # Quest's top-k in the split launch vs its own launch
+#   bash scripts/gpu_suite.sh select_attend_stamps     # select_attend's phases timed inside the kernel (b1, b4)
 #   bash scripts/gpu_suite.sh tidal_floor tidal_e2e    # TidalDecode's shared selection vs one per KV head (before
 #                                                      # 2026-12-04): attention vs byte floor; compiled b1 / b4 steps
 #   bash scripts/gpu_suite.sh prefill_thresholds       # the prefill policies at defaults vs the settings that keep
@@ -115,6 +116,8 @@ for stage in "$@"; do
       timeout 200 python3 scripts/bench_decode.py --select-attend --batches 1,4 --out "$OUT" | tail -10
       timeout 300 python3 scripts/bench_decode_floor.py --batches 1 --runs dense quest quest@twolaunch \
         --out "$OUT/bench_decode_floor_selattend_b1" | tail -8 ;;
+    select_attend_stamps)  # where a Quest layer's microseconds go inside select_attend, program by program
+      timeout 300 python3 scripts/bench_decode.py --stamps --batches 1,4 --out "$OUT" | tail -8 ;;
     quest_norm_floor)  # Quest's max_norm group reduction (one more reduction over the page bounds) vs max
       timeout 500 python3 scripts/bench_decode_floor.py --batches 1 4 \
         --runs dense quest quest:group_reduce=max_norm --out "$OUT/bench_decode_floor_quest_norm" | tail -10 ;;

@@ -273,6 +273,28 @@ def test_select_pages_at_model_rows(search, n_pages):
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
+def test_select_attend_stamps():
+    """The timer probe (kernels/triton/timer.py; ``scripts/bench_decode.py --stamps``): select_attend with stamps
+    gives the same output, and every program's stamps are set and in order (start <= selected <= stored <=
+    attended <= end)."""
+    from accel.kernels import reference_decode as R
+    from accel.kernels.triton.select_attend import SLOTS, select_attend
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 8, 32768, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    kmin, kmax = R.page_bounds(k, 16)
+    s = R.quest_scores(q.float(), kmin.float(), kmax.float(), page_size=16).float()
+    n_splits = torch.cuda.get_device_properties(0).multi_processor_count // 8
+    st = torch.zeros(8 * n_splits * SLOTS.value, dtype=torch.int64, device="cuda")
+    want = select_attend(q, k, v, s, 256, kv_len=32768, page_size=16)
+    got = select_attend(q, k, v, s, 256, kv_len=32768, page_size=16, stamps=st)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    t = st.view(-1, SLOTS.value)[:, :5]
+    assert (t > 0).all() and (t.diff(dim=1) >= 0).all()
+
+
 @pytest.mark.parametrize("warps", [8, 16])
 @pytest.mark.parametrize("n_pages", [2052, 8196])
 @pytest.mark.parametrize("batch", [1, 4])

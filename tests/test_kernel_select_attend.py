@@ -96,6 +96,8 @@ def test_bad_input():
         select_attend(q, k, v, s[:, :1], 2, kv_len=64, page_size=16)
     with pytest.raises(ValueError, match="one query per row"):
         select_attend(q.expand(1, 4, 2, 32), k, v, s, 2, kv_len=64, page_size=16)
+    with pytest.raises(ValueError, match="interpreter has no timer"):  # the timer probe is for the GPU only
+        select_attend(q, k, v, s, 2, kv_len=64, page_size=16, stamps=torch.zeros(64, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("keep_first", [False, True])

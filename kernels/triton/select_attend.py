@@ -25,6 +25,7 @@ from .decode_attention import (PAGE_SIZES, _combine_kernel, _interpreting, _per_
                                launch_shape, load_kv_tile, online_softmax, softmax_consts, store_partial,
                                tile_scores)
 from .decode_topk import MAX_PAGES, N_CUTS, blocks, check_budget, page_slots, select_row, tail_slots
+from .timer import check_stamps, stamp, stamp_after
 
 # Quest's static-cache op (kernels/static_decode.py) runs through this launch when True (switches ``@selattend`` /
 # ``@twolaunch`` in scripts/bench_utils.py). On: H100, 128K, budget 4096, one layer graph-replayed 50.7 -> 45.3 us
@@ -35,22 +36,26 @@ ENABLED = True
 # Warps of the fused launch: at 8K pages (128K tokens) 16 warps hold the row in 116 registers a thread without
 # spilling; 8 warps need 255 and spill (scripts/compile_check.py)
 WARPS = 16
+SLOTS = tl.constexpr(8)  # timer stamps per program (``stamps``): start, selected, share stored, attended, end
 
 
 # P, LAST, the lengths and the scores' strides change during decode: not specialised
 @triton.jit(do_not_specialize=["P", "LAST", "ssb", "ssh", "Sk", "NS", "TOK_PER_SPLIT"])
-def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, ssb, ssh, ssp, sqb, sqh, sqd,
+def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, STAMPS, ssb, ssh, ssp, sqb, sqh, sqd,
                           skb, skh, skn, skd, svb, svh, svn, svd, sph, sps, s_start, Hkv, G, Sk, P, NK, LAST,
                           NS, TOK_PER_SPLIT, qk_scale, cap_in, cap_out, PAGE: tl.constexpr,
                           LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
                           TAIL: tl.constexpr, NC: tl.constexpr, CH: tl.constexpr, HAS_KV_START: tl.constexpr,
                           SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          STAMP: tl.constexpr):
     qk_scale = tl.full([], qk_scale, tl.float32)
     cap_in = tl.full([], cap_in, tl.float32)
     cap_out = tl.full([], cap_out, tl.float32)
     pid = tl.program_id(0)  # b * Hkv + h
     split = tl.program_id(1)
+    stamps = STAMPS + (pid * NS + split) * SLOTS  # probes only (STAMP): start, selected, share stored, attended, end
+    stamp(stamps, 0, STAMP)
     b = pid // Hkv
     h = pid % Hkv
     end = Sk
@@ -61,6 +66,7 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, ssb,
     # 1. the row's selection, as select_pages makes it
     sel, tsel = select_row(SCORES + b * ssb + h * ssh, ssp, P, LAST, NK, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P,
                            TAIL, NC, True, 0)
+    stamp_after(stamps, 1, tl.sum(sel.to(tl.float32), axis=0), STAMP)
     slot, n_sel = page_slots(sel, BLOCK_P, CH)
     # 2. this program's share of the kept list: slots [s0, s1), written where its loop below reads them
     s0 = split * (TOK_PER_SPLIT // PAGE)
@@ -72,6 +78,7 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, ssb,
         tslot, n_sel = tail_slots(tsel, n_sel)
         tl.store(out + tslot * sps, BLOCK_P + tl.arange(0, TAIL), mask=(tslot >= s0) & (tslot < s1))
     tl.debug_barrier()  # the share's page ids stored by every thread before any thread reads them back
+    stamp(stamps, 2, STAMP)
     # 3. split-KV attention over the share, as decode_attention._split_kernel does it
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -100,20 +107,25 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, ssb,
                                        offs_d, offs_dv, HAS_KV_START, DOT_F32)
         s = tile_scores(q, kt, ok, qk_scale, cap_in, cap_out, SOFTCAP, IEEE)
         m_i, l_i, acc = online_softmax(s, vv, m_i, l_i, acc, IEEE)
+    stamp_after(stamps, 3, tl.sum(tl.sum(acc, axis=1), axis=0), STAMP)
     store_partial(OP, LP, pid * G + offs_g, NS, split, m_i, l_i, acc, g_ok, BLOCK_DV)
+    stamp(stamps, 4, STAMP)
 
 
 def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, n_keep: int, *,
                   kv_len: int | torch.Tensor, page_size: int, keep_first: bool = False, scale: float | None = None,
                   softcap: float | None = None, kv_start: torch.Tensor | None = None, n_splits: int | None = None,
-                  block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                  block_n: int | None = None, num_warps: int | None = None,
+                  stamps: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, 1, D] over the ``n_keep`` pages of each (batch, KV head) that ``scores`` float32
     [B, Hkv, P] rank highest (Quest: ``decode_score.quest_scores``), the newest page (and page 0 with
     ``keep_first``) always in: ``paged_decode_attention(q, k, v, *select_pages(scores, n_keep, ...))`` in two
     launches (selection + split pass, then the combine) instead of three. k, v [B, Hkv, Sk, D] (cache views work);
     ``kv_len`` the filled length, an int or a 0-d tensor read on the device (a static cache: keys at or past it are
     masked, pages past it never chosen); ``kv_start`` int [B] (or one value): left padding. ``n_splits``,
-    ``block_n``, ``num_warps`` override the launch. Returns [B, Hq, 1, Dv] in q's dtype."""
+    ``block_n``, ``num_warps`` override the launch. ``stamps`` (a GPU probe: int64, SLOTS per program, programs
+    ordered (batch, KV head) then split) gets each program's global timer in ns at its start, selection done, share
+    stored, attention done and end (``scripts/bench_decode.py --stamps``). Returns [B, Hq, 1, Dv] in q's dtype."""
     B, Hq, _, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     P = scores.shape[-1]
@@ -147,6 +159,7 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
     block_n, n_splits, tok_per_split, stages = launch_shape(q, Hkv, width, Dv, page_size, n_splits, block_n)
     if block_n >= 256:
         stages = 1  # a K and a V tile of 256 x 128 take 128 KB: one stage fits in shared memory, two do not
+    check_stamps(stamps, B * Hkv * n_splits, SLOTS.value, "select_attend")
     pages = torch.empty(B * Hkv, n_splits * tok_per_split // page_size, dtype=torch.int32, device=q.device)
     part_o = torch.empty(B * Hq * n_splits * Dv, dtype=torch.float32, device=q.device)
     part_l = torch.empty(B * Hq * n_splits, dtype=torch.float32, device=q.device)
@@ -158,12 +171,14 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
     f32 = q.dtype == torch.float32
     _select_attend_kernel[(B * Hkv, n_splits)](
         scores, q, k, v, pages, length, kv_start if kv_start is not None else part_l, part_o, part_l,
+        stamps if stamps is not None else part_l,
         *scores.stride(), q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *pages.stride(),
         s_start, Hkv, G, Sk, P, n_keep, 0 if on_device else (int(kv_len) - 1) // page_size, n_splits, tok_per_split,
         qk_scale, cap_in, cap_out, PAGE=page_size, LEN_ON_DEVICE=on_device, KEEP_FIRST=bool(keep_first),
         BLOCK_P=block_p, TAIL=tail, NC=N_CUTS, CH=min(64, block_p), HAS_KV_START=kv_start is not None,
         SOFTCAP=softcap is not None, DOT_F32=interp and not f32, IEEE=f32 and not interp,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=Dv,
+        STAMP=stamps is not None,
         num_warps=warps, **({"num_stages": stages} if stages else {}))
     _combine_kernel[(B * Hq,)](part_o, part_l, part_l, part_l, out, out, out.stride(0), out.stride(1), out.stride(3),
                                0, 0, Hq, G, n_splits, Hkv, RETURN_LSE=False, HAS_HEADS=False, TWO=False,
@@ -171,4 +186,4 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: tor
     return out
 
 
-__all__ = ["select_attend", "ENABLED"]
+__all__ = ["select_attend", "ENABLED", "SLOTS"]
