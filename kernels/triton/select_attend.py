@@ -66,7 +66,8 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, STAM
     # 1. the row's selection, as select_pages makes it
     sel, tsel = select_row(SCORES + b * ssb + h * ssh, ssp, P, LAST, NK, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P,
                            TAIL, NC, True, 0)
-    stamp_after(stamps, 1, tl.sum(sel.to(tl.float32), axis=0), STAMP)
+    if STAMP:  # (the dependency's reduction only in the probe's variant)
+        stamp_after(stamps, 1, tl.sum(sel.to(tl.float32), axis=0), STAMP)
     slot, n_sel = page_slots(sel, BLOCK_P, CH)
     # 2. this program's share of the kept list: slots [s0, s1), written where its loop below reads them
     s0 = split * (TOK_PER_SPLIT // PAGE)
@@ -107,7 +108,8 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, STAM
                                        offs_d, offs_dv, HAS_KV_START, DOT_F32)
         s = tile_scores(q, kt, ok, qk_scale, cap_in, cap_out, SOFTCAP, IEEE)
         m_i, l_i, acc = online_softmax(s, vv, m_i, l_i, acc, IEEE)
-    stamp_after(stamps, 3, tl.sum(tl.sum(acc, axis=1), axis=0), STAMP)
+    if STAMP:
+        stamp_after(stamps, 3, tl.sum(tl.sum(acc, axis=1), axis=0), STAMP)
     store_partial(OP, LP, pid * G + offs_g, NS, split, m_i, l_i, acc, g_ok, BLOCK_DV)
     stamp(stamps, 4, STAMP)
 
