@@ -661,6 +661,20 @@ def logits_sweep(batches, hkv, out, layers: int = 4) -> None:
     _write_sweep(out, "bench_decode_logits", rows, md)
 
 
+def _quest_layers(B: int, hkv: int, G: int, S: int, d: int, page: int, n: int, g) -> list[tuple]:
+    """``n`` layers' (q, k, v, kmin, kmax) for Quest over a static cache of S slots: random bf16 queries and keys,
+    each layer its own (L2 as cold as in a model step)."""
+    from accel.kernels import reference_decode as R
+
+    out = []
+    for _ in range(n):
+        k = torch.randn(B, hkv, S, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn_like(k)
+        kmin, kmax = R.page_bounds(k, page)
+        out.append((torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g), k, v, kmin, kmax))
+    return out
+
+
 def select_attend_sweep(batches, hkv, budget, page, out, layers: int = 32) -> None:
     """Quest at 128K: scoring + top-k + split + combine (three launches after the scoring) against scoring + the
     top-k inside the split launch + combine (kernels/triton/select_attend.py) over its warps x splits x key tiles;
@@ -669,7 +683,6 @@ def select_attend_sweep(batches, hkv, budget, page, out, layers: int = 32) -> No
     against the two-launch output first."""
     import torch.nn.functional as F
 
-    from accel.kernels import reference_decode as R
     from accel.kernels.triton.decode_attention import paged_decode_attention
     from accel.kernels.triton.decode_score import quest_scores
     from accel.kernels.triton.decode_topk import select_pages
@@ -682,13 +695,8 @@ def select_attend_sweep(batches, hkv, budget, page, out, layers: int = 32) -> No
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for B in batches:
         g = torch.Generator(device="cuda").manual_seed(0)
-        data = []
-        for _ in range(max(4, layers // B)):  # ~17 GB of K/V per batch row over 32 layers: fewer at larger batches
-            k = torch.randn(B, hkv, ctx + 48, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            v = torch.randn_like(k)
-            kmin, kmax = R.page_bounds(k, page)
-            data.append((torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g), k, v,
-                         kmin, kmax))
+        # ~17 GB of K/V per batch row over 32 layers: fewer at larger batches
+        data = _quest_layers(B, hkv, G, ctx + 48, d, page, max(4, layers // B), g)
 
         def two(kw, a):
             s = quest_scores(a[0], a[3], a[4], page_size=page)
@@ -752,7 +760,6 @@ def select_attend_stamps(batches, hkv, budget, page, out, layers: int = 8) -> No
     V bytes over (attention done - share stored)."""
     from bench_utils import graph_of, replay_ms
 
-    from accel.kernels import reference_decode as R
     from accel.kernels.triton.decode_score import quest_scores
     from accel.kernels.triton.select_attend import SLOTS, select_attend
 
@@ -765,14 +772,8 @@ def select_attend_stamps(batches, hkv, budget, page, out, layers: int = 8) -> No
     for B in batches:
         g = torch.Generator(device="cuda").manual_seed(0)
         n_splits = max(1, sms // (B * hkv))
-        data = []
-        for _ in range(layers):
-            k = torch.randn(B, hkv, ctx + 48, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            v = torch.randn_like(k)
-            kmin, kmax = R.page_bounds(k, page)
-            st = torch.zeros(B * hkv * n_splits * SLOTS.value, dtype=torch.int64, device="cuda")
-            data.append((torch.randn(B, hkv * G, 1, d, device="cuda", dtype=torch.bfloat16, generator=g), k, v,
-                         kmin, kmax, st))
+        data = [(*a, torch.zeros(B * hkv * n_splits * SLOTS.value, dtype=torch.int64, device="cuda"))
+                for a in _quest_layers(B, hkv, G, ctx + 48, d, page, layers, g)]
 
         def run():
             return [select_attend(q, k, v, quest_scores(q, a, b, page_size=page), n_keep, kv_len=end, page_size=page,

@@ -67,6 +67,13 @@ def tile_scores(q, kt, ok, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr, IEE
 
 
 @triton.jit
+def softmax_state(BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The online softmax's empty (max, sum, accumulator) for BLOCK_G query rows."""
+    return (tl.full([BLOCK_G], float("-inf"), dtype=tl.float32), tl.zeros([BLOCK_G], dtype=tl.float32),
+            tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32))
+
+
+@triton.jit
 def online_softmax(s, vv, m_i, l_i, acc, IEEE: tl.constexpr):
     """One tile of the online softmax in base 2: scores s [BLOCK_G, N] and values vv [N, Dv] into the running
     (max, sum, accumulator)."""
@@ -172,9 +179,7 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP, LOGIT
             vd = sv2d
     lo = split * tps
     hi = tl.minimum(lo + tps, total)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_G, BLOCK_DV)
     for t0 in range(lo, hi, BLOCK_N):
         t = t0 + offs_n
         ok = t < hi

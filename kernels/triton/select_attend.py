@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .checks import device_ints
 from .decode_attention import (PAGE_SIZES, _combine_kernel, _interpreting, _per_row, _sm_count, check_decode_qkv,
-                               launch_shape, load_kv_tile, online_softmax, softmax_consts, store_partial,
-                               tile_scores)
+                               launch_shape, load_kv_tile, online_softmax, softmax_consts, softmax_state,
+                               store_partial, tile_scores)
 from .decode_topk import MAX_PAGES, N_CUTS, blocks, check_budget, page_slots, select_row, tail_slots
 from .timer import check_stamps, stamp, stamp_after
 
@@ -97,9 +97,7 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, STAM
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     lo = split * TOK_PER_SPLIT
     hi = tl.minimum(lo + TOK_PER_SPLIT, n_sel * PAGE)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_G, BLOCK_DV)
     for t0 in range(lo, hi, BLOCK_N):
         t = t0 + offs_n
         ok = t < hi
