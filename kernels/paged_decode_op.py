@@ -3,8 +3,7 @@
 Dynamo would otherwise trace the launch wrapper of ``kernels.triton.decode_attention`` (device queries, grid
 arithmetic) inside a ``torch.compile(fullgraph=True)`` step; as a custom op the compiled graph holds one call and the
 CUDA graph captures its launches. Used by TidalDecode's static-cache decode (its sparse layers, its selection
-layers' dense attention with scores, and their top-k with ``wide_topk.ENABLED``); Quest and LServe have their own
-ops."""
+layers' dense attention with scores); Quest and LServe have their own ops."""
 
 from __future__ import annotations
 
@@ -54,18 +53,4 @@ def _(q, k, v, scale, softcap, kv_start, kv_end):
             q.new_empty(B, Hq, k.shape[2], dtype=torch.float32))
 
 
-@torch.library.custom_op("accel::wide_topk_", mutates_args=("out",))
-def wide_topk_(s: torch.Tensor, out: torch.Tensor) -> None:
-    """``out`` (int32 [..., k]) <- the positions of the k largest entries of each row of ``s`` (float32 [..., N]),
-    unsorted: kernels/triton/wide_topk.py (TidalDecode's selection layers)."""
-    from .triton.wide_topk import wide_topk
-
-    wide_topk(s, out.shape[-1], out=out)
-
-
-@wide_topk_.register_fake
-def _(s, out):
-    return None
-
-
-__all__ = ["paged_decode", "dense_decode_scores", "wide_topk_"]
+__all__ = ["paged_decode", "dense_decode_scores"]

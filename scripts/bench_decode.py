@@ -233,71 +233,6 @@ def _time_topk_variants(contexts, batches, hkv, budget, page, variants: dict) ->
     return rows
 
 
-def topk_search(contexts, batches, hkv, budget, page, out) -> None:
-    """The top-k's threshold search: the packed ternary search (finite range) against the radix select at 8 and 4
-    bits per pass, on the rows of ``_topk_rows``, graph-replayed, each checked against the torch twin first."""
-    rows = _time_topk_variants(contexts, batches, hkv, budget, page, {
-        "ternary": {"search": "ternary"}, "radix8": {"search": "radix"},
-        "radix4": {"search": "radix", "radix_bits": 4}})
-    md = [f"# Top-k page selection: ternary search against radix select ({torch.cuda.get_device_name()}, {hkv} KV "
-          f"heads, budget {budget})", "", "`python scripts/bench_decode.py --topk-search --contexts "
-          f"{','.join(map(str, contexts))} --batches {','.join(map(str, batches))}`; graph-replayed median us. "
-          "Rows as in bench_decode_topk_range.md (Quest page-16 criticality, LServe 64-token physical pages, a static "
-          "cache's row read on the device). ternary: two packed counts per pass over the finite range (the kernel's "
-          "search before); radix8 / radix4: a histogram of the next 8 / 4 bits of the keys still in the running per "
-          "pass (at most 4 / 8 passes).", "",
-          "| batch | context | rows | pages | k | ternary | radix8 | radix4 | best radix gain |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    md += [f"| {r['batch']} | {r['context']} | {r['rows']} | {r['pages']} | {r['k']} | {r['ternary'] * 1e3:.1f} | "
-           f"{r['radix8'] * 1e3:.1f} | {r['radix4'] * 1e3:.1f} | {r['ternary'] / min(r['radix8'], r['radix4']):.2f}x |"
-           for r in rows]
-    _write_sweep(out, "bench_decode_topk_search", rows, md)
-
-
-def wide_topk_sweep(contexts, batches, hkv, budget, out) -> None:
-    """TidalDecode's selection: the top ``budget`` of a static cache's row of probabilities (one shared row per batch
-    row, or one per KV head) with torch.topk (unsorted, what the policy ran) against kernels/triton/wide_topk.py at
-    4 and 8 warps, graph-replayed; each checked first to keep distinct positions holding torch's top values."""
-    from triton.testing import do_bench_cudagraph
-
-    from accel.kernels.triton import wide_topk as W
-
-    rows = []
-    for B in batches:
-        for ctx in contexts:
-            for per_head in (False, True):
-                R = hkv if per_head else 1
-                g = torch.Generator(device="cuda").manual_seed(B * ctx + R)
-                S = ctx + 48  # transformers' StaticCache: prompt + new tokens
-                p = torch.softmax(torch.randn(B, R, S, device="cuda", generator=g) * 3, -1)
-                p[..., ctx:] = 0.0  # unfilled slots
-                p[..., ctx - 1] = float("inf")  # the newest, always kept
-                ref = p.topk(budget, dim=-1).values  # the kept values: equal whichever of tied keys are taken
-                row = {"batch": B, "context": ctx, "rows": "per KV head" if per_head else "shared", "keys": S,
-                       "torch_topk": do_bench_cudagraph(lambda: p.topk(budget, dim=-1, sorted=False))}
-                out_buf = torch.empty(B, R, budget, dtype=torch.int32, device="cuda")
-                for warps in (4, 8):
-                    W.WARPS = warps
-                    W.wide_topk(p, budget, out=out_buf)
-                    got = p.gather(-1, out_buf.long()).sort(-1, descending=True).values
-                    assert torch.equal(got, ref) and out_buf.sort(-1).values.diff(dim=-1).gt(0).all(), warps
-                    row[f"wide_w{warps}"] = do_bench_cudagraph(lambda: W.wide_topk(p, budget, out=out_buf))
-                W.WARPS = 8
-                rows.append(row)
-                print(json.dumps(row))
-    md = [f"# TidalDecode's selection top-k: torch.topk against wide_topk ({torch.cuda.get_device_name()}, budget "
-          f"{budget})", "", f"`python scripts/bench_decode.py --wide-topk --contexts {','.join(map(str, contexts))} "
-          f"--batches {','.join(map(str, batches))}`; graph-replayed median us (a memset and four launches against "
-          "torch's radix select); rows of softmax probabilities with the newest at +inf and the static cache's "
-          "unfilled slots at 0.", "",
-          "| batch | context | rows | keys | torch.topk | wide 4 warps | wide 8 warps | gain |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    md += [f"| {r['batch']} | {r['context']} | {r['rows']} | {r['keys']} | {r['torch_topk'] * 1e3:.1f} | "
-           f"{r['wide_w4'] * 1e3:.1f} | {r['wide_w8'] * 1e3:.1f} | "
-           f"{r['torch_topk'] / min(r['wide_w4'], r['wide_w8']):.2f}x |" for r in rows]
-    _write_sweep(out, "bench_decode_wide_topk", rows, md)
-
-
 def topk_range(contexts, batches, hkv, budget, page, out) -> None:
     """Top-k with the search starting on the finite scores' range against the whole range (+inf of the forced newest
     page included), on Quest rows (page 16) and LServe rows (each 64-token physical page the max of its 4 logical
@@ -826,10 +761,6 @@ def main(argv=None) -> int:
     ap.add_argument("--topk-tail", action="store_true", help="only time the top-k kernel on rows past a power of two")
     ap.add_argument("--topk-range", action="store_true",
                     help="only time the top-k search started on the finite scores' range against the whole range")
-    ap.add_argument("--topk-search", action="store_true",
-                    help="only time the top-k's ternary search against the radix select")
-    ap.add_argument("--wide-topk", action="store_true",
-                    help="only time TidalDecode's selection top-k: torch.topk against kernels/triton/wide_topk.py")
     ap.add_argument("--score-tiles", action="store_true",
                     help="only sweep the Quest scoring kernel's pages per program / warps over a 32-layer graph")
     ap.add_argument("--split-sweep", action="store_true", help="only sweep the split-KV kernel's splits / warps")
@@ -862,8 +793,6 @@ def main(argv=None) -> int:
         "split_sweep": lambda: split_sweep(batches, hkv, args.budget, args.out),
         "topk_tail": lambda: topk_tail(batches, hkv, args.budget, args.page, args.out),
         "score_tiles": lambda: score_tiles(batches, hkv, args.out),
-        "topk_search": lambda: topk_search(contexts, batches, hkv, args.budget, args.page, args.out),
-        "wide_topk": lambda: wide_topk_sweep(contexts, batches, hkv, args.budget, args.out),
         "topk_range": lambda: topk_range(contexts, batches, hkv, args.budget, args.page, args.out),
         "topk_sweep": lambda: topk_sweep(contexts, batches, hkv, args.budget, args.page, args.out),
     }

@@ -141,7 +141,7 @@ def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
 
 def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     """``run``: a policy spec (``quest``, ``quest:group_reduce=max_norm``), optionally with kernel switches
-    (``quest@fused``, ``lserve@radix``: bench_utils.kernel_switches)."""
+    (``quest@twolaunch``: bench_utils.kernel_switches)."""
     row = {"run": run, "context": ctx, "batch": batch}
     switches = kernel_switches(run)
     try:

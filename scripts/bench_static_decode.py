@@ -78,7 +78,7 @@ def patch_decode(model, run: str, model_name: str) -> None:
 def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
     row = {"run": run, "context": ctx, "batch": batch, "mode": args.mode}
     patched = run != "sdpa"
-    switches = kernel_switches(run)  # POLICY[:opts][@fused|@radix...]
+    switches = kernel_switches(run)  # POLICY[:opts][@twolaunch...]
     try:
         spec = switches.__enter__()
         if patched:

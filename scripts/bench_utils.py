@@ -42,19 +42,15 @@ def model_policy_spec(entry: str, model_name: str) -> tuple[str, dict]:
     return head, opts
 
 
-SWITCHES = {"radix": ("decode_topk", "SEARCH", "radix"), "ternary": ("decode_topk", "SEARCH", "ternary"),
-            "fused": ("decode_attention", "FUSE_COMBINE", True), "unfused": ("decode_attention", "FUSE_COMBINE", False),
-            "widetopk": ("wide_topk", "ENABLED", True), "torchtopk": ("wide_topk", "ENABLED", False),
-            "selattend": ("select_attend", "ENABLED", True), "twolaunch": ("select_attend", "ENABLED", False)}
+# (the @radix, @fused and @widetopk switches of results/bench_decode_floor_opts_b1.md went with the options they
+# set: measured slower and removed, kernels/triton/NOTES.md)
+SWITCHES = {"selattend": ("select_attend", "ENABLED", True), "twolaunch": ("select_attend", "ENABLED", False)}
 
 
 @contextlib.contextmanager
 def kernel_switches(run: str):
     """A decode run ``POLICY[:opts][@switch...]``: yields ``POLICY[:opts]`` with the switches set on the kernel
-    modules for the run, restored after: ``@radix`` / ``@ternary`` (the top-k's threshold search,
-    decode_topk.SEARCH), ``@fused`` / ``@unfused`` (the split-KV merge in the split launch or a second one,
-    decode_attention.FUSE_COMBINE), ``@widetopk`` / ``@torchtopk`` (TidalDecode's selection top-k, wide_topk.ENABLED),
-    ``@selattend`` / ``@twolaunch`` (Quest's top-k inside the split launch or its own, select_attend.ENABLED)."""
+    modules for the run, restored after: ``@selattend`` / ``@twolaunch`` (Quest's top-k inside the split launch or its own, select_attend.ENABLED)."""
     import importlib
 
     spec, *names = run.split("@")

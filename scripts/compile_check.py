@@ -121,7 +121,7 @@ def _cases():
     from accel.kernels.triton import (antidiag_score, block_sparse, block_topk, decode_append, decode_attention,
                                       decode_score, decode_topk, fa4_layout, flash_fwd, flex_estimate, flex_layout,
                                       fp8_quant, lastq_score, mass_threshold, pooled_score, proxy_score,
-                                      select_attend, vertical_slash, wide_topk)
+                                      select_attend, vertical_slash)
     from accel.layouts import VerticalSlashLayout
 
     bf = torch.bfloat16
@@ -230,12 +230,10 @@ def _cases():
         kmin = torch.randn(1, 8, P, 128, generator=g).to(bf)
         decode_score.quest_scores(q, kmin, kmin + 1, page_size=16)
 
-    for search, bits in (("ternary", 8), ("radix", 8), ("radix", 4)):
-        @case(f"decode/select_pages {search}{bits if search == 'radix' else ''}")
-        def _(search=search, bits=bits):
-            scores = torch.randn(1, 8, P, generator=g)
-            decode_topk.select_pages(scores, 256, kv_len=kv_len, page_size=16, keep_first=True, search=search,
-                                     radix_bits=bits)
+    @case("decode/select_pages")
+    def _():
+        scores = torch.randn(1, 8, P, generator=g)
+        decode_topk.select_pages(scores, 256, kv_len=kv_len, page_size=16, keep_first=True)
 
     @case("decode/select_attend (Quest's top-k in the split pass, 128K + 48 tokens of pages)")
     def _():
@@ -246,29 +244,25 @@ def _cases():
         stamps = torch.zeros(8 * 16 * select_attend.SLOTS.value, dtype=torch.int64)  # the timer probe's variant
         select_attend.select_attend(q, k, v, scores, 256, kv_len=kv_len, page_size=16, n_splits=16, stamps=stamps)
 
-    for fused in (False, True):
-        tag = " fused" if fused else ""
+    @case("decode/split-KV paged")
+    def _():
+        q, k, v = qkv(S=S, Sq=1)
+        pages = torch.randint(0, P, (1, 8, 256), generator=g, dtype=torch.int32)
+        counts = torch.full((1, 8), 256, dtype=torch.int32)
+        decode_attention.paged_decode_attention(q, k, v, pages, counts, 16, kv_end=kv_len)
 
-        @case(f"decode/split-KV paged{tag}")
-        def _(fused=fused):
-            q, k, v = qkv(S=S, Sq=1)
-            pages = torch.randint(0, P, (1, 8, 256), generator=g, dtype=torch.int32)
-            counts = torch.full((1, 8), 256, dtype=torch.int32)
-            decode_attention.paged_decode_attention(q, k, v, pages, counts, 16, kv_end=kv_len, fuse_combine=fused)
+    @case("decode/split-KV dense + logits (TidalDecode selection)")
+    def _():
+        q, k, v = qkv(S=S, Sq=1)
+        decode_attention.paged_decode_attention(q, k, v, return_lse=True, logits=torch.zeros(1, 32, S))
 
-        @case(f"decode/split-KV dense + logits (TidalDecode selection){tag}")
-        def _(fused=fused):
-            q, k, v = qkv(S=S, Sq=1)
-            decode_attention.paged_decode_attention(q, k, v, return_lse=True, logits=torch.zeros(1, 32, S),
-                                                    fuse_combine=fused)
-
-        @case(f"decode/split-KV head map + ring (DuoAttention){tag}")
-        def _(fused=fused):
-            q, k, v = qkv(S=S, Sq=1)
-            heads, ring_heads = torch.arange(0, 8, 2, dtype=torch.int32), torch.arange(1, 8, 2, dtype=torch.int32)
-            decode_attention.paged_decode_attention(
-                q, k[:, :4], v[:, :4], kv_heads=heads, group=4, kv_end=kv_len, fuse_combine=fused,
-                ring=(k[:, 4:, :320], v[:, 4:, :320], ring_heads), out=torch.zeros(1, 32, 1, 128, dtype=bf))
+    @case("decode/split-KV head map + ring (DuoAttention)")
+    def _():
+        q, k, v = qkv(S=S, Sq=1)
+        heads, ring_heads = torch.arange(0, 8, 2, dtype=torch.int32), torch.arange(1, 8, 2, dtype=torch.int32)
+        decode_attention.paged_decode_attention(
+            q, k[:, :4], v[:, :4], kv_heads=heads, group=4, kv_end=kv_len,
+            ring=(k[:, 4:, :320], v[:, 4:, :320], ring_heads), out=torch.zeros(1, 32, 1, 128, dtype=bf))
 
     @case("decode/split-KV paged D256 softcap (Gemma 2)")
     def _():
@@ -276,10 +270,6 @@ def _cases():
         pages = torch.randint(0, P, (1, 8, 256), generator=g, dtype=torch.int32)
         decode_attention.paged_decode_attention(q, k, v, pages, torch.full((1, 8), 256, dtype=torch.int32), 16,
                                                 kv_end=kv_len, softcap=50.0)
-
-    @case("decode/wide_topk (TidalDecode's selection, 128K keys)")
-    def _():
-        wide_topk.wide_topk(torch.rand(1, 1, 131072 + 48, generator=g), 4096)
 
     @case("decode/append (ring + page bounds)")
     def _():

@@ -13,9 +13,6 @@
 #                                                      # the split-KV kernel's key tiles / stages (32-layer graphs)
 #   bash scripts/gpu_suite.sh decode_splits            # split-KV waves: the selection launch swept, step floors
 #   bash scripts/gpu_suite.sh quest_norm_floor         # Quest's group_reduce='max_norm' against 'max': its cost
-#   bash scripts/gpu_suite.sh topk_search              # the top-k's radix select against its ternary search
-#   bash scripts/gpu_suite.sh fused_combine            # split-KV merge inside the split launch vs a second launch
-#   bash scripts/gpu_suite.sh wide_topk                # TidalDecode's selection top-k: our radix select vs torch.topk
 #   bash scripts/gpu_suite.sh select_attend            # Quest's top-k in the split launch vs its own launch
 #   bash scripts/gpu_suite.sh select_attend_stamps     # select_attend's phases timed inside the kernel (b1, b4)
 #   bash scripts/gpu_suite.sh tidal_floor tidal_e2e    # TidalDecode's shared selection vs one per KV head (before
@@ -99,19 +96,6 @@ for stage in "$@"; do
       timeout 200 python3 scripts/bench_decode.py --logits-sweep --batches 1,4 --out "$OUT" | tail -8
       timeout 380 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense quest tidal duo lserve \
         --out "$OUT/bench_decode_floor_splits" | tail -14 ;;
-    topk_search)  # the top-k's radix select against the ternary search: the kernel alone, then in the step floor
-      timeout 150 python3 scripts/bench_decode.py --topk-search --batches 1,4 --out "$OUT" | tail -10
-      timeout 400 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense quest quest@radix lserve \
-        lserve@radix lserve:reuse_steps=1 lserve:reuse_steps=1@radix --out "$OUT/bench_decode_floor_topk_search" \
-        | tail -16 ;;
-    fused_combine)  # the split-KV merge in the split launch (its last program per row and KV head) vs a 2nd launch
-      timeout 560 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense quest quest@fused tidal tidal@fused \
-        lserve lserve@fused duo duo@fused --out "$OUT/bench_decode_floor_fused" | tail -22 ;;
-    wide_topk)  # TidalDecode's selection top-k: kernels/triton/wide_topk.py vs torch.topk, alone then in the step
-      timeout 120 python3 scripts/bench_decode.py --wide-topk --contexts 32768,131072 --batches 1,4 --out "$OUT" \
-        | tail -10
-      timeout 400 python3 scripts/bench_decode_floor.py --batches 1 4 --runs dense tidal tidal@widetopk \
-        tidal@widetopk@fused --out "$OUT/bench_decode_floor_wide_topk" | tail -12 ;;
     select_attend)  # Quest's top-k inside the split launch vs its own launch: one layer, then the step floor
       timeout 200 python3 scripts/bench_decode.py --select-attend --batches 1,4 --out "$OUT" | tail -10
       timeout 300 python3 scripts/bench_decode_floor.py --batches 1 --runs dense quest quest@twolaunch \

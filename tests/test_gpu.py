@@ -49,17 +49,14 @@ def test_auto_picks_a_gpu_backend():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("policy", ["quest", "quest-fused", "tidal", "tidal-wide", "duo", "lserve", "lserve-mixed",
-                                    "lserve-reuse"])
+@pytest.mark.parametrize("policy", ["quest", "quest-fused", "tidal", "duo", "lserve", "lserve-mixed", "lserve-reuse"])
 def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path, monkeypatch):
     """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
     the Triton static decode (Quest's op, TidalDecode's shared positions, DuoAttention's and LServe's KV-head maps,
     LServe's page selection) must give the dynamic-cache tokens (float32 so the selections agree exactly).
-    ``tidal-wide``: TidalDecode's selection top-k by kernels/triton/wide_topk.py; ``quest-fused``: Quest's top-k
-    inside the split launch (kernels/triton/select_attend.py)."""
-    from accel.kernels.triton import select_attend, wide_topk
+    ``quest-fused``: Quest's top-k inside the split launch (kernels/triton/select_attend.py)."""
+    from accel.kernels.triton import select_attend
 
-    monkeypatch.setattr(wide_topk, "ENABLED", policy == "tidal-wide")
     monkeypatch.setattr(select_attend, "ENABLED", policy == "quest-fused")
     torch._dynamo.reset()
     model = tiny_model(family).cuda()
@@ -189,10 +186,9 @@ def _decode_kernel_variants() -> dict:
     return {name: sum(len(c[0]) for c in fn.device_caches.values()) for name, fn in fns.items()}
 
 
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("page", [None, 1, 16, 64])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_split_kv_decode_at_model_shape(page, batch, fused):
+def test_split_kv_decode_at_model_shape(page, batch):
     """The split-KV decode kernel at Llama-3.1-8B's head shape (32/8/128, bf16, 32K, budget 4096) with its own
     launch choice, which takes 128-key tiles here (``_tile``; the CPU tests run the interpreter's 32), against the
     torch twin."""
@@ -213,51 +209,15 @@ def test_split_kv_decode_at_model_shape(page, batch, fused):
         counts = torch.full((batch, hkv), n, dtype=torch.int32, device="cuda")
     width = S if page is None else 4096
     assert _tile(batch, hkv, width, None, D, D, 2, _sm_count(q.device)) == 128
-    got = paged_decode_attention(q, k, v, pages, counts, page or 16, scale=D**-0.5, kv_end=end, fuse_combine=fused)
+    got = paged_decode_attention(q, k, v, pages, counts, page or 16, scale=D**-0.5, kv_end=end)
     ref = R.paged_decode_attention(q.float(), k.float(), v.float(), pages, counts, page or 16, scale=D**-0.5,
                                    kv_end=end.reshape(1).expand(batch))
     torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
-    if fused:  # replayed in a CUDA graph with new queries: the self-resetting counters start every replay at zero
-        out = torch.empty_like(got)
-        paged_decode_attention(q, k, v, pages, counts, page or 16, scale=D**-0.5, kv_end=end, fuse_combine=True,
-                               out=out)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            paged_decode_attention(q, k, v, pages, counts, page or 16, scale=D**-0.5, kv_end=end, fuse_combine=True,
-                                   out=out)
-        for _ in range(3):
-            q.copy_(torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g))
-            graph.replay()
-            ref = R.paged_decode_attention(q.float(), k.float(), v.float(), pages, counts, page or 16,
-                                           scale=D**-0.5, kv_end=end.reshape(1).expand(batch))
-            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("warps", [4, 8])
-@pytest.mark.parametrize("rows", [(1, 1), (4, 8)])
-def test_wide_topk_at_tidal_rows(rows, warps, monkeypatch):
-    """TidalDecode's selection top-k compiled for the GPU (atomics, histograms): rows of a 128K static cache's
-    probabilities with the newest at +inf, the unfilled slots at 0 and a run of tied values; the kept values are
-    torch.topk's, at distinct positions."""
-    from accel.kernels.triton import wide_topk as W
-
-    monkeypatch.setattr(W, "WARPS", warps)
-    g = torch.Generator(device="cuda").manual_seed(warps)
-    S, ctx = 131072 + 48, 131072
-    p = torch.softmax(torch.randn(*rows, S, device="cuda", generator=g) * 3, -1)
-    p[..., ctx:] = 0.0
-    p[..., ctx - 1] = float("inf")
-    p[..., 1000:3000] = p[..., : ctx - 1].topk(200, dim=-1).values[..., -1:]  # 2000 ties across k = 256's cut
-    for k in (256, 4096):
-        got = W.wide_topk(p, k)
-        assert torch.equal(p.gather(-1, got.long()).sort(-1).values, p.topk(k, dim=-1).values.sort(-1).values)
-        assert got.sort(-1).values.diff(dim=-1).gt(0).all()
-
-
-@pytest.mark.parametrize("search", ["ternary", "radix"])
 @pytest.mark.parametrize("n_pages", [2052, 8196, 16384])
-def test_select_pages_at_model_rows(search, n_pages):
-    """The top-k kernel compiled for the GPU (its warps, the histogram's lowering) on rows of a 32K / 128K static
+def test_select_pages_at_model_rows(n_pages):
+    """The top-k kernel compiled for the GPU (its warps, the packed counting reductions) on rows of a 32K / 128K static
     cache and a whole 16K-page row: Gaussian scores with a run of ties, NaN past the length read on the device."""
     from accel.kernels import reference_decode as R
     from accel.kernels.triton.decode_topk import select_pages
@@ -269,7 +229,7 @@ def test_select_pages_at_model_rows(search, n_pages):
     s[..., n_pages - 2:] = float("nan")  # the pages past the newest (n_pages - 3)
     for k in (64, 256):
         ref = R.select_pages(s[..., : n_pages - 2], k, kv_len=length, page_size=16)
-        got = select_pages(s, k, kv_len=torch.tensor(length, device="cuda"), page_size=16, search=search)
+        got = select_pages(s, k, kv_len=torch.tensor(length, device="cuda"), page_size=16)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 

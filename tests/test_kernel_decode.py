@@ -10,9 +10,9 @@ from accel.kernels.triton.decode_attention import paged_decode_attention
 from accel.kernels.triton.decode_score import quest_scores
 from accel.kernels.triton.decode_topk import select_pages
 
-# the top-k's threshold searches: bisection, the packed ternary search, the radix select at 8 and 4 bits per pass
-SEARCHES = [{"n_cuts": 1}, {"n_cuts": 2}, {"search": "radix"}, {"search": "radix", "radix_bits": 4}]
-SEARCH_IDS = ["bisect", "ternary", "radix8", "radix4"]
+# the top-k's threshold searches: bisection, the packed ternary search
+SEARCHES = [{"n_cuts": 1}, {"n_cuts": 2}]
+SEARCH_IDS = ["bisect", "ternary"]
 
 
 def _qkv(B, hkv, group, S, D=32, dtype=torch.float32, seed=0):
@@ -131,7 +131,7 @@ def test_select_pages_cut_among_infinite_keys(n_pages, k_pages, keep_first):
     s[3, 0, ::3] = float("-inf")  # left-padding-like -inf pages among finite ones
     kv_len = n_pages * 16 - 7
     ref = R.select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first)
-    for kw in ({"finite_range": True}, {"finite_range": False}, {"search": "radix"}):  # radix: +-inf need no start
+    for kw in ({"finite_range": True}, {"finite_range": False}):
         got = select_pages(s, k_pages, kv_len=kv_len, page_size=16, keep_first=keep_first, **kw)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), kw
 
@@ -272,10 +272,6 @@ def test_search_passes_cover_every_int32_key():
     assert [search_passes(n) for n in (1, 2, 3)] == [32, 21, 16]
     with pytest.raises(ValueError, match="1 \\(bisection\\) or 2"):
         select_pages(torch.randn(1, 1, 8), 2, kv_len=128, page_size=16, n_cuts=3)
-    with pytest.raises(ValueError, match="'ternary' or 'radix'"):
-        select_pages(torch.randn(1, 1, 8), 2, kv_len=128, page_size=16, search="sort")
-    with pytest.raises(ValueError, match="radix_bits must be 4 or 8"):
-        select_pages(torch.randn(1, 1, 8), 2, kv_len=128, page_size=16, search="radix", radix_bits=5)
 
 
 @pytest.mark.parametrize("n_pages", [16, 17, 40, 64, 100])
@@ -324,8 +320,7 @@ def test_select_pages_with_device_length(length, how, dtype):
             assert torch.equal(pages[b, h, : counts[b, h]], want_p[b, h, : want_c[b, h]])
 
 
-@pytest.mark.parametrize("search", ["ternary", "radix"])
-def test_select_pages_reuse_per_row(search):
+def test_select_pages_reuse_per_row():
     """LServe's reuse in the top-k kernel, row by row: a row whose selection is fresh enough keeps its pages and
     count and gets the page begun since in the spare slot (counted in ``live``); a row that never selected, or whose
     selection is ``steps`` tokens old, selects anew (as without reuse) and records the length."""
@@ -344,9 +339,9 @@ def test_select_pages_reuse_per_row(search):
     sel0 = sel_len.clone()
     live = torch.full((B, H), -1, dtype=torch.int32)
     got_p, got_live = select_pages(scores.clone(), k, kv_len=length, page_size=page, out=(pages, counts),
-                                   reuse=(sel_len, steps, live), search=search)
+                                   reuse=(sel_len, steps, live))
     assert got_p is pages and got_live is live
-    fresh_p, fresh_c = select_pages(scores, k, kv_len=length, page_size=page, search=search)
+    fresh_p, fresh_c = select_pages(scores, k, kv_len=length, page_size=page)
     assert torch.equal(pages[0, 0, :5], torch.tensor([1, 3, 5, 6, 7], dtype=torch.int32)) and live[0, 0] == 5
     assert torch.equal(pages[0, 1, :4], kept[0, 0]) and pages[0, 1, 4] == 7 and live[0, 1] == 4
     assert torch.equal(sel_len[0], sel0[0]) and torch.equal(counts[0], torch.tensor([4, 4], dtype=torch.int32))
@@ -502,38 +497,6 @@ def test_select_pages_packed_counts_at_the_largest_row(n_cuts):
     got = select_pages(s, k, kv_len=MAX_PAGES * 16, page_size=16, n_cuts=n_cuts)
     ref = R.select_pages(s, k, kv_len=MAX_PAGES * 16, page_size=16)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-
-
-@pytest.mark.parametrize("case", ["dense", "paged", "head_map", "ring", "logits"])
-@pytest.mark.parametrize("splits", [None, 1, 3])
-def test_fused_combine_matches_two_launches(case, splits):
-    """``fuse_combine``: the last split program of each (row, KV head) merges the partials in the split launch. The
-    result equals the two-launch one (the same merge, in another program), lse included, for every source layout;
-    the counters it counts arrivals in are back at zero afterwards, so the next call (or graph replay) starts clean."""
-    from accel.kernels.triton import decode_attention as DA
-
-    group = 2
-    q, k, v = _qkv(2, 3, group, 90, D=16, seed=11)
-    kw = dict(scale=0.3, kv_end=torch.tensor([90, 61], dtype=torch.int32), return_lse=True, n_splits=splits)
-    args = (q, k, v)
-    if case == "paged":
-        mn, mx = R.page_bounds(k, 16)
-        pages, counts = R.select_pages(R.quest_scores(q, mn, mx), 3, kv_len=90, page_size=16)
-        args = (q, k, v, pages, counts, 16)
-    elif case in ("head_map", "ring"):
-        heads, _ = _mapped(group)
-        args = (q, k[:, heads.long()], v[:, heads.long()])
-        kw.update(kv_heads=heads, group=group)
-        if case == "ring":
-            kw["ring"] = (k[:, 1:2, :24], v[:, 1:2, :24], torch.tensor([1], dtype=torch.int32))
-    elif case == "logits":
-        kw.pop("kv_end")
-    got = {}
-    for fused in (False, True):
-        extra = {"logits": torch.zeros(2, 3 * group, 90)} if case == "logits" else {}
-        got[fused] = paged_decode_attention(*args, fuse_combine=fused, **kw, **extra)
-    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
-    assert all(int(c.abs().sum()) == 0 for c in DA._COUNTERS.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

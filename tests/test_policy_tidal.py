@@ -238,19 +238,14 @@ def test_selection_needs_the_forward_order():
         pol.plan(q, torch.randn(1, 2, 21, 16), AttentionContext(1, "decode", None, cache=cache))
 
 
-@pytest.mark.parametrize("reduce,shared,wide", [("sum", False, False), ("max", False, False), ("max", True, False),
-                                               ("sum", False, True), ("max", True, True)])
+@pytest.mark.parametrize("reduce,shared", [("sum", False), ("max", False), ("max", True)])
 @pytest.mark.parametrize("softcap,padded", [(None, False), (3.0, True)])
-def test_static_selection_in_one_pass_matches_torch(reduce, shared, wide, softcap, padded, monkeypatch):
+def test_static_selection_in_one_pass_matches_torch(reduce, shared, softcap, padded):
     """A selection layer over a static buffer: with the Triton kernels (interpreted here) its dense attention hands
     back the scores it ranks keys by; the kept positions equal the torch path's (scores from a second pass over K),
-    and its output is the dense attention the torch path leaves to the caller. ``wide``: the top-k by
-    kernels/triton/wide_topk.py (through its custom op) instead of torch.topk."""
+    and its output is the dense attention the torch path leaves to the caller."""
     from accel.kernels.static_decode import dense_static_decode
-    from accel.kernels.triton import wide_topk
     from accel.policies.tidal import _StaticHandle
-
-    monkeypatch.setattr(wide_topk, "ENABLED", wide)
 
     g = torch.Generator().manual_seed(7)
     B, Hkv, G, S, D, L = 2, 2, 3, 96, 16, 71  # a 96-slot buffer filled to 71

@@ -28,13 +28,6 @@ class _StaticHandle:
         return self.layer.cumulative_length
 
 
-def _wide_topk() -> bool:
-    """Whether the selection layers' top-k runs kernels/triton/wide_topk.py (its ``ENABLED`` switch)."""
-    from accel.kernels.triton import wide_topk
-
-    return wide_topk.ENABLED
-
-
 @dataclass
 class TidalPolicy(Policy):
     """TidalDecode (Yang et al. 2024, arXiv 2410.05076): position-persistent sparse attention for decode.
@@ -234,13 +227,9 @@ class TidalPolicy(Policy):
                 s = self.score(q, k, scale, softcap, kv_start, length=length)  # [B, Hkv, S], float32
             pos = torch.arange(s.shape[-1], device=s.device)
             s = torch.where(pos == length - 1, float("inf"), s)  # the newest token, always
-            # unsorted: attention is order-free, and sorting the top-k cost a radix sort per selection layer
-            if use_triton and _wide_topk():
-                from accel.kernels.paged_decode_op import wide_topk_
-
-                wide_topk_(s, positions)  # in place; a memset and four launches against torch.topk's eight
-            else:
-                positions.copy_(s.topk(positions.shape[-1], dim=-1, sorted=False).indices)
+            # unsorted: attention is order-free, and sorting the top-k cost a radix sort per selection layer (a radix
+            # select of our own, kernels/triton/NOTES.md "wide_topk", measured slower than torch.topk and removed)
+            positions.copy_(s.topk(positions.shape[-1], dim=-1, sorted=False).indices)
             return out
         counts = handle.counts
         kv_end = length.reshape(1).expand(q.shape[0])

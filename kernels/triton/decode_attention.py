@@ -107,9 +107,7 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP, LOGIT
                   sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, sps, s_start, s_end,
                   Hkv, G, Sk, NS, TOK_PER_SPLIT, qk_scale, cap_in, cap_out,
                   K2, V2, HEADS2, sk2b, sk2h, sk2n, sk2d, sv2b, sv2h, sv2n, sv2d, H2, Sk2, TOK2,
-                  CNT, OUT, LSE, soutb, southq, soutd, slb, slh, RETURN_LSE: tl.constexpr, FUSED: tl.constexpr,
-                  BLOCK_S: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, HAS_KV_START: tl.constexpr,
-                  HAS_KV_END: tl.constexpr,
+                  PAGE: tl.constexpr, PAGED: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_END: tl.constexpr,
                   HAS_HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LOGITS: tl.constexpr,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TWO: tl.constexpr):
@@ -203,23 +201,13 @@ def _split_kernel(Q, K, V, PAGES, COUNTS, KV_START, KV_END, HEADS, OP, LP, LOGIT
         m_i, l_i, acc = online_softmax(s, vv, m_i, l_i, acc, IEEE)
     row = (b * HT + hh) * G + offs_g  # without a head map: b * Hq + query head
     store_partial(OP, LP, row, NS, split, m_i, l_i, acc, g_ok, BLOCK_DV)
-    if FUSED:  # the last split of this (row, head) to finish merges the partials: no second launch
-        tl.debug_barrier()  # every thread's partial stored before the release below
-        done = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
-        if done == NS - 1:
-            tl.store(CNT + pid, 0)  # self-resetting: the counters stay zero between launches
-            row0 = (b * HT + hh) * G
-            for gi in range(0, G):
-                _combine_row(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, row0 + gi, HT * G, G,
-                             NS, Hkv, RETURN_LSE, HAS_HEADS, TWO, BLOCK_S, BLOCK_DV, BLOCK_DV, ".cg")
 
 
-@triton.jit
-def _combine_row(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, row, R, G, NS, H1,
-                 RETURN_LSE: tl.constexpr, HAS_HEADS: tl.constexpr, TWO: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, DV, CACHE: tl.constexpr):
-    """Merge the NS partial outputs of output row ``row`` (b * R + r) into ``OUT`` (and its lse). ``CACHE``: the
-    partials' load cache modifier (``".cg"``, past L1, where other programs of the same launch wrote them)."""
+@triton.jit(do_not_specialize=["NS"])
+def _combine_kernel(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, R, G, NS, H1,
+                    RETURN_LSE: tl.constexpr, HAS_HEADS: tl.constexpr, TWO: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, DV):
+    row = tl.program_id(0)  # b * R + r, with R = (KV heads of K/V [+ of the second source]) * G rows per batch row
     b = row // R
     r = row % R
     hq = r  # without a head map, row r is query head r
@@ -235,9 +223,8 @@ def _combine_row(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < NS
-    lse = tl.load(LP + row * NS + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
-    o = tl.load(OP + (row * NS + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0,
-                cache_modifier=CACHE)
+    lse = tl.load(LP + row * NS + offs_s, mask=s_ok, other=float("-inf"))
+    o = tl.load(OP + (row * NS + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
     m = tl.max(lse, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m_safe)
@@ -247,15 +234,6 @@ def _combine_row(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh
     if RETURN_LSE:
         row_lse = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
         tl.store(LSE + b * slb + hq * slh, row_lse)
-
-
-@triton.jit(do_not_specialize=["NS"])
-def _combine_kernel(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, R, G, NS, H1,
-                    RETURN_LSE: tl.constexpr, HAS_HEADS: tl.constexpr, TWO: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, DV):
-    # one program per output row: b * R + r, with R = (KV heads of K/V [+ of the second source]) * G rows per batch
-    _combine_row(OP, LP, HEADS, HEADS2, OUT, LSE, soutb, southq, soutd, slb, slh, tl.program_id(0), R, G, NS, H1,
-                 RETURN_LSE, HAS_HEADS, TWO, BLOCK_S, BLOCK_DV, DV, "")
 
 
 # decided once, when Triton wrapped the kernel: ``type()`` of a kernel inside torch.compile's trace is an error
@@ -336,29 +314,6 @@ def launch_shape(q: torch.Tensor, Hkv: int, width: int, Dv: int, page_size: int,
     return block_n, n_splits, tok_per_split, None if interp else _stages(tok_per_split // block_n, block_n)
 
 
-# Merge the splits in the split launch (its last program per (row, KV head), through a self-resetting counter)
-# instead of a second launch: paged_decode_attention's ``fuse_combine`` default. Off: measured slower (H100, 128K,
-# batch 1, 32-layer step attention: Quest 1.888 -> 2.096 ms, TidalDecode 1.296 -> 1.522;
-# results/bench_decode_floor_opts_b1.md). Not traceable by torch.compile (LServe's static step traces this wrapper).
-FUSE_COMBINE = False
-_COUNTERS: dict = {}  # (device, stream) -> int32 counters, zero between launches
-_RETIRED: list = []  # outgrown counters: a captured CUDA graph may still point at them, so they are never freed
-
-
-def _counters(n: int, device) -> torch.Tensor:
-    """Zeroed int32 counters for ``n`` programs on ``device``'s current stream, kept across calls (the fused merge
-    leaves them zero). One set per stream, so launches on two streams never share one. Made inside a CUDA graph
-    capture, their zeroing is one memset node of that graph."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
 def _per_row(t: torch.Tensor, B: int, device, name: str, fn: str = "paged_decode_attention"
              ) -> tuple[torch.Tensor, int]:
     """A per-row int bound ([B], or one value for every row, e.g. a static cache's 0-d length) and its row stride.
@@ -399,7 +354,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
                            out: torch.Tensor | None = None,
                            ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
-                           logits: torch.Tensor | None = None, fuse_combine: bool | None = None):
+                           logits: torch.Tensor | None = None):
     """q [B, Hq, 1, D]; k, v [B, Hkv, Sk, D] (any strides: cache views work); ``pages`` int32 [B, Hkv, n] with
     ``counts`` int32 [B, Hkv] (None: every key); ``kv_start`` / ``kv_end`` int [B] (or one value for all rows): the
     first real key (left padding) / one past the last filled slot (a static cache's length, read on the device).
@@ -423,8 +378,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     ``n_splits`` / ``block_n`` / ``num_warps`` / ``num_stages`` override the split pass's launch (None: two
     programs per SM, keys per tile by ``_tile``, Triton's default warps, ``_stages`` by the blocks each program
     loops over); scripts/bench_decode.py --split-sweep measured that no split or warp setting beats the defaults by
-    more than 1 us at batch 1, --tile-sweep / --token-sweep chose the tiles. ``fuse_combine`` (None: FUSE_COMBINE):
-    the last split program of each (row, KV head) merges the partials, one launch instead of two."""
+    more than 1 us at batch 1, --tile-sweep / --token-sweep chose the tiles."""
     B, Hq, _, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     check_decode_qkv(q, k, v, "paged_decode_attention")
@@ -488,11 +442,6 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     f32 = q.dtype == torch.float32
     dummy = part_l
     two = dict(K2=k2, V2=v2, HEADS2=heads2, strides=(*k2.stride(), *v2.stride())) if H2 else None
-    fused = FUSE_COMBINE if fuse_combine is None else bool(fuse_combine)
-    if fused and torch.compiler.is_compiling():
-        raise RuntimeError("paged_decode_attention: fuse_combine keeps per-stream counters that torch.compile cannot "
-                           "trace; call it through a custom op (kernels/paged_decode_op.py) or leave FUSE_COMBINE off")
-    cnt = _counters(B * HT, q.device) if fused else None
     block_s = max(2, triton.next_power_of_2(n_splits))
     lse_strides = (lse.stride(0), lse.stride(1)) if return_lse else (0, 0)
     _split_kernel[(B * HT, n_splits)](
@@ -504,8 +453,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         *(pages.stride() if pages is not None else (0, 0, 0)), s_start, s_end,
         Hkv, G, Sk, n_splits, tok_per_split, qk_scale, cap_in, cap_out,
         *((two["K2"], two["V2"], two["HEADS2"], *two["strides"]) if two else (dummy,) * 3 + (0,) * 8), H2, Sk2, tok2,
-        cnt if fused else dummy, out, lse, out.stride(0), out.stride(1), out.stride(3), *lse_strides,
-        RETURN_LSE=bool(return_lse), FUSED=fused, BLOCK_S=block_s, PAGE=page_size if pages is not None else 1,
+        PAGE=page_size if pages is not None else 1,
         PAGED=pages is not None, HAS_KV_START=kv_start is not None,
         HAS_KV_END=kv_end is not None, HAS_HEADS=mapped, SOFTCAP=softcap is not None,
         HAS_LOGITS=logits is not None, DOT_F32=interp and not f32,
@@ -513,11 +461,10 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         TWO=bool(H2), **({"num_warps": num_warps} if num_warps else {}),
         **({"num_stages": num_stages} if num_stages else {}),
     )
-    if not fused:
-        _combine_kernel[(B * rows,)](part_o, part_l, kv_heads if mapped else dummy, two["HEADS2"] if two else dummy,
-                                     out, lse, out.stride(0), out.stride(1), out.stride(3), *lse_strides, rows, G,
-                                     n_splits, Hkv, RETURN_LSE=bool(return_lse), HAS_HEADS=mapped, TWO=bool(H2),
-                                     BLOCK_S=block_s, BLOCK_DV=Dv, DV=Dv)
+    _combine_kernel[(B * rows,)](part_o, part_l, kv_heads if mapped else dummy, two["HEADS2"] if two else dummy,
+                                 out, lse, out.stride(0), out.stride(1), out.stride(3), *lse_strides, rows, G,
+                                 n_splits, Hkv, RETURN_LSE=bool(return_lse), HAS_HEADS=mapped, TWO=bool(H2),
+                                 BLOCK_S=block_s, BLOCK_DV=Dv, DV=Dv)
     return (out, lse) if return_lse else out
 
 

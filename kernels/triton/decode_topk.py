@@ -6,8 +6,8 @@ sort, the k-th largest score is found exactly over an order-preserving int32 ima
 scores by a ternary search (two counts per pass packed in one reduction; at most 21 passes over the row, all in
 registers) started on the finite scores' range (the forced pages score +inf and are counted, not searched), then a
 prefix sum over rows of 64 pages compacts the selected page ids (a 1-D one ranks ties only when there are any).
-``search='radix'`` finds the same k-th largest key by a most-significant-digit radix select instead (histograms of 8
-or 4 key bits per pass, at most 4 or 8 passes): an option, measured slower in the step (kernels/triton/NOTES.md).
+A radix select (histograms of 8 or 4 key bits per pass) was measured slower in the step and removed
+(kernels/triton/NOTES.md).
 
 The row is held as the largest power-of-two block that fits in it plus a smaller tail block for the rest, so a row
 just past a power of two (a static cache of 128K + a few tokens) costs about what the power of two costs instead of
@@ -152,47 +152,8 @@ def _ternary_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, NC: tl.constex
 
 
 @triton.jit
-def _radix_threshold(key, ok, tkey, tok, K, TAIL: tl.constexpr, RADIX: tl.constexpr):
-    """(the K-th largest valid key, count(key >= it)) by a most-significant-digit radix select: each pass takes a
-    histogram of the next RADIX bits of the keys that share the digits chosen so far and keeps the bin that holds the
-    K-th largest, so 32 / RADIX passes at most (against up to 21 counting passes of the ternary search). It stops at
-    a bin whose keys are exactly the ones still needed: its lowest value (the remaining bits zero) is then a cut with
-    exactly K keys at or above it."""
-    NB: tl.constexpr = 1 << RADIX
-    bins = tl.arange(0, NB)
-    sign = -2147483647 - 1  # flipping the sign bit makes the signed key order the unsigned bit order
-    ukey = key ^ sign
-    tukey = tkey ^ sign
-    match = ok
-    tmatch = tok
-    need = K  # keys still to take among the matching ones
-    prefix = tl.zeros((), tl.int32)  # the chosen digits, in the unsigned image
-    c_lo = K
-    shift = tl.full((), 32 - RADIX, tl.int32)
-    go = shift >= 0
-    while go:
-        d = (ukey >> shift) & (NB - 1)  # an arithmetic shift: the mask drops the sign's copies
-        h = tl.histogram(d, NB, mask=match)
-        if TAIL > 0:
-            td = (tukey >> shift) & (NB - 1)
-            h += tl.histogram(td, NB, mask=tmatch)
-        ge = tl.cumsum(h, axis=0, reverse=True)  # matching keys with this digit or a higher one
-        top = tl.max(tl.where(ge >= need, bins, 0), axis=0)  # the highest bin that still reaches the K-th key
-        in_top = tl.sum(tl.where(bins == top, h, 0), axis=0)
-        need -= tl.sum(tl.where(bins == top, ge, 0), axis=0) - in_top  # the keys in higher bins are all taken
-        prefix = prefix | (top << shift)
-        match = match & (d == top)
-        if TAIL > 0:
-            tmatch = tmatch & (td == top)
-        c_lo = K - need + in_top  # count(key >= the lowest key with these digits)
-        shift -= RADIX
-        go = (shift >= 0) & (in_top != need)
-    return prefix ^ sign, c_lo
-
-
-@triton.jit
 def select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
-               TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr, RADIX: tl.constexpr):
+               TAIL: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr):
     """The kept flags of one score row (pages ``[0, BLOCK_P)`` and the tail block's ``[BLOCK_P, BLOCK_P + TAIL)``,
     the main block's flags standing in for the tail's when TAIL is 0): its K highest valid scores, the newest page
     (and page 0 with KEEP_FIRST) forced in, ties to the lower page index."""
@@ -204,10 +165,7 @@ def select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl
     else:  # unused stand-ins
         tkey = key
         tok = ok
-    if RADIX > 0:
-        lo, c_lo = _radix_threshold(key, ok, tkey, tok, K, TAIL, RADIX)
-    else:
-        lo, c_lo = _ternary_threshold(key, ok, tkey, tok, K, TAIL, NC, FINITE)
+    lo, c_lo = _ternary_threshold(key, ok, tkey, tok, K, TAIL, NC, FINITE)
     lo = lo.to(tl.int32)
     sel = (key >= lo) & ok
     tsel = sel
@@ -252,7 +210,7 @@ def tail_slots(tsel, n_before):
 def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb, sph, sps, Hkv, P, K, LAST, PAGE,
                    STEPS, LEN_ON_DEVICE: tl.constexpr, KEEP_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
                    TAIL: tl.constexpr, HAS_REUSE: tl.constexpr, NC: tl.constexpr, FINITE: tl.constexpr,
-                   CH: tl.constexpr, RADIX: tl.constexpr):
+                   CH: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
@@ -269,7 +227,7 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
             tl.store(LIVE + pid, n + begun.to(tl.int32))
             return
     row = SCORES + b * ssb + h * ssh
-    sel, tsel = select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P, TAIL, NC, FINITE, RADIX)
+    sel, tsel = select_row(row, ssp, P, LAST, K, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P, TAIL, NC, FINITE)
     out = PAGES + b * spb + h * sph
     slot, n_sel = page_slots(sel, BLOCK_P, CH)
     tl.store(out + slot * sps, tl.reshape(tl.arange(0, BLOCK_P), (BLOCK_P // CH, CH)), mask=slot >= 0)
@@ -287,9 +245,6 @@ def _select_kernel(SCORES, PAGES, COUNTS, KV_LEN, SEL, LIVE, ssb, ssh, ssp, spb,
 # 17.0 vs 17.5 us at 128K, 7.8 vs 9.4 at 32K; Gaussian rows 18.1 vs 17.0 and 7.1 vs 8.0 (the passes fall from ~20
 # to ~13, but at 8K pages the row's fixed cost dominates).
 N_CUTS = 2
-# How the threshold is found (select_pages' ``search``): 'ternary'. The radix select measured slower in the step
-# (H100, 128K, batch 1, 32-layer attention: Quest 1.888 -> 2.265 ms; results/bench_decode_floor_opts_b1.md).
-SEARCH = "ternary"
 
 
 def search_passes(n_cuts: int) -> int:
@@ -316,8 +271,7 @@ def _warps(block_p: int) -> int:
 
 def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, page_size: int,
                  keep_first: bool = False, num_warps: int | None = None, n_cuts: int | None = None,
-                 tail_block: bool = True, finite_range: bool = True, search: str | None = None,
-                 radix_bits: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 tail_block: bool = True, finite_range: bool = True, out: tuple[torch.Tensor, torch.Tensor] | None = None,
                  reuse: tuple[torch.Tensor, int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scores float32 [B, Hkv, P] -> (pages int32 [B, Hkv, min(k, P)] ascending, counts int32 [B, Hkv]).
     ``kv_len`` a 0-d tensor (a static cache's length, read on the device, no sync): pages past it are never chosen,
@@ -325,8 +279,6 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     (default N_CUTS). ``tail_block=False``: one power-of-two block for the whole row (the
     layout before the tail block, kept for benchmarks). ``finite_range=False``: the search starts on the whole
     range of keys, +inf of the forced pages included (the search before the finite range, kept for benchmarks).
-    ``search``: how the k-th largest score is found, ``'ternary'`` (counting passes) or ``'radix'`` (histograms of
-    ``radix_bits`` bits per pass, 4 or 8); default SEARCH. ``n_cuts`` and ``finite_range`` apply to the ternary one.
     ``out``: (pages, counts) buffers to write into (pages may be wider than ``k``).
 
     ``reuse`` (LServe over a static cache, with a device-side ``kv_len`` and ``out``): ``(sel_len, steps, live)``,
@@ -353,11 +305,6 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
     nc = n_cuts or N_CUTS
     if nc not in (1, 2):
         raise ValueError(f"select_pages: n_cuts must be 1 (bisection) or 2 (two packed counts per pass), got {nc}")
-    search = search or SEARCH
-    if search not in ("ternary", "radix"):
-        raise ValueError(f"select_pages: search must be 'ternary' or 'radix', got {search!r}")
-    if search == "radix" and radix_bits not in (4, 8):
-        raise ValueError(f"select_pages: radix_bits must be 4 or 8 (it divides the 32-bit keys), got {radix_bits}")
     sel = live = counts
     steps = 0
     if reuse is not None:
@@ -370,7 +317,6 @@ def select_pages(scores: torch.Tensor, k: int, *, kv_len: int | torch.Tensor, pa
                              0 if on_device else (kv_len - 1) // page_size, page_size, int(steps),
                              LEN_ON_DEVICE=on_device, KEEP_FIRST=bool(keep_first), BLOCK_P=block_p, TAIL=tail,
                              HAS_REUSE=reuse is not None, NC=nc, FINITE=bool(finite_range), CH=min(64, block_p),
-                             RADIX=radix_bits if search == "radix" else 0,
                              num_warps=num_warps or _warps(block_p))  # main >= tail
     return pages, (live if reuse is not None else counts)
 

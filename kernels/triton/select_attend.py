@@ -65,7 +65,7 @@ def _select_attend_kernel(SCORES, Q, K, V, PAGES, KV_LEN, KV_START, OP, LP, STAM
         end = tl.minimum(length, Sk)
     # 1. the row's selection, as select_pages makes it
     sel, tsel = select_row(SCORES + b * ssb + h * ssh, ssp, P, LAST, NK, LEN_ON_DEVICE, KEEP_FIRST, BLOCK_P,
-                           TAIL, NC, True, 0)
+                           TAIL, NC, True)
     if STAMP:  # (the dependency's reduction only in the probe's variant)
         stamp_after(stamps, 1, tl.sum(sel.to(tl.float32), axis=0), STAMP)
     slot, n_sel = page_slots(sel, BLOCK_P, CH)
