@@ -48,6 +48,7 @@ class LayerState:
     static_layer: Any = None
     static_padded: bool = False  # the static-cache prefill saw left padding (decode then derives per-row starts)
     static_cache: bool = False  # the last forward ran over a transformers StaticCache (compiled steps go uncounted)
+    active: bool = True  # False once unpatched / re-patched: cache layers it installed then refuse updates
 
     def set_cache(self, cache, layer) -> None:
         self._cache_ref = None if cache is None else weakref.ref(cache)

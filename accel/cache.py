@@ -10,7 +10,27 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 
-class SinkWindowLayer(DynamicLayer):
+class PatchOwned:
+    """A cache layer accel.patching installed for a decode policy. It remembers what it was made for (``made_key``,
+    compared by the patch's pre-forward hook: a re-patched model whose decode policy needs another layer is refused)
+    and the patched layer's state (``owner``): a layer that keeps only some tokens or heads (streaming, DuoAttention)
+    refuses updates once that patch is gone, where plain attention would read its dropped or split keys as the full
+    cache and answer wrong without a sign."""
+
+    owner = None  # the LayerState of the patch that installed or last used the layer (None: made by hand)
+    keeps_all = False  # every token of every head is stored (plain attention over it is exact)
+    made_key = None
+    made_for = ""
+
+    def check_owner(self) -> None:
+        if self.owner is not None and not self.owner.active:
+            raise RuntimeError(
+                f"this KV cache layer was filled under accel's {self.made_for} and keeps only part of the context; "
+                "the model is no longer patched with that policy. Start a new cache (drop past_key_values, or pass "
+                "a fresh DynamicCache), or patch the model with that policy again to continue it")
+
+
+class SinkWindowLayer(PatchOwned, DynamicLayer):
     is_sliding = False
     is_croppable = False
 
@@ -38,6 +58,7 @@ class SinkWindowLayer(DynamicLayer):
         return torch.cat([x[..., : self.sink, :], recent], dim=-2).clone()
 
     def update(self, key_states, value_states, *args, **kwargs):
+        self.check_owner()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
@@ -94,7 +115,7 @@ class _BatchOps:
         self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
-class PagedKVLayer(_BatchOps, DynamicLayer):
+class PagedKVLayer(PatchOwned, _BatchOps, DynamicLayer):
     """Full KV plus per-page key bounds for query-aware page selection (Quest and its relatives).
 
     Keys and values live in capacity buffers that grow geometrically, so appending a token writes one row instead
@@ -105,6 +126,7 @@ class PagedKVLayer(_BatchOps, DynamicLayer):
 
     is_sliding = False
     is_croppable = True
+    keeps_all = True
     GROW = 256  # capacity granularity in tokens
 
     def __init__(self, page_size: int = 16):
@@ -521,7 +543,7 @@ def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     return new
 
 
-class DuoSplitLayer(_BatchOps, DynamicLayer):
+class DuoSplitLayer(PatchOwned, _BatchOps, DynamicLayer):
     """DuoAttention cache layer: retrieval KV heads keep every token, streaming KV heads keep only ``sink`` +
     ``recent - 1`` tokens (constant memory; the next query makes ``recent``).
 
@@ -570,6 +592,7 @@ class DuoSplitLayer(_BatchOps, DynamicLayer):
         return torch.cat([x[..., : self.sink, :], recent], dim=-2).clone()
 
     def update(self, key_states, value_states, *args, **kwargs):
+        self.check_owner()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.full_call = self.cumulative_length == 0

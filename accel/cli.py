@@ -364,6 +364,8 @@ def run(args) -> dict[str, Any]:
     stats = accel.stats(model)
     main_res["stats"] = {k: stats.get(k) for k in ("policy", "backend_requested", "backends_used", "mean_density",
                                                    "mean_prefill_density", "mean_decode_density", "calibration")}
+    main_res["stats"]["static_cache"] = any(layer.get("static_cache") for layer in stats["layers"])
+    main_res["stats"]["kept_every_key"] = {phase: _kept_all(stats["layers"], phase) for phase in ("prefill", "decode")}
 
     result: dict[str, Any] = {
         "model": args.model or "smollm2",
@@ -416,16 +418,30 @@ def _versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
+def _decode_density(st: dict[str, Any]) -> str:
+    d = st.get("mean_decode_density")
+    if d is None and st.get("static_cache"):
+        return "n/a (static cache: its decode steps record no density)"
+    return _fmt(d, ".3f")
+
+
+def _kept_all(layers: list[dict[str, Any]], phase: str) -> bool:
+    """Whether every layer a policy acts on computed every pair in ``phase``: the model's own sliding-window layers
+    keep their window (density below 1.0) whatever the policy does, so they do not count."""
+    ds = [layer[f"{phase}_density"] for layer in layers if layer.get("sliding_window") is None]
+    return bool(ds) and all(d is not None and d >= 1.0 for d in ds)
+
+
 def _kept_everything(res: dict[str, Any]) -> list[str]:
     """A note for each sparse phase that computed every pair at this length (a budget or window covering the
-    context, a threshold the scores never fall below), so a density of 1.000 is not read as the policy failing."""
-    st = res["result"]["stats"]
+    context, a threshold the scores never fall below), so a density of 1.000 is not read as the policy failing
+    (judged on the layers the policy acts on: ``_kept_all``)."""
+    kept = res["result"]["stats"].get("kept_every_key") or {}
     prefill, _, decode = res["policy"].partition("+")
-    phases = (("prefill", prefill, st.get("mean_prefill_density")), ("decode", decode or prefill,
-                                                                     st.get("mean_decode_density")))
+    phases = (("prefill", prefill), ("decode", decode or prefill))
     return [f"note         {phase} policy {name!r} kept every key at this length (its budget, window or threshold "
             f"covers this context): try a longer --context-length or a smaller budget/window (--option)"
-            for phase, name, d in phases if name not in ("dense", "") and d is not None and d >= 1.0]
+            for phase, name in phases if name not in ("dense", "") and kept.get(phase)]
 
 
 def _calibration(res: dict[str, Any]) -> list[str]:
@@ -450,7 +466,7 @@ def format_report(res: dict[str, Any]) -> str:
         f"policy       {res['policy']}  options={res['options'] or '{}'}  backend={res['backend']} "
         f"(used: {', '.join(r['stats']['backends_used']) or 'n/a'}; density prefill "
         f"{_fmt(r['stats'].get('mean_prefill_density'), '.3f')}, decode "
-        f"{_fmt(r['stats'].get('mean_decode_density'), '.3f')})",
+        f"{_decode_density(r['stats'])})",
         *_calibration(res),
         *_kept_everything(res),
         f"prompt       {res['prompt_tokens']} tokens"

@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 
 from . import attention
 from .attention import IMPL_NAME, LayerState
-from .cache import SinkWindowLayer
+from .cache import PatchOwned, SinkWindowLayer
 from .kernels import BACKEND_NAMES, BackendUnavailable, get_backend
 from .patches import find_adapter
 from .spec import PolicySpec, parse_policy
@@ -27,10 +27,11 @@ def cache_argument(kwargs: Mapping[str, Any]):
 
 
 class _PatchRecord:
-    def __init__(self, original_impl: str | None, spec: PolicySpec, backend: str):
+    def __init__(self, original_impl: str | None, spec: PolicySpec, backend: str, collect: bool = False):
         self.original_impl = original_impl
         self.spec = spec
         self.backend = backend
+        self.collect = collect
         self.handles: list = []
         self.modules: list[nn.Module] = []
 
@@ -45,13 +46,13 @@ def _check_backend(backend: str, model: nn.Module) -> None:
         raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")
     param = next(model.parameters(), None)
     if backend == "triton" and param is not None and param.device.type != "cuda":
-        import os
+        from .kernels.triton.checks import interpreter_problem
 
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        problem = interpreter_problem()
+        if problem is not None:
             raise BackendUnavailable(
                 f"backend 'triton' needs the model on a CUDA device (it is on {param.device}); move it with "
-                "model.to('cuda'), or set TRITON_INTERPRET=1 to run the kernels slowly on the CPU"
-            )
+                f"model.to('cuda'); to run them on the CPU instead, {problem}")
     if backend == "flash" and param is not None and param.device.type != "cuda":
         raise BackendUnavailable(f"backend 'flash' needs a CUDA device; the model is on {param.device}")
 
@@ -90,10 +91,46 @@ def _position_guard(model: nn.Module):
     return hook
 
 
+def _layer_key(limit: tuple[int, int] | None, kind: tuple[type, dict] | None):
+    """What a dynamic cache layer installed for this decode policy is made of (class and arguments; None: the
+    default DynamicLayer), comparable across patches, and its description for error messages."""
+    if limit is not None:
+        return ("SinkWindowLayer", ("sink", limit[0]), ("window", limit[1])), f"sink={limit[0]}, window={limit[1]}"
+    if kind is None:
+        return None, "the default DynamicLayer"
+    args = tuple(sorted((k, tuple(v.flatten().tolist()) if isinstance(v, torch.Tensor) else v)
+                        for k, v in kind[1].items()))
+    shown = ", ".join(f"{k}={v}" for k, v in kind[1].items() if not isinstance(v, torch.Tensor))
+    return (kind[0].__name__, *args), shown
+
+
+def _adopt(state: LayerState, layer, key, shown: str):
+    """Claim an accel cache layer for this patch, or refuse one made for another decode policy or options: its
+    stored keys (a dropped middle, split heads, pages of another size) are not what this policy reads. A layer that
+    keeps every token (Quest's pages) may go on under a policy that needs no layer of its own."""
+    if layer.made_key != key and not (key is None and layer.keeps_all):
+        want = f"{state.spec.decode.name!r}" + (f" ({shown})" if key is not None else "")
+        raise RuntimeError(
+            f"layer {state.layer_idx} of this KV cache was filled under accel's {layer.made_for}; the model is now "
+            f"patched with decode policy {want}, which cannot continue it. Start a new cache after re-patching "
+            "(drop past_key_values, or pass a fresh DynamicCache)")
+    layer.owner = state
+    return layer
+
+
+def _install(state: LayerState, layers, layer, key, shown: str):
+    layer.owner, layer.made_key = state, key
+    layer.made_for = f"decode policy {state.spec.decode.name!r} ({type(layer).__name__}, {shown})"
+    layers[state.layer_idx] = layer
+    return layer
+
+
 def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[type, dict] | None = None):
     """Before each attention call: note the cache length, and swap in a bounded layer for streaming layers.
     ``kind`` (from the decode policy's ``cache_kind``): the cache layer class the policy needs (e.g. PagedKVLayer
-    for Quest), installed in place of the default DynamicLayer; the layer is handed to the policy's plan."""
+    for Quest), installed in place of the default DynamicLayer; the layer is handed to the policy's plan. An accel
+    layer from an earlier patch is continued only when it is what this policy would install (``_adopt``)."""
+    key, shown = _layer_key(limit, kind)
 
     def hook(mod, args, kwargs):
         if _tracing():
@@ -114,8 +151,10 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
         if state.static_cache:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             layer = _static_layer(state, cache, layers, kind, mod, hidden)
+        elif isinstance(layer, PatchOwned) and layer.owner is not None:
+            layer = _adopt(state, layer, key, shown)
         elif limit is not None and type(layer) is DynamicLayer:
-            layer = layers[state.layer_idx] = SinkWindowLayer.from_layer(layer, *limit)
+            layer = _install(state, layers, SinkWindowLayer.from_layer(layer, *limit), key, shown)
         elif limit is not None and not isinstance(layer, SinkWindowLayer) and not getattr(layer, "is_sliding", False):
             raise TypeError(
                 f"policy {state.spec.decode.name!r} bounds the KV cache and needs the default dynamic cache, got "
@@ -124,7 +163,7 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
             )
         elif kind is not None:  # decode policies with their own cache layer (accel.cache)
             if type(layer) is DynamicLayer:
-                layer = layers[state.layer_idx] = kind[0].from_layer(layer, **kind[1])
+                layer = _install(state, layers, kind[0].from_layer(layer, **kind[1]), key, shown)
             elif not isinstance(layer, kind[0]) and not getattr(layer, "is_sliding", False):
                 raise TypeError(
                     f"policy {state.spec.decode.name!r} needs its own cache layer ({kind[0].__name__}) and the default "
@@ -166,6 +205,7 @@ def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether ``accel.patch`` has replaced this model's attention (and ``unpatch`` has not undone it)."""
     return getattr(model, _ATTR, None) is not None
 
 
@@ -191,21 +231,41 @@ def patch(
         if hasattr(pol, "check_model"):  # e.g. a per-model head map (vertical_slash)
             pol.check_model(model)
     _check_backend(backend, model)
-    modules = adapter.attention_modules(model)
-
-    if is_patched(model):
+    # every per-layer decision that can fail (a head map's layer, a cache kind) before the model is touched: a
+    # failing re-patch keeps the previous policy
+    layers = _layer_states(model, adapter, spec, backend, collect_stats)
+    previous = getattr(model, _ATTR, None)
+    if previous is not None:
         unpatch(model)
-    attention.register()
-    record = _PatchRecord(model.config._attn_implementation, spec, backend)
     try:
-        for mod in modules:
-            window = adapter.layer_window(mod)
-            state = LayerState(layer_idx=mod.layer_idx, spec=spec, backend=backend, sliding_window=window,
-                               collect=collect_stats)
+        _apply(model, spec, backend, collect_stats, layers)
+    except Exception:
+        if previous is not None:  # put the previous policy back (it validated when it was patched)
+            _apply(model, previous.spec, previous.backend, previous.collect,
+                   _layer_states(model, adapter, previous.spec, previous.backend, previous.collect))
+        raise
+    return model
+
+
+def _layer_states(model: nn.Module, adapter, spec: PolicySpec, backend: str, collect: bool) -> list:
+    """(attention module, its LayerState, cache limit, cache kind) per layer; touches nothing."""
+    layers = []
+    for mod in adapter.attention_modules(model):
+        window = adapter.layer_window(mod)
+        state = LayerState(layer_idx=mod.layer_idx, spec=spec, backend=backend, sliding_window=window,
+                           collect=collect)
+        layers.append((mod, state, spec.decode.cache_limit(window), spec.decode.cache_kind(window, mod.layer_idx)))
+    return layers
+
+
+def _apply(model: nn.Module, spec: PolicySpec, backend: str, collect: bool, layers: list) -> None:
+    """Install the hooks and the attention implementation on an unpatched model; undone on any error."""
+    attention.register()
+    record = _PatchRecord(model.config._attn_implementation, spec, backend, collect)
+    try:
+        for mod, state, limit, kind in layers:
             mod._accel = state
             record.modules.append(mod)
-            limit = spec.decode.cache_limit(window)
-            kind = spec.decode.cache_kind(window, mod.layer_idx)
             record.handles.append(mod.register_forward_pre_hook(_cache_hook(state, limit, kind), with_kwargs=True))
         record.handles.append(model.register_forward_pre_hook(_position_guard(model), with_kwargs=True))
         if callable(getattr(type(model), "get_compiled_call", None)):
@@ -215,7 +275,6 @@ def patch(
     except Exception:
         _undo(model, record)
         raise
-    return model
 
 
 def _eager_prefill_chunks(model: nn.Module):
@@ -249,6 +308,7 @@ def _undo(model: nn.Module, record: _PatchRecord) -> None:
         h.remove()
     for mod in record.modules:
         if hasattr(mod, "_accel"):
+            mod._accel.active = False  # the cache layers it installed refuse further updates (cache.PatchOwned)
             del mod._accel
     if model.config._attn_implementation == IMPL_NAME:
         model.set_attn_implementation(record.original_impl)
@@ -300,6 +360,8 @@ def stats(model: nn.Module) -> dict[str, Any]:
 
 
 def reset_stats(model: nn.Module) -> None:
+    """Zero the counters ``accel.stats`` reads (calls, backends, densities, recall), e.g. between a warm-up and a
+    measured run; the policy and its caches are untouched."""
     record = getattr(model, _ATTR, None)
     if record is None:
         raise ValueError("model is not patched")

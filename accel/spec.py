@@ -25,6 +25,7 @@ class PolicySpec:
 
 
 def preset_names() -> list[str]:
+    """The presets shipped in configs/ (``accel.patch(model, "streaming_4k")``), by name."""
     return sorted(p.name[:-5] for p in resources.files("accel.configs").iterdir() if p.name.endswith(".yaml"))
 
 
@@ -92,7 +93,11 @@ def parse_policy(policy: str | Mapping[str, Any] = "dense", **options: Any) -> P
     for name, phase in ((pre_name, "prefill"), (dec_name, "decode")):
         cls = policy_class(name)
         if phase not in cls.phases:
-            raise ValueError(f"policy {name!r} is a {'/'.join(cls.phases)} policy and cannot be used for {phase}")
+            swapped = all(n in REGISTRY and REGISTRY[n].cls is not None and p in REGISTRY[n].phases
+                          for n, p in ((pre_name, "decode"), (dec_name, "prefill")))
+            hint = f"; did you mean '{dec_name}+{pre_name}'?" if swapped else ""
+            raise ValueError(f"policy {name!r} is a {'/'.join(cls.phases)} policy and cannot be used for {phase}"
+                             + hint)
     merged = {**preset_opts, **options}
     pre_cls, dec_cls = policy_class(pre_name), policy_class(dec_name)
     known = set(pre_cls.option_names()) | set(dec_cls.option_names())

@@ -61,11 +61,24 @@ def test_preset_from_path(tmp_path):
         ({"prefil": "dense"}, {}, ValueError, "'prefill' and/or 'decode'"),
         ("missing.yaml", {}, FileNotFoundError, "does not exist"),
         (3, {}, TypeError, "policy must be"),
+        ("quest+xattention", {}, ValueError, "cannot be used for prefill; did you mean 'xattention\\+quest'\\?"),
+        ({"prefill": "quest", "decode": "dense"}, {}, ValueError, "did you mean 'dense\\+quest'\\?"),
+        ("xattention", {"threshold": True}, ValueError, "'threshold'.*must be a number, got True"),
+        ("duo", {"ratio": False}, ValueError, "'ratio'.*must be a number, got False"),
+        ("streaming", {"window": True}, ValueError, "'window'.*must be an integer, got True"),
     ],
 )
 def test_bad_policy_input(policy, options, exc, match):
     with pytest.raises(exc, match=match):
         parse_policy(policy, **options)
+
+
+def test_no_hint_when_swapping_does_not_help_and_bool_options_stay_bools():
+    with pytest.raises(ValueError, match="cannot be used for prefill") as err:
+        parse_policy("tidal+quest")  # two decode policies: swapping them is no fix
+    assert "did you mean" not in str(err.value)
+    assert parse_policy("quest", keep_first_page=True, budget=64).decode.keep_first_page is True
+    assert parse_policy("tidal", shared=False).decode.shared is False
 
 
 def _snapshot(model):

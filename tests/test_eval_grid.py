@@ -19,6 +19,12 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-eval-llama"), tiny_tokenizer(chat=True))
 
 
+def test_epilog_names_the_plots_written():
+    """The help promises the files the grid writes: one needle heatmap per niah task."""
+    epilog = cli.build_parser().epilog
+    assert "OUT/needle_heatmap_TASK.png" in epilog and "needle_heatmap.png" not in epilog
+
+
 def _run(capsys, argv):
     code = cli.main(argv)
     cap = capsys.readouterr()

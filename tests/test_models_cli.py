@@ -345,7 +345,8 @@ def test_cli_reports_prefill_and_decode_density_apart(capsys, tiny_dir):
 
 def test_cli_notes_a_budget_that_covers_the_context(capsys, tiny_dir):
     code, out, err = _run(capsys, ["--model", str(tiny_dir), "--context-length", "300", "--max-new-tokens", "3",
-                                   "--decode", "quest", *BASE])  # budget 4096 > 300 tokens: every key is kept
+                                   "--decode", "quest", "--option", "dense_layers=0",
+                                   *BASE])  # budget 4096 > 300 tokens: every key is kept
     assert code == 0, err
     notes = [x for x in out.splitlines() if x.startswith("note")]
     assert len(notes) == 1 and "decode policy 'quest' kept every key" in notes[0], out
@@ -364,7 +365,8 @@ def test_cli_names_the_calibration_files_it_read(capsys, tiny_dir, tmp_path):
     path.write_text(json.dumps({"format": LAYER_MAP_FORMAT, "model": model_signature(cfg), "dense_layers": [1],
                                 "calibration": {"page_size": 16, "budget": 64}}))
     code, out, err = _run(capsys, ["--model", str(tiny_dir), "--context-length", "300", "--max-new-tokens", "3",
-                                   "--decode", "quest", "--option", "budget=64", "--option", f"layer_map={path}",
+                                   "--decode", "quest", "--option", "budget=64", "--option", "dense_layers=0",
+                                   "--option", f"layer_map={path}",
                                    *BASE])
     assert code == 0, err
     assert f"calibration  quest: {path}" in out.splitlines(), out
@@ -427,3 +429,17 @@ def test_cli_bad_input_one_line_exit_2(capsys, tiny_dir, argv, match):
 def test_cli_missing_model_exit_2(capsys, tmp_path):
     code, out, err = _run(capsys, ["--model", str(tmp_path / "none.gguf"), *BASE])
     assert code == 2 and "GGUF file not found" in err and "Traceback" not in err
+
+
+def test_cli_note_judges_the_layers_a_policy_acts_on():
+    """On a model with sliding-window layers (Gemma) the mean decode density stays below 1.0 whatever the policy
+    does; the note looks at the other layers. A static cache's decode steps record no density: said so."""
+    from accel.cli import _decode_density, _kept_all
+
+    layers = [{"sliding_window": 64, "decode_density": 0.3}, {"sliding_window": None, "decode_density": 1.0}]
+    assert _kept_all(layers, "decode")
+    assert not _kept_all([*layers, {"sliding_window": None, "decode_density": 0.5}], "decode")
+    assert not _kept_all([{"sliding_window": None, "decode_density": None}], "decode")  # unknown: no note
+    assert not _kept_all(layers[:1], "decode")  # every layer sliding: the policy acts on none
+    assert _decode_density({"mean_decode_density": None, "static_cache": True}).startswith("n/a (static cache")
+    assert _decode_density({"mean_decode_density": 0.25}) == "0.250"

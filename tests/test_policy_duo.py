@@ -105,6 +105,28 @@ def test_head_map_for_another_model_is_refused(tmp_path):
         accel.parse_policy("duo", ratio=1.5)
 
 
+def test_malformed_gates_are_refused(tmp_path):
+    """A head map with the model's signature but no gates, or gates not shaped layers x KV heads: a clear error at
+    patch time (not a KeyError, nor an index error at every forward), for duo and lserve alike; the model stays as
+    it was."""
+    model = tiny_model("llama")  # 2 layers x 2 KV heads
+    sig = model_signature(model.config)
+    for i, (body, match) in enumerate([
+            ({}, "has no 'gates'"),
+            ({"gates": [[0.5, 0.5]]}, "has 1 layers x 2 KV heads; this model has 2 layers x 2 KV heads"),
+            ({"gates": [[0.1, 0.2, 0.3]] * 2}, "has 2 layers x 3 KV heads"),
+            ({"gates": [[0.5], [0.5, 0.5]]}, r"has 2 layers x \[1, 2\] KV heads"),
+            ({"gates": [[0.5, "high"]] * 2}, "gates must be finite numbers"),
+            ({"gates": {"0": [0.5, 0.5]}}, "has no 'gates'")]):
+        path = tmp_path / f"m{i}.json"
+        path.write_text(json.dumps({"model": sig, **body}))
+        for policy in ("duo", "lserve"):
+            with pytest.raises(ValueError, match=match) as err:
+                accel.patch(model, policy, duo_map=str(path))
+            assert "scripts/calibrate_duo.py MODEL or pass duo_map=PATH" in str(err.value)
+            assert not accel.is_patched(model)
+
+
 def test_padded_batch_refused(tmp_path):
     model = tiny_model("llama")
     accel.patch(model, "duo", duo_map=_head_map(model, tmp_path / "m.json"), ratio=0.5, sink=2, recent=8)

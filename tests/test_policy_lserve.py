@@ -112,6 +112,25 @@ def test_selection_reused_for_reuse_steps(tmp_path):
     assert out.sequences.shape[1] == 70
 
 
+def test_reuse_beyond_a_physical_page():
+    """reuse_steps > physical_page_size: the dynamic cache adds every physical page begun since the selection; a
+    static cache (one spare page slot per selection) refuses it, naming the fix."""
+    model = tiny_model("llama")
+    accel.patch(model, "lserve", ratio=0.0, backend="reference", reuse_steps=40, **SMALL)  # physical pages of 16
+    pol = model._accel_patch.spec.decode
+    layouts, plan = {}, pol.plan
+    pol.plan = lambda q, k, ctx: layouts.setdefault((ctx.layer_idx, k.shape[2]), plan(q, k, ctx))
+    x = ids(length=61)
+    with torch.no_grad():
+        _gen(model, x, n=40, min_new_tokens=40)  # decode steps at 62..100 keys: one selection, at 62
+    for i in (0, 1):
+        first, last = layouts[(i, 62)].pages, layouts[(i, 100)].pages
+        assert first.shape[-1] == 2  # budget 32: two physical pages
+        assert torch.equal(last[..., :2], first) and last[..., 2:].tolist() == [[[4, 5, 6]] * 2]
+    with torch.no_grad(), pytest.raises(ValueError, match="lower reuse_steps to <= 16"):
+        model.generate(x, max_new_tokens=2, do_sample=False, cache_implementation="static", disable_compile=True)
+
+
 def test_sparse_same_on_both_backends(tmp_path):
     model = tiny_model("llama")
     path = _head_map(model, tmp_path / "m.json")

@@ -97,6 +97,16 @@ def test_heads_per_proxy_must_divide_heads():
         pol.plan(torch.randn(1, 4, 200, 16), torch.randn(1, 2, 200, 16), CTX)
 
 
+def test_heads_per_proxy_is_checked_against_the_model_at_patch():
+    """A heads_per_proxy that does not divide the model's query heads is refused by accel.patch, not at the first
+    prefill of 128 tokens or more."""
+    model = tiny_model("llama")  # 4 query heads
+    with pytest.raises(ValueError, match=r"'heads_per_proxy' \(3\).*4 query heads; pass one of \[1, 2, 4\]"):
+        accel.patch(model, "proxy+quest", heads_per_proxy=3, block_size=64, dense_layers=0)
+    assert not accel.is_patched(model)
+    accel.patch(model, "proxy", heads_per_proxy=4, block_size=64)
+
+
 def test_per_layer_gamma_from_a_map(tmp_path):
     """A per-layer map sets each layer's gamma (policies/threshold_map.py): a layer at 1.0 keeps every causal block,
     the others at 0.3 skip blocks; a map calibrated with another query stride raises when named; a map of another

@@ -115,6 +115,19 @@ def test_bad_options(opts, match):
         accel.parse_policy("quest", **opts)
 
 
+def test_dense_layers_covering_the_model_is_refused():
+    """dense_layers >= the model's layers would decode everything dense: refused at patch, as tidal's
+    select_layer is."""
+    model = tiny_model("llama")  # 2 layers
+    for policy, n in (("quest", 2), ("xattention+quest", 5)):
+        with pytest.raises(ValueError, match=f"'dense_layers' of policy 'quest' is {n} but the model has 2 "
+                                             "layers.*pass dense_layers between 0 and 1"):
+            accel.patch(model, policy, dense_layers=n, layer_map="none")
+        assert not accel.is_patched(model)
+    accel.patch(model, "quest", dense_layers=1, budget=32)
+    assert model._accel_patch.spec.decode._selects(None, 1)
+
+
 @pytest.mark.real_model
 def test_real_model_needle_with_small_budget():
     """SmolLM2-135M finds a needle in ~2K tokens while quest attends to 512 of them per decode step."""

@@ -14,13 +14,14 @@ from conftest import tiny_config, tiny_model
 from test_families import _global_layers_model, ids
 
 
-def _deep(family="llama", layers=4, seed=0):
-    """Tiny model with enough layers for a selection, sparse layers and a re-selection."""
+def _deep(family="llama", layers=4, seed=0, types=None):
+    """Tiny model with enough layers for a selection, sparse layers and a re-selection; families with sliding-window
+    layers get ``types`` (default: sliding and full-attention layers alternating, so two full ones at 4 layers)."""
     torch.manual_seed(seed)
     cfg = tiny_config(family)
     cfg.num_hidden_layers = layers
-    if family == "gemma2":
-        cfg.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if family in ("gemma2", "gemma3", "qwen2"):
+        cfg.layer_types = types or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     cfg._attn_implementation = "eager" if family == "gemma2" else "sdpa"
     return getattr(transformers, type(tiny_model(family)).__name__)(cfg).eval()
 
@@ -46,7 +47,8 @@ def _capture(model):
 
 
 def test_budget_covering_everything_is_dense(family, backend="reference"):
-    model = _global_layers_model(family)
+    # the tiny Gemma 2 / 3 and Qwen2 have one full-attention layer, which tidal refuses (nothing would reuse it)
+    model = _deep(family) if family in ("gemma2", "gemma3", "qwen2") else _global_layers_model(family)
     x = ids(length=40)
     with torch.no_grad():
         ref = _gen(model, x)
@@ -221,6 +223,24 @@ def test_layers_outside_the_model_are_refused():
     with pytest.raises(ValueError, match="no full-attention layer"):
         accel.patch(tiny_model("gemma3"), "tidal", select_layer=0, reselect_layer=1)  # only layer 2 is global
     assert not accel.is_patched(model)
+
+
+def test_selection_on_the_last_full_attention_layer_is_refused():
+    """A selection layer with no full-attention layer after it leaves nothing to reuse its positions: tidal would
+    decode dense, so accel.patch refuses, naming the full-attention layers and what to pass."""
+    gemma = _deep("gemma3", layers=6, types=["sliding_attention"] * 5 + ["full_attention"])
+    with pytest.raises(ValueError, match=r"selection layer 5 \(select_layer=2\) is the last full-attention layer.*"
+                                         r"full-attention layers: \[5\]; .*needs two"):
+        accel.patch(gemma, "tidal")
+    llama = tiny_model("llama")  # 2 layers
+    with pytest.raises(ValueError, match=r"selection layer 1 \(select_layer=1\).*pass select_layer= between 0 and 0"):
+        accel.patch(llama, "tidal", select_layer=1)
+    two = _deep("gemma3")  # full-attention layers 1 and 3
+    with pytest.raises(ValueError, match=r"full-attention layers: \[1, 3\]; pass select_layer= between 0 and 1"):
+        accel.patch(two, "tidal", select_layer=2, reselect_layer=None)
+    assert not any(accel.is_patched(m) for m in (gemma, llama, two))
+    accel.patch(two, "tidal", select_layer=1)
+    assert two._accel_patch.spec.decode._layers == (1, None)
 
 
 def test_selection_needs_the_forward_order():

@@ -169,6 +169,13 @@ def test_bad_options(opts, match):
         accel.parse_policy("vertical_slash", **opts)
 
 
+def test_unknown_head_map_lists_only_vertical_slash_maps():
+    with pytest.raises(ValueError, match="unknown head map 'nope'") as err:
+        accel.parse_policy("vertical_slash", head_map="nope")
+    shipped = str(err.value).split("shipped head maps: ")[1].split(" (")[0].split(", ")
+    assert shipped == ["vertical_slash_gemma3", "vertical_slash_smollm2"]
+
+
 def test_bad_pattern_in_map(tmp_path):
     path = _write_map(tmp_path, [["diagonal"]])
     with pytest.raises(ValueError, match="unknown pattern"):

@@ -174,6 +174,30 @@ def test_layer_thresholds_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["xattention", "flexprefill", "proxy"])
+def test_threshold_map_needs_one_value_per_layer(tmp_path, policy):
+    """A map with the model's signature but more or fewer values than layers (or none) is refused at patch, not
+    silently applied to the first layers."""
+    import json
+
+    from accel.policies.duo import model_signature
+    from accel.policies.threshold_map import map_format
+
+    model = tiny_model("llama")  # 2 layers
+    path = tmp_path / "thr.json"
+    for thresholds, match in (([0.9] * 7, "has 7 thresholds; this model has 2 layers"),
+                              ([0.9], "has 1 thresholds; this model has 2 layers"),
+                              (None, "has no 'thresholds' list"), (0.9, "has no 'thresholds' list")):
+        body = {"format": map_format(policy), "model": model_signature(model.config)}
+        if thresholds is not None:
+            body["thresholds"] = thresholds
+        path.write_text(json.dumps(body))
+        with pytest.raises(ValueError, match=match) as err:
+            accel.patch(model, policy, layer_thresholds=str(path))
+        assert "layer_thresholds='none'" in str(err.value)
+        assert not accel.is_patched(model)
+
+
+@pytest.mark.parametrize("policy", ["xattention", "flexprefill", "proxy"])
 def test_shipped_maps_fit_their_models(policy):
     """configs/<policy>_*.json: one value per layer of the demo model they name (in the calibration grid, None for
     sliding-window layers), in the policy's map format, calibrated with the policy's default settings."""

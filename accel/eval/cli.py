@@ -22,7 +22,7 @@ EXAMPLES = """examples:
 
 Rerunning the same command reuses every finished cell (OUT/cells/*.json); corrupt or half-written cell files, or
 cells made with other settings, are reported and recomputed. Outputs: OUT/eval.json, OUT/eval.md and the plots
-OUT/needle_heatmap.png and OUT/accuracy_vs_length.png.
+OUT/needle_heatmap_TASK.png (one per niah task) and OUT/accuracy_vs_length.png.
 """
 
 

@@ -66,7 +66,8 @@ class Policy:
             value = getattr(policy, f.name)
             if f.type in ("int", int) and not (isinstance(value, int) and not isinstance(value, bool)):
                 raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be an integer, got {value!r}")
-            if f.type in ("float", float) and not isinstance(value, (int, float)):
+            # bool is an int subclass: threshold=True must not pass as 1.0
+            if f.type in ("float", float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be a number, got {value!r}")
             if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be True or False, got {value!r}")

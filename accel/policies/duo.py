@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -52,6 +53,26 @@ def load_head_map(name: str, config=None) -> tuple[str, dict]:
             return str(res), data
     raise ValueError(f"no shipped DuoAttention head map fits this model ({sig}); calibrate one with "
                      "`python scripts/calibrate_duo.py MODEL --out configs/duo_NAME.json` and pass duo_map=PATH")
+
+
+def check_gates(src: str, gates, config) -> list[list[float]]:
+    """``gates`` of a head map, one row of KV-head gates per layer of the model of ``config``, or a ValueError: a
+    map with the right signature but other gates (hand-edited, truncated) would fail at every forward."""
+    cfg = getattr(config, "text_config", None) or config
+    layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads or cfg.num_attention_heads
+    fix = "calibrate one with scripts/calibrate_duo.py MODEL or pass duo_map=PATH"
+    if not isinstance(gates, list) or not all(isinstance(row, list) for row in gates):
+        raise ValueError(f"DuoAttention head map {src} has no 'gates' (a list of one row of KV-head gates per "
+                         f"layer); {fix}")
+    widths = sorted({len(row) for row in gates})
+    if len(gates) != layers or widths != [hkv]:
+        have = widths[0] if len(widths) == 1 else widths
+        raise ValueError(f"DuoAttention head map {src} has {len(gates)} layers x {have} KV heads; this model has "
+                         f"{layers} layers x {hkv} KV heads; {fix}")
+    if not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
+               for row in gates for g in row):
+        raise ValueError(f"DuoAttention head map {src}: gates must be finite numbers; {fix}")
+    return gates
 
 
 def streaming_assignment(gates: list[list[float]], ratio: float, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -106,7 +127,7 @@ class DuoPolicy(Policy):
         if data.get("model") != sig:
             raise ValueError(f"DuoAttention head map {src} was made for another model ({data.get('model')}); this "
                              f"model is {sig}. Calibrate one with scripts/calibrate_duo.py")
-        gates = data["gates"]
+        gates = check_gates(src, data.get("gates"), cfg)
         types = getattr(getattr(cfg, "text_config", None) or cfg, "layer_types", None)
         layers = [i for i in range(len(gates)) if not types or types[i] == "full_attention"]
         self._stream = streaming_assignment(gates, self.ratio, layers)

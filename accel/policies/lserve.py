@@ -30,7 +30,8 @@ class LServePolicy(DuoPolicy):
     prefill, or under the prefill policy of a composition (``"xattention+lserve"``). A budget at or above the
     context attends to every retrieval key (density 1.0 in ``accel.stats``); ``ratio=0`` needs no head map and
     with such a budget is exactly dense. Over a transformers StaticCache (and torch.compile) the layer becomes an
-    LServeStaticLayer and the selection runs on the device every ``reuse_steps`` (``static_decode``)."""
+    LServeStaticLayer and the selection runs on the device every ``reuse_steps`` (``static_decode``; there
+    ``reuse_steps`` <= ``physical_page_size``)."""
 
     name = "lserve"
     phases = ("prefill", "decode")
@@ -90,8 +91,11 @@ class LServePolicy(DuoPolicy):
         if sliding_window is not None:
             return None
         if self.reuse_steps > self.physical_page_size:
+            # the static selection buffer has one spare slot for a physical page begun since the selection; the
+            # dynamic cache appends every begun page, so only this path limits reuse_steps
             raise ValueError(f"policy 'lserve' over a static cache takes reuse_steps <= physical_page_size "
-                             f"({self.physical_page_size}), got {self.reuse_steps}: lower reuse_steps")
+                             f"({self.physical_page_size}), got {self.reuse_steps}: lower reuse_steps to <= "
+                             f"{self.physical_page_size}, or decode with the default dynamic cache")
         stream = self._stream_heads(layer_idx)
         layer = layers[layer_idx]
         if bool(stream.any()):

@@ -106,6 +106,17 @@ class ProxyPolicy(LayerThresholds, Policy):
         if self.block_size % self.query_stride:
             raise ValueError(f"option 'query_stride' ({self.query_stride}) must divide block_size ({self.block_size})")
 
+    def check_model(self, model) -> None:
+        """Called by accel.patch: ``heads_per_proxy`` must divide the model's query heads (else the first prefill of
+        ``block_size`` tokens or more would fail); then the per-layer gamma map."""
+        cfg = getattr(model.config, "text_config", None) or model.config
+        hq, per = cfg.num_attention_heads, self.heads_per_proxy
+        if per and hq % per:
+            divisors = [d for d in range(1, hq + 1) if hq % d == 0]
+            raise ValueError(f"option 'heads_per_proxy' ({per}) of policy 'proxy' must divide the model's {hq} query "
+                             f"heads; pass one of {divisors}, or 0 (one proxy per GQA group)")
+        super().check_model(model)
+
     def plan(self, q, k, ctx):
         q_len, kv_len = q.shape[2], k.shape[2]
         bs = self.block_size

@@ -128,19 +128,28 @@ class QuestPolicy(Policy):
                              f"got {self.group_reduce!r}")
 
     def check_model(self, model) -> None:
-        """Called by accel.patch: load the layer map for ``model`` (see the docstring)."""
-        self._map_dense, self._map_source = frozenset(), None
+        """Called by accel.patch: load the layer map for ``model`` (see the docstring); ``dense_layers`` must leave a
+        layer to select in."""
+        self._map_dense, self._map_source = self._layer_map(model)
+        n = (getattr(model.config, "text_config", None) or model.config).num_hidden_layers
+        if self.dense_layers >= n:  # every layer would decode dense: quest would silently do nothing
+            raise ValueError(f"option 'dense_layers' of policy {self.name!r} is {self.dense_layers} but the model has "
+                             f"{n} layers, so every layer would decode dense; pass dense_layers between 0 and "
+                             f"{n - 1}")
+
+    def _layer_map(self, model) -> tuple[frozenset, str | None]:
+        """(layers the map leaves dense, its source) for ``model``, or (empty, None) without a map that applies."""
         if self.layer_map == "none":
-            return
+            return frozenset(), None
         found = load_layer_map(self.layer_map, model.config, {k: getattr(self, k) for k in CALIBRATED_SETTINGS})
         if found is None:
-            return
+            return frozenset(), None
         src, data = found
         cal = data.get("calibration") or {}
         differs = {k: cal[k] for k in CALIBRATED_SETTINGS if k in cal and getattr(self, k) != cal[k]}
         if differs:  # layers chosen for other pages / scores say nothing about these
             if self.layer_map == "auto":
-                return  # the shipped map does not apply: select in every layer
+                return frozenset(), None  # the shipped map does not apply: select in every layer
             raise ValueError(f"quest layer map {src} was calibrated with "
                              + ", ".join(f"{k}={v}" for k, v in differs.items())
                              + "; this policy has " + ", ".join(f"{k}={getattr(self, k)}" for k in differs)
@@ -151,7 +160,7 @@ class QuestPolicy(Policy):
                if not isinstance(i, int) or not 0 <= i < cfg.num_hidden_layers]
         if bad:
             raise ValueError(f"quest layer map {src}: dense_layers must be layer indices, got {bad}")
-        self._map_dense, self._map_source = frozenset(data["dense_layers"]), src
+        return frozenset(data["dense_layers"]), src
 
     @property
     def calibration_source(self) -> str | None:

@@ -81,8 +81,9 @@ def thresholds_by_layer(data: dict) -> dict[int, float]:
     for i, t in enumerate(data["thresholds"]):
         if t is None:
             continue
-        if not 0.0 < float(t) <= 1.0:
-            raise ValueError(f"threshold map: layer {i} has threshold {t}, outside (0, 1]")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
+            raise ValueError(f"threshold map: layer {i} has threshold {t!r}, outside (0, 1] (null: the policy's "
+                             "own value)")
         out[i] = float(t)
     return out
 
@@ -127,6 +128,15 @@ class LayerThresholds:
             raise ValueError(f"{self.name} threshold map {src} was calibrated with {made}; this policy has "
                              + ", ".join(f"{k}={getattr(self, k)}" for k in differs)
                              + ". Calibrate one for these settings or pass layer_thresholds='none'")
+        cfg = getattr(model.config, "text_config", None) or model.config
+        values = data.get("thresholds")
+        if not isinstance(values, list) or len(values) != cfg.num_hidden_layers:
+            # a map of other length would set the first layers' values and leave the rest silently uniform
+            have = f"{len(values)} thresholds" if isinstance(values, list) else "no 'thresholds' list"
+            raise ValueError(f"{self.name} threshold map {src} has {have}; this model has {cfg.num_hidden_layers} "
+                             "layers and the map needs one value per layer (null for sliding-window layers). "
+                             f"Calibrate one with scripts/calibrate_xattention.py MODEL --policy {self.name}, or "
+                             "pass layer_thresholds='none'")
         self._map_source, self._by_layer = src, thresholds_by_layer(data)
 
     @property

@@ -46,7 +46,8 @@ class TidalPolicy(Policy):
     Layer rule: ``select_layer`` (default 2, as in the paper) and ``reselect_layer`` (``-1``: the paper's 13 of 32
     scaled to the model, ``round(13 * n_layers / 32)``, dropped when no full-attention layer would sit between the
     two; ``None``: no re-selection) name layers; each moves to the first full-attention layer at or after it
-    (sliding-window layers keep their window and are never sparsified); explicit values must lie inside the model.
+    (sliding-window layers keep their window and are never sparsified); explicit values must lie inside the model,
+    and a full-attention layer must follow the selection layer (else nothing would reuse it: an error).
     Decode attention over token positions runs as a page selection of page size 1 (reference and Triton decode
     kernels). The paper's code uses a budget of 256; ours defaults to 4096 like the other decode policies. The
     selection layers compute q.k over the whole cache once more for scoring (2 of 32 layers). A budget at or above
@@ -118,6 +119,13 @@ class TidalPolicy(Policy):
                 raise ValueError(f"policy 'tidal': no full-attention layer after the selection layer {sel} at or "
                                  f"after reselect_layer={r}; full-attention layers: {sorted(full_layers)}; pass "
                                  "another reselect_layer or reselect_layer=None")
+        full = sorted(full_layers)
+        if sel == full[-1]:  # no layer after it would attend to its positions: every layer would decode dense
+            fix = (f"pass select_layer= between 0 and {full[-2]}" if len(full) > 1 else
+                   "TidalDecode needs two or more; use another decode policy (e.g. quest)")
+            raise ValueError(f"policy 'tidal': the selection layer {sel} (select_layer={self.select_layer}) is the "
+                             "last full-attention layer, so no layer would reuse its positions (sliding-window layers "
+                             f"keep their window and are never sparsified); full-attention layers: {full}; {fix}")
         self._layers = (sel, resel if resel is not None and resel > sel else None)
         return self._layers
 

@@ -90,7 +90,8 @@ def resolve_head_map(name: str) -> str:
         return name
     res = resources.files("accel.configs").joinpath(f"{name}.json")
     if not res.is_file():
-        shipped = sorted(p.name[:-5] for p in resources.files("accel.configs").iterdir() if p.name.endswith(".json"))
+        shipped = sorted(p.name[:-5] for p in resources.files("accel.configs").iterdir()  # not other policies' maps
+                         if p.name.startswith("vertical_slash_") and p.name.endswith(".json"))
         raise ValueError(f"unknown head map {name!r}; shipped head maps: {', '.join(shipped) or '(none)'} "
                          "(or a path to a .json file from scripts/search_patterns.py)")
     return str(res)

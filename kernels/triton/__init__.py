@@ -6,7 +6,6 @@ Nothing heavy is imported here: triton and the kernel module load on first use."
 from __future__ import annotations
 
 import importlib.util
-import os
 
 from accel.layouts import (BlockLayout, DenseLayout, PageSelection, SplitPageSelection, StreamingLayout,
                             VerticalSlashLayout)
@@ -25,11 +24,14 @@ class TritonBackend:
             return False, "triton is not installed (pip install triton)"
         import torch
 
+        from .checks import interpreter_problem
+
         if torch.cuda.is_available():
             return True, ""
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        problem = interpreter_problem()
+        if problem is None:
             return True, "TRITON_INTERPRET=1: Triton kernels run (slowly) on the CPU"
-        return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
+        return False, f"no CUDA device ({problem})"
 
     def supports(self, layout, q) -> str | None:
         if isinstance(layout, SplitPageSelection):  # both head groups in one split-KV launch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -15,8 +16,39 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 COMPILE_ONLY = False
 
 
+_TRITON_MODE: list = []  # [bool] once read from a loaded triton (its mode cannot change after that)
+
+
+def _triton_interprets() -> bool | None:
+    """Whether the loaded triton wrapped its own helpers for the interpreter (None: triton not loaded yet)."""
+    if not _TRITON_MODE:
+        if "triton" not in sys.modules:
+            return None
+        try:
+            from triton.language import standard
+
+            _TRITON_MODE.append(type(standard.cdiv).__name__ == "InterpretedFunction")
+        except (ImportError, AttributeError):  # a triton without these helpers: trust the variable
+            _TRITON_MODE.append(True)
+    return _TRITON_MODE[0]
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the Triton kernels run in Triton's interpreter: TRITON_INTERPRET is on, and was when triton was
+    imported (Triton reads it then and wraps its own helpers; set later in the process, the kernels would mix
+    interpreted and compiled functions and fail at their first call)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and _triton_interprets() is not False
+
+
+def interpreter_problem() -> str | None:
+    """Why the Triton kernels cannot run on the CPU in this process (None: they can): the interpreter is off, or
+    TRITON_INTERPRET was set after triton was imported (``import accel`` imports it), which Triton ignores."""
+    if interpreting():
+        return None
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return ("TRITON_INTERPRET was set after triton was imported (import accel imports it) and Triton ignores "
+                "it: set it before Python starts (TRITON_INTERPRET=1 python ...)")
+    return "set TRITON_INTERPRET=1 before Python starts (the kernels then run slowly on the CPU)"
 
 
 def gpu_path(t: torch.Tensor) -> bool:
