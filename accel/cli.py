@@ -320,6 +320,12 @@ def run(args) -> dict[str, Any]:
     policy = build_policy(args.policy, args.prefill, args.decode)
     spec = accel.parse_policy(policy, **options)  # bad policy/options fail here, before the slow model load
     device = _pick_device(args.device)
+    if args.backend not in ("auto", "reference"):  # an unavailable backend, also before the load
+        from accel.kernels import get_backend
+
+        ok, reason = get_backend(args.backend).available()
+        if not ok:
+            raise CLIError(f"backend {args.backend!r} is not available: {reason}")
     dtype = _pick_dtype(args.dtype, device)
 
     if args.quiet:

@@ -66,6 +66,7 @@ def test_preset_from_path(tmp_path):
         ("xattention", {"threshold": True}, ValueError, "'threshold'.*must be a number, got True"),
         ("duo", {"ratio": False}, ValueError, "'ratio'.*must be a number, got False"),
         ("streaming", {"window": True}, ValueError, "'window'.*must be an integer, got True"),
+        ("duo", {"duo_map": 5}, ValueError, "'duo_map'.*must be a string \\(a name or a path\\), got 5"),
     ],
 )
 def test_bad_policy_input(policy, options, exc, match):
@@ -79,6 +80,9 @@ def test_no_hint_when_swapping_does_not_help_and_bool_options_stay_bools():
     assert "did you mean" not in str(err.value)
     assert parse_policy("quest", keep_first_page=True, budget=64).decode.keep_first_page is True
     assert parse_policy("tidal", shared=False).decode.shared is False
+    from pathlib import Path  # a path option may be a pathlib.Path: taken as its string
+
+    assert parse_policy("xattention", layer_thresholds=Path("maps/x.json")).prefill.layer_thresholds == "maps/x.json"
 
 
 def _snapshot(model):

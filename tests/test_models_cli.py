@@ -443,3 +443,14 @@ def test_cli_note_judges_the_layers_a_policy_acts_on():
     assert not _kept_all(layers[:1], "decode")  # every layer sliding: the policy acts on none
     assert _decode_density({"mean_decode_density": None, "static_cache": True}).startswith("n/a (static cache")
     assert _decode_density({"mean_decode_density": 0.25}) == "0.250"
+
+
+def test_cli_unavailable_backend_fails_before_the_model_load(capsys, tmp_path):
+    from accel.kernels import get_backend
+
+    if get_backend("flash").available()[0]:
+        pytest.skip("flash-attn is installed here")
+    # a missing model file would fail the load: the backend's error comes first
+    code, out, err = _run(capsys, ["--model", str(tmp_path / "none.gguf"), "--device", "cpu", "--quiet",
+                                   "--backend", "flash"])
+    assert code == 2 and "backend 'flash' is not available" in err and "GGUF file not found" not in err, err

@@ -161,7 +161,8 @@ def evaluate(model, tokenizer=None, tasks=("accel_niah_single",), *, policy=None
     ``metadata`` reaches the tasks (``max_seq_lengths``, ``num_samples``, ...); the tokenizer is saved to a folder
     and passed as ``metadata["tokenizer"]`` so lm-eval's RULER tasks can size their prompts. Other keyword
     arguments go to ``simple_evaluate`` (``limit``, ``batch_size``, ``gen_kwargs`` ...) except policy options,
-    which go to ``accel.patch``.
+    which go to ``accel.patch``. A loaded model is patched in place and stays patched with ``policy`` afterwards
+    (``accel.unpatch(model)`` restores it).
     """
     import tempfile
 

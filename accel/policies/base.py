@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -71,6 +72,12 @@ class Policy:
                 raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be a number, got {value!r}")
             if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be True or False, got {value!r}")
+            if f.type in ("str", str):  # names and paths (a pathlib.Path is taken as its string)
+                if isinstance(value, os.PathLike):
+                    setattr(policy, f.name, os.fspath(value))
+                elif not isinstance(value, str):
+                    raise ValueError(f"option {f.name!r} of policy {cls.name!r} must be a string (a name or a "
+                                     f"path), got {value!r}")
         policy.validate()
         return policy
 
