@@ -13,9 +13,10 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 class PatchOwned:
     """A cache layer accel.patching installed for a decode policy. It remembers what it was made for (``made_key``,
     compared by the patch's pre-forward hook: a re-patched model whose decode policy needs another layer is refused)
-    and the patched layer's state (``owner``): a layer that keeps only some tokens or heads (streaming, DuoAttention)
-    refuses updates once that patch is gone, where plain attention would read its dropped or split keys as the full
-    cache and answer wrong without a sign."""
+    and the patched layer's state (``owner``): a dynamic layer that keeps only some tokens or heads (streaming,
+    DuoAttention) refuses updates once that patch is gone, where plain attention would read its dropped or split
+    keys as the full cache and answer wrong without a sign. (Static layers are checked by the hook only: their
+    update runs inside compiled decode steps.)"""
 
     owner = None  # the LayerState of the patch that installed or last used the layer (None: made by hand)
     keeps_all = False  # every token of every head is stored (plain attention over it is exact)
@@ -286,7 +287,7 @@ def _recompute_pages(kmin: torch.Tensor, kmax: torch.Tensor, buffer: torch.Tenso
     kmax[:, :, first : first + hi.shape[2]] = hi
 
 
-class PagedStaticLayer(StaticLayer):
+class PagedStaticLayer(PatchOwned, StaticLayer):
     """transformers' StaticLayer (preallocated K/V, compile-friendly) plus per-page key bounds for Quest.
 
     ``kmin``/``kmax`` ([B, H, ceil(max_cache_len / page_size), D], the keys' dtype) start at +inf / -inf and every
@@ -295,6 +296,7 @@ class PagedStaticLayer(StaticLayer):
     filled length keep their +-inf bounds; the policy masks them with the device-side ``cumulative_length``."""
 
     triton_append = False  # decode steps through kernels/triton/decode_append.py (set at patching, backend)
+    keeps_all = True
 
     def __init__(self, max_cache_len: int, page_size: int = 16):
         super().__init__(max_cache_len=max_cache_len)
@@ -348,7 +350,7 @@ class PagedStaticLayer(StaticLayer):
             self.kmax.fill_(float("-inf"))
 
 
-class DuoStaticLayer(StaticLayer):
+class DuoStaticLayer(PatchOwned, StaticLayer):
     """DuoAttention over a transformers StaticCache: retrieval KV heads in a preallocated buffer of every position
     (``keys``/``values`` [B, H_r, max_cache_len, D]); streaming KV heads in a ring of ``sink + recent`` slots
     (``skeys``/``svalues``): positions below ``sink`` keep their slot, later ones cycle through the other ``recent``

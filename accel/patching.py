@@ -183,6 +183,15 @@ def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
     decode = state.spec.decode
     layer = layers[state.layer_idx]
     state.static_layer = None
+    # a static cache passed again after a re-patch: its layers were set up for the policy and options they were
+    # filled under (a ring per streaming head, page bounds of one size)
+    key = (decode.name, *((n, getattr(decode, n)) for n in decode.option_names()))
+    if isinstance(layer, PatchOwned) and layer.made_key not in (None, key) and not (
+            decode.name == "dense" and layer.keeps_all):
+        raise RuntimeError(
+            f"layer {state.layer_idx} of this static cache was filled under accel's {layer.made_for}; the model is "
+            f"now patched with decode policy {decode.name!r} (or other options), which cannot continue it. "
+            "Start a new cache after re-patching (a fresh StaticCache, or let generate make one)")
     if decode.name == "dense":
         return layer
     if getattr(decode, "static_prepare", None) is None:
@@ -199,6 +208,8 @@ def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
                                                kv_heads=mod.config.num_key_value_heads, device=param.device,
                                                tokens=hidden.shape[1])
     layer = layers[state.layer_idx]
+    if isinstance(layer, PatchOwned):
+        layer.made_key, layer.made_for = key, f"decode policy {decode.name!r} ({type(layer).__name__})"
     if hasattr(layer, "triton_append"):  # decode tokens into the cache in one Triton launch, as the attention runs
         layer.triton_append = state.backend == "triton" or (state.backend == "auto" and param.device.type == "cuda")
     return layer

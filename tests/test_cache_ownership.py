@@ -109,3 +109,40 @@ def test_failed_repatch_keeps_the_previous_policy(monkeypatch):
     assert {layer["decode_policy"] for layer in accel.stats(model)["layers"]} == {"streaming"}
     with torch.no_grad():
         assert torch.equal(model(x).logits, want)
+
+
+@pytest.mark.parametrize("then", [("dense", {}), ("duo", dict(ratio=0.5, sink=4, recent=16))])
+def test_static_cache_filled_under_duo_is_refused_after_a_repatch(then, tmp_path):
+    """A StaticCache passed again after a re-patch: DuoAttention's layer keeps a ring for its streaming heads, which
+    neither dense attention nor other Duo options can read as they would their own."""
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    duo_map = _head_map(model, tmp_path / "m.json")
+    x = ids(length=100)
+    accel.patch(model, "duo", duo_map=duo_map, ratio=0.5, sink=4, recent=12, backend="reference")
+    cache = StaticCache(config=model.config, max_cache_len=128)
+    with torch.no_grad():
+        model(x, past_key_values=cache, use_cache=True, cache_position=torch.arange(100))
+    accel.patch(model, then[0], backend="reference", **then[1], **({"duo_map": duo_map} if then[0] == "duo" else {}))
+    with pytest.raises(RuntimeError, match="static cache was filled under accel's decode policy 'duo'"):
+        with torch.no_grad():
+            model(x[:, -1:], past_key_values=cache, use_cache=True, cache_position=torch.tensor([100]))
+
+
+def test_static_quest_cache_goes_on_dense():
+    """Quest's static layer holds every token: dense attention continues it exactly."""
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    x = ids(length=100)
+    with torch.no_grad():
+        want = model(torch.cat([x, x[:, -1:]], 1)).logits[:, -1:]
+    accel.patch(model, "quest", budget=64, dense_layers=0, backend="reference")
+    cache = StaticCache(config=model.config, max_cache_len=128)
+    with torch.no_grad():
+        model(x, past_key_values=cache, use_cache=True, cache_position=torch.arange(100))
+    accel.patch(model, "dense", backend="reference")
+    with torch.no_grad():
+        got = model(x[:, -1:], past_key_values=cache, use_cache=True, cache_position=torch.tensor([100])).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
