@@ -260,6 +260,36 @@ def _torch_dtype(dtype):
     return table[dtype]
 
 
+def _gemma_gguf_tokenizer(tokenizer, path: str):
+    """transformers < 5.18 turns a Gemma GGUF vocabulary into a Unigram model over the file's scores, which cuts
+    words into pieces ("\u2581s", "pe", "ci", "al") and adds no BOS, so the model reads text unlike its training.
+    Rebuild it as transformers >= 5.18 does (BPE, merges recovered in the file's token order) with BOS as the file
+    says; a no-op where transformers already built a BPE."""
+    from tokenizers.models import BPE
+
+    backend = tokenizer.backend_tokenizer
+    if isinstance(backend.model, BPE):
+        return tokenizer
+    import gguf
+    from tokenizers import AddedToken
+    from transformers.tokenization_utils_base import generate_merges
+
+    fields = gguf.GGUFReader(path).fields
+    spelled = fields["tokenizer.ggml.tokens"].contents()
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in spelled]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = generate_merges(vocab, {t: -i for i, t in enumerate(tokens)})
+    backend.model = BPE(vocab, merges, unk_token=tokenizer.unk_token, fuse_unk=True, byte_fallback=True)
+    # control tokens (<start_of_turn>, ...) whole and special, user-defined ones whole, as transformers >= 5.18
+    types = fields["tokenizer.ggml.token_type"].contents()
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(spelled, types) if k == 3],
+                         special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t, k in zip(spelled, types) if k == 4 and t in vocab])
+    add_bos = fields.get("tokenizer.ggml.add_bos_token")
+    tokenizer.add_bos_token = True if add_bos is None else bool(add_bos.contents())
+    return tokenizer
+
+
 def load_model(model: str | None = None, device: str = "cpu", dtype=None, quiet: bool = False):
     """Load `(model, tokenizer)` from a demo name, a .gguf file, a local folder or a hub id.
 
@@ -293,6 +323,8 @@ def load_model(model: str | None = None, device: str = "cpu", dtype=None, quiet:
         load_kwargs["dtype"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if gguf_file and config.model_type in ("gemma", "gemma2", "gemma3", "gemma3_text"):
+            tokenizer = _gemma_gguf_tokenizer(tokenizer, os.path.join(source, gguf_file))
         net = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
     except ImportError as exc:
         raise ModelLoadError(f"loading {what!r} needs a missing package: {exc}") from exc
