@@ -131,6 +131,8 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
     for Quest), installed in place of the default DynamicLayer; the layer is handed to the policy's plan. An accel
     layer from an earlier patch is continued only when it is what this policy would install (``_adopt``)."""
     key, shown = _layer_key(limit, kind)
+    decode = state.spec.decode  # a static cache's layers are keyed by the decode policy and all its options
+    static_key = (decode.name, *((n, getattr(decode, n)) for n in decode.option_names()))
 
     def hook(mod, args, kwargs):
         if _tracing():
@@ -150,7 +152,7 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
         state.static_cache = isinstance(layer, StaticLayer)
         if state.static_cache:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            layer = _static_layer(state, cache, layers, kind, mod, hidden)
+            layer = _static_layer(state, cache, layers, kind, mod, hidden, static_key)
         elif isinstance(layer, PatchOwned) and layer.owner is not None:
             layer = _adopt(state, layer, key, shown)
         elif limit is not None and type(layer) is DynamicLayer:
@@ -176,16 +178,16 @@ def _cache_hook(state: LayerState, limit: tuple[int, int] | None, kind: tuple[ty
     return hook
 
 
-def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
+def _static_layer(state: LayerState, cache, layers, kind, mod, hidden, key: tuple):
     """A transformers StaticCache (generate's static / torch.compile path): dense decode runs over it as is; a decode
     policy with a static form (``static_prepare``: Quest, TidalDecode, Duo, LServe, streaming) sets up what its device-side decode needs
-    (a cache layer with page bounds, a shared selection buffer); the others are refused."""
+    (a cache layer with page bounds, a shared selection buffer); the others are refused. ``key``: what the layers
+    set up here are made for (the decode policy and its options), compared when a cache comes back."""
     decode = state.spec.decode
     layer = layers[state.layer_idx]
     state.static_layer = None
     # a static cache passed again after a re-patch: its layers were set up for the policy and options they were
     # filled under (a ring per streaming head, page bounds of one size)
-    key = (decode.name, *((n, getattr(decode, n)) for n in decode.option_names()))
     if isinstance(layer, PatchOwned) and layer.made_key not in (None, key) and not (
             decode.name == "dense" and layer.keeps_all):
         raise RuntimeError(
@@ -208,7 +210,7 @@ def _static_layer(state: LayerState, cache, layers, kind, mod, hidden):
                                                kv_heads=mod.config.num_key_value_heads, device=param.device,
                                                tokens=hidden.shape[1])
     layer = layers[state.layer_idx]
-    if isinstance(layer, PatchOwned):
+    if isinstance(layer, PatchOwned) and layer.made_key != key:
         layer.made_key, layer.made_for = key, f"decode policy {decode.name!r} ({type(layer).__name__})"
     if hasattr(layer, "triton_append"):  # decode tokens into the cache in one Triton launch, as the attention runs
         layer.triton_append = state.backend == "triton" or (state.backend == "auto" and param.device.type == "cuda")
