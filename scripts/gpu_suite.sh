@@ -28,7 +28,9 @@
 #   bash scripts/gpu_suite.sh eval_gemma3_long         # accel-eval grid on the real Gemma-3-270M, 4K to 32K
 #
 # The last two need the demo GGUF in $ACCEL_CACHE/models (the machine has no network: carry it, and carry the gguf
-# wheel too).
+# wheel too). The Gemma-3 file (253 MB) is more than one call carries: `bash scripts/carry_gguf.sh gemma3` splits it
+# into ignored folders and prints the chain of calls that joins it there (2026-12-06: 5 calls, then the whole
+# eval_gemma3_long grid in 4.8 min on an H100 with EVAL_DIR=/root/eg3).
 #
 # FlashAttention-4 (optional) must be importable for the FA4 baselines: see shared/gpu/README.md for the offline
 # install used here (PYTHONPATH=/tmp/site:...). Results land in ${OUT:-results}.
