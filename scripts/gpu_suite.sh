@@ -71,7 +71,7 @@ for stage in "$@"; do
       # the cells (OUT/cells, keyed by policy/task/length, so the split changes no cell), then the full command
       # reruns over the finished cells and writes eval.json / eval.md. Cells, logs and tables come back as one tar.
       # Loading the model from the GGUF takes about 2 minutes per process on the H100 machine (16 cores).
-      # EVAL_DIR=/some/dir starts a fresh grid elsewhere (finished cells are reused: a new folder for new settings).
+      # EVAL_DIR=/some/dir starts a fresh grid elsewhere (a cell is reused only with the same settings and tokenizer).
       D=${EVAL_DIR:-results/eval_gemma3_long}; LONG=4096,8192,16384,32736
       E=(--model gemma3 --tasks niah_single,niah_multikey,vt --samples 3 --depths 0,0.5,1)
       mkdir -p "$D/logs"

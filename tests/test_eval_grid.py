@@ -220,3 +220,27 @@ def test_quest_layer_map_change_is_not_reused(capsys, tiny_dir, tmp_path):
     assert _run(capsys, argv)[0] == 0
     meta = json.loads((out / "eval.json").read_text())["meta"]
     assert meta["cells_computed"] == 1 and meta["cells_recomputed"]
+
+
+def test_other_tokenization_is_not_reused(capsys, tiny_dir, tmp_path, monkeypatch):
+    """A cell's key holds a digest of how the tokenizer builds a probe prompt: cells made under another tokenization
+    (here a stand-in digest) are recomputed, not mixed in."""
+    out = tmp_path / "ev"
+    argv = ["--model", str(tiny_dir), "--out", str(out), "--policy", "dense", "--lengths", "300", "--tasks",
+            "niah_single", "--samples", "1", "--max-new-tokens", "2", "--backend", "reference", "--device", "cpu",
+            "--quiet", "--no-plots"]
+    assert _run(capsys, argv)[0] == 0
+    cell = next((out / "cells").glob("*.json"))
+    assert len(json.loads(cell.read_text())["key"]["tokenizer"]) == 64
+    assert _run(capsys, argv)[0] == 0
+    assert json.loads((out / "eval.json").read_text())["meta"]["cells_reused"] == 1
+    monkeypatch.setattr(grid, "tokenizer_digest", lambda tok: "0" * 64)
+    assert _run(capsys, argv)[0] == 0
+    meta = json.loads((out / "eval.json").read_text())["meta"]
+    assert meta["cells_computed"] == 1 and meta["cells_recomputed"] == [cell.name]
+
+
+def test_tokenizer_digest_tells_tokenizations_apart():
+    plain, chat = tiny_tokenizer(), tiny_tokenizer(chat=True)
+    assert grid.tokenizer_digest(plain) == grid.tokenizer_digest(tiny_tokenizer())  # deterministic
+    assert grid.tokenizer_digest(plain) != grid.tokenizer_digest(chat)  # the chat template changes the prompt

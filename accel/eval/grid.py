@@ -2,9 +2,11 @@
 
 Each finished cell is one JSON file under ``OUT/cells/``, written atomically (temporary file + rename) with a
 checksum of its content. On a rerun a cell file is used only when it parses, its checksum matches and it was made
-with the same settings (model, policy, length, task, samples, seed, depths, generation length) and the same resolved
+with the same settings (model, policy, length, task, samples, seed, depths, generation length), the same resolved
 policy configuration (every option, defaults included: a cell made before a default changed is not the same
-setting); anything else is reported and recomputed, never mixed in. A crash or Ctrl-C loses at most the cell in
+setting) and the same tokenization (a probe prompt's token ids: another tokenizer, or another transformers release
+that tokenizes the same file differently, builds other prompts); anything else is reported and recomputed, never
+mixed in. A crash or Ctrl-C loses at most the cell in
 progress.
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["PolicyEntry", "parse_policy_entry", "Cell", "run_grid", "read_cell", "write_cell", "CellError",
-           "summarize", "CELL_FORMAT"]
+           "summarize", "CELL_FORMAT", "tokenizer_digest"]
 
 CELL_FORMAT = 1
 
@@ -194,8 +196,9 @@ def run_grid(model, tokenizer, cfg: GridConfig, out_dir: Path, quiet: bool = Fal
     done: dict[str, dict] = {}
     todo: list[tuple[Cell, dict]] = []
     recomputed: list[str] = []
+    tokens = tokenizer_digest(tokenizer)
     for c in cells:
-        key = _cell_key(c, cfg, model)
+        key = _cell_key(c, cfg, model, tokens)
         path = cells_dir / c.filename()
         if path.exists():
             try:
@@ -250,11 +253,25 @@ def run_grid(model, tokenizer, cfg: GridConfig, out_dir: Path, quiet: bool = Fal
     return {"cells": ordered, "reused": len(cells) - len(todo), "computed": len(todo), "recomputed": recomputed}
 
 
-def _cell_key(c: Cell, cfg: GridConfig, model=None) -> dict:
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of how ``tokenizer`` renders and tokenizes a short niah prompt (its class, vocabulary size and the
+    probe's token ids, chat template included). A cell's prompts come from its tokenizer: transformers 5.17 read
+    Gemma-3's GGUF tokenizer into other ids than 5.25 did (accel.models rebuilds it now), and a grid resumed across
+    such a change would have mixed the two tokenizations' scores."""
+    from .synth import generate_samples
+
+    probe = generate_samples("niah_single", tokenizer, 256, num_samples=1, depths=[0.5])[0]
+    ids = tokenizer(probe["prompt"], add_special_tokens=not probe["chat_template"])["input_ids"]
+    return _digest([type(tokenizer).__name__, len(tokenizer), list(ids)])
+
+
+def _cell_key(c: Cell, cfg: GridConfig, model=None, tokens: str | None = None) -> dict:
     key = {"model": cfg.model_name, "task": c.task, "policy": c.policy.label, "policy_name": c.policy.policy,
            "options": c.policy.options, "length": c.length, "samples": cfg.samples, "seed": cfg.seed,
            "depths": list(cfg.depths) if cfg.depths else None, "backend": cfg.backend,
            "max_new_tokens": cfg.max_new_tokens}
+    if tokens is not None:
+        key["tokenizer"] = tokens
     key["config"] = _resolved_config(c.policy)
     digest = _head_map_digest(c.policy, model)
     if digest is not None:  # a recalibrated head map is another setting: its cells are not reused
