@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     options = dict(o.split("=", 1) for o in args.option)
     spec = parse_policy({"prefill": {"name": args.policy, **{k: _parse_value(v) for k, v in options.items()}}})
     model, tok = load_model(args.model, device="cpu", dtype="float32")
+    if hasattr(spec.prefill, "check_model"):  # what accel.patch does: per-model maps ("auto"), their shape checks
+        spec.prefill.check_model(model)
     prompt = build_needle_prompt(tok, args.length, depth=args.depth)
     ids = torch.tensor([prompt.input_ids])
     cap = capture_qk(model, ids)

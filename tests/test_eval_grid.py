@@ -244,3 +244,21 @@ def test_tokenizer_digest_tells_tokenizations_apart():
     plain, chat = tiny_tokenizer(), tiny_tokenizer(chat=True)
     assert grid.tokenizer_digest(plain) == grid.tokenizer_digest(tiny_tokenizer())  # deterministic
     assert grid.tokenizer_digest(plain) != grid.tokenizer_digest(chat)  # the chat template changes the prompt
+
+
+def test_vertical_slash_head_map_is_in_the_cell_key(tmp_path):
+    """A vertical_slash cell's key holds a digest of the head map it runs (patterns, sizes, dense layers): a map
+    changed in place (here its dense layers) is another setting; no map, no digest."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama")  # 2 layers x 4 heads
+    path = tmp_path / "m.json"
+    pol = lambda **o: {"name": "vertical_slash", "head_map": str(path), **o}  # noqa: E731
+    path.write_text(json.dumps({"model": "tiny", "patterns": [["a_shape"] * 4] * 2}))
+    first = grid._vs_head_map_digest(pol(), model)
+    path.write_text(json.dumps({"model": "tiny", "patterns": [["a_shape"] * 4] * 2, "dense_layers": [1]}))
+    second = grid._vs_head_map_digest(pol(), model)
+    assert first and second and first != second
+    assert grid._vs_head_map_digest(pol(head_map="none"), model) is None
+    assert grid._vs_head_map_digest(pol(head_map="auto"), model) is None  # no shipped map for this shape
+    assert grid._vs_head_map_digest({"name": "xattention"}, model) is None

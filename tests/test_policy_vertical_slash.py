@@ -284,3 +284,57 @@ def test_search_candidates_share_one_budget():
     shipped = json.loads(path.read_text()).get("sizes")
     if shipped is not None:  # the shipped Gemma map was searched at the default budget
         assert shipped == sizes
+
+
+def test_map_dense_layers_run_dense(tmp_path):
+    """A map's ``dense_layers`` (MInference's starting_layer, as layer indices) leave those layers dense; the others
+    keep their patterns."""
+    q, k = _qk()
+    path = _write_map(tmp_path, [["vertical_slash"] * 2, ["vertical_slash"] * 2])
+    data = json.loads(open(path).read())
+    data["dense_layers"] = [1]
+    open(path, "w").write(json.dumps(data))
+    pol = VerticalSlashPolicy.from_options(head_map=path, vertical_size=40, slash_size=120, last_q=16)
+    assert isinstance(pol.plan(q, k, CTX), VerticalSlashLayout)
+    ctx1 = AttentionContext(layer_idx=1, phase="prefill", sliding_window=None)
+    assert isinstance(pol.plan(q, k, ctx1), DenseLayout)
+
+
+@pytest.mark.parametrize("dense", [[5], [-1], ["0"], 0])
+def test_bad_dense_layers_in_map(tmp_path, dense):
+    path = _write_map(tmp_path, [["a_shape"], ["a_shape"]])
+    data = json.loads(open(path).read())
+    data["dense_layers"] = dense
+    open(path, "w").write(json.dumps(data))
+    with pytest.raises(ValueError, match="dense_layers"):
+        accel.parse_policy("vertical_slash", head_map=path)
+
+
+def _gemma3_shaped():
+    """A tiny random Gemma-3 of the shipped map's architecture (18 layers, 4 query heads)."""
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=18,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=128,
+                                        sliding_window=64, max_position_embeddings=1024)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+def test_auto_head_map_is_the_shipped_one_for_the_architecture():
+    """``head_map="auto"`` (default) runs the shipped map made for the model's class, layer and head counts; none
+    for other shapes, none when a size option it fixes is set, none with ``"none"``."""
+    model = _gemma3_shaped()
+    accel.patch(model, "vertical_slash")
+    src = accel.stats(model)["calibration"]
+    assert any(str(v).endswith("vertical_slash_gemma3.json") for v in src.values()), src
+    pol = VerticalSlashPolicy.from_options()
+    pol.check_model(model)
+    assert pol.map_path().endswith("vertical_slash_gemma3.json") and pol.dense_layer(5)
+    assert pol.sized().head_map == "none" and pol.sized().slash_size == 6096
+    for opts in ({"slash_size": 4000}, {"head_map": "none"}, {"head_map": None}):  # None: the CLI's 'none'
+        other = VerticalSlashPolicy.from_options(**opts)
+        other.check_model(model)
+        assert other.map_path() is None and not other.dense_layer(5)
+    small = VerticalSlashPolicy.from_options()
+    small.check_model(tiny_model("llama"))
+    assert small.map_path() is None

@@ -279,6 +279,9 @@ def _cell_key(c: Cell, cfg: GridConfig, model=None, tokens: str | None = None) -
     digest = _threshold_map_digest(key["config"]["prefill"], model)
     if digest is not None:  # likewise a recalibrated per-layer threshold map
         key["threshold_map"] = digest
+    digest = _vs_head_map_digest(key["config"]["prefill"], model)
+    if digest is not None:  # vertical_slash's head map (patterns, sizes, dense layers)
+        key["vs_head_map"] = digest
     digest = _quest_layer_map_digest(key["config"]["decode"], model)
     if digest is not None:  # and Quest's map of dense layers
         key["quest_layer_map"] = digest
@@ -332,6 +335,23 @@ def _quest_layer_map_digest(pol: dict, model) -> str | None:
 
     settings = {k: pol[k] for k in CALIBRATED_SETTINGS if k in pol}
     return _map_digest(lambda: load_layer_map(pol["layer_map"], model.config, settings), "dense_layers")
+
+
+def _vs_head_map_digest(pol: dict, model) -> str | None:
+    """sha256 of what a resolved ``vertical_slash`` prefill config reads from its head map for ``model`` (the named
+    map, or the shipped one ``"auto"`` finds), None for other policies or without a map."""
+    if model is None or pol.get("name") != "vertical_slash":
+        return None
+    from accel.policies.vertical_slash import VerticalSlashPolicy, _read_head_map
+
+    try:
+        policy = VerticalSlashPolicy.from_options(**{k: v for k, v in pol.items() if k != "name"})
+        policy.check_model(model)
+        path = policy.map_path()
+        data = _read_head_map(path) if path else None
+    except (ValueError, OSError):
+        return None
+    return None if data is None else _digest({k: data.get(k) for k in ("patterns", "sizes", "dense_layers")})
 
 
 def _map_digest(load: Callable, field: str) -> str | None:

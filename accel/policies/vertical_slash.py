@@ -67,6 +67,11 @@ def _read_head_map_cached(path: str, mtime: int) -> dict:
         bad = [p for p in row if p not in PATTERNS]
         if bad:
             raise ValueError(f"head map {path}, layer {i}: unknown pattern(s) {bad}; valid: {PATTERNS}")
+    dense = data.get("dense_layers", [])
+    if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(
+            data["patterns"]) for i in dense):
+        raise ValueError(f"head map {path}: 'dense_layers' must be a list of layer indices below "
+                         f"{len(data['patterns'])}, got {dense!r}")
     sizes = data.get("sizes")
     if sizes is not None:
         if not isinstance(sizes, dict) or set(sizes) - set(PATTERNS):
@@ -79,6 +84,22 @@ def _read_head_map_cached(path: str, mtime: int) -> dict:
                 raise ValueError(f"head map {path}: sizes of {pat!r} must be positive ints among "
                                  f"{SIZE_OPTIONS[pat]}, got {opts!r}")
     return data
+
+
+NO_MAP = ("", "none")  # head_map values that run every head as vertical-slash
+
+
+def shipped_head_map(model) -> str | None:
+    """The shipped head map (configs/vertical_slash_*.json) made for ``model``'s class, layer and head counts, if
+    any: what ``head_map="auto"`` runs."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    sig = (type(model).__name__, cfg.num_hidden_layers, cfg.num_attention_heads)
+    for res in sorted(resources.files("accel.configs").iterdir(), key=lambda r: r.name):
+        if res.name.startswith("vertical_slash_") and res.name.endswith(".json"):
+            data = _read_head_map(str(res))
+            if (data.get("model_class"), data.get("num_layers"), data.get("num_heads")) == sig:
+                return str(res)
+    return None
 
 
 def resolve_head_map(name: str) -> str:
@@ -112,6 +133,16 @@ class VerticalSlashPolicy(Policy):
       in it: the ``block_count`` key blocks with the most last-query attention become full columns, plus one
       block's width of local diagonals.
 
+    ``head_map="auto"`` (default) runs the shipped map made for the patched model's architecture when there is one
+    (MInference ships a searched config per model and runs it), else every head as vertical-slash; ``"none"``
+    (or ``""``) never uses a map. A map found by ``"auto"`` does not apply when a size option it fixes is set
+    (those options then run every head as vertical-slash at the given sizes).
+
+    A map may leave whole layers dense (``dense_layers``, MInference's ``starting_layer`` generalised to a list of
+    layer indices): on Gemma-3-270M at 32736 tokens, the vertical-slash layout in its first global layer (layer 5)
+    alone loses the depth-0.5 needle dense finds (float32, CPU; with layers 11 or 17 alone sparse it is found), so
+    the shipped Gemma-3 map runs layer 5 dense (``scripts/search_patterns.py --needle-check``).
+
     A head map made by the current search also fixes each pattern's sizes (its ``sizes``): MInference's search is
     kernel-aware, every pattern of a head compared at one cost, and a head runs its pattern at the cost it was
     chosen at (by default MInference's 1000 + 6096 = 7096 keys per query row: A-shape sink 256 + window 6840,
@@ -137,45 +168,68 @@ class VerticalSlashPolicy(Policy):
     vertical_size: int = 1000
     slash_size: int = 6096
     last_q: int = 64
-    head_map: str = ""
+    head_map: str = "auto"  # "auto" | "none" | shipped name | .json path (see the docstring)
     a_shape_sink: int = 256  # 128 before (see the docstring)
     a_shape_window: int = 1024
     block_count: int = 100
+
+    @classmethod
+    def from_options(cls, **options):
+        if "head_map" in options and options["head_map"] is None:
+            options["head_map"] = "none"  # as the CLI parses 'none'
+        return super().from_options(**options)
 
     def validate(self) -> None:
         require_positive(self, "vertical_size", "slash_size", "last_q", "a_shape_window", "block_count")
         if self.a_shape_sink < 0:
             raise ValueError(f"option 'a_shape_sink' of policy 'vertical_slash' must be >= 0, got {self.a_shape_sink}")
-        if self.head_map:
-            fixed = sizes_flat(_read_head_map(resolve_head_map(self.head_map)).get("sizes") or {})
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            clash = [o for o in fixed if getattr(self, o) != defaults[o]]
+        if self.head_map not in NO_MAP + ("auto",):
+            clash, fixed = self._size_clash(resolve_head_map(self.head_map))
             if clash:
                 raise ValueError(f"head map {self.head_map!r} fixes the pattern sizes it was searched with "
                                  f"({', '.join(f'{o}={fixed[o]}' for o in clash)}); drop "
                                  f"{', '.join(clash)}, or search a map at other sizes (scripts/search_patterns.py "
                                  "--budget)")
 
+    def _size_clash(self, path: str) -> tuple[list[str], dict]:
+        """(the size options set away from their defaults that the map at ``path`` fixes, the map's sizes)."""
+        fixed = sizes_flat(_read_head_map(path).get("sizes") or {})
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [o for o in fixed if getattr(self, o) != defaults[o]], fixed
+
+    def map_path(self) -> str | None:
+        """The head map this policy runs: a named one, the shipped one ``"auto"`` found for the patched model
+        (``check_model``), or None."""
+        if self.head_map in NO_MAP:
+            return None
+        if self.head_map == "auto":
+            return getattr(self, "_auto_map", None)
+        return resolve_head_map(self.head_map)
+
     def sized(self) -> VerticalSlashPolicy:
         """This policy with the head map's pattern sizes applied (itself without a map or map sizes)."""
-        if not self.head_map:
-            return self
-        sizes = _read_head_map(resolve_head_map(self.head_map)).get("sizes")
-        return dataclasses.replace(self, head_map="", **sizes_flat(sizes)) if sizes else self
+        path = self.map_path()
+        sizes = _read_head_map(path).get("sizes") if path else None
+        return dataclasses.replace(self, head_map="none", **sizes_flat(sizes)) if sizes else self
+
+    def dense_layer(self, layer_idx: int) -> bool:
+        """Whether the head map leaves ``layer_idx`` dense."""
+        path = self.map_path()
+        return bool(path) and layer_idx in _read_head_map(path).get("dense_layers", ())
 
     def head_patterns(self, layer_idx: int, n_heads: int, heads: list[int] | None = None) -> list[str]:
         """The pattern of each of the ``n_heads`` query heads of ``q``; ``heads``: their ids among the layer's heads
         when ``q`` holds a subset (a composition's retrieval heads on a chunk; check_model matched the map)."""
-        if not self.head_map:
+        path = self.map_path()
+        if not path:
             return ["vertical_slash"] * n_heads
-        path = resolve_head_map(self.head_map)
         rows = _read_head_map(path)["patterns"]
         if heads is not None:
             row = rows[layer_idx] if layer_idx < len(rows) else None
             return [row[h] for h in heads] if row else ["vertical_slash"] * n_heads
         if layer_idx >= len(rows) or (rows[layer_idx] is not None and len(rows[layer_idx]) != n_heads):
             have = len(rows[layer_idx]) if layer_idx < len(rows) and rows[layer_idx] is not None else None
-            raise ValueError(f"head map {self.head_map!r} was made for another model: it has {len(rows)} layers "
+            raise ValueError(f"head map {path!r} was made for another model: it has {len(rows)} layers "
                              f"({have} heads at layer {layer_idx}), this call is layer {layer_idx} with {n_heads} "
                              "query heads; run scripts/search_patterns.py for this model")
         return rows[layer_idx] or ["vertical_slash"] * n_heads
@@ -183,11 +237,16 @@ class VerticalSlashPolicy(Policy):
     @property
     def calibration_source(self) -> str | None:
         """The head map in use, if any."""
-        return str(resolve_head_map(self.head_map)) if self.head_map else None
+        return self.map_path()
 
     def check_model(self, model) -> None:
-        """Called by accel.patch: a head map must match the model's layer and head counts."""
-        if not self.head_map:
+        """Called by accel.patch: ``"auto"`` finds the shipped map for the model (none when a size option it fixes
+        is set); a named head map must match the model's layer and head counts."""
+        if self.head_map == "auto":
+            found = shipped_head_map(model)
+            self._auto_map = found if found and not self._size_clash(found)[0] else None
+            return
+        if self.head_map in NO_MAP:
             return
         data = _read_head_map(resolve_head_map(self.head_map))
         cfg = getattr(model.config, "text_config", None) or model.config
@@ -197,12 +256,14 @@ class VerticalSlashPolicy(Policy):
         if len(rows) != layers or widths - {heads}:
             raise ValueError(f"head map {self.head_map!r} was made for {data.get('model', 'another model')} "
                              f"({len(rows)} layers x {sorted(widths)} heads); this model has {layers} layers x "
-                             f"{heads} heads. Run scripts/search_patterns.py for this model, or drop head_map")
+                             f"{heads} heads. Run scripts/search_patterns.py for this model, or pass head_map='none'")
 
     def plan(self, q, k, ctx):
         if ctx.sliding_window is not None:
             return DenseLayout(window=ctx.sliding_window)
         kv_len = k.shape[2]
+        if self.dense_layer(ctx.layer_idx):
+            return DenseLayout()  # the head map leaves this layer dense: recorded as density 1.0
         heads = None if ctx.q_heads is None else ctx.q_heads.tolist()
         patterns = self.head_patterns(ctx.layer_idx, q.shape[1], heads)
         pol = self.sized()
