@@ -141,7 +141,8 @@ class VerticalSlashPolicy(Policy):
     A map may leave whole layers dense (``dense_layers``, MInference's ``starting_layer`` generalised to a list of
     layer indices): on Gemma-3-270M at 32736 tokens, the vertical-slash layout in its first global layer (layer 5)
     alone loses the depth-0.5 needle dense finds (float32, CPU; with layers 11 or 17 alone sparse it is found), so
-    the shipped Gemma-3 map runs layer 5 dense (``scripts/search_patterns.py --needle-check``).
+    the shipped Gemma-3 map runs layer 5 dense (chosen by hand with the procedure ``scripts/search_patterns.py
+    --needle-check`` scripts; the map's ``search.dense_layers`` says on which prompts).
 
     A head map made by the current search also fixes each pattern's sizes (its ``sizes``): MInference's search is
     kernel-aware, every pattern of a head compared at one cost, and a head runs its pattern at the cost it was
