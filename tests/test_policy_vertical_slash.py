@@ -338,3 +338,32 @@ def test_auto_head_map_is_the_shipped_one_for_the_architecture():
     small = VerticalSlashPolicy.from_options()
     small.check_model(tiny_model("llama"))
     assert small.map_path() is None
+
+
+def test_needle_check_keeps_dense_the_layers_that_lose_the_needle(tmp_path, monkeypatch):
+    """scripts/search_patterns.py --needle-check: each global layer is tried alone (the others dense through the
+    trial map); a layer whose layout alone loses a needle dense finds goes into ``dense_layers``. Generation is
+    stubbed: 'layer 3 alone' loses it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import search_patterns
+
+    monkeypatch.setattr("accel.eval.synth.generate_samples", lambda *a, **k: [{"prompt": "p"}, {"prompt": "q"}])
+    seen = []
+
+    def answers(model, tok, prompts, opts):
+        if opts is None:
+            return [True, False]  # dense finds the first needle only: the second is not checked
+        data = json.loads(Path(opts["head_map"]).read_text())
+        seen.append(data["dense_layers"])
+        return [3 in data["dense_layers"]] * len(prompts)  # found unless layer 3 runs sparse
+
+    monkeypatch.setattr(search_patterns, "_answers", answers)
+    monkeypatch.setattr("accel.unpatch", lambda model: model)
+    head_map = {"patterns": [None, ["vertical_slash"] * 2, None, ["a_shape"] * 2, ["vertical_slash"] * 2]}
+    out = search_patterns.needle_check(None, None, head_map, 4096, [0.5, 0.5], 7, tmp_path / "trial.json")
+    assert seen[:3] == [[3, 4], [1, 4], [1, 3]]  # each global layer alone sparse
+    assert out["dense_layers"] == [3] and seen[3] == [3]  # then the map with layer 3 dense
+    assert out["layer_alone_found"] == {1: [True], 3: [False], 4: [True]} and out["map_found"] == [True]
