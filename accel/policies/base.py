@@ -36,6 +36,8 @@ class Policy:
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     description: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # map options whose "none" means no map: the CLI parses 'none' as None, taken here as the string
+    none_options: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         """Raise ValueError naming the option and its valid range."""
@@ -62,6 +64,9 @@ class Policy:
         if unknown:
             valid = ", ".join(cls.option_names()) or "(none)"
             raise ValueError(f"policy {cls.name!r} has no option {', '.join(map(repr, unknown))}; valid options: {valid}")
+        for o in cls.none_options:
+            if o in options and options[o] is None:
+                options[o] = "none"  # as the CLI parses 'none'
         policy = cls(**options)
         for f in dataclasses.fields(cls):
             value = getattr(policy, f.name)

@@ -104,11 +104,7 @@ class QuestPolicy(Policy):
     keep_first_page: bool = False
     layer_map: str = "auto"  # "auto" | "none" | shipped name | .json path (see the docstring)
 
-    @classmethod
-    def from_options(cls, **options):
-        if "layer_map" in options and options["layer_map"] is None:
-            options["layer_map"] = "none"  # as the CLI parses 'none'
-        return super().from_options(**options)
+    none_options = ("layer_map",)
 
     def validate(self) -> None:
         if not isinstance(self.layer_map, str) or not self.layer_map:

@@ -96,13 +96,12 @@ class LayerThresholds:
     with (block size, stride, ...): ``"auto"`` keeps one value otherwise, a named map raises."""
 
     _layer_option: ClassVar[str] = "threshold"
+    none_options: ClassVar[tuple[str, ...]] = ("layer_thresholds",)
 
     @classmethod
     def from_options(cls, **options):
         if cls._layer_option in options and "layer_thresholds" not in options:
             options["layer_thresholds"] = "none"  # an explicit value is one value for every layer
-        if "layer_thresholds" in options and options["layer_thresholds"] is None:
-            options["layer_thresholds"] = "none"  # as the CLI parses 'none'
         return super().from_options(**options)
 
     def _check_layer_thresholds(self) -> None:

@@ -165,6 +165,7 @@ class VerticalSlashPolicy(Policy):
     phases = ("prefill",)
     description = "per-head vertical columns + slash diagonals from the last queries (A-shape / block-sparse heads)"
     paper = "MInference 1.0 (arXiv 2407.02490)"
+    none_options = ("head_map",)
 
     vertical_size: int = 1000
     slash_size: int = 6096
@@ -173,12 +174,6 @@ class VerticalSlashPolicy(Policy):
     a_shape_sink: int = 256  # 128 before (see the docstring)
     a_shape_window: int = 1024
     block_count: int = 100
-
-    @classmethod
-    def from_options(cls, **options):
-        if "head_map" in options and options["head_map"] is None:
-            options["head_map"] = "none"  # as the CLI parses 'none'
-        return super().from_options(**options)
 
     def validate(self) -> None:
         require_positive(self, "vertical_size", "slash_size", "last_q", "a_shape_window", "block_count")
