@@ -626,8 +626,8 @@ def _onepass_lines(rows):
     if f8:
         head = ["context", "one-pass bf16", "one-pass fp8 (quantisation incl.)", "TFLOP/s", "speedup",
                 "max abs diff", "kept blocks fp8 / bf16", "selection agreement"]
-        lines += ["", "xattention FP8 operands (kernels/triton/fp8_quant.py: per-head e4m3 copies of q and "
-                  "mean-centred k) vs bf16, both one-pass, ms:", "",
+        lines += ["", "xattention FP8 operands (kernels/triton/fp8_quant.py: e4m3 copies of q and "
+                  "centred k, a scale per group of stride tokens) vs bf16, both one-pass, ms:", "",
                   "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for r in f8:
             lines.append("| " + " | ".join([

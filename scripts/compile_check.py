@@ -180,7 +180,7 @@ def _cases():
 
     @case("estimate/fp8_quant centred")
     def _():
-        fp8_quant.quantize_fp8(qkv()[1], center=True)
+        fp8_quant.quantize_fp8(qkv()[1], group=8, center=True)
 
     for method in ("scratch", "gather"):
         @case(f"estimate/lastq {method}")

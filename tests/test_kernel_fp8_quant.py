@@ -6,26 +6,45 @@ import pytest
 import torch
 
 from accel.kernels.triton.antidiag_score_onepass import antidiagonal_scores_onepass, fp8_operands
-from accel.kernels.triton.fp8_quant import FP8_MAX, dequantize_fp8, quantize_fp8, quantize_fp8_reference
+from accel.kernels.triton.fp8_quant import (FP8_MAX, center_vector, dequantize_fp8, quantize_fp8,
+                                            quantize_fp8_reference)
 from accel.policies.xattention import XAttentionPolicy, antidiagonal_block_scores
 
 
+@pytest.mark.parametrize("group", [1, 8, 16])
 @pytest.mark.parametrize("center", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantize_matches_reference(center, dtype):
+def test_quantize_matches_reference(center, dtype, group):
     torch.manual_seed(0)
     x = (torch.randn(2, 3, 70, 32) * 3 + 5).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # odd strides
-    x8, scale = quantize_fp8(x, center=center)
-    r8, rscale = quantize_fp8_reference(x, center=center)
+    x[:, :, 16:24] *= 0.01  # one group of small values: its own scale keeps their precision
+    x8, scale = quantize_fp8(x, group=group, center=center)
+    r8, rscale = quantize_fp8_reference(x, group=group, center=center)
     assert x8.dtype == torch.float8_e4m3fn and x8.is_contiguous() and x8.shape == x.shape
+    assert scale.shape == (2, 3, -(-70 // group))
     torch.testing.assert_close(scale, rscale)
-    a, b = dequantize_fp8(x8, scale), dequantize_fp8(r8, rscale)
-    # multiply-by-inverse vs divide: at most one e4m3 step apart (relative 2^-3), and nearly always equal
-    step = scale[..., None, None] * 2**-9  # e4m3's subnormal step, scaled
+    a, b = dequantize_fp8(x8, scale, group), dequantize_fp8(r8, rscale, group)
+    # at most one e4m3 step apart (division rounding), and nearly always equal
+    step = dequantize_fp8(torch.ones_like(x8), scale, group) * 2**-9  # e4m3's subnormal step, scaled
     assert ((a - b).abs() <= 0.13 * b.abs() + step).all() and (a == b).float().mean() > 0.99
     assert x8.float().abs().max() <= FP8_MAX
-    want = x.float() - (x.float().mean(2, keepdim=True) if center else 0)
+    # every group reaches the top of the e4m3 range: the scale is that group's own max
+    g8 = torch.nn.functional.pad(x8.float().abs(), (0, 0, 0, (-70) % group)).reshape(2, 3, -1, group * 32)
+    assert (g8.amax(-1) == FP8_MAX).all()
+    want = x.float() - (center_vector(x)[:, :, None] if center else 0)
     assert ((a - want).abs() <= 0.07 * want.abs() + step).all()
+
+
+def test_center_vector_is_a_subsample_mean():
+    x = torch.randn(1, 2, 1024, 16) + 4
+    torch.testing.assert_close(center_vector(x), x[:, :, ::4].mean(2))  # 1024 // 256
+    torch.testing.assert_close(center_vector(x[:, :, :100]), x[:, :, :100].mean(2))
+    assert (center_vector(x) - x.mean(2)).abs().max() < 0.3
+
+
+def test_group_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        quantize_fp8(torch.zeros(1, 1, 8, 16), group=6)
 
 
 def _qk(S=300, D=32):
@@ -35,11 +54,13 @@ def _qk(S=300, D=32):
     return q, k
 
 
-def test_onepass_fp8_matches_torch_on_the_same_operands():
-    q, k = _qk()
+@pytest.mark.parametrize("S", [300, 320])
+def test_onepass_fp8_matches_torch_on_the_same_operands(S):
+    q, k = _qk(S)
+    q[:, :, 40:48] *= 0.05  # per-group scales differ by 20x across the sequence
     got = antidiagonal_scores_onepass(q, k, block=32, stride=8, fp8=True)
-    (q8, sq), (k8, sk) = fp8_operands(q, k)
-    want = antidiagonal_block_scores(dequantize_fp8(q8, sq), dequantize_fp8(k8, sk), 32, 8)
+    (q8, sq), (k8, sk) = fp8_operands(q, k, 8)
+    want = antidiagonal_block_scores(dequantize_fp8(q8, sq, 8), dequantize_fp8(k8, sk, 8), 32, 8)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -47,7 +68,7 @@ def test_centring_keys_leaves_the_estimate_unchanged():
     # exact when every strided column holds real keys (a partial last column mixes in zero padding)
     q, k = _qk(S=320)
     a = antidiagonal_block_scores(q, k, 32, 8)
-    b = antidiagonal_block_scores(q, k - k.mean(2, keepdim=True), 32, 8)
+    b = antidiagonal_block_scores(q, k - center_vector(k)[:, :, None], 32, 8)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -68,11 +89,24 @@ def test_estimate_dtype_option():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("center", [False, True])
+def test_quantize_on_gpu_matches_reference(center):
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 8200, 128, device="cuda", dtype=torch.bfloat16) * 3 + 1
+    x8, scale = quantize_fp8(x, group=8, center=center)
+    r8, rscale = quantize_fp8_reference(x, group=8, center=center)
+    torch.testing.assert_close(scale, rscale)
+    a, b = dequantize_fp8(x8, scale, 8), dequantize_fp8(r8, rscale, 8)
+    assert (a == b).float().mean() > 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_onepass_fp8_on_gpu_matches_torch_twin():
     torch.manual_seed(0)
     q = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 8192, 128, device="cuda", dtype=torch.bfloat16) + 1
     got = antidiagonal_scores_onepass(q, k, block=128, stride=8, fp8=True)
-    (q8, sq), (k8, sk) = fp8_operands(q, k)
-    want = antidiagonal_block_scores(dequantize_fp8(q8, sq), dequantize_fp8(k8, sk), 128, 8)
+    (q8, sq), (k8, sk) = fp8_operands(q, k, 8)
+    want = antidiagonal_block_scores(dequantize_fp8(q8, sq, 8), dequantize_fp8(k8, sk, 8), 128, 8)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)

@@ -116,5 +116,7 @@ class XAttentionPolicy(LayerThresholds, BlockSelectPolicy):
         if fp8:  # the same quantised operands, in torch (k's centring shifts each row by a constant)
             from accel.kernels.triton.fp8_quant import dequantize_fp8, quantize_fp8_reference
 
-            q, k = dequantize_fp8(*quantize_fp8_reference(q)), dequantize_fp8(*quantize_fp8_reference(k, center=True))
+            g = self.stride
+            q = dequantize_fp8(*quantize_fp8_reference(q, group=g), g)
+            k = dequantize_fp8(*quantize_fp8_reference(k, group=g, center=True), g)
         return antidiagonal_block_scores(q, k, self.block_size, self.stride)

@@ -202,8 +202,8 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block: int = 128, s
     512 MB, at least one head's: (Sq/stride) x (Sk/block) x 4 B), "auto" = one_pass on CUDA when one head's
     scratch fits the budget, else two_pass (always two_pass under the CPU interpreter).
 
-    ``fp8``: the one-pass kernel on per-head FP8 copies of q and centred k (``antidiagonal_scores_onepass``);
-    needs the one-pass method (auto picks it; two_pass raises)."""
+    ``fp8``: the one-pass kernel on FP8 copies of q and centred k, one scale per strided row or column
+    (``antidiagonal_scores_onepass``); needs the one-pass method (auto picks it; two_pass raises)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if fp8 and method == "two_pass":

@@ -36,13 +36,13 @@ DEFAULT_SCRATCH_BYTES = 512 << 20
 
 @triton.jit
 def _antidiag_onepass_fwd(
-    Q, K, OUT, SCR, DQ,
+    Q, K, OUT, SCR, SQ, SK,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_om, stride_on,
     stride_sh, stride_sk,
-    BH0, H, GROUP, Sq, Sk, LQ, LK, DIAG, NQ, NK, N_R_TILES,
+    BH0, H, HKV, GROUP, Sq, Sk, LQ, LK, DIAG, NQ, NK, N_R_TILES,
     STRIDE: tl.constexpr, RPB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr, EPI_KB: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     HAS_DQ: tl.constexpr,
@@ -57,13 +57,15 @@ def _antidiag_onepass_fwd(
     Q_base = Q + b * stride_qb + h * stride_qh
     K_base = K + b * stride_kb + kvh * stride_kh
     S_base = SCR + pid_s.to(tl.int64) * stride_sh
-    if HAS_DQ:  # FP8 operands: the head's dequantisation factor (q scale x k scale) folds into the logit scale
-        qk_scale = qk_scale * tl.load(DQ + bh)
 
     r0 = pid_r * BLOCK_R
     offs_r = r0 + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     row_valid = offs_r < LQ
+    row_scale = tl.full([BLOCK_R], qk_scale, tl.float32)
+    if HAS_DQ:  # FP8 operands: strided row r is q's token group r, column c k's group c (one scale each)
+        row_scale = row_scale * tl.load(SQ + bh.to(tl.int64) * LQ + offs_r, mask=row_valid, other=0.0)
+    SK_base = SK + (b * HKV + kvh) * LK
     row_lim = offs_r + DIAG  # last visible strided column of each row
     r_last = tl.minimum(r0 + BLOCK_R, LQ) - 1
     n_cols = tl.minimum(r_last + DIAG + 1, LK)  # columns any row of the tile sees
@@ -82,7 +84,9 @@ def _antidiag_onepass_fwd(
         acc = _logits(acc, Q_base, K_base, offs_r, offs_c, offs_d, i, Sq, Sk,
                       stride_qm, stride_qd, stride_kn, stride_kd, STRIDE, PREC, UPCAST)
         if i == STRIDE - 1:
-            s = acc * qk_scale
+            s = acc * row_scale[:, None]
+            if HAS_DQ:
+                s = s * tl.load(SK_base + offs_c, mask=offs_c < LK, other=0.0)[None, :]
             if start_c + BLOCK_C > n_full:
                 s = tl.where((offs_c[None, :] <= row_lim[:, None]) & (offs_c[None, :] < LK), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -162,10 +166,10 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     (batch, head) pairs run in chunks of ``scratch_bytes // scratch_bytes_per_head`` (at least one) per launch.
     ``config``: BLOCK_R, BLOCK_C (powers of two), EPI_KB (key blocks per epilogue step), num_warps, num_stages.
 
-    ``fp8``: the strided GEMM on float8_e4m3 copies of q and of the mean-centred k, each head scaled to the e4m3
-    range (kernels/triton/fp8_quant.py); the dequantisation factors multiply the logits. Centring k shifts each
-    row's logits by a constant, which the row softmax cancels. Twin: the torch estimate on ``dequantize_fp8`` of
-    the same copies (``fp8_operands``)."""
+    ``fp8``: the strided GEMM on float8_e4m3 copies of q and of the centred k, each group of ``stride`` tokens (one
+    strided row or column) scaled to the e4m3 range (kernels/triton/fp8_quant.py); the row's and the column's
+    scales multiply each logit. Centring k shifts each row's logits by a constant, which the row softmax cancels.
+    Twin: the torch estimate on ``dequantize_fp8`` of the same copies (``fp8_operands``)."""
     check_inputs(q, k, block, stride)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -195,18 +199,17 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     scratch = torch.empty(chunk, nkp, lqp, dtype=torch.float32, device=q.device)
     upcast = q.dtype == torch.bfloat16 and not gpu_path(q)
     prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
-    dq = out  # unused pointer unless fp8
+    sq = sk = out  # unused pointers unless fp8
     if fp8:
-        (q, sq), (k, sk) = fp8_operands(q, k)
-        dq = (sq * sk.repeat_interleave(Hq // Hkv, dim=1)).contiguous()  # [B, Hq]
+        (q, sq), (k, sk) = fp8_operands(q, k, stride)  # scales [B, Hq, lq] and [B, Hkv, lk]
         upcast, prec = False, "tf32"
     for bh0 in range(0, n_bh, chunk):
         n = min(chunk, n_bh - bh0)
         _antidiag_onepass_fwd[(n_r_tiles, n)](
-            q, k, out, scratch, dq,
+            q, k, out, scratch, sq, sk,
             _LOG2E / (D**0.5) / stride,
             *q.stride(), *k.stride(), *out.stride(), scratch.stride(0), scratch.stride(1),
-            bh0, Hq, Hq // Hkv, Sq, Sk, lq, lk, diag, nq, nk, n_r_tiles,
+            bh0, Hq, Hkv, Hq // Hkv, Sq, Sk, lq, lk, diag, nq, nk, n_r_tiles,
             STRIDE=stride, RPB=rpb, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=D, EPI_KB=cfg["EPI_KB"],
             PREC=prec, UPCAST=upcast, HAS_DQ=fp8,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -214,11 +217,12 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     return out
 
 
-def fp8_operands(q: torch.Tensor, k: torch.Tensor):
-    """((q8, q_scale), (k8, k_scale)): the FP8 copies the ``fp8`` estimate multiplies (k centred on its mean)."""
+def fp8_operands(q: torch.Tensor, k: torch.Tensor, stride: int):
+    """((q8, q_scale), (k8, k_scale)): the FP8 copies the ``fp8`` estimate multiplies, one scale per group of
+    ``stride`` tokens (k centred on ``fp8_quant.center_vector``)."""
     from .fp8_quant import quantize_fp8
 
-    return quantize_fp8(q), quantize_fp8(k, center=True)
+    return quantize_fp8(q, group=stride), quantize_fp8(k, group=stride, center=True)
 
 
 __all__ = ["antidiagonal_scores_onepass", "fp8_operands", "scratch_bytes_per_head", "DEFAULT_SCRATCH_BYTES",
