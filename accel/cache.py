@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from .kernels.reference_decode import BOUNDS_FP8, cast_bounds
+
 
 class PatchOwned:
     """A cache layer accel.patching installed for a decode policy. It remembers what it was made for (``made_key``,
@@ -121,8 +123,9 @@ class PagedKVLayer(PatchOwned, _BatchOps, DynamicLayer):
 
     Keys and values live in capacity buffers that grow geometrically, so appending a token writes one row instead
     of copying the whole cache (``keys``/``values`` are views of the filled part). ``kmin``/``kmax``
-    ([B, H, n_pages, D], the keys' dtype) hold the elementwise min/max of each page of ``page_size`` keys; an append
-    recomputes only the last partial page and the new pages. ``plan_cache`` lets a policy keep a plan across decode
+    ([B, H, n_pages, D], ``bounds_dtype``: the keys' dtype by default, or ``reference_decode.BOUNDS_FP8``, rounded
+    outward) hold the elementwise min/max of each page of ``page_size`` keys; an append recomputes only the last
+    partial page and the new pages. ``plan_cache`` lets a policy keep a plan across decode
     steps (LServe's reuse); batch edits (beam reorder, select, repeat) clear it."""
 
     is_sliding = False
@@ -130,20 +133,22 @@ class PagedKVLayer(PatchOwned, _BatchOps, DynamicLayer):
     keeps_all = True
     GROW = 256  # capacity granularity in tokens
 
-    def __init__(self, page_size: int = 16):
+    def __init__(self, page_size: int = 16, bounds_dtype: torch.dtype | None = None):
         super().__init__()
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size
+        self.bounds_dtype = bounds_dtype
         self.length = 0
         self._k = self._v = self._kmin = self._kmax = None
         self.kmin = self.kmax = None
         self.plan_cache: dict = {}
 
     @classmethod
-    def from_layer(cls, layer: DynamicLayer, page_size: int = 16) -> "PagedKVLayer":
+    def from_layer(cls, layer: DynamicLayer, page_size: int = 16,
+                   bounds_dtype: torch.dtype | None = None) -> "PagedKVLayer":
         """Take over a plain DynamicLayer, possibly already filled (a prompt cache built before patching)."""
-        new = cls(page_size)
+        new = cls(page_size, bounds_dtype)
         if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
             new.update(layer.keys, layer.values)
         return new
@@ -154,8 +159,8 @@ class PagedKVLayer(PatchOwned, _BatchOps, DynamicLayer):
         B, H, _, D = key_states.shape
         self._k = key_states.new_empty(B, H, 0, D)
         self._v = value_states.new_empty(B, H, 0, value_states.shape[-1])
-        self._kmin = key_states.new_empty(B, H, 0, D)
-        self._kmax = key_states.new_empty(B, H, 0, D)
+        self._kmin = key_states.new_empty(B, H, 0, D, dtype=self.bounds_dtype or key_states.dtype)
+        self._kmax = torch.empty_like(self._kmin)
         self.is_initialized = True
         self._views()
 
@@ -184,14 +189,17 @@ class PagedKVLayer(PatchOwned, _BatchOps, DynamicLayer):
             return
         seg = self._k[..., lo:n, :]
         full, tail = divmod(n - lo, P)
+        dt = self._kmin.dtype
         if full:
             block = seg[..., : full * P, :].unflatten(-2, (full, P))
-            self._kmin[..., first_page : first_page + full, :] = block.amin(-2)
-            self._kmax[..., first_page : first_page + full, :] = block.amax(-2)
+            lo, hi = cast_bounds(block.amin(-2), block.amax(-2), dt)
+            self._kmin[..., first_page : first_page + full, :] = lo
+            self._kmax[..., first_page : first_page + full, :] = hi
         if tail:
             rest = seg[..., full * P :, :]
-            self._kmin[..., first_page + full, :] = rest.amin(-2)
-            self._kmax[..., first_page + full, :] = rest.amax(-2)
+            lo, hi = cast_bounds(rest.amin(-2), rest.amax(-2), dt)
+            self._kmin[..., first_page + full, :] = lo
+            self._kmax[..., first_page + full, :] = hi
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -260,15 +268,22 @@ def _appends(layer, n: int) -> bool:
 def _fold_decode_key(kmin: torch.Tensor, kmax: torch.Tensor, page: torch.Tensor, keys: torch.Tensor) -> None:
     """One decode token's keys [B, H, 1, D] folded into page ``page`` (a 1-element device tensor) of the bounds:
     read-modify-write on the device, no sync."""
-    kmin.index_copy_(2, page, torch.minimum(kmin.index_select(2, page), keys))
-    kmax.index_copy_(2, page, torch.maximum(kmax.index_select(2, page), keys))
+    lo = torch.minimum(kmin.index_select(2, page).to(keys.dtype), keys)
+    hi = torch.maximum(kmax.index_select(2, page).to(keys.dtype), keys)
+    lo, hi = cast_bounds(lo, hi, kmin.dtype)
+    if kmin.dtype == BOUNDS_FP8:  # index_copy_ has no float8 kernel on the CPU: copy the bytes
+        kmin, kmax, lo, hi = (t.view(torch.uint8) for t in (kmin, kmax, lo, hi))
+    kmin.index_copy_(2, page, lo)
+    kmax.index_copy_(2, page, hi)
 
 
 def _empty_bounds(layer, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """+inf / -inf page bounds [B, heads, ceil(max_cache_len / page_size), D] at static addresses (CUDA graphs)."""
+    """+inf / -inf page bounds [B, heads, ceil(max_cache_len / page_size), D] at static addresses (CUDA graphs), in
+    the layer's ``bounds_dtype`` (default its keys' dtype)."""
     shape = (layer.batch_size, heads, -(-layer.max_cache_len // layer.page_size), layer.k_head_dim)
-    kmin = torch.full(shape, float("inf"), dtype=layer.dtype, device=layer.device)
-    kmax = torch.full(shape, float("-inf"), dtype=layer.dtype, device=layer.device)
+    dtype = layer.bounds_dtype or layer.dtype
+    kmin = torch.full(shape, float("inf"), dtype=dtype, device=layer.device)
+    kmax = torch.full(shape, float("-inf"), dtype=dtype, device=layer.device)
     if not torch.compiler.is_compiling():
         torch._dynamo.mark_static_address(kmin)
         torch._dynamo.mark_static_address(kmax)
@@ -283,6 +298,7 @@ def _recompute_pages(kmin: torch.Tensor, kmax: torch.Tensor, buffer: torch.Tenso
     pad = (-seg.shape[2]) % P
     lo = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("inf")).unflatten(2, (-1, P)).amin(3)
     hi = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=float("-inf")).unflatten(2, (-1, P)).amax(3)
+    lo, hi = cast_bounds(lo, hi, kmin.dtype)
     kmin[:, :, first : first + lo.shape[2]] = lo
     kmax[:, :, first : first + hi.shape[2]] = hi
 
@@ -290,7 +306,8 @@ def _recompute_pages(kmin: torch.Tensor, kmax: torch.Tensor, buffer: torch.Tenso
 class PagedStaticLayer(PatchOwned, StaticLayer):
     """transformers' StaticLayer (preallocated K/V, compile-friendly) plus per-page key bounds for Quest.
 
-    ``kmin``/``kmax`` ([B, H, ceil(max_cache_len / page_size), D], the keys' dtype) start at +inf / -inf and every
+    ``kmin``/``kmax`` ([B, H, ceil(max_cache_len / page_size), D], ``bounds_dtype``: the keys' dtype by default,
+    or ``BOUNDS_FP8`` rounded outward) start at +inf / -inf and every
     update folds the new keys into their pages (a decode step: one page read and written back): no host sync, no shape that depends
     on the length, static addresses, so a compiled decode step over it captures as a CUDA graph. Pages past the
     filled length keep their +-inf bounds; the policy masks them with the device-side ``cumulative_length``."""
@@ -298,20 +315,22 @@ class PagedStaticLayer(PatchOwned, StaticLayer):
     triton_append = False  # decode steps through kernels/triton/decode_append.py (set at patching, backend)
     keeps_all = True
 
-    def __init__(self, max_cache_len: int, page_size: int = 16):
+    def __init__(self, max_cache_len: int, page_size: int = 16, bounds_dtype: torch.dtype | None = None):
         super().__init__(max_cache_len=max_cache_len)
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size
+        self.bounds_dtype = bounds_dtype
         self.kmin = self.kmax = None
 
     @classmethod
-    def from_layer(cls, layer: StaticLayer, page_size: int = 16) -> "PagedStaticLayer":
+    def from_layer(cls, layer: StaticLayer, page_size: int = 16,
+                   bounds_dtype: torch.dtype | None = None) -> "PagedStaticLayer":
         """Take over an empty StaticLayer of a StaticCache (the first prefill installs it)."""
         if layer.is_initialized and int(layer.get_seq_length()) > 0:
             raise RuntimeError("a static cache that already holds tokens cannot take page bounds; start a new cache "
                                "after accel.patch")
-        return cls(layer.max_cache_len, page_size)
+        return cls(layer.max_cache_len, page_size, bounds_dtype)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -487,20 +506,22 @@ class LServeStaticLayer(DuoStaticLayer):
     sink + recent ring) whose retrieval heads also keep per-page key bounds (``kmin``/``kmax`` [B, H_r,
     ceil(max_cache_len / page_size), D], +inf / -inf where unfilled), updated as PagedStaticLayer's are: a decode step
     reads and writes back the one page it touches, on the device; a multi-token update recomputes the touched
-    pages from the buffer."""
+    pages from the buffer. ``bounds_dtype`` as PagedStaticLayer's."""
 
-    def __init__(self, max_cache_len: int, stream_heads, sink: int, recent: int, page_size: int = 16):
+    def __init__(self, max_cache_len: int, stream_heads, sink: int, recent: int, page_size: int = 16,
+                 bounds_dtype: torch.dtype | None = None):
         super().__init__(max_cache_len, stream_heads, sink, recent)
         self.page_size = page_size
+        self.bounds_dtype = bounds_dtype
         self.kmin = self.kmax = None
 
     @classmethod
     def from_layer(cls, layer: StaticLayer, stream_heads, sink: int, recent: int,
-                   page_size: int = 16) -> "LServeStaticLayer":
+                   page_size: int = 16, bounds_dtype: torch.dtype | None = None) -> "LServeStaticLayer":
         if layer.is_initialized and int(layer.get_seq_length()) > 0:
             raise RuntimeError("a static cache that already holds tokens cannot split its heads for LServe; start a "
                                "new cache after accel.patch")
-        return cls(layer.max_cache_len, stream_heads, sink, recent, page_size)
+        return cls(layer.max_cache_len, stream_heads, sink, recent, page_size, bounds_dtype)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -660,16 +681,17 @@ class PagedSplitLayer(DuoSplitLayer):
     recent, constant memory). ``plan_cache`` keeps a page selection across decode steps (LServe's reuse); batch
     edits and resets clear it."""
 
-    def __init__(self, stream_heads, sink: int, recent: int, page_size: int = 16):
+    def __init__(self, stream_heads, sink: int, recent: int, page_size: int = 16,
+                 bounds_dtype: torch.dtype | None = None):
         super().__init__(stream_heads, sink, recent)
-        self.paged = PagedKVLayer(page_size)
+        self.paged = PagedKVLayer(page_size, bounds_dtype)
         self.page_size = page_size
         self.plan_cache: dict = {}
 
     @classmethod
     def from_layer(cls, layer: DynamicLayer, stream_heads, sink: int, recent: int,
-                   page_size: int = 16) -> "PagedSplitLayer":
-        new = cls(stream_heads, sink, recent, page_size)
+                   page_size: int = 16, bounds_dtype: torch.dtype | None = None) -> "PagedSplitLayer":
+        new = cls(stream_heads, sink, recent, page_size, bounds_dtype)
         if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
             new.update(layer.keys, layer.values)
         return new

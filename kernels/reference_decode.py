@@ -18,9 +18,39 @@ import torch
 
 GROUP_REDUCES = ("max", "sum")
 
+# Page bounds in one byte (Quest / LServe ``page_bounds="fp8"``): float8_e5m2 has +-inf (unfilled pages keep them,
+# and a key past its range rounds to them) and 2 mantissa bits. Each bound is rounded outward, the min down and the
+# max up, so it still bounds every key of its page and Quest's criticality stays an upper bound; the scoring reads
+# half the bytes of bf16 bounds.
+BOUNDS_FP8 = torch.float8_e5m2
+FP8_BOUND_MAX = 57344.0  # largest finite e5m2
+_E5M2_INF, _E5M2_NEG_INF = 0x7C, 0xFC
 
-def page_bounds(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-page elementwise min and max of the keys: [B, H, Sk, D] -> two [B, H, ceil(Sk/page), D]."""
+
+def fp8_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """x (float) -> float8_e5m2: the nearest e5m2 value at or above x (``up``) or at or below it. Same arithmetic as
+    the append kernel's (kernels/triton/decode_append.py): the step of x's binade from its exact exponent, a
+    ceil / floor onto that grid, +-inf past the finite range in the outward direction only."""
+    xf = x.float()
+    e = (torch.frexp(xf).exponent - 1).clamp(-14, 127)  # floor(log2|x|); subnormals share 2^-14's step; 0 -> -14
+    step = torch.ldexp(torch.ones_like(xf), e - 2)  # 2 mantissa bits
+    y = (torch.ceil(xf / step) if up else torch.floor(xf / step)) * step
+    y = y.clamp(-FP8_BOUND_MAX, float("inf")) if up else y.clamp(float("-inf"), FP8_BOUND_MAX)
+    y = torch.where(torch.isinf(xf), xf, y)  # +-inf stay (frexp's exponent of inf is 0: its step is meaningless)
+    return y.to(BOUNDS_FP8)  # on the grid or past it outward: the cast is exact, or +-inf
+
+
+def cast_bounds(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds into their storage dtype: rounded outward for ``BOUNDS_FP8``, else a plain cast."""
+    if dtype == BOUNDS_FP8:
+        return fp8_outward(lo, up=False), fp8_outward(hi, up=True)
+    return lo.to(dtype), hi.to(dtype)
+
+
+def page_bounds(keys: torch.Tensor, page_size: int, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-page elementwise min and max of the keys: [B, H, Sk, D] -> two [B, H, ceil(Sk/page), D], in ``dtype``
+    (default the keys'; ``BOUNDS_FP8`` rounds them outward)."""
     B, H, S, D = keys.shape
     n_pages = -(-S // page_size)
     pad = n_pages * page_size - S
@@ -29,7 +59,8 @@ def page_bounds(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch
         hi = torch.cat([keys, keys.new_full((B, H, pad, D), float("-inf"))], dim=-2)
     else:
         lo = hi = keys
-    return (lo.unflatten(-2, (n_pages, page_size)).amin(-2), hi.unflatten(-2, (n_pages, page_size)).amax(-2))
+    lo, hi = lo.unflatten(-2, (n_pages, page_size)).amin(-2), hi.unflatten(-2, (n_pages, page_size)).amax(-2)
+    return cast_bounds(lo, hi, dtype or keys.dtype)
 
 
 def _mapped_heads(kv_heads: torch.Tensor, group: int | None, device) -> torch.Tensor:

@@ -26,7 +26,7 @@ import sys
 import torch
 
 
-def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
+def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers, bounds: str = "fp8"):
     import torch.nn.functional as F
 
     from accel.kernels import reference_decode as R
@@ -40,7 +40,7 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
     q = torch.randn(B, hq, 1, d, device=dev, dtype=dtype)
     k = torch.randn(B, hkv, ctx, d, device=dev, dtype=dtype)
     v = torch.randn(B, hkv, ctx, d, device=dev, dtype=dtype)
-    kmin, kmax = R.page_bounds(k, page)
+    kmin, kmax = R.page_bounds(k, page, R.BOUNDS_FP8 if bounds == "fp8" else None)
     n_keep = budget // page
 
     def quest():
@@ -87,9 +87,9 @@ def bench_case(B, ctx, hq, hkv, d, budget, page, dtype, timers):
     t = {name: {tn: timer(fn) for tn, timer in timers.items()} for name, fn in fns.items()}
     el = k.element_size()
     dense_bytes = 2 * B * hkv * ctx * d * el
-    meta_bytes = 2 * B * hkv * (ctx // page) * d * el
+    meta_bytes = 2 * B * hkv * (ctx // page) * d * kmin.element_size()
     sel_bytes = 2 * B * hkv * min(budget, ctx) * d * el
-    return {"batch": B, "context": ctx, "budget": budget, "page": page, "ms": t,
+    return {"batch": B, "context": ctx, "budget": budget, "page": page, "bounds": bounds, "ms": t,
             "floor_speedup_quest": dense_bytes / (meta_bytes + sel_bytes),
             "floor_speedup_reused": dense_bytes / sel_bytes,
             "speedup": {tn: {"quest": t["sdpa"][tn] / t["quest_total"][tn],
@@ -756,6 +756,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head_dim")
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--bounds", choices=("fp8", "exact"), default="fp8",
+                    help="Quest's page bounds: float8_e5m2 rounded outward (the policies' default) or bf16")
     ap.add_argument("--out", default="results")
     ap.add_argument("--topk-sweep", action="store_true", help="only sweep the top-k kernel's cuts per pass / warps")
     ap.add_argument("--topk-tail", action="store_true", help="only time the top-k kernel on rows past a power of two")
@@ -808,7 +810,8 @@ def main(argv=None) -> int:
     for B in batches:
         for ctx in contexts:
             r = bench_case(B, ctx, hq, hkv, d, args.budget, args.page, torch.bfloat16,
-                           {"graph": lambda f: do_bench_cudagraph(f), "eager": lambda f: do_bench(f)})
+                           {"graph": lambda f: do_bench_cudagraph(f), "eager": lambda f: do_bench(f)},
+                           bounds=args.bounds)
             rows.append(r)
             print(json.dumps(r))
     res = {"rows": rows, "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
@@ -818,7 +821,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
         json.dump(res, f, indent=1)
-    md = [f"# Decode attention, {hq}/{hkv}/{d} bf16, budget {args.budget}, page {args.page}", "",
+    md = [f"# Decode attention, {hq}/{hkv}/{d} bf16, budget {args.budget}, page {args.page}, "
+          f"{'float8' if args.bounds == 'fp8' else 'bf16'} page bounds", "",
           f"{res['device']}; {res['versions']}; {res['date']}; `{res['command']}`", "",
           "Median ms of one layer's decode attention. **graph**: the call replayed as a CUDA graph (GPU time: what a "
           "static-cache step under torch.compile or a captured graph pays); **eager**: CUDA events around eager "

@@ -229,6 +229,7 @@ def _cases():
         q, k, _ = qkv(S=S, Sq=1)
         kmin = torch.randn(1, 8, P, 128, generator=g).to(bf)
         decode_score.quest_scores(q, kmin, kmin + 1, page_size=16)
+        decode_score.quest_scores(q, kmin.to(torch.float8_e5m2), (kmin + 1).to(torch.float8_e5m2), page_size=16)
 
     @case("decode/select_pages")
     def _():
@@ -281,6 +282,8 @@ def _cases():
                                    kv_map=kv_map, ring=(torch.zeros(1, 4, 320, 128, dtype=bf),
                                                         torch.zeros(1, 4, 320, 128, dtype=bf), 64, 256),
                                    bounds=(kmin, kmin.clone()))
+        kmin8 = kmin.to(torch.float8_e5m2)  # float8 bounds: folded with outward rounding
+        decode_append.append_token(k_new, v_new, torch.tensor(100), k.clone(), v.clone(), bounds=(kmin8, kmin8.clone()))
 
     return cases
 

@@ -57,8 +57,11 @@ def test_dense_calls_attend_over_the_filled_slots(model, tmp_path):
 def test_policy_bytes_follow_each_rule(model, tmp_path):
     L = L_CTX + 2
     _, _, (quest, dense) = _run(model, tmp_path, "quest", budget=64)
-    # first 2 layers dense; then page bounds (min and max of every 16-token page) + the 64 selected tokens
-    assert quest == 2 * kv(HKV, L) + 2 * (kv(HKV, -(-L // 16)) + kv(HKV, 64))
+    # first 2 layers dense; then page bounds (min and max of every 16-token page, one byte each) + the 64 selected
+    # tokens (float32)
+    assert quest == 2 * kv(HKV, L) + 2 * (kv(HKV, -(-L // 16)) // 4 + kv(HKV, 64))
+    _, _, (quest_exact, _) = _run(model, tmp_path, "quest", budget=64, page_bounds="exact")
+    assert quest_exact == 2 * kv(HKV, L) + 2 * (kv(HKV, -(-L // 16)) + kv(HKV, 64))
     _, _, (tidal, _) = _run(model, tmp_path, "tidal", budget=64)
     # layers 0-1 dense, layer 2 selects (attends densely, ranks keys by those scores), layer 3 reads the 64 positions
     assert tidal == 3 * kv(HKV, L) + kv(HKV, 64)
@@ -71,7 +74,7 @@ def test_policy_bytes_follow_each_rule(model, tmp_path):
     c_reuse, outs, (lserve, _) = _run(model, tmp_path, "lserve", budget=128)
     _, _, (lserve_select, _) = _run(model, tmp_path, "lserve", budget=128, reuse_steps=1)
     # a selecting step reads the retrieval heads' logical-page bounds on top of what a reusing step reads
-    assert lserve_select - lserve == sum(kv(layer.keys.shape[1], -(-L // 16)) for layer in c_reuse.layers)
+    assert lserve_select - lserve == sum(kv(layer.keys.shape[1], -(-L // 16)) // 4 for layer in c_reuse.layers)
     assert lserve < duo and all(bool(torch.isfinite(o).all()) for o in outs)
 
 

@@ -88,6 +88,47 @@ def test_quest_score_bounds_every_key():
     assert (s[0, 0] >= qk - 1e-5).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_outward_is_the_nearest_bound(dtype):
+    """float8_e5m2 bounds: the min rounds down and the max up, to the nearest e5m2 value on that side (never past
+    it: every value on the grid stays put), +-inf kept, and past the finite range only the outward side is inf."""
+    x = torch.cat([torch.randn(20000) * 10, torch.randn(2000) * 1e-5, torch.tensor([0.0, -0.0, 1.0, -1.5, 57344.0,
+                   60000.0, -60000.0, 7e4, -7e4, float("inf"), float("-inf")])]).to(dtype)
+    up, down = R.fp8_outward(x, up=True), R.fp8_outward(x, up=False)
+    assert up.dtype == down.dtype == R.BOUNDS_FP8
+    xf, u, d = x.float(), up.float(), down.float()
+    assert (u >= xf).all() and (d <= xf).all()
+    near = xf.to(R.BOUNDS_FP8).float()  # round to nearest: on the right side it is the tightest bound
+    fin = torch.isfinite(near)
+    assert (u[fin & (near >= xf)] == near[fin & (near >= xf)]).all()
+    assert (d[fin & (near <= xf)] == near[fin & (near <= xf)]).all()
+    # the other side: exactly one e5m2 step away (the next value inward would not bound x)
+    steps = u.to(R.BOUNDS_FP8).view(torch.uint8).int() - d.to(R.BOUNDS_FP8).view(torch.uint8).int()
+    inside = fin & (near != xf) & (xf.abs() < 57344) & (xf != 0)
+    assert (steps[inside & (xf > 0)] == 1).all() and (steps[inside & (xf < 0)] == -1).all()
+    assert u[-6] == float("inf") and d[-6] == 57344 and d[-5] == float("-inf") and u[-5] == -57344
+    assert u[-2] == d[-2] == float("inf") and u[-1] == d[-1] == float("-inf")
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quest_scores_fp8_bounds(group, dtype):
+    """Float8 page bounds: the Triton scoring widens them in registers and matches the torch twin on the same
+    bounds; the criticality still bounds q.k of every key of its page, and it is at most a few percent looser
+    than with exact bounds."""
+    q, k, _ = _qkv(2, 2, group, 101, dtype=dtype)
+    mn, mx = R.page_bounds(k, 16, R.BOUNDS_FP8)
+    assert mn.dtype == R.BOUNDS_FP8 and mn.element_size() == 1
+    got = quest_scores(q, mn, mx)
+    ref = R.quest_scores(q, mn, mx)
+    torch.testing.assert_close(got, ref, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
+    qk = torch.einsum("bhgd,bhsd->bhgs", q.float()[:, :, 0].unflatten(1, (2, group)), k.float())
+    qk = torch.nn.functional.pad(qk, (0, 112 - 101), value=float("-inf")).unflatten(-1, (7, 16)).amax(-1).amax(2)
+    assert (ref >= qk - 1e-3).all()
+    exact = R.quest_scores(q, *R.page_bounds(k, 16))
+    assert (ref >= exact - 1e-3).all() and ((ref - exact) / exact.abs().clamp_min(1)).max() < 0.3
+
+
 @pytest.mark.parametrize("k_pages", [1, 3, 7, 40])
 @pytest.mark.parametrize("keep_first", [False, True])
 @pytest.mark.parametrize("how", SEARCHES, ids=SEARCH_IDS)

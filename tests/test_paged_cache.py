@@ -6,18 +6,20 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 
 import accel
 from accel.cache import PagedKVLayer
-from accel.kernels.reference_decode import page_bounds
+from accel.kernels.reference_decode import BOUNDS_FP8, page_bounds
 from conftest import tiny_model
 from test_families import ids
 
 
 def _check(layer: PagedKVLayer):
-    mn, mx = page_bounds(layer.keys, layer.page_size)
-    assert torch.equal(layer.kmin, mn) and torch.equal(layer.kmax, mx)
+    mn, mx = page_bounds(layer.keys, layer.page_size, layer.kmin.dtype)
+    assert layer.kmin.dtype == mn.dtype and torch.equal(layer.kmin.float(), mn.float())
+    assert torch.equal(layer.kmax.float(), mx.float())
 
 
-def test_incremental_bounds_equal_recomputed():
-    layer = PagedKVLayer(page_size=4)
+@pytest.mark.parametrize("bounds_dtype", [None, BOUNDS_FP8])
+def test_incremental_bounds_equal_recomputed(bounds_dtype):
+    layer = PagedKVLayer(page_size=4, bounds_dtype=bounds_dtype)
     ks, vs = [], []
     for n in (7, 1, 1, 1, 5, 1, 16, 3):
         k, v = torch.randn(2, 3, n, 8), torch.randn(2, 3, n, 8)

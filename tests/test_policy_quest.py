@@ -109,10 +109,36 @@ def test_default_is_paper_setting():
 
 @pytest.mark.parametrize("opts, match", [({"page_size": 12}, "page_size"), ({"budget": 8}, "budget"),
                                           ({"group_reduce": "mean"}, "group_reduce"),
-                                          ({"dense_layers": -1}, "dense_layers")])
+                                          ({"dense_layers": -1}, "dense_layers"),
+                                          ({"page_bounds": "int8"}, "'fp8', 'exact'")])
 def test_bad_options(opts, match):
     with pytest.raises(ValueError, match=match):
         accel.parse_policy("quest", **opts)
+    if "page_bounds" in opts:
+        with pytest.raises(ValueError, match="page_bounds"):
+            accel.parse_policy("lserve", ratio=0, **opts)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_page_bounds_fp8_and_exact(cache):
+    """Float8 page bounds (the default) halve the bounds' bytes and are installed in the cache; with a small budget
+    they select nearly what exact bounds select (same greedy tokens on this prompt), and the reference and Triton
+    backends agree on them."""
+    x = ids(length=120)
+    seqs, nbytes = {}, {}
+    for bounds in ("fp8", "exact"):
+        model = tiny_model("llama")
+        accel.patch(model, "quest", budget=48, dense_layers=1, page_bounds=bounds, backend="reference")
+        kw = {"cache_implementation": "static", "disable_compile": True} if cache == "static" else {}
+        with torch.no_grad():
+            out = model.generate(x, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True, **kw)
+        layer = out.past_key_values.layers[1]
+        assert layer.kmin.dtype == (torch.float8_e5m2 if bounds == "fp8" else layer.keys.dtype)
+        nbytes[bounds] = layer.kmin.numel() * layer.kmin.element_size()
+        seqs[bounds] = out.sequences
+    assert nbytes["exact"] == 4 * nbytes["fp8"]  # float32 tiny model: 4 bytes -> 1
+    assert torch.equal(seqs["fp8"], seqs["exact"])
 
 
 def test_dense_layers_covering_the_model_is_refused():

@@ -251,22 +251,30 @@ def test_quest_layer_map_over_static_cache(tmp_path):
     assert accel.stats(model)["backends_used"]["static-paged"] == 11  # layer 0 only
 
 
-def test_quest_static_cache_bounds_and_budget():
-    """The page bounds fold every written key; a budget above the context reproduces dense decode exactly."""
+@pytest.mark.parametrize("page_bounds", ["fp8", "exact"])
+def test_quest_static_cache_bounds_and_budget(page_bounds):
+    """The page bounds fold every written key (float8 ones rounded outward); a budget above the context reproduces
+    dense decode exactly."""
+    from accel.kernels.reference_decode import BOUNDS_FP8, cast_bounds
+
     model = tiny_model("llama")
     x = ids(length=150)
-    accel.patch(model, "quest", budget=4096, dense_layers=0, backend="reference")
+    accel.patch(model, "quest", budget=4096, dense_layers=0, backend="reference", page_bounds=page_bounds)
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
                              cache_implementation="static", disable_compile=True, return_dict_in_generate=True)
     layer = out.past_key_values.layers[1]
     assert isinstance(layer, accel.cache.PagedStaticLayer)
+    assert layer.kmin.dtype == (BOUNDS_FP8 if page_bounds == "fp8" else layer.keys.dtype)
     n = int(layer.cumulative_length)
     keys = layer.keys[:, :, :n]
     full = n // 16
-    torch.testing.assert_close(layer.kmin[:, :, :full], keys[:, :, : full * 16].unflatten(2, (full, 16)).amin(3))
-    torch.testing.assert_close(layer.kmax[:, :, full], keys[:, :, full * 16 :].amax(2))
-    assert torch.isinf(layer.kmin[:, :, full + 1 :]).all()
+    lo, _ = cast_bounds(keys[:, :, : full * 16].unflatten(2, (full, 16)).amin(3), keys[:, :, :1], layer.kmin.dtype)
+    _, hi = cast_bounds(keys[:, :, :1], keys[:, :, full * 16 :].amax(2), layer.kmin.dtype)
+    torch.testing.assert_close(layer.kmin[:, :, :full].float(), lo.float())
+    torch.testing.assert_close(layer.kmax[:, :, full].float(), hi.float())
+    assert (layer.kmin[:, :, :full].float() <= keys[:, :, : full * 16].unflatten(2, (full, 16)).amin(3)).all()
+    assert torch.isinf(layer.kmin[:, :, full + 1 :].float()).all()
     assert accel.cache_bytes(out.past_key_values) > 2 * keys.numel() * keys.element_size()
     accel.unpatch(model)
     assert torch.equal(out.sequences, _generate_n(model, x, 5))
@@ -496,13 +504,18 @@ def test_lserve_static_decode_triton_matches_torch(group, stream):
     assert not {e.name for e in prof.events()} & {"aten::index_select", "aten::index_copy_"}
 
 
-@pytest.mark.parametrize("kind", ["paged", "duo", "lserve", "duo_all_stream"])
+@pytest.mark.parametrize("kind", ["paged", "duo", "lserve", "duo_all_stream", "paged_fp8", "lserve_fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_append_kernel_matches_torch_update(kind, dtype):
     """A decode token written by one Triton launch (kernels/triton/decode_append.py: buffer rows, ring slot,
-    the page's key bounds) leaves every buffer exactly as the torch writes do, over steps that wrap the ring and
-    cross pages; non-contiguous k/v as the attention hands them over."""
+    the page's key bounds, float8 ones rounded outward) leaves every buffer exactly as the torch writes do, over
+    steps that wrap the ring and cross pages; non-contiguous k/v as the attention hands them over."""
     from transformers.cache_utils import StaticLayer
+
+    from accel.kernels.reference_decode import BOUNDS_FP8
+
+    bd = BOUNDS_FP8 if kind.endswith("_fp8") else None
+    kind = kind.removesuffix("_fp8")
 
     g = torch.Generator().manual_seed(7)
     B, H, D, fill, cap = 2, 3, 16, 21, 64
@@ -511,9 +524,9 @@ def test_decode_append_kernel_matches_torch_update(kind, dtype):
     def make():
         base = StaticLayer(max_cache_len=cap)
         if kind == "paged":
-            return accel.cache.PagedStaticLayer.from_layer(base, 16)
+            return accel.cache.PagedStaticLayer.from_layer(base, 16, bd)
         if kind == "lserve":
-            return accel.cache.LServeStaticLayer.from_layer(base, stream, 4, 12, 16)
+            return accel.cache.LServeStaticLayer.from_layer(base, stream, 4, 12, 16, bd)
         return accel.cache.DuoStaticLayer.from_layer(base, stream, 4, 12)
 
     layers = {flag: make() for flag in (False, True)}
@@ -528,7 +541,14 @@ def test_decode_append_kernel_matches_torch_update(kind, dtype):
     names = ["keys", "values", "cumulative_length"] + (["skeys", "svalues"] if stream else []) + (
         ["kmin", "kmax"] if kind in ("paged", "lserve") else [])
     for name in names:
-        assert torch.equal(getattr(layers[True], name), getattr(layers[False], name)), name
+        a, b = getattr(layers[True], name), getattr(layers[False], name)
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype == BOUNDS_FP8 else a,
+                                                  b.view(torch.uint8) if b.dtype == BOUNDS_FP8 else b), name
+    if bd is not None:  # still bounds of every key of their page
+        layer = layers[True]
+        kf = layer.keys.float().unflatten(2, (cap // 16, 16))
+        assert layer.kmin.dtype == bd and (layer.kmin.float() <= kf.amin(3)).all()
+        assert (layer.kmax.float() >= kf.amax(3)).all()
     assert int(layers[True].cumulative_length) == cap
     if stream:  # the ring really wrapped: its slots hold the last tokens, not the first fill's
         assert not torch.equal(layers[True].skeys[:, :, 4:], torch.zeros_like(layers[True].skeys[:, :, 4:]))

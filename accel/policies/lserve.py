@@ -9,7 +9,7 @@ from accel.layouts import (DenseLayout, HeadPart, HeadSplitLayout, PageSelection
                            StreamingLayout)
 
 from .duo import DuoPolicy
-from .quest import PAGE_SIZES, require_paged_layer, select_pages
+from .quest import PAGE_SIZES, bounds_dtype, check_page_bounds, require_paged_layer, select_pages
 
 LOGICAL_PAGE_SIZES = (8, 16, 32, 64)
 
@@ -31,7 +31,8 @@ class LServePolicy(DuoPolicy):
     context attends to every retrieval key (density 1.0 in ``accel.stats``); ``ratio=0`` needs no head map and
     with such a budget is exactly dense. Over a transformers StaticCache (and torch.compile) the layer becomes an
     LServeStaticLayer and the selection runs on the device every ``reuse_steps`` (``static_decode``; there
-    ``reuse_steps`` <= ``physical_page_size``)."""
+    ``reuse_steps`` <= ``physical_page_size``). ``page_bounds`` as Quest's: float8 bounds rounded outward by
+    default, ``"exact"`` for the keys' dtype."""
 
     name = "lserve"
     phases = ("prefill", "decode")
@@ -42,9 +43,11 @@ class LServePolicy(DuoPolicy):
     physical_page_size: int = 64  # selection unit, what the decode kernel reads
     budget: int = 4096
     reuse_steps: int = 4
+    page_bounds: str = "fp8"  # "fp8" (float8_e5m2, rounded outward) | "exact" (the keys' dtype)
 
     def validate(self) -> None:
         super().validate()
+        check_page_bounds(self)
         if self.page_size not in LOGICAL_PAGE_SIZES:
             raise ValueError(f"option 'page_size' (logical page) of policy 'lserve' must be one of "
                              f"{LOGICAL_PAGE_SIZES}, got {self.page_size}")
@@ -76,8 +79,8 @@ class LServePolicy(DuoPolicy):
         stream = self._stream_heads(layer_idx)
         if bool(stream.any()):
             return PagedSplitLayer, {"stream_heads": stream, "sink": self.sink, "recent": self.recent,
-                                     "page_size": self.page_size}
-        return PagedKVLayer, {"page_size": self.page_size}
+                                     "page_size": self.page_size, "bounds_dtype": bounds_dtype(self.page_bounds)}
+        return PagedKVLayer, {"page_size": self.page_size, "bounds_dtype": bounds_dtype(self.page_bounds)}
 
     def static_prepare(self, cache, layers, layer_idx: int, sliding_window, *, batch: int, kv_heads: int, device,
                        tokens: int = 1, **_):
@@ -100,9 +103,10 @@ class LServePolicy(DuoPolicy):
         layer = layers[layer_idx]
         if bool(stream.any()):
             if not isinstance(layer, LServeStaticLayer):
-                layers[layer_idx] = LServeStaticLayer.from_layer(layer, stream, self.sink, self.recent, self.page_size)
+                layers[layer_idx] = LServeStaticLayer.from_layer(layer, stream, self.sink, self.recent, self.page_size,
+                                                                 bounds_dtype(self.page_bounds))
         elif not isinstance(layer, PagedStaticLayer) or layer.page_size != self.page_size:
-            layers[layer_idx] = PagedStaticLayer.from_layer(layer, self.page_size)
+            layers[layer_idx] = PagedStaticLayer.from_layer(layer, self.page_size, bounds_dtype(self.page_bounds))
         layer = layers[layer_idx]
         if self.reuse_steps == 1:
             layer.lserve_reuse = None

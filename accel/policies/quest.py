@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from accel.cache import PagedKVLayer, PagedStaticLayer
-from accel.kernels.reference_decode import GROUP_REDUCES
+from accel.kernels.reference_decode import BOUNDS_FP8, GROUP_REDUCES
 from accel.layouts import DenseLayout, PageSelection
 
 from .base import Policy
@@ -60,6 +60,21 @@ def require_paged_layer(policy: str, layer, kv_len: int, page_size: int, layer_i
                            f"page_size={page_size}; start a new cache after re-patching")
     return layer
 
+PAGE_BOUNDS = ("fp8", "exact")
+
+
+def bounds_dtype(page_bounds: str) -> torch.dtype | None:
+    """The cache's page-bound dtype for option ``page_bounds`` (None: the keys' dtype)."""
+    return BOUNDS_FP8 if page_bounds == "fp8" else None
+
+
+def check_page_bounds(policy) -> None:
+    if policy.page_bounds not in PAGE_BOUNDS:
+        raise ValueError(f"option 'page_bounds' of policy {policy.name!r} must be one of {PAGE_BOUNDS} ('fp8': "
+                         f"float8 bounds rounded outward, half the bytes; 'exact': the keys' dtype), got "
+                         f"{policy.page_bounds!r}")
+
+
 @dataclass
 class QuestPolicy(Policy):
     """Quest (Tang et al. 2024, arXiv 2406.10774): query-aware KV page selection for decode.
@@ -90,7 +105,11 @@ class QuestPolicy(Policy):
     from 0.77 to 0.003 (its map lists 7 and 18, against 18 with ``max``). Not the default: its cost on the GPU (one
     more reduction over the page bounds per layer) is not measured yet. A
     budget at or above the context attends to everything (the layout is dense and ``accel.stats`` records decode
-    density 1.0)."""
+    density 1.0).
+
+    ``page_bounds``: ``"fp8"`` (default) stores the page bounds as float8_e5m2 rounded outward (min down, max up:
+    still bounds of every key, so the criticality stays an upper bound), half the bytes the scoring reads and half
+    the metadata memory of bf16 bounds; ``"exact"`` keeps them in the keys' dtype, as the paper does."""
 
     name = "quest"
     phases = ("decode",)
@@ -103,10 +122,12 @@ class QuestPolicy(Policy):
     group_reduce: str = "max"
     keep_first_page: bool = False
     layer_map: str = "auto"  # "auto" | "none" | shipped name | .json path (see the docstring)
+    page_bounds: str = "fp8"  # "fp8" (float8_e5m2, rounded outward) | "exact" (the keys' dtype)
 
     none_options = ("layer_map",)
 
     def validate(self) -> None:
+        check_page_bounds(self)
         if not isinstance(self.layer_map, str) or not self.layer_map:
             raise ValueError(f"option 'layer_map' of policy {self.name!r} must be 'auto', 'none', a shipped map name "
                              f"or a .json path, got {self.layer_map!r}")
@@ -170,7 +191,7 @@ class QuestPolicy(Policy):
     def cache_kind(self, sliding_window, layer_idx):
         if not self._selects(sliding_window, layer_idx):
             return None
-        return PagedKVLayer, {"page_size": self.page_size}
+        return PagedKVLayer, {"page_size": self.page_size, "bounds_dtype": bounds_dtype(self.page_bounds)}
 
     def static_prepare(self, cache, layers, layer_idx: int, sliding_window, **_):
         """At the (eager) prefill over a transformers StaticCache: a selecting layer's StaticLayer becomes a
@@ -178,7 +199,8 @@ class QuestPolicy(Policy):
         if not self._selects(sliding_window, layer_idx):
             return None
         if not isinstance(layers[layer_idx], PagedStaticLayer):
-            layers[layer_idx] = PagedStaticLayer.from_layer(layers[layer_idx], page_size=self.page_size)
+            layers[layer_idx] = PagedStaticLayer.from_layer(layers[layer_idx], page_size=self.page_size,
+                                                            bounds_dtype=bounds_dtype(self.page_bounds))
         return layers[layer_idx]
 
     def static_decode(self, q, k, v, layer: PagedStaticLayer, *, mask, kv_start, scale, softcap, use_triton: bool):

@@ -10,7 +10,8 @@ Head map (``kv_map`` int32 [H]): ``r >= 0`` sends head ``h`` to row ``r`` of ``k
 bounds), ``r < 0`` to row ``-r - 1`` of the ring. Without it head ``h`` is row ``h``. The position is the cache's
 device-side length (read, not written: the caller adds the token to it). The ring slot of position ``p`` is ``p``
 below ``sink``, else ``sink + (p - sink) % recent``. A position at or past the buffer's capacity writes nothing
-(torch's index_copy would raise on the device).
+(torch's index_copy would raise on the device). Float8 bounds (``reference_decode.BOUNDS_FP8``) are folded in
+float32 and rounded outward, as ``reference_decode.fp8_outward`` does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,35 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference_decode import _E5M2_INF, _E5M2_NEG_INF, BOUNDS_FP8, FP8_BOUND_MAX
 from .checks import device_ints, interpreting
+
+_FP8_MAX = tl.constexpr(FP8_BOUND_MAX)
+_INF8 = tl.constexpr(_E5M2_INF)
+_NEG_INF8 = tl.constexpr(_E5M2_NEG_INF)
+
+
+@triton.jit
+def fp8_outward(x, UP: tl.constexpr):
+    """float32 x -> float8e5: the nearest value at or above x (UP) or at or below it (``fp8_outward`` of
+    kernels/reference_decode.py, the same arithmetic). The binade's step comes from x's exponent bits (exact; log2
+    is not), so the ceil / floor lands on the e5m2 grid and the cast is exact; past the finite range the outward
+    direction gives +-inf, the inward one the largest finite value."""
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2|x|)
+    e = tl.minimum(tl.maximum(e, -14), 127)  # subnormals (and 0) share 2^-14's step
+    step = ((e - 2 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-2): 2 mantissa bits
+    inv = ((127 - (e - 2)) << 23).to(tl.float32, bitcast=True)
+    if UP:
+        y = tl.maximum(tl.ceil(x * inv) * step, -_FP8_MAX)
+        over = x > _FP8_MAX
+        y8 = tl.minimum(y, _FP8_MAX).to(tl.float8e5).to(tl.uint8, bitcast=True)
+        y8 = tl.where(over, _INF8, tl.where(x == float("-inf"), _NEG_INF8, y8))
+    else:
+        y = tl.minimum(tl.floor(x * inv) * step, _FP8_MAX)
+        over = x < -_FP8_MAX
+        y8 = tl.maximum(y, -_FP8_MAX).to(tl.float8e5).to(tl.uint8, bitcast=True)
+        y8 = tl.where(over, _NEG_INF8, tl.where(x == float("inf"), _INF8, y8))
+    return y8.to(tl.uint8).to(tl.float8e5, bitcast=True)
 
 
 @triton.jit
@@ -30,7 +59,7 @@ def _append_kernel(K_NEW, V_NEW, LEN, MAP, KEYS, VALUES, SK, SV, KMIN, KMAX,
                    smb, smh, smp, smd, sxb, sxh, sxp, sxd,
                    H, S, SINK, RECENT, PAGE, D, DV,
                    HAS_MAP: tl.constexpr, HAS_RING: tl.constexpr, HAS_BOUNDS: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   FP8_BOUNDS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -56,8 +85,12 @@ def _append_kernel(K_NEW, V_NEW, LEN, MAP, KEYS, VALUES, SK, SV, KMIN, KMAX,
             kf = kc.to(tl.float32)
             lo = tl.minimum(tl.load(lo_p, mask=d_ok).to(tl.float32), kf)
             hi = tl.maximum(tl.load(hi_p, mask=d_ok).to(tl.float32), kf)
-            tl.store(lo_p, lo.to(KMIN.dtype.element_ty), mask=d_ok)
-            tl.store(hi_p, hi.to(KMAX.dtype.element_ty), mask=d_ok)
+            if FP8_BOUNDS:
+                tl.store(lo_p, fp8_outward(lo, False), mask=d_ok)
+                tl.store(hi_p, fp8_outward(hi, True), mask=d_ok)
+            else:
+                tl.store(lo_p, lo.to(KMIN.dtype.element_ty), mask=d_ok)
+                tl.store(hi_p, hi.to(KMAX.dtype.element_ty), mask=d_ok)
     if HAS_RING:
         if r < 0:
             s = -r - 1
@@ -111,7 +144,7 @@ def append_token(k_new: torch.Tensor, v_new: torch.Tensor, length: torch.Tensor,
         *keys.stride(), *values.stride(), *sk.stride(), *sv.stride(), *kmin.stride(), *kmax.stride(),
         H, keys.shape[2], sink, recent, page_size, D, Dv,
         HAS_MAP=kv_map is not None, HAS_RING=ring is not None, HAS_BOUNDS=bounds is not None,
-        BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv), num_warps=1,
+        FP8_BOUNDS=bounds is not None and kmin.dtype == BOUNDS_FP8, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv), num_warps=1,
     )
 
 

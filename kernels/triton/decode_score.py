@@ -4,7 +4,8 @@ Same function as ``kernels.reference_decode.quest_scores``. For each query head 
 ``sum_d max(q_d * max_d, q_d * min_d) = relu(q) . kmax + min(q, 0) . kmin`` — two small matmuls per tile. The query
 heads of one KV group are packed into the M rows of those matmuls (padded to 16) and reduced by ``max`` (default),
 ``sum`` or ``max_norm`` (``max`` after subtracting each head's bound over the whole cache, computed in torch), so
-the page metadata is read once per KV head. Grid: (B * Hkv, cdiv(n_pages, BLOCK_P)).
+the page metadata is read once per KV head. Grid: (B * Hkv, cdiv(n_pages, BLOCK_P)). Float8 bounds
+(``reference_decode.BOUNDS_FP8``, half the bytes) are widened to q's dtype in registers (exact) before the matmuls.
 
 With a KV-head map (``kv_heads``, ``group``) the bounds hold a subset of the layer's KV heads (LServe's retrieval
 heads) and q stays the full layer's query: program ``j`` reads query heads ``kv_heads[j] * group + g``, so the
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference_decode import GROUP_REDUCES, head_bounds
+from ..reference_decode import BOUNDS_FP8, GROUP_REDUCES, head_bounds
 from .checks import device_ints, head_map
 from .decode_topk import check_reuse, reused
 
@@ -29,7 +30,7 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SEL, KV_LEN, OFF,
                         sqb, sqh, sqd, smb, smh, smp, smd, sxb, sxh, sxp, sxd, sob, soh, sop,
                         Hkv, G, P, PAGE, STEPS,
                         REDUCE_MAX: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_HEADS: tl.constexpr,
-                        HAS_OFF: tl.constexpr,
+                        HAS_OFF: tl.constexpr, WIDEN: tl.constexpr,
                         DOT_F32: tl.constexpr,
                         IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_REUSE: tl.constexpr, MERGE: tl.constexpr):
@@ -52,6 +53,9 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SEL, KV_LEN, OFF,
                    other=0.0)
     kmin = tl.load(KMIN + b * smb + h * smh + offs_p[:, None] * smp + offs_d[None, :] * smd, mask=p_ok[:, None],
                    other=0.0)
+    if WIDEN:  # float8 bounds -> q's dtype (every e5m2 value is exact in bf16 / fp16 / fp32)
+        kmax = kmax.to(tl.float32).to(Q.dtype.element_ty)
+        kmin = kmin.to(tl.float32).to(Q.dtype.element_ty)
     # the sign split in float32 (exact, then cast back so both dot operands match): the interpreter compares bf16
     # tiles by their raw bits in maximum/minimum (negative values win), and triton 3.6 on the GPU returns float32
     # from them anyway
@@ -136,7 +140,9 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
     if kv_start is not None:
         kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
     off = head_bounds(q, kmin, kmax).contiguous() if group_reduce == "max_norm" else None  # [B, Hq] float32
-    q = q.to(kmin.dtype)
+    widen = kmin.dtype == BOUNDS_FP8
+    cdt = q.dtype if widen else kmin.dtype  # the matmuls' operand dtype
+    q = q.to(cdt)
     sel, length, steps = out, out, 0
     if reuse is not None:
         sel, length, steps = reuse
@@ -149,8 +155,8 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
         *q.stride(), *kmin.stride(), *kmax.stride(), *out.stride(),
         Hkv, G, P, page_size, int(steps),
         REDUCE_MAX=group_reduce != "sum", HAS_KV_START=kv_start is not None, HAS_HEADS=kv_heads is not None,
-        HAS_OFF=off is not None,
-        DOT_F32=interp and kmin.dtype != torch.float32, IEEE=kmin.dtype == torch.float32 and not interp,
+        HAS_OFF=off is not None, WIDEN=widen,
+        DOT_F32=interp and cdt != torch.float32, IEEE=cdt == torch.float32 and not interp,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D, HAS_REUSE=reuse is not None,
         MERGE=merge, num_warps=num_warps or 2,
     )
