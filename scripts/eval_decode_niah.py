@@ -34,6 +34,10 @@ POLICIES = {
     "quest": ("quest", {}),
     "quest b1024": ("quest", {"budget": 1024}),
     "quest b512": ("quest", {"budget": 512}),
+    # page bounds in the keys' dtype (before 2026-12-06 the only kind; the default is now float8 rounded outward)
+    "quest exact": ("quest", {"page_bounds": "exact"}),
+    "quest b512 exact": ("quest", {"budget": 512, "page_bounds": "exact"}),
+    "lserve exact": ("lserve", {"page_bounds": "exact"}),
     "duo": ("duo", {}),
     "lserve": ("lserve", {}),
     "lserve b1024": ("lserve", {"budget": 1024}),
