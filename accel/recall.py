@@ -134,7 +134,8 @@ def capture_qk(model, input_ids: torch.Tensor) -> dict[int, dict]:
 
 
 def quest_capture(q: torch.Tensor, k: torch.Tensor, *, budget: int, page_size: int, group_reduce: str = "max",
-                  keep_first: bool = False, scale: float | None = None, softcap: float | None = None) -> dict:
+                  keep_first: bool = False, scale: float | None = None, softcap: float | None = None,
+                  bounds_dtype: torch.dtype | None = None) -> dict:
     """How much of one decode query's attention Quest's page selection keeps. ``q`` [B, Hq, D] (the query),
     ``k`` [B, Hkv, S, D] (the keys it sees). Returns, per query head, ``quest`` [B, Hq]: the share of the dense
     softmax mass inside the pages Quest selects at ``budget`` (its page min/max bound, one selection per KV group),
@@ -155,7 +156,7 @@ def quest_capture(q: torch.Tensor, k: torch.Tensor, *, budget: int, page_size: i
     n_pages = -(-S // page_size)
     mass = torch.nn.functional.pad(logits.softmax(-1), (0, n_pages * page_size - S))
     mass = mass.reshape(B, Hq, n_pages, page_size).sum(-1)
-    kmin, kmax = R.page_bounds(kf, page_size)
+    kmin, kmax = R.page_bounds(kf, page_size, bounds_dtype)  # bounds_dtype: as the cache stores them (None: exact)
     scores = R.quest_scores(qf, kmin, kmax, group_reduce=group_reduce, page_size=page_size)
     n_keep = min(budget // page_size, n_pages)
     pages, _ = R.select_pages(scores, n_keep, kv_len=S, page_size=page_size, keep_first=keep_first)

@@ -21,15 +21,18 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from accel.eval.synth import generate_samples  # noqa: E402
+from accel.kernels.reference_decode import BOUNDS_FP8  # noqa: E402
 from accel.models import load_model  # noqa: E402
 from accel.recall import capture_qk, quest_capture  # noqa: E402
 
 
-def layer_report(q, k, budget: int, page: int, keep_first: bool, scale=None, softcap=None) -> dict:
-    """q [B, Hq, 1, D] (the decode query), k [B, Hkv, S, D] -> captured mass per query head for Quest and the oracle."""
+def layer_report(q, k, budget: int, page: int, keep_first: bool, scale=None, softcap=None,
+                 bounds_dtype=None) -> dict:
+    """q [B, Hq, 1, D] (the decode query), k [B, Hkv, S, D] -> captured mass per query head for Quest and the oracle
+    (``bounds_dtype``: the page bounds' storage, None exact)."""
     g = q.shape[1] // k.shape[1]
     cap = quest_capture(q[:, :, -1], k, budget=budget, page_size=page, keep_first=keep_first, scale=scale,
-                        softcap=softcap)
+                        softcap=softcap, bounds_dtype=bounds_dtype)
     quest_kept, oracle_kept, mass, scores = cap["quest"][0], cap["oracle"][0], cap["mass"], cap["scores"]
     worst = int(quest_kept.argmin())
     heavy = int(mass[0, worst].argmax())
@@ -66,6 +69,8 @@ def main(argv=None) -> None:
         sc = (cap[li]["scale"], cap[li]["softcap"])
         r = {"layer": li, **layer_report(q, k, args.budget, args.page, False, *sc)}
         r["quest_keep_first_mean"] = layer_report(q, k, args.budget, args.page, True, *sc)["quest_mean"]
+        f8 = layer_report(q, k, args.budget, args.page, False, *sc, bounds_dtype=BOUNDS_FP8)  # the default storage
+        r["quest_fp8_mean"], r["quest_fp8_min"] = f8["quest_mean"], f8["quest_min"]
         rows.append(r)
         print(json.dumps(r), flush=True)
     meta = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv or sys.argv[1:])),
@@ -79,12 +84,15 @@ def main(argv=None) -> None:
              f"{meta['tokens']} tokens (needle at depth {args.depth}, answer {answer}; the query predicts its third "
              f"digit), budget {args.budget} tokens in pages of {args.page}. Share of the dense softmax mass inside "
              "the selected pages, over query heads: Quest (its page min/max bound, GQA group max), Quest with page 0 "
-             "forced (`keep_first_page`), and an oracle keeping the pages with the most true mass. Worst head: the "
-             "rank Quest's bound gives that head's heaviest page.", "",
-             "| layer | Quest mean | Quest min | + first page | oracle | worst head: heaviest page (mass), Quest rank |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "forced (`keep_first_page`), and an oracle keeping the pages with the most true mass; Quest with its "
+             "bounds stored as float8 rounded outward (`page_bounds='fp8'`, the default; the other columns use "
+             "exact bounds). Worst head: the rank Quest's exact bound gives that head's heaviest page.", "",
+             "| layer | Quest mean | Quest min | float8 bounds: mean | float8 min | + first page | oracle | worst head: "
+             "heaviest page (mass), Quest rank |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['quest_mean']:.3f} | {r['quest_min']:.3f} | {r['quest_keep_first_mean']:.3f} "
+        lines.append(f"| {r['layer']} | {r['quest_mean']:.3f} | {r['quest_min']:.3f} | {r['quest_fp8_mean']:.3f} | "
+                     f"{r['quest_fp8_min']:.3f} | {r['quest_keep_first_mean']:.3f} "
                      f"| {r['oracle_mean']:.3f} | h{r['worst_head']}: page {r['worst_head_top_page']} "
                      f"({r['worst_head_top_page_mass']:.2f}), rank {r['worst_head_top_page_rank']} of {r['pages']} |")
     with open(args.out + ".md", "w") as f:
