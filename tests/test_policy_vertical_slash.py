@@ -367,3 +367,35 @@ def test_needle_check_keeps_dense_the_layers_that_lose_the_needle(tmp_path, monk
     assert seen[:3] == [[3, 4], [1, 4], [1, 3]]  # each global layer alone sparse
     assert out["dense_layers"] == [3] and seen[3] == [3]  # then the map with layer 3 dense
     assert out["layer_alone_found"] == {1: [True], 3: [False], 4: [True]} and out["map_found"] == [True]
+
+
+def test_vs_dense_layer_check_runs_dense_one_layer_alone_and_the_map(tmp_path, monkeypatch):
+    """scripts/vs_dense_layer_check.py: dense, the named dense layer of the map run sparse (every other global
+    layer dense), then the map as shipped; a layer that is not global is refused before any model loads.
+    Generation and loading are stubbed."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import vs_dense_layer_check as V
+
+    head_map = {"patterns": [None, ["vertical_slash"] * 2, None, ["a_shape"] * 2], "dense_layers": [1]}
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(head_map))
+    with pytest.raises(SystemExit, match="not a global layer"):
+        V.main(["--map", str(path), "--layer", "2"])
+    monkeypatch.setattr(V, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(V, "generate_samples", lambda *a, **k: [{"prompt": "p"}] * len(k["depths"]))
+    seen = []
+
+    def answers(model, tok, prompts, opts):
+        seen.append(None if opts is None else json.loads(Path(opts["head_map"]).read_text())["dense_layers"])
+        return [opts is None or 1 in seen[-1]] * len(prompts)
+
+    monkeypatch.setattr(V, "_answers", answers)
+    out = tmp_path / "out.json"
+    assert V.main(["--map", str(path), "--layer", "1", "--depths", "0.25,0.75", "--out", str(out)]) == 0
+    assert seen == [None, [3], [1]]
+    res = json.loads(out.read_text())
+    assert res["dense"] == [True, True] and res["layer 1 alone sparse"] == [False, False]
+    assert res["map as shipped"] == [True, True] and res["map_dense_layers"] == [1]
