@@ -140,7 +140,13 @@ class MassSearch(NamedTuple):
     gamma: float
 
 
-def mass_search(xs: Sequence[torch.Tensor], gamma: float, block: int = 1024, programs: int = 2048) -> MassSearch:
+# about this many programs per pass: on the H100 at 32K (FlexPrefill's 64 token rows of 32K + 32 block rows of 64K)
+# 1024 took 252 us for the ten launches against 300 us with 2048 and 275 with 512; at 128K 1024 and 2048 tie (1.95
+# ms); 2048-entry blocks were 2-3x slower at every count (exp/flex_tune.py, 2026-12-06)
+PROGRAMS = 1024
+
+
+def mass_search(xs: Sequence[torch.Tensor], gamma: float, block: int = 1024, programs: int = PROGRAMS) -> MassSearch:
     """Run the search over the rows of one or two float32 matrices [rows_i, n_i] (unit last stride; the rows of
     ``xs[1]`` follow those of ``xs[0]``). Nine launches and one allocation, no host sync; read the cuts with
     ``cut_of`` in a kernel or with ``mass_cut``."""
@@ -171,7 +177,7 @@ def mass_search(xs: Sequence[torch.Tensor], gamma: float, block: int = 1024, pro
     return MassSearch(ws, rows, splits, float(gamma))
 
 
-def mass_cut(x: torch.Tensor, gamma: float, block: int = 1024, programs: int = 2048) -> torch.Tensor:
+def mass_cut(x: torch.Tensor, gamma: float, block: int = 1024, programs: int = PROGRAMS) -> torch.Tensor:
     """x [..., n] non-negative (negatives count as 0) -> int32 [...]: the bit pattern of the cut; keep
     ``x.float().view(int32) >= cut``. Rows with no mass get cut 1 (keep only entries with mass: none).
     Ten launches whatever the row length: no host work or sync between the passes."""
