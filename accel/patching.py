@@ -361,6 +361,8 @@ def stats(model: nn.Module) -> dict[str, Any]:
     calibration = {p.name: src for p in parts if (src := getattr(p, "calibration_source", None))}
     return {
         "policy": record.spec.describe(),
+        # every option each policy runs with, defaults included (Quest's page_bounds, XAttention's threshold ...)
+        "options": {p.name: {name: getattr(p, name) for name in p.option_names()} for p in parts},
         "calibration": calibration,  # per-model files a policy read (head maps, per-layer thresholds), by policy
         "backend_requested": record.backend,
         "backends_used": used,

@@ -170,6 +170,17 @@ def test_unpatched_accel_impl_raises_clearly():
             model(ids())
 
 
+def test_stats_name_every_option_in_use():
+    model = tiny_model("llama")
+    accel.patch(model, "xattention+quest", threshold=0.9, page_bounds="exact", dense_layers=0, backend="reference")
+    opts = accel.stats(model)["options"]
+    assert set(opts) == {"xattention", "quest"}
+    assert opts["xattention"]["threshold"] == 0.9 and opts["xattention"]["stride"] == 8  # set and default alike
+    assert opts["quest"]["page_bounds"] == "exact" and opts["quest"]["budget"] == 4096
+    accel.patch(model, "quest", dense_layers=0, backend="reference")  # the default: float8 page bounds, named
+    assert accel.stats(model)["options"] == {"dense": {}, "quest": {**opts["quest"], "page_bounds": "fp8"}}
+
+
 def test_stats_on_unpatched_model():
     with pytest.raises(ValueError, match="not patched"):
         accel.stats(tiny_model("llama"))
