@@ -183,23 +183,8 @@ class PagedKVLayer(PatchOwned, _BatchOps, DynamicLayer):
 
     def _refresh(self, first_page: int) -> None:
         """Recompute the bounds of pages ``first_page ..`` (the pages the last write touched)."""
-        P, n = self.page_size, self.length
-        lo = first_page * P
-        if lo >= n:
-            return
-        seg = self._k[..., lo:n, :]
-        full, tail = divmod(n - lo, P)
-        dt = self._kmin.dtype
-        if full:
-            block = seg[..., : full * P, :].unflatten(-2, (full, P))
-            lo, hi = cast_bounds(block.amin(-2), block.amax(-2), dt)
-            self._kmin[..., first_page : first_page + full, :] = lo
-            self._kmax[..., first_page : first_page + full, :] = hi
-        if tail:
-            rest = seg[..., full * P :, :]
-            lo, hi = cast_bounds(rest.amin(-2), rest.amax(-2), dt)
-            self._kmin[..., first_page + full, :] = lo
-            self._kmax[..., first_page + full, :] = hi
+        if first_page * self.page_size < self.length:
+            _recompute_pages(self._kmin, self._kmax, self._k, first_page * self.page_size, self.length, self.page_size)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
