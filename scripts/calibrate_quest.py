@@ -12,7 +12,7 @@ every query head of a layer Quest selects in, compares the share of the softmax 
 at ``--budget`` with the share inside the same number of pages an oracle picks by true mass
 (accel.recall.quest_capture). A layer where some head keeps less than ``--floor`` of the oracle's share on some
 answer query is listed in ``dense_layers``; `accel.patch(model, "quest")` leaves those layers dense when the map
-fits (same page size, group reduction and first-page rule, a budget at least the map's). CPU is enough (reference
+fits (same page size, group reduction, first-page rule and page-bound storage, ``--page-bounds``). CPU is enough (reference
 math, float32); a few minutes at 8K on the demo models.
 """
 
@@ -47,8 +47,8 @@ def samples(tokenizer, n: int, length: int, seed: int) -> list[tuple[torch.Tenso
     return out
 
 
-def layer_ratios(cap: dict, n_queries: int, *, budget: int, page_size: int, group_reduce: str, keep_first: bool
-                 ) -> torch.Tensor:
+def layer_ratios(cap: dict, n_queries: int, *, budget: int, page_size: int, group_reduce: str, keep_first: bool,
+                 bounds_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Quest's kept share over the oracle's, [n_queries, Hq], for the last ``n_queries`` queries of one layer's
     capture (each sees the keys up to itself)."""
     from accel.recall import quest_capture
@@ -59,13 +59,14 @@ def layer_ratios(cap: dict, n_queries: int, *, budget: int, page_size: int, grou
     for pos in range(S - n_queries, S):
         r = quest_capture(q[:, :, pos], k[:, :, :pos + 1], budget=budget, page_size=page_size,
                           group_reduce=group_reduce, keep_first=keep_first, scale=cap["scale"],
-                          softcap=cap["softcap"])
+                          softcap=cap["softcap"], bounds_dtype=bounds_dtype)
         rows.append((r["quest"] / r["oracle"].clamp_min(1e-12))[0])
     return torch.stack(rows)
 
 
 def calibrate(model, tokenizer, *, lengths: list[int], n_samples: int, seed: int, budget: int, page_size: int,
-              group_reduce: str, keep_first: bool, first_dense: int, floor: float, log=print) -> tuple[list, list]:
+              group_reduce: str, keep_first: bool, first_dense: int, floor: float, log=print,
+              bounds_dtype: torch.dtype | None = None) -> tuple[list, list]:
     """(dense layers, per-layer report): the layers Quest selects in where some head keeps below ``floor`` of the
     oracle's share on some answer query."""
     from accel.recall import capture_qk
@@ -81,7 +82,7 @@ def calibrate(model, tokenizer, *, lengths: list[int], n_samples: int, seed: int
                 if li < first_dense or c["sliding_window"] is not None or c["k"].shape[2] <= budget:
                     continue  # Quest does not select here (dense layer, sliding window, budget covers it)
                 ratios = layer_ratios(c, n_ans, budget=budget, page_size=page_size, group_reduce=group_reduce,
-                                      keep_first=keep_first)
+                                      keep_first=keep_first, bounds_dtype=bounds_dtype)
                 acc = sums.setdefault(li, [0.0, 0])
                 acc[0] += float(ratios.sum())
                 acc[1] += ratios.numel()
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--group-reduce", default="max", choices=("max", "sum", "max_norm"))
     ap.add_argument("--keep-first-page", action="store_true")
+    ap.add_argument("--page-bounds", default="fp8", choices=("fp8", "exact"),
+                    help="page bounds as the cache stores them (the policy's option of that name; default fp8)")
     ap.add_argument("--dense-layers", type=int, default=2, help="the first layers Quest leaves dense (not checked)")
     ap.add_argument("--floor", type=float, default=0.5,
                     help="a layer goes dense when some head keeps less than this share of the oracle's mass")
@@ -124,25 +127,26 @@ def main(argv=None) -> int:
 
     from accel.models import load_model
     from accel.policies.duo import model_signature
-    from accel.policies.quest import LAYER_MAP_FORMAT, PAGE_SIZES
+    from accel.policies.quest import LAYER_MAP_FORMAT, PAGE_SIZES, bounds_dtype
 
     if args.page_size not in PAGE_SIZES:
         ap.error(f"--page-size must be one of {PAGE_SIZES}")
     t0 = time.time()
     model, tok = load_model(args.model, device=args.device, dtype=torch.float32, quiet=True)
     print(f"calibrating quest on {args.model}: lengths {lengths}, {args.samples} prompts each, budget "
-          f"{args.budget}, page {args.page_size}, floor {args.floor}", flush=True)
+          f"{args.budget}, page {args.page_size}, {args.page_bounds} page bounds, floor {args.floor}", flush=True)
     dense, report = calibrate(model, tok, lengths=lengths, n_samples=args.samples, seed=args.seed,
                               budget=args.budget, page_size=args.page_size, group_reduce=args.group_reduce,
                               keep_first=args.keep_first_page, first_dense=args.dense_layers, floor=args.floor,
-                              log=lambda m: print(m, flush=True))
+                              log=lambda m: print(m, flush=True), bounds_dtype=bounds_dtype(args.page_bounds))
     for r in report:
         print(f"layer {r['layer']:3d}: mean {r['mean_ratio']:.3f}, worst {r['min_ratio']:.3f} (head {r['head']}, "
               f"depth {r['depth']:.2f}){'  -> dense' if r['layer'] in dense else ''}")
     data = {"format": LAYER_MAP_FORMAT, "model": model_signature(model.config), "floor": args.floor,
             "dense_layers": dense,
             "calibration": {"page_size": args.page_size, "group_reduce": args.group_reduce,
-                            "keep_first_page": args.keep_first_page, "budget": args.budget,
+                            "keep_first_page": args.keep_first_page, "page_bounds": args.page_bounds,
+                            "budget": args.budget,
                             "first_dense_layers": args.dense_layers, "lengths": lengths, "samples": args.samples,
                             "seed": args.seed, "prompts": "accel.needle passkey prompts",
                             "command": "python scripts/calibrate_quest.py " + " ".join(argv or sys.argv[1:]),

@@ -13,7 +13,7 @@ from .base import Policy
 PAGE_SIZES = (8, 16, 32, 64, 128)  # what the decode kernels take
 LAYER_MAP_FORMAT = "accel-quest-layers/1"
 # what a layer map's calibration records and a policy must share for the map to hold
-CALIBRATED_SETTINGS = ("page_size", "group_reduce", "keep_first_page")
+CALIBRATED_SETTINGS = ("page_size", "group_reduce", "keep_first_page", "page_bounds")
 
 
 def load_layer_map(name: str, config, settings: dict | None = None) -> tuple[str, dict] | None:
