@@ -357,6 +357,10 @@ def test_calibrate_script_writes_a_map_that_patches(tmp_path):
     model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
     accel.patch(model, "quest", budget=32, dense_layers=1, layer_map=str(out), backend="reference")
     assert accel.stats(model)["calibration"] == {"quest": str(out)}
+    assert data["calibration"]["page_bounds"] == "fp8"  # the policy's default storage, recorded
+    with pytest.raises(ValueError, match="page_bounds=fp8"):  # a map of float8 bounds says nothing of exact ones
+        accel.patch(model, "quest", budget=32, dense_layers=1, layer_map=str(out), page_bounds="exact",
+                    backend="reference")
     with pytest.raises(SystemExit):
         calib.main([str(folder), "--out", str(out), "--lengths", "20", "--budget", "32"])  # nothing to select
 
@@ -374,8 +378,12 @@ def test_auto_picks_the_shipped_map_of_the_scoring_rule():
         data = json.loads(resources.files("accel.configs").joinpath(f"quest_{name}.json").read_text())
         cfg = types.SimpleNamespace(**data["model"])
         base = {"page_size": 16, "keep_first_page": False}
-        for reduce, file in (("max", f"quest_{name}.json"), ("max_norm", f"quest_{name}_max_norm.json")):
-            src, got = load_layer_map("auto", cfg, {**base, "group_reduce": reduce})
+        for reduce, bounds, file in (("max", "fp8", f"quest_{name}.json"),
+                                     ("max_norm", "fp8", f"quest_{name}_max_norm.json"),
+                                     ("max", "exact", f"quest_{name}_exact.json"),
+                                     ("max_norm", "exact", f"quest_{name}_max_norm_exact.json")):
+            src, got = load_layer_map("auto", cfg, {**base, "group_reduce": reduce, "page_bounds": bounds})
             assert src.endswith(file) and got["calibration"]["group_reduce"] == reduce
+            assert got["calibration"]["page_bounds"] == bounds  # calibrated on the bounds the cache will store
         assert load_layer_map("auto", cfg, {**base, "group_reduce": "sum"}) is None
         assert load_layer_map("auto", cfg, {**base, "group_reduce": "max", "page_size": 32}) is None
