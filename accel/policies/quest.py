@@ -89,8 +89,9 @@ class QuestPolicy(Policy):
     oracle of the same budget; results/quest_selection.md), which is enough to lose the needle, while the other
     layers keep 0.96-1.0. ``scripts/calibrate_quest.py MODEL`` finds such layers on synthetic passkey prompts (a
     head whose selected pages hold less than ``floor`` of what the oracle's hold) and writes a map of layers to
-    leave dense, ``configs/quest_<model>[_<rule>].json``. ``layer_map``: ``"auto"`` (default) uses the shipped map
-    made for the model with the policy's page size, group reduction and first-page rule; ``"none"`` selects in
+    leave dense, ``configs/quest_<model>[_<rule>][_exact].json``. ``layer_map``: ``"auto"`` (default) uses the
+    shipped map made for the model with the policy's page size, group reduction, first-page rule and page-bound
+    storage (``--page-bounds``: the maps score pages from the bounds as the cache stores them); ``"none"`` selects in
     every layer from ``dense_layers`` on; a shipped name or a .json path names a map (an error when it does not
     fit). The budget does not gate it: a larger budget keeps a superset of the pages the calibration saw, a smaller
     one keeps less in every layer, so the map's layers are then the least that should stay dense. The map's layers
