@@ -230,6 +230,8 @@ def _cases():
         kmin = torch.randn(1, 8, P, 128, generator=g).to(bf)
         decode_score.quest_scores(q, kmin, kmin + 1, page_size=16)
         decode_score.quest_scores(q, kmin.to(torch.float8_e5m2), (kmin + 1).to(torch.float8_e5m2), page_size=16)
+        decode_score.quest_scores(q, kmin.to(torch.float8_e5m2), (kmin + 1).to(torch.float8_e5m2), page_size=16,
+                                  group_reduce="max_norm")  # the page box (float atomics) and the ceiling
 
     @case("decode/select_pages")
     def _():

@@ -49,12 +49,14 @@ def test_auto_picks_a_gpu_backend():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("policy", ["quest", "quest-fused", "tidal", "duo", "lserve", "lserve-mixed", "lserve-reuse"])
+@pytest.mark.parametrize("policy", ["quest", "quest-fused", "quest-max_norm", "tidal", "duo", "lserve", "lserve-mixed",
+                                    "lserve-reuse"])
 def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path, monkeypatch):
     """On the GPU, generate with a static cache compiles the decode step by itself (reduce-overhead: CUDA graphs);
     the Triton static decode (Quest's op, TidalDecode's shared positions, DuoAttention's and LServe's KV-head maps,
     LServe's page selection) must give the dynamic-cache tokens (float32 so the selections agree exactly).
-    ``quest-fused``: Quest's top-k inside the split launch (kernels/triton/select_attend.py)."""
+    ``quest-fused``: Quest's top-k inside the split launch (kernels/triton/select_attend.py); ``quest-max_norm``
+    its max_norm group reduction."""
     from accel.kernels.triton import select_attend
 
     monkeypatch.setattr(select_attend, "ENABLED", policy == "quest-fused")
@@ -64,6 +66,8 @@ def test_static_cache_compiled_matches_dynamic(family, policy, tmp_path, monkeyp
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
     if policy.startswith("quest"):
         opts = dict(budget=64, page_size=16, dense_layers=0)
+        if policy.endswith("max_norm"):  # the page box (float atomics) inside the compiled step
+            opts["group_reduce"] = "max_norm"
     elif policy.startswith("tidal"):
         if family == "gemma3":  # the tiny Gemma 3 has one full-attention layer, which tidal refuses: two here
             from test_policy_tidal import _deep

@@ -75,6 +75,42 @@ def test_quest_scores_max_norm():
                                ceil)
     with pytest.raises(ValueError, match="kv_heads"):
         quest_scores(q, mn, mx, group_reduce="max_norm", kv_heads=torch.tensor([0]), group=2)
+
+
+@pytest.mark.parametrize("pages, fp8", [(3, False), (70, False), (70, True)])
+def test_page_box_matches_torch(pages, fp8):
+    """The box max_norm's ceiling reads (Triton, split over the pages with float atomics): elementwise min of kmin
+    and max of kmax over every page, unwritten (+-inf) pages dropping out; float8 bounds widened exactly."""
+    from accel.kernels.triton.decode_score import page_box
+
+    q, k, _ = _qkv(2, 3, 2, pages * 16 - 5, seed=pages)
+    mn, mx = R.page_bounds(k, 16, R.BOUNDS_FP8 if fp8 else None)
+    mn = torch.cat([mn, torch.full_like(mn[:, :, :4], float("inf"))], 2)  # a static cache's unwritten tail
+    mx = torch.cat([mx, torch.full_like(mx[:, :, :4], float("-inf"))], 2)
+    box = page_box(mn, mx)
+    assert torch.equal(box[:, :, 0], mn.float().amin(2)) and torch.equal(-box[:, :, 1], mx.float().amax(2))
+    got = quest_scores(q, mn, mx, group_reduce="max_norm")[..., :pages]  # unwritten pages score NaN (masked later)
+    want = R.quest_scores(q, mn, mx, group_reduce="max_norm")[..., :pages]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_page_box_and_max_norm_on_gpu():
+    """At a model shape (8 KV heads x 4, 128K tokens in pages of 16, float8 bounds, a static cache's unwritten
+    tail): the box equals torch's, the max_norm scores the reference's."""
+    from accel.kernels.triton.decode_score import page_box
+
+    q, k, _ = _qkv(1, 8, 4, 8000 * 16, D=128, seed=9)
+    q, k = q.cuda(), k.cuda()
+    mn, mx = R.page_bounds(k, 16, R.BOUNDS_FP8)
+    mn = torch.cat([mn, torch.full_like(mn[:, :, :200], float("inf"))], 2)
+    mx = torch.cat([mx, torch.full_like(mx[:, :, :200], float("-inf"))], 2)
+    box = page_box(mn, mx)
+    assert torch.equal(box[:, :, 0], mn.float().amin(2)) and torch.equal(-box[:, :, 1], mx.float().amax(2))
+    got = quest_scores(q, mn, mx, group_reduce="max_norm")[..., :8000]
+    want = R.quest_scores(q, mn, mx, group_reduce="max_norm")[..., :8000]
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     with pytest.raises(ValueError, match="group_reduce"):
         R.quest_scores(q, mn, mx, group_reduce="mean")
 
