@@ -29,6 +29,30 @@ def us(fn) -> float:
     return do_bench(fn, warmup=10, rep=50) * 1e3
 
 
+PROXY_CONFIGS = [None] + [dict(BLOCK_R=r, BLOCK_C=c, num_warps=w, num_stages=st)
+                          for r, c, w, st in ((128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (64, 128, 4, 3),
+                                              (64, 128, 4, 2), (64, 128, 4, 4), (32, 128, 4, 3), (64, 128, 8, 3),
+                                              (128, 64, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (64, 64, 4, 3))]
+
+
+def proxy(contexts: list[int]) -> None:
+    """ProxyAttn's scores (one proxy per KV head, stride 8, block 128) per config, and the largest difference."""
+    from accel.kernels.triton.proxy_score import proxy_scores
+
+    print(f"device: {torch.cuda.get_device_name()}")
+    for S in contexts:
+        q, k, _ = structured_qkv(S, 32, 8, 128, torch.device("cuda"), seed=S)
+        print(f"=== S={S} ProxyAttn scores, block 128, stride 8, 8 proxies")
+        ref = proxy_scores(q, k)
+        for cfg in PROXY_CONFIGS:
+            try:
+                out = proxy_scores(q, k, config=cfg)
+                t = us(lambda: proxy_scores(q, k, config=cfg))
+                print(f"{cfg}: {t:.1f} us, max |diff| vs default {(out - ref).abs().max().item():.2e}")
+            except Exception as e:  # a tile past the SM's registers / shared memory
+                print(f"{cfg}: failed ({type(e).__name__}: {str(e)[:120]})")
+
+
 def main(contexts: list[int]) -> None:
     print(f"device: {torch.cuda.get_device_name()}")
     for S in contexts:
@@ -53,4 +77,6 @@ def main(contexts: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [32768])
+    args = sys.argv[1:]
+    run = proxy if "--proxy" in args else main
+    run([int(a) for a in args if a != "--proxy"] or [32768])
