@@ -12,8 +12,8 @@ every query head of a layer Quest selects in, compares the share of the softmax 
 at ``--budget`` with the share inside the same number of pages an oracle picks by true mass
 (accel.recall.quest_capture). A layer where some head keeps less than ``--floor`` of the oracle's share on some
 answer query is listed in ``dense_layers``; `accel.patch(model, "quest")` leaves those layers dense when the map
-fits (same page size, group reduction, first-page rule and page-bound storage, ``--page-bounds``). CPU is enough (reference
-math, float32); a few minutes at 8K on the demo models.
+fits (same page size, group reduction, first-page rule and page-bound storage, ``--page-bounds``). CPU is enough
+(reference math, float32); a few minutes at 8K on the demo models.
 """
 
 from __future__ import annotations

@@ -103,8 +103,9 @@ class QuestPolicy(Policy):
     head whose keys span wide ranges (large bounds everywhere) does not rank the pages for the others. It is not
     better everywhere: in the 8K calibrations Gemma-3's layer 17 goes from 0.17 to 0.97 of the oracle's share at
     worst (its max_norm map lists no layer), SmolLM2's layers 14 and 17 from 0.87 to 0.98, but SmolLM2's layer 7
-    from 0.77 to 0.003 (its map lists 7 and 18, against 18 with ``max``; with float8 bounds 7, 18 and 23). Not the default: it adds a reduction over
-    the page bounds per layer (a compiled 128K step's attention 2.41 against 1.54 ms with ``max``, H100). A
+    from 0.77 to 0.003 (its map lists 7 and 18, against 18 with ``max``; with float8 bounds 7, 18 and 23). Not the
+    default: it adds a reduction over the page bounds per layer (a compiled 128K step's attention 2.41 against 1.54
+    ms with ``max``, H100). A
     budget at or above the context attends to everything (the layout is dense and ``accel.stats`` records decode
     density 1.0).
 

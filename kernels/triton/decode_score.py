@@ -4,11 +4,13 @@ Same function as ``kernels.reference_decode.quest_scores``. For each query head 
 ``sum_d max(q_d * max_d, q_d * min_d) = relu(q) . kmax + min(q, 0) . kmin`` — two small matmuls per tile. The query
 heads of one KV group are packed into the M rows of those matmuls (padded to 16) and reduced by ``max`` (default),
 ``sum`` or ``max_norm`` (``max`` after subtracting each head's bound over the whole cache), so the page metadata
-is read once per KV head. ``max_norm``'s ceiling comes from the box of every page's bounds (elementwise min of
-kmin, max of kmax over the pages: ``_page_box_kernel``, programs split over the pages and folded with float atomics,
-order-free so deterministic); each scoring program turns its KV head's box into its query heads' ceilings. In torch
-the box cost a float32 copy of both bound tensors per layer (159 against 48 us per layer at 128K, H100). Grid: (B * Hkv, cdiv(n_pages, BLOCK_P)). Float8 bounds
-(``reference_decode.BOUNDS_FP8``, half the bytes) are widened to q's dtype in registers (exact) before the matmuls.
+is read once per KV head. Grid: (B * Hkv, cdiv(n_pages, BLOCK_P)). Float8 bounds (``reference_decode.BOUNDS_FP8``,
+half the bytes) are widened to q's dtype in registers (exact) before the matmuls.
+
+``max_norm``'s ceilings come from the box of every page's bounds (elementwise min of kmin, max of kmax over the
+pages: ``_page_box_kernel``, programs split over the pages and folded with float atomics, order-free so
+deterministic); each scoring program turns its KV head's box into its query heads' ceilings. Computed in torch, the
+box cost a float32 copy of both bound tensors per layer (159 against 48 us per layer at 128K, H100).
 
 With a KV-head map (``kv_heads``, ``group``) the bounds hold a subset of the layer's KV heads (LServe's retrieval
 heads) and q stays the full layer's query: program ``j`` reads query heads ``kv_heads[j] * group + g``, so the
