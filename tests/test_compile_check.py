@@ -53,7 +53,10 @@ def test_every_case_compiles_within_shared_memory(report):
 # Known small decode spills, bytes at most: select_attend's 256-key tile at 16 warps (its batch-1 launch) is capped
 # at 128 registers a thread; Triton 3.9 (this machine's) spills 24 B there, the GPU image's Triton 3.6 none (115
 # registers), and that launch measured faster than two 128-key tiles on the GPU (kernels/triton/NOTES.md).
-ALLOWED_DECODE_SPILLS = {"_select_attend_kernel": 32}
+# Quest max_norm's page box ([32, D] tiles, 4 warps, two float atomic_min): Triton 3.9 spills 8 B (80 registers),
+# Triton 3.6 none (72); that configuration is the one measured on the H100 (results/bench_decode_floor_quest_norm_box_
+# h100.md); 8 warps or 16-page tiles spill on neither but were not timed.
+ALLOWED_DECODE_SPILLS = {"_select_attend_kernel": 32, "_page_box_kernel": 8}
 
 
 def test_decode_kernels_do_not_spill(report):
