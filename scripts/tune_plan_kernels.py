@@ -77,6 +77,8 @@ def main(contexts: list[int]) -> None:
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("tune_plan_kernels.py times GPU kernels: run it on a machine with a CUDA GPU")
     args = sys.argv[1:]
     run = proxy if "--proxy" in args else main
     run([int(a) for a in args if a != "--proxy"] or [32768])
