@@ -38,6 +38,7 @@ POLICIES = {
     "quest exact": ("quest", {"page_bounds": "exact"}),
     "quest b512 exact": ("quest", {"budget": 512, "page_bounds": "exact"}),
     "lserve exact": ("lserve", {"page_bounds": "exact"}),
+    "quest max_norm": ("quest", {"group_reduce": "max_norm"}),  # reads the max_norm layer map of its bounds
     "duo": ("duo", {}),
     "lserve": ("lserve", {}),
     "lserve b1024": ("lserve", {"budget": 1024}),
