@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,15 +46,16 @@ def main(argv=None) -> int:
     depths = [float(x) for x in args.depths.split(",")]
     model, tok = load_model(args.model, device="cpu", quiet=True)
     prompts = generate_samples("niah_single", tok, args.length, num_samples=len(depths), seed=args.seed, depths=depths)
-    trial = Path(f"/tmp/vs_layer{args.layer}_alone.json")
-    trial.write_text(json.dumps(dict(shipped, dense_layers=[i for i in glob if i != args.layer])))
     res = {"model": args.model, "map": str(path), "length": args.length, "seed": args.seed, "depths": depths,
            "layer": args.layer, "map_dense_layers": shipped.get("dense_layers", [])}
     t = time.time()
-    for key, opts in (("dense", None), (f"layer {args.layer} alone sparse", {"head_map": str(trial)}),
-                      ("map as shipped", {"head_map": str(path)})):
-        res[key] = _answers(model, tok, prompts, opts)
-        print(f"{key}: {res[key]} ({time.time() - t:.0f} s)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / f"vs_layer{args.layer}_alone.json"
+        trial.write_text(json.dumps(dict(shipped, dense_layers=[i for i in glob if i != args.layer])))
+        for key, opts in (("dense", None), (f"layer {args.layer} alone sparse", {"head_map": str(trial)}),
+                          ("map as shipped", {"head_map": str(path)})):
+            res[key] = _answers(model, tok, prompts, opts)
+            print(f"{key}: {res[key]} ({time.time() - t:.0f} s)", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     return 0

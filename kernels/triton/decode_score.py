@@ -35,7 +35,7 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SEL, KV_LEN, BOX,
                         sqb, sqh, sqd, smb, smh, smp, smd, sxb, sxh, sxp, sxd, sob, soh, sop,
                         Hkv, G, P, PAGE, STEPS,
                         REDUCE_MAX: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_HEADS: tl.constexpr,
-                        HAS_OFF: tl.constexpr, WIDEN: tl.constexpr,
+                        HAS_BOX: tl.constexpr, WIDEN: tl.constexpr,
                         DOT_F32: tl.constexpr,
                         IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_REUSE: tl.constexpr, MERGE: tl.constexpr):
@@ -78,7 +78,7 @@ def _quest_score_kernel(Q, KMIN, KMAX, KV_START, HEADS, OUT, SEL, KV_LEN, BOX,
     else:
         s = tl.dot(q_pos, tl.trans(kmax))
         s = tl.dot(q_neg, tl.trans(kmin), s)
-    if HAS_OFF:  # "max_norm": each query head's bounds relative to its bound over the whole cache (its box)
+    if HAS_BOX:  # "max_norm": each query head's bounds relative to its bound over the whole cache (its box)
         lo = tl.load(BOX + ((b * Hkv + h) * 2) * BLOCK_D + offs_d)
         hi = -tl.load(BOX + ((b * Hkv + h) * 2 + 1) * BLOCK_D + offs_d)
         ceil = tl.sum(tl.maximum(qf, 0.0) * hi[None, :] + tl.minimum(qf, 0.0) * lo[None, :], axis=1)
@@ -205,7 +205,7 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, gro
         *q.stride(), *kmin.stride(), *kmax.stride(), *out.stride(),
         Hkv, G, P, page_size, int(steps),
         REDUCE_MAX=group_reduce != "sum", HAS_KV_START=kv_start is not None, HAS_HEADS=kv_heads is not None,
-        HAS_OFF=box is not None, WIDEN=widen,
+        HAS_BOX=box is not None, WIDEN=widen,
         DOT_F32=interp and cdt != torch.float32, IEEE=cdt == torch.float32 and not interp,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, BLOCK_D=D, HAS_REUSE=reuse is not None,
         MERGE=merge, num_warps=num_warps or 2,

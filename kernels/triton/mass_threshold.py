@@ -142,7 +142,8 @@ class MassSearch(NamedTuple):
 
 # about this many programs per pass: on the H100 at 32K (FlexPrefill's 64 token rows of 32K + 32 block rows of 64K)
 # 1024 took 252 us for the ten launches against 300 us with 2048 and 275 with 512; at 128K 1024 and 2048 tie (1.95
-# ms); 2048-entry blocks were 2-3x slower at every count (exp/flex_tune.py, 2026-12-06)
+# ms); 2048-entry blocks were 2-3x slower at every count (scripts/tune_plan_kernels.py,
+# results/tune_plan_kernels_h100.txt)
 PROGRAMS = 1024
 
 
