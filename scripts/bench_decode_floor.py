@@ -84,7 +84,15 @@ def attention_bytes(model, cache) -> tuple[int, int]:
     """(policy, dense): bytes one decode step's attention must read over every patched layer at the cache's length.
     See the module docstring for what each policy reads; LServe with reuse (``reuse_steps`` > 1) counts a reusing
     step (selected pages only), without it a selecting step (page bounds + selected pages)."""
-    policy_b = dense_b = 0
+    layers = layer_reads(model, cache)
+    return sum(sum(p) for p, _ in layers), sum(d for _, d in layers)
+
+
+def layer_reads(model, cache) -> list[tuple[list[int], int]]:
+    """Per patched layer: (the policy's reads as dependent launches, in bytes; the dense layer's bytes). A layer
+    that selects pages must read their bounds before it can read them (two launches: Quest, LServe's selecting
+    steps); every other layer's reads can go in one launch (``--launch-floor`` times these chains)."""
+    out = []
     for mod in _patched(model):
         state = mod._accel
         layer, handle, policy = cache.layers[state.layer_idx], state.static_layer, state.spec.decode
@@ -97,27 +105,28 @@ def attention_bytes(model, cache) -> tuple[int, int]:
         def bounds(heads: int, page: int) -> int:  # key min and max of every filled page
             return 2 * B * heads * -(-L // page) * D * layer.kmin.element_size()
 
-        dense_b += kv(layer.num_heads, L)
+        dense = kv(layer.num_heads, L)
         if handle is None:  # a layer the policy keeps dense
-            policy_b += kv(layer.num_heads, L)
+            out.append(([dense], dense))
             continue
         if policy.name == "tidal":  # a selection layer attends densely and ranks keys by those scores
-            policy_b += kv(layer.num_heads, L if handle.select else min(policy.budget, L))
+            out.append(([kv(layer.num_heads, L if handle.select else min(policy.budget, L))], dense))
             continue
         hr = layer.keys.shape[1]  # retrieval heads (Duo / LServe layers) or every head (a paged layer)
         ring = getattr(layer, "skeys", None)
-        if ring is not None:
-            policy_b += kv(ring.shape[1], min(L, ring.shape[2]))
+        ring_b = kv(ring.shape[1], min(L, ring.shape[2])) if ring is not None else 0
         if policy.name == "quest":
-            policy_b += bounds(hr, policy.page_size) + kv(hr, min(policy.budget, L))
+            reads = [bounds(hr, policy.page_size), ring_b + kv(hr, min(policy.budget, L))]
         elif policy.name == "lserve":
             phys = policy.physical_page_size
             n_keep = min(policy.budget // phys, -(-L // phys))
             reused = getattr(layer, "lserve_reuse", None) is not None
-            policy_b += (0 if reused else bounds(hr, policy.page_size)) + kv(hr, n_keep * phys)
+            pages = ring_b + kv(hr, n_keep * phys)
+            reads = [pages] if reused else [bounds(hr, policy.page_size), pages]
         else:  # duo / streaming: the retrieval heads' whole buffer
-            policy_b += kv(hr, L)
-    return policy_b, dense_b
+            reads = [ring_b + kv(hr, L)]
+        out.append(([r for r in reads if r], dense))
+    return out
 
 
 def graph_ms(run, reps: int = 20, profile: str | None = None) -> float:
@@ -169,7 +178,14 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
             row["attn_ms"] = graph_ms(step, args.reps, profile=path)
         row["policy_bytes"], row["dense_bytes"] = attention_bytes(model, cache)
         row["layers"] = len(calls)
+        reads = layer_reads(model, cache)
         del cache, calls, outs
+        if args.launch_floor:
+            from read_floor import launch_floor_ms
+
+            torch.cuda.empty_cache()
+            row["launch_floor"] = launch_floor_ms([r for r, _ in reads])
+            row["dense_launch_floor"] = launch_floor_ms([[d] for _, d in reads])
     except Exception as e:  # noqa: BLE001 - a run that cannot run is recorded, not fatal
         row["error"] = _err(e)
     finally:
@@ -196,9 +212,22 @@ def _cycle(rows: list) -> dict | None:
     reu = next((r for r in rows if r["run"] == "lserve" and "attn_ms" in r), None)
     if sel is None or reu is None:
         return None
-    return {"run": "lserve, 4-step cycle", "context": sel["context"], "batch": sel["batch"],
-            "attn_ms": (sel["attn_ms"] + 3 * reu["attn_ms"]) / 4, "layers": sel["layers"],
-            "policy_bytes": (sel["policy_bytes"] + 3 * reu["policy_bytes"]) / 4, "dense_bytes": sel["dense_bytes"]}
+    row = {"run": "lserve, 4-step cycle", "context": sel["context"], "batch": sel["batch"],
+           "attn_ms": (sel["attn_ms"] + 3 * reu["attn_ms"]) / 4, "layers": sel["layers"],
+           "policy_bytes": (sel["policy_bytes"] + 3 * reu["policy_bytes"]) / 4, "dense_bytes": sel["dense_bytes"]}
+    if "launch_floor" in sel and "launch_floor" in reu:
+        row["launch_floor"] = {"ms": (sel["launch_floor"]["ms"] + 3 * reu["launch_floor"]["ms"]) / 4}
+        row["dense_launch_floor"] = sel["dense_launch_floor"]
+    return row
+
+
+def _launch_cells(r: dict, speed: float, floor: float) -> str:
+    """The launch-floor columns of a row: the speedup a graph of plain reads reaches with the policy's launches per
+    layer, that as a share of the byte floor, and the share of it the policy reaches."""
+    if "launch_floor" not in r:
+        return " | | |"
+    reach = r["dense_launch_floor"]["ms"] / r["launch_floor"]["ms"]
+    return f" {reach:.2f}x | {reach / floor:.0%} | {speed / reach:.0%} |"
 
 
 def write(results: dict, out: str) -> None:
@@ -211,6 +240,10 @@ def write(results: dict, out: str) -> None:
              "read per step (scripts/bench_decode_floor.py says what each policy reads); share = speedup / floor", "",
              "| context | batch | run | attention ms/step | us/layer | vs dense | byte floor | share of floor | "
              "GB read | TB/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    launch = any("launch_floor" in r for r in results["rows"])
+    if launch:  # three more columns (see _launch_cells)
+        lines[-2] += " launch floor | launch floor / byte floor | share of launch floor |"
+        lines[-1] += " --- | --- | --- |"
     groups: dict = {}
     for r in results["rows"]:
         groups.setdefault((r["context"], r["batch"]), []).append(r)
@@ -225,7 +258,14 @@ def write(results: dict, out: str) -> None:
             floor = r["dense_bytes"] / r["policy_bytes"]
             lines.append(f"| {ctx // 1024}K | {batch} | {r['run']} | {r['attn_ms']:.3f} | "
                          f"{r['attn_ms'] * 1e3 / r['layers']:.1f} | {speed:.2f}x | {floor:.2f}x | {speed / floor:.0%} | "
-                         f"{r['policy_bytes'] / 1e9:.2f} | {r['policy_bytes'] / r['attn_ms'] / 1e9:.2f} |")
+                         f"{r['policy_bytes'] / 1e9:.2f} | {r['policy_bytes'] / r['attn_ms'] / 1e9:.2f} |"
+                         + (_launch_cells(r, speed, floor) if launch else ""))
+    if launch:
+        lines += ["", "launch floor: dense's reads over the policy's reads, each timed as a CUDA graph of plain read "
+                  "kernels (scripts/read_floor.py), one launch per dependent read of a layer (Quest and a selecting "
+                  "LServe step: the page bounds, then the pages; every other layer: one). It is the most any "
+                  "implementation with that many launches per layer can reach; launch floor / byte floor is the "
+                  "share of the byte floor within reach at all."]
     write_markdown(lines, out)
 
 
@@ -238,6 +278,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="also write each run's kernel table next to --out")
+    ap.add_argument("--launch-floor", action="store_true",
+                    help="also time each run's reads alone, one plain read kernel per dependent launch of a layer "
+                         "(scripts/read_floor.py): the best speedup that many launches per layer allow")
     ap.add_argument("--eager", action="store_true",
                     help="capture the attention calls as launched eagerly (default: torch.compile them first, as "
                          "the compiled model step does, so the policies' torch ops are fused)")

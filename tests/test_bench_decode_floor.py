@@ -78,6 +78,35 @@ def test_policy_bytes_follow_each_rule(model, tmp_path):
     assert lserve < duo and all(bool(torch.isfinite(o).all()) for o in outs)
 
 
+def test_layer_reads_are_the_bytes_as_dependent_launches(model, tmp_path):
+    """Quest reads its page bounds, then its pages (two launches a sparse layer); a reusing LServe step reads its
+    pages (and ring) in one; dense layers one; the launches sum to attention_bytes."""
+    for name, opts in [("quest", {"budget": 64}), ("lserve", {"budget": 128}),
+                       ("lserve", {"budget": 128, "reuse_steps": 1}), ("tidal", {"budget": 64})]:
+        if name == "lserve":
+            opts = {**opts, "duo_map": speed_head_map(model, str(tmp_path / "duo.json"))}
+        accel.patch(model, {"prefill": "dense", "decode": name}, **opts)
+        try:
+            with torch.no_grad():
+                cache, _ = F.filled_cache(model, L_CTX, B, 16)
+                reads, totals = F.layer_reads(model, cache), F.attention_bytes(model, cache)
+        finally:
+            accel.unpatch(model)
+        L = L_CTX + 2
+        assert sum(sum(r) for r, _ in reads) == totals[0] and sum(d for _, d in reads) == totals[1]
+        assert all(d == kv(HKV, L) for _, d in reads)
+        n = [len(r) for r, _ in reads]
+        if name == "quest":  # layers 0-1 dense
+            assert n == [1, 1, 2, 2] and reads[2][0] == [kv(HKV, -(-L // 16)) // 4, kv(HKV, 64)]
+        elif name == "tidal":
+            assert n == [1, 1, 1, 1] and reads[3][0] == [kv(HKV, 64)]
+        else:  # layers with retrieval heads select (two launches: their bounds first) unless the step reuses
+            selecting = opts.get("reuse_steps") == 1
+            hr = [layer.keys.shape[1] for layer in cache.layers]
+            assert 0 in hr and n == [2 if selecting and h else 1 for h in hr]
+            assert all(r[0] == kv(h, -(-L // 16)) // 4 for (r, _), h in zip(reads, hr) if selecting and h)
+
+
 def test_table_reports_speedup_floor_share_and_the_lserve_cycle(tmp_path):
     """The markdown row of a run: speedup against dense, byte floor, share of it; LServe's 4-step cycle (one
     selecting step, three reusing) is added from its two runs."""
@@ -97,3 +126,22 @@ def test_table_reports_speedup_floor_share_and_the_lserve_cycle(tmp_path):
     # cycle: (1.0 + 3 * 0.5) / 4 = 0.625 ms; bytes (1 + 3 * 0.25) / 4 = 0.4375 GB: 6.40x of 36.57x
     assert "| 128K | 1 | lserve, 4-step cycle | 0.625 | 19.5 | 6.40x | 36.57x | 18% |" in md
     assert "| 128K | 1 | quest | error: RuntimeError: boom |" in md and "compiled by torch.compile" in md
+    assert "launch floor" not in md
+
+
+def test_table_adds_the_launch_floor_when_timed(tmp_path):
+    """With --launch-floor: the plain-read graphs' speedup (dense reads / policy reads), its share of the byte floor,
+    and the policy's share of it; the LServe cycle averages its two runs' read graphs."""
+    def row(run, ms, pb, launch_ms):
+        return {"run": run, "context": 131072, "batch": 1, "attn_ms": ms, "layers": 32, "policy_bytes": pb,
+                "dense_bytes": 16e9, "launch_floor": {"ms": launch_ms}, "dense_launch_floor": {"ms": 5.0}}
+
+    rows = [row("dense", 4.0, 16e9, 5.0), row("lserve", 0.5, 0.25e9, 0.25), row("lserve:reuse_steps=1", 1.0, 1e9, 0.45)]
+    meta = {"command": "x", "device": "d", "date": "t", "versions": {}, "model": "llama8b", "eager": False}
+    F.write({"meta": meta, "rows": rows}, str(tmp_path / "out"))
+    md = (tmp_path / "out.md").read_text()
+    # lserve: reads 5.0 / 0.25 = 20x of a 64x byte floor (31%); the policy's 8x is 40% of that
+    assert "| 128K | 1 | lserve | 0.500 | 15.6 | 8.00x | 64.00x | 12% | 0.25 | 0.50 | 20.00x | 31% | 40% |" in md
+    assert "| 128K | 1 | dense | 4.000 | 125.0 | 1.00x | 1.00x | 100% | 16.00 | 4.00 | 1.00x | 100% | 100% |" in md
+    # cycle: reads (0.45 + 3 * 0.25) / 4 = 0.3 ms -> 16.67x of 36.57x (46%); the policy's 6.40x is 38% of it
+    assert "| lserve, 4-step cycle | 0.625 | 19.5 | 6.40x | 36.57x | 18% | 0.44 | 0.70 | 16.67x | 46% | 38% |" in md
