@@ -13,6 +13,7 @@
 #                                                      # the split-KV kernel's key tiles / stages (32-layer graphs)
 #   bash scripts/gpu_suite.sh decode_splits            # split-KV waves: the selection launch swept, step floors
 #   bash scripts/gpu_suite.sh quest_norm_floor         # Quest's group_reduce='max_norm' against 'max': its cost
+#   bash scripts/gpu_suite.sh launch_floor             # the share of each byte floor plain reads reach at all
 #   bash scripts/gpu_suite.sh select_attend            # Quest's top-k in the split launch vs its own launch
 #   bash scripts/gpu_suite.sh select_attend_stamps     # select_attend's phases timed inside the kernel (b1, b4)
 #   bash scripts/gpu_suite.sh tidal_floor tidal_e2e    # TidalDecode's shared selection vs one per KV head (before
@@ -105,6 +106,9 @@ for stage in "$@"; do
         --out "$OUT/bench_decode_floor_selattend_b1" | tail -8 ;;
     select_attend_stamps)  # where a Quest layer's microseconds go inside select_attend, program by program
       timeout 300 python3 scripts/bench_decode.py --stamps --batches 1,4 --out "$OUT" | tail -8 ;;
+    launch_floor)  # each policy's step reads alone, one plain read kernel per dependent launch of a layer
+      timeout 500 python3 scripts/bench_decode_floor.py --batches 1 --launch-floor \
+        --out "$OUT/bench_decode_floor_launch_b1" | tail -12 ;;
     quest_norm_floor)  # Quest's max_norm group reduction (one more reduction over the page bounds) vs max
       timeout 500 python3 scripts/bench_decode_floor.py --batches 1 4 \
         --runs dense quest quest:group_reduce=max_norm --out "$OUT/bench_decode_floor_quest_norm" | tail -10 ;;
