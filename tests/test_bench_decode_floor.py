@@ -107,6 +107,13 @@ def test_layer_reads_are_the_bytes_as_dependent_launches(model, tmp_path):
             assert all(r[0] == kv(h, -(-L // 16)) // 4 for (r, _), h in zip(reads, hr) if selecting and h)
 
 
+def _table(tmp_path, rows) -> str:
+    """The markdown bench_decode_floor writes for ``rows``."""
+    meta = {"command": "x", "device": "d", "date": "t", "versions": {}, "model": "llama8b", "eager": False}
+    F.write({"meta": meta, "rows": rows}, str(tmp_path / "out"))
+    return (tmp_path / "out.md").read_text()
+
+
 def test_table_reports_speedup_floor_share_and_the_lserve_cycle(tmp_path):
     """The markdown row of a run: speedup against dense, byte floor, share of it; LServe's 4-step cycle (one
     selecting step, three reusing) is added from its two runs."""
@@ -117,9 +124,7 @@ def test_table_reports_speedup_floor_share_and_the_lserve_cycle(tmp_path):
             {"run": "lserve:reuse_steps=1", "context": 131072, "batch": 1, "attn_ms": 1.0, "layers": 32,
              "policy_bytes": 1e9, "dense_bytes": 16e9},
             {"run": "quest", "context": 131072, "batch": 1, "error": "RuntimeError: boom"}]
-    meta = {"command": "x", "device": "d", "date": "t", "versions": {}, "model": "llama8b", "eager": False}
-    F.write({"meta": meta, "rows": rows}, str(tmp_path / "out"))
-    md = (tmp_path / "out.md").read_text()
+    md = _table(tmp_path, rows)
     # 4.0 / 0.5 = 8x against a floor of 64x: 12%; 4x of 16x: 25%
     assert "| 128K | 1 | lserve | 0.500 | 15.6 | 8.00x | 64.00x | 12% |" in md
     assert "| 128K | 1 | lserve:reuse_steps=1 | 1.000 | 31.2 | 4.00x | 16.00x | 25% |" in md
@@ -137,9 +142,7 @@ def test_table_adds_the_launch_floor_when_timed(tmp_path):
                 "dense_bytes": 16e9, "launch_floor": {"ms": launch_ms}, "dense_launch_floor": {"ms": 5.0}}
 
     rows = [row("dense", 4.0, 16e9, 5.0), row("lserve", 0.5, 0.25e9, 0.25), row("lserve:reuse_steps=1", 1.0, 1e9, 0.45)]
-    meta = {"command": "x", "device": "d", "date": "t", "versions": {}, "model": "llama8b", "eager": False}
-    F.write({"meta": meta, "rows": rows}, str(tmp_path / "out"))
-    md = (tmp_path / "out.md").read_text()
+    md = _table(tmp_path, rows)
     # lserve: reads 5.0 / 0.25 = 20x of a 64x byte floor (31%); the policy's 8x is 40% of that
     assert "| 128K | 1 | lserve | 0.500 | 15.6 | 8.00x | 64.00x | 12% | 0.25 | 0.50 | 20.00x | 31% | 40% |" in md
     assert "| 128K | 1 | dense | 4.000 | 125.0 | 1.00x | 1.00x | 100% | 16.00 | 4.00 | 1.00x | 100% | 100% |" in md
