@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite behind results/ (H100 or H200 image: python3, torch, triton, transformers preinstalled).
 #
-#   bash scripts/gpu_suite.sh check            # GPU-only tests of the kernels and patched models
+#   bash scripts/gpu_suite.sh check            # GPU-only tests of the kernels and patched models (a quick subset)
+#   bash scripts/gpu_suite.sh tests_models     # the whole GPU suite, first half (one device call each)
+#   bash scripts/gpu_suite.sh tests_kernels    # the whole GPU suite, second half
 #   bash scripts/gpu_suite.sh block_sparse     # block-sparse kernel vs Flex / FA4 / dense
 #   bash scripts/gpu_suite.sh vertical_slash   # vertical-slash kernel vs its equivalent block layout
 #   bash scripts/gpu_suite.sh estimation       # estimation kernels as a share of the sparse attention they feed
@@ -48,6 +50,13 @@ for stage in "$@"; do
         tests/test_gpu.py tests/test_kernel_antidiag_onepass.py tests/test_kernel_vertical_slash.py \
         tests/test_kernel_lastq_score.py tests/test_kernel_pooled_score.py tests/test_kernel_proxy_score.py \
         tests/test_kernel_block_topk.py tests/test_kernel_decode.py 2>&1 | tail -15 ;;
+    tests_models)  # the whole GPU suite in two calls of under 10 minutes: the patched models and FA4 kernels,
+      timeout 560 python3 -m pytest -q -m gpu -p no:warnings tests/test_gpu.py tests/test_kernel_flash_fwd.py \
+        tests/test_kernel_flash_block_sparse.py tests/test_kernel_fa4_layout.py 2>&1 | tail -15 ;;
+    tests_kernels)  # ... then every other GPU-marked test
+      timeout 560 python3 -m pytest -q -m gpu -p no:warnings tests \
+        --ignore tests/test_gpu.py --ignore tests/test_kernel_flash_fwd.py \
+        --ignore tests/test_kernel_flash_block_sparse.py --ignore tests/test_kernel_fa4_layout.py 2>&1 | tail -15 ;;
     block_sparse)  # the full kernel table (block shares 3/10/30%, Flex, FA4, dense) and the Triton tile sweep
       timeout 300 python3 scripts/bench_block_sparse.py --out "$OUT/bench_block_sparse" | tail -25 ;;
     vertical_slash)  # the vertical-slash kernel vs its equivalent block layout (Triton only)

@@ -9,6 +9,9 @@ each summing a distinct slice of a large buffer (no slice is in L2 when it is re
 (median replay). ``dense_ms / policy_ms`` of two such graphs is the best speedup any implementation with that many
 dependent launches per layer can reach: an upper bound on the share of the byte floor a real policy can reach.
 
+Graph replays read the same slices again; that measures cold reads only while one step's reads exceed the L2
+(50 MB on an H100; a 128K step reads 0.29 GB or more), so the floor is meant for long contexts.
+
 The kernel is a plain strided sum (int32, wrapping): each program walks BLOCK-element chunks ``programs`` apart and
 stores one partial, so the loads cannot be dropped. ``read_sum`` runs it once (tests compare it with torch).
 """
