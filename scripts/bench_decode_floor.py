@@ -263,9 +263,9 @@ def write(results: dict, out: str) -> None:
     if launch:
         lines += ["", "launch floor: dense's reads over the policy's reads, each timed as a CUDA graph of plain read "
                   "kernels (scripts/read_floor.py), one launch per dependent read of a layer (Quest and a selecting "
-                  "LServe step: the page bounds, then the pages; every other layer: one). It is the most any "
-                  "implementation with that many launches per layer can reach; launch floor / byte floor is the "
-                  "share of the byte floor within reach at all."]
+                  "LServe step: the page bounds, then the pages; every other layer: one): a measured bound that kernels "
+                  "which also compute should not beat with that many launches per layer; launch floor / byte floor "
+                  "is the share of the byte floor within their reach."]
     write_markdown(lines, out)
 
 

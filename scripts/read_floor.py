@@ -6,8 +6,9 @@ dense step's bandwidth. At decode sizes a layer's reads are small (LServe reuses
 layer at 128K, batch 1: ~3 us at 3 TB/s), and each launch in a CUDA graph costs its own ramp-up and tail. This
 module measures that cost directly: one CUDA graph of ``_read_kernel`` launches, one per (layer, dependent read),
 each summing a distinct slice of a large buffer (no slice is in L2 when it is read), timed like the attention
-(median replay). ``dense_ms / policy_ms`` of two such graphs is the best speedup any implementation with that many
-dependent launches per layer can reach: an upper bound on the share of the byte floor a real policy can reach.
+(median replay). ``dense_ms / policy_ms`` of two such graphs is what plain reads with that many dependent launches
+per layer reach: a measured bound (the reads do nothing else) on the speedup a policy's kernels, which also compute,
+can show, and so on the share of its byte floor within reach.
 
 Graph replays read the same slices again; that measures cold reads only while one step's reads exceed the L2
 (50 MB on an H100; a 128K step reads 0.29 GB or more), so the floor is meant for long contexts.
