@@ -84,8 +84,12 @@ def attention_bytes(model, cache) -> tuple[int, int]:
     """(policy, dense): bytes one decode step's attention must read over every patched layer at the cache's length.
     See the module docstring for what each policy reads; LServe with reuse (``reuse_steps`` > 1) counts a reusing
     step (selected pages only), without it a selecting step (page bounds + selected pages)."""
-    layers = layer_reads(model, cache)
-    return sum(sum(p) for p, _ in layers), sum(d for _, d in layers)
+    return byte_totals(layer_reads(model, cache))
+
+
+def byte_totals(reads: list[tuple[list[int], int]]) -> tuple[int, int]:
+    """(policy, dense) bytes of a step from ``layer_reads``."""
+    return sum(sum(p) for p, _ in reads), sum(d for _, d in reads)
 
 
 def layer_reads(model, cache) -> list[tuple[list[int], int]]:
@@ -176,9 +180,9 @@ def run_one(model, run: str, ctx: int, batch: int, args) -> dict:
             tag = run.replace(":", "_").replace("=", "")
             path = f"{args.out}_profile_{tag}_b{batch}.txt" if args.profile and args.out else None
             row["attn_ms"] = graph_ms(step, args.reps, profile=path)
-        row["policy_bytes"], row["dense_bytes"] = attention_bytes(model, cache)
-        row["layers"] = len(calls)
         reads = layer_reads(model, cache)
+        row["policy_bytes"], row["dense_bytes"] = byte_totals(reads)
+        row["layers"] = len(calls)
         del cache, calls, outs
         if args.launch_floor:
             from read_floor import launch_floor_ms
