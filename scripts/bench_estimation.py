@@ -254,8 +254,18 @@ def run_context(args, S, device) -> dict:
                 row["tuning"].append({"config": cfg, "method": "one_pass", "ms": ms})
             except Exception as e:  # noqa: BLE001
                 row["tuning"].append({"config": cfg, "method": "one_pass", "error": _err(e)})
-        timed = [t["ms"] for t in row["tuning"] if "ms" in t] + ([row["estimation_ms"]] if "estimation_ms" in row
-                                                                  else [])
+        from accel.kernels.triton.antidiag_score import ONEPASS_FP8_CANDIDATES
+
+        for cfg in ONEPASS_FP8_CANDIDATES:  # the FP8 tile race (pointer loads and TMA), quantisation included
+            try:
+                ms = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride, config=cfg,
+                                                       method="one_pass", fp8=True))
+                row["tuning"].append({"config": cfg, "method": "one_pass fp8", "ms": ms})
+            except Exception as e:  # noqa: BLE001
+                row["tuning"].append({"config": cfg, "method": "one_pass fp8", "error": _err(e)})
+        # the best of the input-dtype configs (the fp8 row of the main table is compared separately)
+        timed = [t["ms"] for t in row["tuning"] if "ms" in t and "fp8" not in t["method"]] + (
+            [row["estimation_ms"]] if "estimation_ms" in row else [])
         if timed:
             row["estimation_best_ms"] = min(timed)
     try:

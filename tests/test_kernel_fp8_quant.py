@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from accel.kernels.triton.antidiag_score_onepass import antidiagonal_scores_onepass, fp8_operands
-from accel.kernels.triton.fp8_quant import (FP8_MAX, center_vector, dequantize_fp8, quantize_fp8,
+from accel.kernels.triton.fp8_quant import (FP8_MAX, center_vector, dequantize_fp8, grouped_view, quantize_fp8,
                                             quantize_fp8_reference)
 from accel.policies.xattention import XAttentionPolicy, antidiagonal_block_scores
 
@@ -20,7 +20,7 @@ def test_quantize_matches_reference(center, dtype, group):
     x[:, :, 16:24] *= 0.01  # one group of small values: its own scale keeps their precision
     x8, scale = quantize_fp8(x, group=group, center=center)
     r8, rscale = quantize_fp8_reference(x, group=group, center=center)
-    assert x8.dtype == torch.float8_e4m3fn and x8.is_contiguous() and x8.shape == x.shape
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == x.shape
     assert scale.shape == (2, 3, -(-70 // group))
     torch.testing.assert_close(scale, rscale)
     a, b = dequantize_fp8(x8, scale, group), dequantize_fp8(r8, rscale, group)
@@ -33,6 +33,19 @@ def test_quantize_matches_reference(center, dtype, group):
     assert (g8.amax(-1) == FP8_MAX).all()
     want = x.float() - (center_vector(x)[:, :, None] if center else 0)
     assert ((a - want).abs() <= 0.07 * want.abs() + step).all()
+
+
+@pytest.mark.parametrize("S", [64, 70, 57])
+def test_grouped_view_is_whole_zero_padded_groups(S):
+    x = torch.randn(2, 3, S, 16) + 1
+    x8, _ = quantize_fp8(x, group=8, center=True)
+    g = grouped_view(x8, 8)
+    assert g.shape == (6, -(-S // 8), 128) and g.stride() == (g.shape[1] * 128, 128, 1)
+    flat = g.float().reshape(2, 3, -1, 16)
+    torch.testing.assert_close(flat[:, :, :S], x8.float())  # the view's tokens are x8's, in order
+    assert (flat[:, :, S:] == 0).all()  # the last group's padding: zeros, so it adds nothing to a dot product
+    with pytest.raises(ValueError, match="quantize_fp8's output"):
+        grouped_view(x8[:, :, 1:], 8)
 
 
 def test_center_vector_is_a_subsample_mean():
@@ -62,6 +75,19 @@ def test_onepass_fp8_matches_torch_on_the_same_operands(S):
     (q8, sq), (k8, sk) = fp8_operands(q, k, 8)
     want = antidiagonal_block_scores(dequantize_fp8(q8, sq, 8), dequantize_fp8(k8, sk, 8), 32, 8)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Sq,Sk", [(1, 4, 2, 300, 300), (2, 4, 1, 96, 173), (1, 2, 2, 45, 64)])
+def test_onepass_fp8_tma_equals_pointer_loads(B, Hq, Hkv, Sq, Sk):
+    # the TMA path reads the same whole-group copies through descriptors: the same dots in the same order
+    torch.manual_seed(2)
+    q, k = torch.randn(B, Hq, Sq, 16) * 2, torch.randn(B, Hkv, Sk, 16) + 1
+    cfg = dict(BLOCK_R=16, BLOCK_C=16, EPI_KB=8, num_warps=4, num_stages=1)
+    want = antidiagonal_scores_onepass(q, k, block=32, stride=4, fp8=True, config=cfg)
+    got = antidiagonal_scores_onepass(q, k, block=32, stride=4, fp8=True, config=dict(cfg, TMA=True))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="TMA=True needs fp8"):
+        antidiagonal_scores_onepass(q, k, block=32, stride=4, config=dict(cfg, TMA=True))
 
 
 def test_centring_keys_leaves_the_estimate_unchanged():
@@ -106,7 +132,9 @@ def test_onepass_fp8_on_gpu_matches_torch_twin():
     torch.manual_seed(0)
     q = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 8192, 128, device="cuda", dtype=torch.bfloat16) + 1
-    got = antidiagonal_scores_onepass(q, k, block=128, stride=8, fp8=True)
     (q8, sq), (k8, sk) = fp8_operands(q, k, 8)
     want = antidiagonal_block_scores(dequantize_fp8(q8, sq, 8), dequantize_fp8(k8, sk, 8), 128, 8)
-    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    for tma in (False, True):  # pointer loads and TMA descriptors
+        cfg = dict(BLOCK_R=128, BLOCK_C=256, num_warps=8, num_stages=3, TMA=tma)
+        got = antidiagonal_scores_onepass(q, k, block=128, stride=8, fp8=True, config=cfg)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)

@@ -167,11 +167,16 @@ ONEPASS_CANDIDATES = [
 
 # FP8 operands take half the shared memory per tile: deeper K pipelines fit (H200, 128 x 256 / 8 warps: 32K
 # 1.043 -> 0.946 ms with 4 stages, 128K 12.09 -> 10.59 ms; see antidiag_score_onepass.antidiagonal_scores_onepass)
+# TMA=True: the same tiles read through TMA descriptors over quantize_fp8's whole-group copies (H100, quantisation
+# included: 32K 0.847 -> 0.823 ms, 128K 10.26 -> 9.77 ms; kernels/triton/NOTES.md)
 ONEPASS_FP8_CANDIDATES = [
     dict(BLOCK_R=128, BLOCK_C=256, num_warps=8, num_stages=4),
     dict(BLOCK_R=128, BLOCK_C=256, num_warps=8, num_stages=3),
     dict(BLOCK_R=128, BLOCK_C=256, num_warps=8, num_stages=2),
     dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=4),
+    dict(BLOCK_R=128, BLOCK_C=256, num_warps=8, num_stages=4, TMA=True),
+    dict(BLOCK_R=128, BLOCK_C=256, num_warps=8, num_stages=3, TMA=True),
+    dict(BLOCK_R=128, BLOCK_C=128, num_warps=8, num_stages=4, TMA=True),
 ]
 
 

@@ -45,7 +45,7 @@ def _antidiag_onepass_fwd(
     BH0, H, HKV, GROUP, Sq, Sk, LQ, LK, DIAG, NQ, NK, N_R_TILES,
     STRIDE: tl.constexpr, RPB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr, EPI_KB: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_DQ: tl.constexpr,
+    HAS_DQ: tl.constexpr, TMA: tl.constexpr,
 ):
     NKB_T: tl.constexpr = BLOCK_C // RPB  # key blocks per column tile
     pid_r = N_R_TILES - 1 - tl.program_id(0)  # longest rows first
@@ -54,8 +54,13 @@ def _antidiag_onepass_fwd(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     kvh = h // GROUP
-    Q_base = Q + b * stride_qb + h * stride_qh
-    K_base = K + b * stride_kb + kvh * stride_kh
+    kv_pair = (bh // H) * HKV + (bh % H) // GROUP  # int32 descriptor coordinate of K's (batch, kv head)
+    if TMA:
+        Q_base = Q
+        K_base = K
+    else:
+        Q_base = Q + b * stride_qb + h * stride_qh
+        K_base = K + b * stride_kb + kvh * stride_kh
     S_base = SCR + pid_s.to(tl.int64) * stride_sh
 
     r0 = pid_r * BLOCK_R
@@ -81,8 +86,13 @@ def _antidiag_onepass_fwd(
         i = it % STRIDE
         start_c = (it // STRIDE) * BLOCK_C
         offs_c = start_c + tl.arange(0, BLOCK_C)
-        acc = _logits(acc, Q_base, K_base, offs_r, offs_c, offs_d, i, Sq, Sk,
-                      stride_qm, stride_qd, stride_kn, stride_kd, STRIDE, PREC, UPCAST)
+        if TMA:  # Q, K: descriptors over [pairs, groups, STRIDE * D] (one row per strided row / column)
+            qt = Q.load([bh, r0, (STRIDE - 1 - i) * BLOCK_D]).reshape(BLOCK_R, BLOCK_D)
+            kt = K.load([kv_pair, start_c, i * BLOCK_D]).reshape(BLOCK_C, BLOCK_D)
+            acc = tl.dot(qt, kt.T, acc)
+        else:
+            acc = _logits(acc, Q_base, K_base, offs_r, offs_c, offs_d, i, Sq, Sk,
+                          stride_qm, stride_qd, stride_kn, stride_kd, STRIDE, PREC, UPCAST)
         if i == STRIDE - 1:
             s = acc * row_scale[:, None]
             if HAS_DQ:
@@ -164,7 +174,8 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     """Same contract as ``antidiag_score.antidiagonal_scores`` (float32 [B, Hq, ceil(Sq/block), ceil(Sk/block)]),
     one pass over the strided GEMM. ``scratch_bytes`` bounds the float32 scratch (default DEFAULT_SCRATCH_BYTES):
     (batch, head) pairs run in chunks of ``scratch_bytes // scratch_bytes_per_head`` (at least one) per launch.
-    ``config``: BLOCK_R, BLOCK_C (powers of two), EPI_KB (key blocks per epilogue step), num_warps, num_stages.
+    ``config``: BLOCK_R, BLOCK_C (powers of two), EPI_KB (key blocks per epilogue step), num_warps, num_stages,
+    TMA (with ``fp8``: operand tiles through TMA descriptors over ``fp8_quant.grouped_view``; same results).
 
     ``fp8``: the strided GEMM on float8_e4m3 copies of q and of the centred k, each group of ``stride`` tokens (one
     strided row or column) scaled to the e4m3 range (kernels/triton/fp8_quant.py); the row's and the column's
@@ -200,18 +211,29 @@ def antidiagonal_scores_onepass(q: torch.Tensor, k: torch.Tensor, *, block: int 
     upcast = q.dtype == torch.bfloat16 and not gpu_path(q)
     prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     sq = sk = out  # unused pointers unless fp8
+    tma = bool(cfg.get("TMA", False))
+    if tma and not fp8:
+        raise ValueError("config TMA=True needs fp8=True (the descriptors cover quantize_fp8's whole-group copies)")
     if fp8:
         (q, sq), (k, sk) = fp8_operands(q, k, stride)  # scales [B, Hq, lq] and [B, Hkv, lk]
         upcast, prec = False, "tf32"
+    qa, ka = q, k
+    if tma:  # strided row r of q is group r of quantize_fp8's copy, column c of k group c: 2-D tiles per head
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        from .fp8_quant import grouped_view
+
+        qa = TensorDescriptor.from_tensor(grouped_view(q, stride), [1, br, D])
+        ka = TensorDescriptor.from_tensor(grouped_view(k, stride), [1, bc, D])
     for bh0 in range(0, n_bh, chunk):
         n = min(chunk, n_bh - bh0)
         _antidiag_onepass_fwd[(n_r_tiles, n)](
-            q, k, out, scratch, sq, sk,
+            qa, ka, out, scratch, sq, sk,
             _LOG2E / (D**0.5) / stride,
             *q.stride(), *k.stride(), *out.stride(), scratch.stride(0), scratch.stride(1),
             bh0, Hq, Hkv, Hq // Hkv, Sq, Sk, lq, lk, diag, nq, nk, n_r_tiles,
             STRIDE=stride, RPB=rpb, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=D, EPI_KB=cfg["EPI_KB"],
-            PREC=prec, UPCAST=upcast, HAS_DQ=fp8,
+            PREC=prec, UPCAST=upcast, HAS_DQ=fp8, TMA=tma,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out

@@ -31,7 +31,7 @@ _FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
-def _quant_fp8_kernel(X, OUT, SCALE, MEAN, stride_xb, stride_xh, stride_xs, stride_xd, H, S, NG,
+def _quant_fp8_kernel(X, OUT, SCALE, MEAN, stride_xb, stride_xh, stride_xs, stride_xd, H, S, SP, NG,
                       CENTER: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                       GRID_ROUND: tl.constexpr):
     pid_s = tl.program_id(0)
@@ -53,7 +53,8 @@ def _quant_fp8_kernel(X, OUT, SCALE, MEAN, stride_xb, stride_xh, stride_xs, stri
         step = tl.exp2(e - 3.0)  # 3 mantissa bits
         y = tl.floor(y / step + 0.5) * step  # on the e4m3 grid: the cast below is exact
     y = tl.reshape(y, (ROWS, BLOCK_D)).to(tl.float8e4nv)
-    tl.store(OUT + (bh.to(tl.int64) * S + rows[:, None]) * BLOCK_D + offs_d[None, :], y, mask=ok)
+    # rows S..SP (the last group's padding) are stored as zeros: the copy is whole groups
+    tl.store(OUT + (bh.to(tl.int64) * SP + rows[:, None]) * BLOCK_D + offs_d[None, :], y, mask=rows[:, None] < SP)
     groups = pid_s * (ROWS // GROUP) + tl.arange(0, ROWS // GROUP)
     tl.store(SCALE + bh.to(tl.int64) * NG + groups, scale, mask=groups < NG)
 
@@ -72,22 +73,37 @@ def _check_group(group: int) -> None:
 
 def quantize_fp8(x: torch.Tensor, *, group: int, center: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, S, D] (any strides; bf16/fp16/fp32; D a power of two) -> (x8, scale): x8 float8_e4m3fn
-    [B, H, S, D] contiguous and scale float32 [B, H, ceil(S / group)] with ``x8 * scale ~= x - c`` for each group of
+    [B, H, S, D] and scale float32 [B, H, ceil(S / group)] with ``x8 * scale ~= x - c`` for each group of
     ``group`` tokens (``c = center_vector(x)`` when ``center``, else 0). Each group's max maps to the e4m3 range,
-    so nothing saturates."""
+    so nothing saturates. x8 is the first S tokens of a contiguous [B, H, ceil(S / group) * group, D] buffer whose
+    padding tokens are zeros, so ``grouped_view(x8, group)`` sees whole groups (the TMA path of the estimate)."""
     _check_group(group)
     B, H, S, D = x.shape
     ng = -(-S // group)
-    out = torch.empty(B, H, S, D, dtype=torch.float8_e4m3fn, device=x.device)
+    buf = torch.empty(B, H, ng * group, D, dtype=torch.float8_e4m3fn, device=x.device)
+    out = buf[:, :, :S]
     scale = torch.empty(B, H, ng, dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out, scale
     mean = center_vector(x).contiguous() if center else scale
     rows = max(64, group)
-    _quant_fp8_kernel[(triton.cdiv(S, rows), B * H)](x, out, scale, mean, *x.stride(), H, S, ng, CENTER=center,
+    _quant_fp8_kernel[(triton.cdiv(S, rows), B * H)](x, buf, scale, mean, *x.stride(), H, S, ng * group, ng,
+                                                      CENTER=center,
                                                       GROUP=group, ROWS=rows, BLOCK_D=D, GRID_ROUND=interpreting(),
                                                       num_warps=4)
     return out, scale
+
+
+def grouped_view(x8: torch.Tensor, group: int) -> torch.Tensor:
+    """[B * H, ceil(S / group), group * D] view of ``quantize_fp8``'s copy: one row per group of tokens (a strided row
+    or column of XAttention's GEMM), the padding of the last group included."""
+    B, H, S, D = x8.shape
+    ng = -(-S // group)
+    whole = B * H * ng * group * D
+    if (x8.stride() != (H * ng * group * D, ng * group * D, D, 1) or x8.storage_offset() != 0
+            or x8.untyped_storage().nbytes() < whole * x8.element_size()):
+        raise ValueError("grouped_view: x8 must be quantize_fp8's output (whole groups, contiguous)")
+    return x8.as_strided((B * H, ng, group * D), (ng * group * D, group * D, 1))
 
 
 def quantize_fp8_reference(x: torch.Tensor, *, group: int, center: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,4 +127,4 @@ def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor, group: int) -> torch.T
     return x8.float() * _per_token(scale, group, x8.shape[2])
 
 
-__all__ = ["quantize_fp8", "quantize_fp8_reference", "dequantize_fp8", "center_vector", "FP8_MAX"]
+__all__ = ["quantize_fp8", "grouped_view", "quantize_fp8_reference", "dequantize_fp8", "center_vector", "FP8_MAX"]
