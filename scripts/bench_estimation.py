@@ -70,7 +70,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from accel.kernels import reference_sparse as rs  # noqa: E402
 from bench_utils import bench  # noqa: E402
 from bench_utils import err as _err  # noqa: E402
-from accel.kernels.triton.antidiag_score import antidiagonal_scores  # noqa: E402
+from accel.kernels.triton.antidiag_score import ONEPASS_FP8_CANDIDATES, antidiagonal_scores  # noqa: E402
 from accel.kernels.reference_estimation import lastq_scores_reference, pooled_scores_reference  # noqa: E402
 from accel.kernels.triton.lastq_score import DEFAULT_SCRATCH_BYTES as LASTQ_SCRATCH_BYTES  # noqa: E402
 from accel.kernels.triton.lastq_score import lastq_scores, scratch_bytes_per_kv_head  # noqa: E402
@@ -254,8 +254,6 @@ def run_context(args, S, device) -> dict:
                 row["tuning"].append({"config": cfg, "method": "one_pass", "ms": ms})
             except Exception as e:  # noqa: BLE001
                 row["tuning"].append({"config": cfg, "method": "one_pass", "error": _err(e)})
-        from accel.kernels.triton.antidiag_score import ONEPASS_FP8_CANDIDATES
-
         for cfg in ONEPASS_FP8_CANDIDATES:  # the FP8 tile race (pointer loads and TMA), quantisation included
             try:
                 ms = bench(lambda: antidiagonal_scores(q, k, block=args.block, stride=args.stride, config=cfg,

@@ -54,7 +54,7 @@ def _antidiag_onepass_fwd(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     kvh = h // GROUP
-    kv_pair = (bh // H) * HKV + (bh % H) // GROUP  # int32 descriptor coordinate of K's (batch, kv head)
+    kv_pair = (bh // H) * HKV + (bh % H) // GROUP  # K's (batch, kv head) row: TMA coordinate, scale row
     if TMA:
         Q_base = Q
         K_base = K
@@ -70,7 +70,7 @@ def _antidiag_onepass_fwd(
     row_scale = tl.full([BLOCK_R], qk_scale, tl.float32)
     if HAS_DQ:  # FP8 operands: strided row r is q's token group r, column c k's group c (one scale each)
         row_scale = row_scale * tl.load(SQ + bh.to(tl.int64) * LQ + offs_r, mask=row_valid, other=0.0)
-    SK_base = SK + (b * HKV + kvh) * LK
+    SK_base = SK + kv_pair.to(tl.int64) * LK
     row_lim = offs_r + DIAG  # last visible strided column of each row
     r_last = tl.minimum(r0 + BLOCK_R, LQ) - 1
     n_cols = tl.minimum(r_last + DIAG + 1, LK)  # columns any row of the tile sees
